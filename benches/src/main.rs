@@ -1,0 +1,337 @@
+//! kcache-bench: measures a kcache mount against a native directory (and bindfs, when
+//! installed) in the same run on the same disk, and prints kcache/native ratios.
+//!
+//! Ratio = native_time / other_time, so 1.0 means "as fast as native" and higher is
+//! better. Missed goals are reported, not treated as errors: the exit status is
+//! non-zero only when something actually failed.
+
+mod mounts;
+mod workloads;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+use mounts::{Mount, RunDir};
+use workloads::{Phase, Sizes, Workload};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kcache-bench",
+    about = "Compare a kcache mount with a native directory (and bindfs) on the same disk"
+)]
+struct Args {
+    /// kcache binary [default: `kcache` in the same directory as this program]
+    #[arg(long, value_name = "PATH")]
+    kcache: Option<PathBuf>,
+
+    /// Base directory for scratch data; it must be on the disk you want to measure
+    #[arg(long, value_name = "BASE", default_value = "target/bench-tmp")]
+    dir: PathBuf,
+
+    /// Small sizes (64 MiB, 2,000 files) for a smoke run
+    #[arg(long)]
+    quick: bool,
+
+    /// Run only this workload (repeatable)
+    #[arg(long, value_name = "NAME", value_enum)]
+    only: Vec<Workload>,
+
+    /// Skip the bindfs column even if bindfs is installed
+    #[arg(long)]
+    no_bindfs: bool,
+}
+
+/// One directory the workloads run in.
+struct Target<'a> {
+    name: &'static str,
+    root: &'a Path,
+}
+
+/// Results of one phase across targets, i.e. one table row.
+struct Row {
+    native: Phase,
+    kcache: Option<Phase>,
+    bindfs: Option<Phase>,
+}
+
+fn main() {
+    let args = Args::parse();
+    workloads::install_signal_handlers();
+    if let Err(e) = run(&args) {
+        eprintln!("kcache-bench: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let kcache_bin = resolve_kcache(args.kcache.as_deref())?;
+    let bindfs = if args.no_bindfs {
+        None
+    } else {
+        find_in_path("bindfs")
+    };
+    let selected: Vec<Workload> = if args.only.is_empty() {
+        Workload::ALL.to_vec()
+    } else {
+        Workload::ALL
+            .into_iter()
+            .filter(|w| args.only.contains(w))
+            .collect()
+    };
+    let sizes = Sizes::new(args.quick);
+
+    // Declared before the mounts so it is dropped (and deleted) after they unmount.
+    let run_dir = RunDir::create(&args.dir)?;
+    println!("kcache-bench");
+    println!(
+        "  mode:    {} (big file {}, {} small files x 4 KiB in 256 dirs)",
+        if args.quick { "quick" } else { "full" },
+        workloads::human_size(sizes.big_file),
+        sizes.small_files
+    );
+    println!(
+        "  scratch: {} ({})",
+        run_dir.path().display(),
+        fs_type(run_dir.path())
+    );
+    println!("  kcache:  {}", kcache_bin.display());
+    match &bindfs {
+        Some(p) => println!("  bindfs:  {}", p.display()),
+        None => println!("  bindfs:  not used (not on PATH or --no-bindfs)"),
+    }
+    println!();
+
+    let native_dir = run_dir.subdir("native")?;
+    let store_dir = run_dir.subdir("kcache-store")?;
+    let kcache_mnt = run_dir.subdir("kcache-mnt")?;
+    let mut kcache = Mount::kcache(
+        &kcache_bin,
+        &store_dir,
+        &kcache_mnt,
+        &run_dir.path().join("kcache.log"),
+    )
+    .context("mounting kcache")?;
+    let mut bindfs_mount = match bindfs {
+        Some(_) => {
+            let src = run_dir.subdir("bindfs-src")?;
+            let mnt = run_dir.subdir("bindfs-mnt")?;
+            Some(
+                Mount::bindfs(&src, &mnt, &run_dir.path().join("bindfs.log"))
+                    .context("mounting bindfs")?,
+            )
+        }
+        None => None,
+    };
+
+    let mut targets = vec![
+        Target {
+            name: "native",
+            root: &native_dir,
+        },
+        Target {
+            name: "kcache",
+            root: kcache.path(),
+        },
+    ];
+    if let Some(m) = &bindfs_mount {
+        targets.push(Target {
+            name: "bindfs",
+            root: m.path(),
+        });
+    }
+
+    let mut rows = Vec::new();
+    let outcome = run_all(&selected, &targets, sizes, &mut rows);
+    drop(targets);
+
+    if !rows.is_empty() {
+        print_table(&rows, bindfs_mount.is_some());
+    }
+
+    // Unmount explicitly so failures are reported (Drop would only warn).
+    let unmounted = kcache.unmount().context("unmounting kcache");
+    if let Some(m) = &mut bindfs_mount {
+        if let Err(e) = m.unmount() {
+            eprintln!("warning: unmounting bindfs: {e:#}");
+        }
+    }
+    outcome?;
+    unmounted
+}
+
+fn run_all(
+    selected: &[Workload],
+    targets: &[Target<'_>],
+    sizes: Sizes,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let base_seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ u64::from(std::process::id());
+    for (wi, &workload) in selected.iter().enumerate() {
+        println!("== {}", workload.name());
+        let mut per_target: Vec<Vec<Phase>> = Vec::new();
+        for (ti, target) in targets.iter().enumerate() {
+            let dir = target.root.join(workload.name());
+            fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            // Distinct data per workload and target, so no layer can dedup across them.
+            let seed = base_seed ^ ((wi as u64) << 56) ^ ((ti as u64 + 1) << 48);
+            let phases = workloads::run(workload, &dir, sizes, seed)
+                .with_context(|| format!("{} on {}", workload.name(), target.name))?;
+            for (pi, p) in phases.iter().enumerate() {
+                let ratio = per_target
+                    .first()
+                    .map(|native| ratio_text(&native[pi], p))
+                    .unwrap_or_default();
+                println!(
+                    "  {:<7} {:<48} {:>9.3} s {:>14}{ratio}",
+                    target.name,
+                    p.label,
+                    p.secs,
+                    p.amount.throughput(p.secs)
+                );
+            }
+            per_target.push(phases);
+            // Cleanup is untimed; a failure here is worth knowing but the numbers stand.
+            if let Err(e) = fs::remove_dir_all(&dir) {
+                eprintln!("warning: removing {}: {e}", dir.display());
+            }
+        }
+        let mut per_target = per_target.into_iter();
+        let native = per_target.next().unwrap_or_default();
+        let kcache = per_target.next().unwrap_or_default();
+        let bindfs = per_target.next().unwrap_or_default();
+        let mut kcache = kcache.into_iter();
+        let mut bindfs = bindfs.into_iter();
+        for n in native {
+            rows.push(Row {
+                native: n,
+                kcache: kcache.next(),
+                bindfs: bindfs.next(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn ratio(native: &Phase, other: &Phase) -> f64 {
+    native.secs / other.secs.max(1e-9)
+}
+
+fn verdict(native: &Phase, other: &Phase) -> &'static str {
+    if ratio(native, other) >= native.goal {
+        "PASS"
+    } else {
+        "MISS"
+    }
+}
+
+fn ratio_text(native: &Phase, other: &Phase) -> String {
+    format!(
+        "  ratio {:.2} (goal >= {:.2}: {})",
+        ratio(native, other),
+        native.goal,
+        verdict(native, other)
+    )
+}
+
+fn cell(p: &Phase) -> String {
+    format!("{:.3} s ({})", p.secs, p.amount.throughput(p.secs))
+}
+
+/// Markdown, so it can be pasted into the README as is.
+fn print_table(rows: &[Row], with_bindfs: bool) {
+    println!();
+    println!("| workload | native | kcache | ratio | goal | bindfs ratio |");
+    println!("| --- | ---: | ---: | ---: | --- | ---: |");
+    for r in rows {
+        let (kc, rt, goal) = match &r.kcache {
+            Some(k) => (
+                cell(k),
+                format!("{:.2}", ratio(&r.native, k)),
+                format!(">= {:.2} {}", r.native.goal, verdict(&r.native, k)),
+            ),
+            None => ("-".into(), "-".into(), format!(">= {:.2}", r.native.goal)),
+        };
+        let bf = match (&r.bindfs, with_bindfs) {
+            (Some(b), _) => format!("{:.2}", ratio(&r.native, b)),
+            (None, true) => "-".into(),
+            (None, false) => "n/a".into(),
+        };
+        println!(
+            "| {} | {} | {kc} | {rt} | {goal} | {bf} |",
+            r.native.label,
+            cell(&r.native)
+        );
+    }
+    println!();
+    println!("ratio = native time / kcache time (1.00 = as fast as native, higher is better)");
+}
+
+fn resolve_kcache(given: Option<&Path>) -> Result<PathBuf> {
+    let path = match given {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_exe()
+            .context("locating this program")?
+            .parent()
+            .context("this program has no parent dir")?
+            .join("kcache"),
+    };
+    if !path.is_file() {
+        bail!(
+            "kcache binary not found at {}: build it with `cargo build --release` \
+             or pass --kcache PATH",
+            path.display()
+        );
+    }
+    // Made absolute because mount helpers may chdir, and we call it again to unmount.
+    path.canonicalize()
+        .with_context(|| format!("resolving {}", path.display()))
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| {
+                p.metadata()
+                    .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                    .unwrap_or(false)
+            })
+    })
+}
+
+/// Names the file system under the scratch dir, since "same disk" only means something
+/// if that disk is real (tmpfs would flatter every number).
+fn fs_type(path: &Path) -> String {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return "unknown fs".into();
+    };
+    // SAFETY: `st` is plain data; statfs only writes into it when it returns 0.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return "unknown fs".into();
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+    let magic = st.f_type as i64;
+    match magic {
+        0xEF53 => "ext4".into(),
+        0x5846_5342 => "xfs".into(),
+        0x9123_683E => "btrfs".into(),
+        0x0102_1994 => "tmpfs (not a disk!)".into(),
+        0x794C_7630 => "overlayfs".into(),
+        0x2FC1_2FC1 => "zfs".into(),
+        0x6573_5546 => "fuse".into(),
+        other => format!("fs magic {other:#x}"),
+    }
+}

@@ -1,0 +1,405 @@
+//! The timed workloads. Each runs inside one target directory (native, kcache mount or
+//! bindfs mount) using plain std::fs/libc calls, and returns one timing per phase.
+//!
+//! Data generation, setup and verification happen outside the timed sections so that
+//! only file system work is measured.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::IntoRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::ValueEnum;
+
+pub const MIB: usize = 1 << 20;
+const SMALL_FILE_SIZE: usize = 4096;
+const SMALL_FILE_DIRS: usize = 256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// a) warm sequential read of one large file with 1 MiB buffers
+    SeqRead,
+    /// b) many 4 KiB files created via temp file + rename, then stat, then read
+    SmallFiles,
+    /// c) large file written with 1 MiB writes, then fsync, then close
+    FsyncWrite,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 3] = [
+        Workload::SeqRead,
+        Workload::SmallFiles,
+        Workload::FsyncWrite,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::SeqRead => "seq-read",
+            Workload::SmallFiles => "small-files",
+            Workload::FsyncWrite => "fsync-write",
+        }
+    }
+}
+
+/// Problem sizes; `--quick` shrinks them for a smoke run.
+#[derive(Clone, Copy, Debug)]
+pub struct Sizes {
+    pub big_file: usize,
+    pub small_files: usize,
+}
+
+impl Sizes {
+    pub fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                big_file: 64 * MIB,
+                small_files: 2_000,
+            }
+        } else {
+            Self {
+                big_file: 1024 * MIB,
+                small_files: 20_000,
+            }
+        }
+    }
+}
+
+/// What a phase processed, to turn seconds into a throughput.
+#[derive(Clone, Copy, Debug)]
+pub enum Amount {
+    Bytes(u64),
+    Files(u64),
+}
+
+impl Amount {
+    pub fn throughput(self, secs: f64) -> String {
+        let secs = secs.max(1e-9);
+        match self {
+            Amount::Bytes(b) => format!("{:.0} MiB/s", b as f64 / MIB as f64 / secs),
+            Amount::Files(n) => format!("{:.0} files/s", n as f64 / secs),
+        }
+    }
+}
+
+/// One timed phase of a workload on one target.
+#[derive(Clone, Debug)]
+pub struct Phase {
+    pub label: String,
+    pub goal: f64,
+    pub amount: Amount,
+    pub secs: f64,
+}
+
+pub fn run(workload: Workload, dir: &Path, sizes: Sizes, seed: u64) -> Result<Vec<Phase>> {
+    match workload {
+        Workload::SeqRead => seq_read(dir, sizes.big_file, seed),
+        Workload::SmallFiles => small_files(dir, sizes.small_files, seed),
+        Workload::FsyncWrite => fsync_write(dir, sizes.big_file, seed),
+    }
+}
+
+/// a) Write, close, read once to warm the cache (verifying contents), then time a
+///    second full read.
+fn seq_read(dir: &Path, size: usize, seed: u64) -> Result<Vec<Phase>> {
+    let path = dir.join("big.bin");
+    let mut buf = vec![0u8; MIB];
+
+    let mut rng = Prng::new(seed);
+    let mut f = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    for _ in 0..size / MIB {
+        check_interrupted()?;
+        rng.fill(&mut buf);
+        f.write_all(&buf)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    close_checked(f, &path)?;
+
+    // The warm-up pass doubles as the correctness check, so the timed pass stays pure.
+    let mut rng = Prng::new(seed);
+    let mut expected = vec![0u8; MIB];
+    let mut f = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    for i in 0..size / MIB {
+        check_interrupted()?;
+        rng.fill(&mut expected);
+        f.read_exact(&mut buf)
+            .with_context(|| format!("warm read of {} at MiB {i}", path.display()))?;
+        ensure!(buf == expected, "{}: wrong data in MiB {i}", path.display());
+    }
+    ensure!(
+        f.read(&mut buf)? == 0,
+        "{}: longer than written",
+        path.display()
+    );
+    drop(f);
+    sync_all_filesystems();
+
+    let start = Instant::now();
+    let mut f = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let mut total = 0usize;
+    loop {
+        check_interrupted()?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    drop(f);
+    let secs = start.elapsed().as_secs_f64();
+    ensure!(
+        total == size,
+        "{}: read {total} bytes, expected {size}",
+        path.display()
+    );
+
+    Ok(vec![Phase {
+        label: format!("seq read {} (warm, 1 MiB buf)", human_size(size)),
+        goal: 0.9,
+        amount: Amount::Bytes(size as u64),
+        secs,
+    }])
+}
+
+/// b) pip-style install: each file is written to a temp name in its final directory and
+///    renamed into place; then every file is stat'ed, then read, in the same mount.
+fn small_files(dir: &Path, count: usize, seed: u64) -> Result<Vec<Phase>> {
+    let dirs: Vec<PathBuf> = (0..SMALL_FILE_DIRS)
+        .map(|i| dir.join(format!("d{i:02x}")))
+        .collect();
+    for d in &dirs {
+        fs::create_dir(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    // Precompute names and contents so the timed loop only does file system calls.
+    let mut data = vec![0u8; count * SMALL_FILE_SIZE];
+    Prng::new(seed).fill(&mut data);
+    let finals: Vec<PathBuf> = (0..count)
+        .map(|i| dirs[i % SMALL_FILE_DIRS].join(format!("f{i:06}.bin")))
+        .collect();
+    let temps: Vec<PathBuf> = (0..count)
+        .map(|i| dirs[i % SMALL_FILE_DIRS].join(format!(".f{i:06}.bin.tmp-{seed:016x}")))
+        .collect();
+    sync_all_filesystems();
+
+    let start = Instant::now();
+    for i in 0..count {
+        check_interrupted()?;
+        let tmp = &temps[i];
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(&data[i * SMALL_FILE_SIZE..(i + 1) * SMALL_FILE_SIZE])
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        close_checked(f, tmp)?;
+        fs::rename(tmp, &finals[i])
+            .with_context(|| format!("renaming {} into place", tmp.display()))?;
+    }
+    let create_secs = start.elapsed().as_secs_f64();
+
+    let start = Instant::now();
+    for p in &finals {
+        check_interrupted()?;
+        let len = fs::metadata(p)
+            .with_context(|| format!("stat {}", p.display()))?
+            .len();
+        ensure!(len == SMALL_FILE_SIZE as u64, "{}: size {len}", p.display());
+    }
+    let stat_secs = start.elapsed().as_secs_f64();
+
+    let mut buf = [0u8; 2 * SMALL_FILE_SIZE];
+    let start = Instant::now();
+    let mut total = 0usize;
+    for p in &finals {
+        check_interrupted()?;
+        let mut f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
+        loop {
+            let n = f
+                .read(&mut buf)
+                .with_context(|| format!("reading {}", p.display()))?;
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+    }
+    let read_secs = start.elapsed().as_secs_f64();
+    ensure!(
+        total == count * SMALL_FILE_SIZE,
+        "read {total} bytes in total, expected {}",
+        count * SMALL_FILE_SIZE
+    );
+
+    // Contents are checked after timing; a leftover temp file means a rename misbehaved.
+    for (i, p) in finals.iter().enumerate() {
+        check_interrupted()?;
+        let got = fs::read(p).with_context(|| format!("re-reading {}", p.display()))?;
+        ensure!(
+            got == data[i * SMALL_FILE_SIZE..(i + 1) * SMALL_FILE_SIZE],
+            "{}: wrong contents",
+            p.display()
+        );
+    }
+    let listed: usize = dirs
+        .iter()
+        .map(|d| fs::read_dir(d).map(|r| r.count()))
+        .sum::<std::io::Result<usize>>()
+        .context("listing small-file dirs")?;
+    ensure!(listed == count, "found {listed} entries, expected {count}");
+
+    let amount = Amount::Files(count as u64);
+    Ok(vec![
+        Phase {
+            label: format!("small files: create {count} x 4 KiB (tmp + rename)"),
+            goal: 0.25,
+            amount,
+            secs: create_secs,
+        },
+        Phase {
+            label: format!("small files: stat {count}"),
+            goal: 0.5,
+            amount,
+            secs: stat_secs,
+        },
+        Phase {
+            label: format!("small files: read {count}"),
+            goal: 0.3,
+            amount,
+            secs: read_secs,
+        },
+    ])
+}
+
+/// c) Streaming write of random-ish data, fsync, close — all inside the timer.
+fn fsync_write(dir: &Path, size: usize, seed: u64) -> Result<Vec<Phase>> {
+    let path = dir.join("written.bin");
+    // Generated up front so PRNG cost does not dilute the ratio; random so that no
+    // layer can compress or skip zero pages.
+    let mut data = vec![0u8; size];
+    Prng::new(seed).fill(&mut data);
+    sync_all_filesystems();
+
+    let start = Instant::now();
+    let mut f = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    for chunk in data.chunks(MIB) {
+        check_interrupted()?;
+        f.write_all(chunk)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    f.sync_all()
+        .with_context(|| format!("fsync {}", path.display()))?;
+    close_checked(f, &path)?;
+    let secs = start.elapsed().as_secs_f64();
+
+    let mut f = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let mut buf = vec![0u8; MIB];
+    for (i, chunk) in data.chunks(MIB).enumerate() {
+        check_interrupted()?;
+        f.read_exact(&mut buf[..chunk.len()])
+            .with_context(|| format!("reading back {} at MiB {i}", path.display()))?;
+        ensure!(
+            buf[..chunk.len()] == *chunk,
+            "{}: wrong data in MiB {i}",
+            path.display()
+        );
+    }
+    ensure!(
+        f.read(&mut buf)? == 0,
+        "{}: longer than written",
+        path.display()
+    );
+
+    Ok(vec![Phase {
+        label: format!("write {} (1 MiB writes) + fsync + close", human_size(size)),
+        goal: 0.5,
+        amount: Amount::Bytes(size as u64),
+        secs,
+    }])
+}
+
+/// Closes explicitly because on FUSE `close` (FLUSH) can report write errors, which
+/// dropping a `File` would silently ignore.
+fn close_checked(f: File, path: &Path) -> Result<()> {
+    let fd = f.into_raw_fd();
+    // SAFETY: `fd` was just released by `File`, so we own it and close it exactly once.
+    if unsafe { libc::close(fd) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("closing {}", path.display()));
+    }
+    Ok(())
+}
+
+/// Flushes dirty data left by earlier phases so it is not written back inside a timer.
+pub fn sync_all_filesystems() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
+pub fn human_size(bytes: usize) -> String {
+    if bytes >= 1 << 30 && bytes % (1 << 30) == 0 {
+        format!("{} GiB", bytes >> 30)
+    } else {
+        format!("{} MiB", bytes / MIB)
+    }
+}
+
+/// splitmix64: fast and good enough to defeat compression and dedup.
+pub struct Prng(u64);
+
+impl Prng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        let mut chunks = buf.chunks_exact_mut(8);
+        for c in &mut chunks {
+            c.copy_from_slice(&self.next_u64().to_le_bytes());
+        }
+        let rest = chunks.into_remainder();
+        let len = rest.len();
+        rest.copy_from_slice(&self.next_u64().to_le_bytes()[..len]);
+    }
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Turns Ctrl-C / SIGTERM into an error at the next loop step, so the mount guards get
+/// to unmount. SA_RESETHAND makes a second Ctrl-C kill the process as usual.
+pub fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe, and
+        // the sigaction struct is fully initialised before use.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            sa.sa_flags = libc::SA_RESETHAND | libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+pub fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}

@@ -1,0 +1,1102 @@
+//! The filesystem logic, in plain Rust: no FUSE types, so it is tested without a mount.
+//!
+//! Inode numbers are the store's, except that the volume root is presented as inode 1.
+//! Content lives in blobs; a file opened for writing gets a private staging file that every
+//! handle of that inode uses until the last writer releases it, when the content is hashed and
+//! committed into the store in one transaction (see `release`).
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use kcache_store::{Hash, Ino, Inode, Kind, NewNode, SetAttr, Staged, Store, VolumeInfo};
+
+use crate::error::{Errno, Result};
+
+/// The inode number the kernel uses for the root.
+pub const ROOT_INO: u64 = 1;
+const NAME_MAX: usize = 255;
+const PATH_MAX: usize = 4096;
+
+/// Who is asking.
+#[derive(Clone, Copy, Debug)]
+pub struct Ctx {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+impl Ctx {
+    pub fn root() -> Ctx {
+        Ctx {
+            uid: 0,
+            gid: 0,
+            pid: 0,
+        }
+    }
+}
+
+/// Attributes as the kernel sees them (inode number already translated).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub atime: i64,
+    pub mtime: i64,
+    pub ctime: i64,
+    pub nlink: u32,
+    pub rdev: u32,
+}
+
+/// An opaque kernel passthrough registration of a backing file. Dropping it unregisters.
+pub type BackingToken = Arc<dyn Any + Send + Sync>;
+
+/// Registers files with the kernel for passthrough reads and writes. The FUSE adapter
+/// implements it; tests without a mount pass `None`.
+pub trait Backing {
+    fn register(&self, file: &File) -> std::io::Result<BackingToken>;
+}
+
+/// How the kernel should do I/O on a handle.
+#[derive(Clone)]
+pub enum IoMode {
+    /// The kernel reads and writes the backing file directly.
+    Passthrough(BackingToken),
+    /// Reads and writes come to the daemon; the kernel page cache is used (kept across opens
+    /// when `keep_cache`).
+    Cached { keep_cache: bool },
+    /// Reads and writes come to the daemon, no page cache: used only while older passthrough
+    /// handles pin a different backing file of the same inode.
+    Direct,
+}
+
+impl std::fmt::Debug for IoMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IoMode::Passthrough(_) => f.write_str("Passthrough"),
+            IoMode::Cached { keep_cache } => write!(f, "Cached(keep_cache={keep_cache})"),
+            IoMode::Direct => f.write_str("Direct"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Opened {
+    pub fh: u64,
+    pub mode: IoMode,
+}
+
+/// Changes requested by setattr.
+#[derive(Clone, Debug, Default)]
+pub struct SetAttrIn {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeSet>,
+    pub mtime: Option<TimeSet>,
+    pub fh: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum TimeSet {
+    Now,
+    At(i64),
+}
+
+/// Filesystem statistics.
+#[derive(Clone, Copy, Debug)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+struct Staging {
+    file: Arc<File>,
+    path: PathBuf,
+    /// A writer opened it since the last commit.
+    dirty: bool,
+}
+
+struct PtState {
+    token: BackingToken,
+    /// The backing file is the staging file (else the committed blob).
+    on_staging: bool,
+    handles: u32,
+}
+
+/// Per-inode state while any handle is open or staged content is uncommitted.
+#[derive(Default)]
+struct OpenInode {
+    handles: u32,
+    writers: u32,
+    cached_handles: u32,
+    staging: Option<Staging>,
+    pt: Option<PtState>,
+    /// The committed blob, open for reads served by the daemon.
+    blob_file: Option<(Hash, Arc<File>)>,
+}
+
+struct Handle {
+    ino: Ino,
+    writable: bool,
+    mode_kind: ModeKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ModeKind {
+    Passthrough,
+    Cached,
+    Direct,
+}
+
+/// The filesystem over one volume of a store.
+pub struct KcacheFs {
+    store: Arc<Store>,
+    volume: VolumeInfo,
+    read_only: bool,
+    passthrough: AtomicBool,
+    next_fh: AtomicU64,
+    lookups: Mutex<HashMap<Ino, u64>>,
+    open: Mutex<HashMap<Ino, Arc<Mutex<OpenInode>>>>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    /// Blob whose pages the kernel may still cache for an inode, to set keep_cache on reopen.
+    page_cache: Mutex<HashMap<Ino, Hash>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves its map consistent, so a panic elsewhere does not poison
+    // the filesystem for other callers.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn check_name(name: &OsStr) -> Result<&[u8]> {
+    let b = name.as_bytes();
+    if b.len() > NAME_MAX {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
+        return Err(Errno::EINVAL);
+    }
+    Ok(b)
+}
+
+fn ts(t: i64) -> (i64, i64) {
+    (t.div_euclid(1_000_000_000), t.rem_euclid(1_000_000_000))
+}
+
+fn mtime_of(meta: &std::fs::Metadata) -> i64 {
+    meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
+}
+
+fn ctime_of(meta: &std::fs::Metadata) -> i64 {
+    meta.ctime() * 1_000_000_000 + meta.ctime_nsec()
+}
+
+fn set_file_mtime(file: &File, mtime: i64) -> std::io::Result<()> {
+    let (s, ns) = ts(mtime);
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: s,
+            tv_nsec: ns,
+        },
+    ];
+    // SAFETY: valid fd and a two-element timespec array.
+    if unsafe { libc::futimens(file.as_raw_fd(), times.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Copies `src` into `dst`: a reflink where the filesystem has them, else an in-kernel copy.
+fn copy_content(src: &File, dst: &File) -> std::io::Result<()> {
+    const FICLONE: libc::c_ulong = 0x4004_9409;
+    // SAFETY: FICLONE takes the source descriptor as its argument.
+    if unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE, src.as_raw_fd()) } == 0 {
+        return Ok(());
+    }
+    let mut s = src;
+    let mut d = dst;
+    std::io::Seek::rewind(&mut s)?;
+    std::io::copy(&mut s, &mut d)?;
+    Ok(())
+}
+
+impl KcacheFs {
+    pub fn new(store: Arc<Store>, volume: VolumeInfo, read_only: bool) -> KcacheFs {
+        KcacheFs {
+            store,
+            volume,
+            read_only,
+            passthrough: AtomicBool::new(false),
+            next_fh: AtomicU64::new(1),
+            lookups: Mutex::new(HashMap::new()),
+            open: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            page_cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Enables kernel passthrough for opens (the adapter calls this once the kernel agreed).
+    pub fn set_passthrough(&self, on: bool) {
+        self.passthrough.store(on, Ordering::Relaxed);
+    }
+
+    pub fn passthrough(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// Kernel inode number -> store inode number.
+    fn sino(&self, ino: u64) -> Ino {
+        if ino == ROOT_INO {
+            self.volume.root
+        } else {
+            ino
+        }
+    }
+
+    /// Store inode number -> kernel inode number.
+    fn kino(&self, ino: Ino) -> u64 {
+        if ino == self.volume.root {
+            ROOT_INO
+        } else {
+            ino
+        }
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(Errno::EROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Attributes of `inode`, with size and times taken from uncommitted staged content.
+    fn attr_of(&self, inode: &Inode) -> Attr {
+        let mut attr = Attr {
+            ino: self.kino(inode.ino),
+            kind: inode.kind,
+            perm: inode.mode & 0o7777,
+            uid: inode.uid,
+            gid: inode.gid,
+            size: inode.size,
+            atime: inode.atime,
+            mtime: inode.mtime,
+            ctime: inode.ctime,
+            nlink: inode.nlink,
+            rdev: inode.rdev,
+        };
+        if inode.kind == Kind::File {
+            let oi = lock(&self.open).get(&inode.ino).cloned();
+            if let Some(oi) = oi {
+                let oi = lock(&oi);
+                if let Some(st) = &oi.staging {
+                    if let Ok(meta) = st.file.metadata() {
+                        attr.size = meta.len();
+                        attr.mtime = mtime_of(&meta);
+                        attr.ctime = attr.ctime.max(ctime_of(&meta));
+                    }
+                }
+            }
+        }
+        attr
+    }
+
+    fn remember(&self, ino: Ino) {
+        *lock(&self.lookups).entry(ino).or_insert(0) += 1;
+    }
+
+    fn entry(&self, inode: &Inode) -> Attr {
+        self.remember(inode.ino);
+        self.attr_of(inode)
+    }
+
+    /// Purges an inode whose last name is gone once the kernel and all handles let go of it.
+    fn maybe_purge(&self, ino: Ino) {
+        if lock(&self.lookups).contains_key(&ino) || lock(&self.open).contains_key(&ino) {
+            return;
+        }
+        match self.store.get(ino) {
+            Ok(n) if n.nlink == 0 => {
+                if let Err(e) = self.store.purge(ino) {
+                    tracing::error!(ino, error = %e, "purging unlinked inode failed");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ---- namespace -------------------------------------------------------------------
+
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        let name = name.as_bytes();
+        if name.len() > NAME_MAX {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        let inode = self.store.lookup(self.sino(parent), name)?;
+        Ok(self.entry(&inode))
+    }
+
+    pub fn forget(&self, ino: u64, nlookup: u64) {
+        let ino = self.sino(ino);
+        let gone = {
+            let mut l = lock(&self.lookups);
+            match l.get_mut(&ino) {
+                Some(n) if *n > nlookup => {
+                    *n -= nlookup;
+                    false
+                }
+                Some(_) => {
+                    l.remove(&ino);
+                    true
+                }
+                None => false,
+            }
+        };
+        if gone {
+            self.maybe_purge(ino);
+        }
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let inode = self.store.get(self.sino(ino))?;
+        Ok(self.attr_of(&inode))
+    }
+
+    fn new_node_owner(&self, parent: &Inode, ctx: Ctx, kind: Kind, mode: u32) -> (u32, u32) {
+        // BSD group semantics on setgid directories: new entries take the directory's group,
+        // and new subdirectories inherit the setgid bit.
+        let mut mode = mode & 0o7777;
+        let gid = if parent.mode & libc::S_ISGID != 0 {
+            if kind == Kind::Dir {
+                mode |= libc::S_ISGID;
+            }
+            parent.gid
+        } else {
+            ctx.gid
+        };
+        (mode, gid)
+    }
+
+    fn make(&self, parent: u64, name: &OsStr, ctx: Ctx, kind: Kind, mode: u32, rdev: u32, target: Option<Vec<u8>>) -> Result<Inode> {
+        self.writable()?;
+        let name = check_name(name)?;
+        let parent = self.store.get(self.sino(parent))?;
+        if parent.kind != Kind::Dir {
+            return Err(Errno::ENOTDIR);
+        }
+        let (mode, gid) = self.new_node_owner(&parent, ctx, kind, mode);
+        let node = NewNode {
+            kind,
+            mode,
+            uid: ctx.uid,
+            gid,
+            rdev,
+            target,
+        };
+        Ok(self.store.create(parent.ino, name, &node)?)
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, ctx: Ctx) -> Result<Attr> {
+        let n = self.make(parent, name, ctx, Kind::Dir, mode, 0, None)?;
+        Ok(self.entry(&n))
+    }
+
+    pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32, rdev: u32, ctx: Ctx) -> Result<Attr> {
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => Kind::File,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDev,
+            libc::S_IFBLK => Kind::BlockDev,
+            _ => return Err(Errno::EINVAL),
+        };
+        let n = self.make(parent, name, ctx, kind, mode, rdev, None)?;
+        Ok(self.entry(&n))
+    }
+
+    pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, ctx: Ctx) -> Result<Attr> {
+        let t = target.as_bytes();
+        if t.len() >= PATH_MAX {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        if t.is_empty() {
+            return Err(Errno(libc::ENOENT));
+        }
+        let n = self.make(parent, name, ctx, Kind::Symlink, 0o777, 0, Some(t.to_vec()))?;
+        Ok(self.entry(&n))
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let n = self.store.get(self.sino(ino))?;
+        match (n.kind, n.target) {
+            (Kind::Symlink, Some(t)) => Ok(t),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
+        self.writable()?;
+        let name = check_name(newname)?;
+        let n = self.store.link(self.sino(ino), self.sino(newparent), name)?;
+        Ok(self.entry(&n))
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.writable()?;
+        let name = check_name(name)?;
+        let (ino, nlink) = self.store.unlink(self.sino(parent), name)?;
+        if nlink == 0 {
+            self.maybe_purge(ino);
+        }
+        Ok(())
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.writable()?;
+        let name = name.as_bytes();
+        if name == b"." {
+            return Err(Errno::EINVAL);
+        }
+        if name == b".." {
+            return Err(Errno(libc::ENOTEMPTY));
+        }
+        let name = check_name(OsStr::from_bytes(name))?;
+        let ino = self.store.rmdir(self.sino(parent), name)?;
+        self.maybe_purge(ino);
+        Ok(())
+    }
+
+    pub fn rename(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32) -> Result<()> {
+        self.writable()?;
+        let name = check_name(name)?;
+        let newname = check_name(newname)?;
+        let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 || (noreplace && exchange) {
+            return Err(Errno::EINVAL);
+        }
+        let r = self
+            .store
+            .rename(self.sino(parent), name, self.sino(newparent), newname, noreplace, exchange)?;
+        if let Some((ino, 0)) = r.replaced {
+            self.maybe_purge(ino);
+        }
+        Ok(())
+    }
+
+    /// One page of a directory listing: entries after `offset` (0 = from the start).
+    /// Offsets 1 and 2 are "." and ".."; entry offsets are store cookies + 2.
+    /// `plus` entries count as lookups, reported through `accept` returning false when full.
+    pub fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+        plus: bool,
+        mut accept: impl FnMut(u64, u64, Kind, &OsStr, Option<&Attr>) -> bool,
+    ) -> Result<()> {
+        let dir = self.store.get(self.sino(ino))?;
+        if dir.kind != Kind::Dir {
+            return Err(Errno::ENOTDIR);
+        }
+        let mut off = offset;
+        if off < 1 {
+            let attr = plus.then(|| self.attr_of(&dir));
+            if accept(ino, 1, Kind::Dir, OsStr::new("."), attr.as_ref()) {
+                return Ok(());
+            }
+            off = 1;
+        }
+        if off < 2 {
+            let parent = dir.parent.map(|p| self.kino(p)).unwrap_or(ROOT_INO);
+            if accept(parent, 2, Kind::Dir, OsStr::new(".."), None) {
+                return Ok(());
+            }
+            off = 2;
+        }
+        let mut after = off as i64 - 2;
+        loop {
+            let page = self.store.readdir(dir.ino, after, 256)?;
+            if page.is_empty() {
+                return Ok(());
+            }
+            for (cookie, name, inode) in page {
+                after = cookie;
+                let kino = self.kino(inode.ino);
+                if plus {
+                    let attr = self.attr_of(&inode);
+                    if accept(kino, cookie as u64 + 2, inode.kind, OsStr::from_bytes(&name), Some(&attr)) {
+                        return Ok(());
+                    }
+                    self.remember(inode.ino);
+                } else if accept(kino, cookie as u64 + 2, inode.kind, OsStr::from_bytes(&name), None) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    pub fn setattr(&self, ino: u64, a: &SetAttrIn, ctx: Ctx) -> Result<Attr> {
+        self.writable()?;
+        let sino = self.sino(ino);
+        let inode = self.store.get(sino)?;
+        let now = kcache_store::now_ns();
+        let resolve = |t: Option<TimeSet>| {
+            t.map(|t| match t {
+                TimeSet::Now => now,
+                TimeSet::At(v) => v,
+            })
+        };
+        let mut mtime = resolve(a.mtime);
+        if let Some(size) = a.size {
+            if inode.kind == Kind::Dir {
+                return Err(Errno::EISDIR);
+            }
+            if inode.kind != Kind::File {
+                return Err(Errno::EINVAL);
+            }
+            self.truncate(sino, size)?;
+            if mtime.is_none() {
+                mtime = Some(now);
+            }
+        }
+        let _ = ctx;
+        let sa = SetAttr {
+            mode: a.mode,
+            uid: a.uid,
+            gid: a.gid,
+            size: None,
+            atime: resolve(a.atime),
+            mtime,
+            ctime: Some(now),
+        };
+        let updated = self.store.setattr(sino, &sa)?;
+        if let Some(m) = mtime {
+            // While staged, the staging file's mtime is the file's mtime; keep them equal.
+            if let Some(oi) = lock(&self.open).get(&sino).cloned() {
+                if let Some(st) = &lock(&oi).staging {
+                    let _ = set_file_mtime(&st.file, m);
+                }
+            }
+        }
+        Ok(self.attr_of(&updated))
+    }
+
+    /// Sets a file's length: through its staging file when open, else as a one-shot commit.
+    fn truncate(&self, ino: Ino, size: u64) -> Result<()> {
+        let oi = self.open_inode(ino);
+        let mut g = lock(&oi);
+        if let Some(st) = &mut g.staging {
+            st.file.set_len(size)?;
+            st.dirty = true;
+            return Ok(());
+        }
+        if size == 0 {
+            drop(g);
+            self.release_open_inode(ino, &oi);
+            self.store.clear_content(ino, kcache_store::now_ns())?;
+            return Ok(());
+        }
+        let res = (|| -> Result<()> {
+            let inode = self.store.get(ino)?;
+            let (file, path) = self.store.new_staging()?;
+            let cleanup = |e: Errno| {
+                let _ = std::fs::remove_file(&path);
+                e
+            };
+            if let Some(h) = inode.blob {
+                let blob = self.store.open_blob(&h).map_err(|e| cleanup(e.into()))?;
+                copy_content(&blob, &file).map_err(|e| cleanup(e.into()))?;
+            }
+            file.set_len(size).map_err(|e| cleanup(e.into()))?;
+            let st = Staged {
+                ino,
+                path: &path,
+                file: &file,
+                durable: false,
+                keep_staging: false,
+                mtime: kcache_store::now_ns(),
+            };
+            self.store.commit_staged(&st).map_err(|e| cleanup(e.into()))?;
+            Ok(())
+        })();
+        drop(g);
+        self.release_open_inode(ino, &oi);
+        res
+    }
+
+    // ---- open files ------------------------------------------------------------------
+
+    fn open_inode(&self, ino: Ino) -> Arc<Mutex<OpenInode>> {
+        lock(&self.open).entry(ino).or_default().clone()
+    }
+
+    /// Drops the per-inode state if nothing uses it any more.
+    fn release_open_inode(&self, ino: Ino, oi: &Arc<Mutex<OpenInode>>) {
+        let mut open = lock(&self.open);
+        let g = lock(oi);
+        if g.handles == 0 && g.staging.is_none() {
+            drop(g);
+            open.remove(&ino);
+        }
+    }
+
+    pub fn create(&self, parent: u64, name: &OsStr, mode: u32, flags: i32, ctx: Ctx, backing: Option<&dyn Backing>) -> Result<(Attr, Opened)> {
+        let inode = match self.make(parent, name, ctx, Kind::File, mode, 0, None) {
+            Ok(n) => n,
+            // Lost a race with another creator: without O_EXCL that is an ordinary open.
+            Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {
+                self.store.lookup(self.sino(parent), name.as_bytes())?
+            }
+            Err(e) => return Err(e),
+        };
+        if inode.kind == Kind::Dir {
+            return Err(Errno::EISDIR);
+        }
+        let opened = self.open_sino(inode.ino, flags, backing)?;
+        let inode = self.store.get(inode.ino)?;
+        Ok((self.entry(&inode), opened))
+    }
+
+    pub fn open(&self, ino: u64, flags: i32, backing: Option<&dyn Backing>) -> Result<Opened> {
+        self.open_sino(self.sino(ino), flags, backing)
+    }
+
+    fn open_sino(&self, ino: Ino, flags: i32, backing: Option<&dyn Backing>) -> Result<Opened> {
+        let inode = self.store.get(ino)?;
+        match inode.kind {
+            Kind::File => {}
+            Kind::Dir => return Err(Errno::EISDIR),
+            _ => return Err(Errno(libc::ENXIO)),
+        }
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let trunc = flags & libc::O_TRUNC != 0 && writable;
+        if writable {
+            self.writable()?;
+        }
+        let oi = self.open_inode(ino);
+        let mut g = lock(&oi);
+        let res = self.open_locked(&inode, &mut g, writable, trunc, backing);
+        let failed = res.is_err();
+        drop(g);
+        if failed {
+            self.release_open_inode(ino, &oi);
+        }
+        let mode = res?;
+        let mode_kind = match &mode {
+            IoMode::Passthrough(_) => ModeKind::Passthrough,
+            IoMode::Cached { .. } => ModeKind::Cached,
+            IoMode::Direct => ModeKind::Direct,
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(
+            fh,
+            Handle {
+                ino,
+                writable,
+                mode_kind,
+            },
+        );
+        Ok(Opened { fh, mode })
+    }
+
+    fn open_locked(&self, inode: &Inode, g: &mut OpenInode, writable: bool, trunc: bool, backing: Option<&dyn Backing>) -> Result<IoMode> {
+        if writable {
+            match &mut g.staging {
+                Some(st) => {
+                    if trunc {
+                        st.file.set_len(0)?;
+                    }
+                    st.dirty = true;
+                }
+                None => {
+                    let (file, path) = self.store.new_staging()?;
+                    let prepared = (|| -> Result<()> {
+                        if !trunc {
+                            if let Some(h) = inode.blob {
+                                let blob = self.store.open_blob(&h)?;
+                                copy_content(&blob, &file)?;
+                            }
+                            set_file_mtime(&file, inode.mtime)?;
+                        }
+                        Ok(())
+                    })();
+                    if let Err(e) = prepared {
+                        let _ = std::fs::remove_file(&path);
+                        return Err(e);
+                    }
+                    g.staging = Some(Staging {
+                        file: Arc::new(file),
+                        path,
+                        dirty: true,
+                    });
+                }
+            }
+        }
+
+        // Decide the I/O mode. The kernel requires every passthrough handle of an inode to
+        // share one backing file, and refuses passthrough while page-cached handles exist
+        // (and vice versa); see the module docs of `fuse` for the consequences.
+        let mode = match (&mut g.pt, backing.filter(|_| self.passthrough())) {
+            (Some(pt), _) if pt.on_staging == g.staging.is_some() => {
+                pt.handles += 1;
+                IoMode::Passthrough(pt.token.clone())
+            }
+            (Some(_), _) => IoMode::Direct,
+            (None, Some(b)) if g.cached_handles == 0 => {
+                let file: Option<Arc<File>> = match (&g.staging, inode.blob) {
+                    (Some(st), _) => Some(st.file.clone()),
+                    (None, Some(h)) => Some(self.blob_file(g, h)?),
+                    (None, None) => None,
+                };
+                match file.map(|f| b.register(&f)) {
+                    Some(Ok(token)) => {
+                        g.pt = Some(PtState {
+                            token: token.clone(),
+                            on_staging: g.staging.is_some(),
+                            handles: 1,
+                        });
+                        IoMode::Passthrough(token)
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(ino = inode.ino, error = %e, "passthrough refused; serving this file from the daemon");
+                        g.cached_handles += 1;
+                        IoMode::Cached { keep_cache: false }
+                    }
+                    None => {
+                        g.cached_handles += 1;
+                        IoMode::Cached { keep_cache: false }
+                    }
+                }
+            }
+            (None, _) => {
+                g.cached_handles += 1;
+                let keep_cache = match (&g.staging, inode.blob) {
+                    (None, Some(h)) => lock(&self.page_cache).insert(inode.ino, h) == Some(h),
+                    _ => {
+                        lock(&self.page_cache).remove(&inode.ino);
+                        false
+                    }
+                };
+                if g.staging.is_none() {
+                    if let Some(h) = inode.blob {
+                        self.blob_file(g, h)?;
+                    }
+                }
+                IoMode::Cached { keep_cache }
+            }
+        };
+        g.handles += 1;
+        if writable {
+            g.writers += 1;
+        }
+        Ok(mode)
+    }
+
+    /// The open committed blob for daemon-served reads, opened through the store's one
+    /// "make local" path.
+    fn blob_file(&self, g: &mut OpenInode, h: Hash) -> Result<Arc<File>> {
+        if let Some((bh, f)) = &g.blob_file {
+            if *bh == h {
+                return Ok(f.clone());
+            }
+        }
+        let f = Arc::new(self.store.open_blob(&h)?);
+        g.blob_file = Some((h, f.clone()));
+        Ok(f)
+    }
+
+    /// The file daemon-served I/O on `ino` goes to: staged content, else the committed blob.
+    fn source(&self, ino: Ino) -> Result<Option<Arc<File>>> {
+        let oi = lock(&self.open).get(&ino).cloned().ok_or(Errno::EBADF)?;
+        let mut g = lock(&oi);
+        if let Some(st) = &g.staging {
+            return Ok(Some(st.file.clone()));
+        }
+        let inode = self.store.get(ino)?;
+        match inode.blob {
+            Some(h) => Ok(Some(self.blob_file(&mut g, h)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn handle_ino(&self, fh: u64) -> Result<(Ino, bool)> {
+        lock(&self.handles)
+            .get(&fh)
+            .map(|h| (h.ino, h.writable))
+            .ok_or(Errno::EBADF)
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let (ino, _) = self.handle_ino(fh)?;
+        let Some(file) = self.source(ino)? else {
+            return Ok(Vec::new());
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let (ino, writable) = self.handle_ino(fh)?;
+        if !writable {
+            return Err(Errno::EBADF);
+        }
+        offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
+        let oi = lock(&self.open).get(&ino).cloned().ok_or(Errno::EBADF)?;
+        let file = lock(&oi)
+            .staging
+            .as_ref()
+            .map(|s| s.file.clone())
+            .ok_or(Errno::EBADF)?;
+        // The kernel resolves O_APPEND to the end of the file before it sends the write.
+        file.write_all_at(data, offset)?;
+        Ok(data.len() as u32)
+    }
+
+    /// Commits staged content now (fsync): durable when this returns.
+    pub fn fsync(&self, fh: u64) -> Result<()> {
+        let (ino, _) = self.handle_ino(fh)?;
+        let oi = lock(&self.open).get(&ino).cloned().ok_or(Errno::EBADF)?;
+        let mut g = lock(&oi);
+        if g.staging.as_ref().is_some_and(|s| s.dirty) {
+            self.commit(ino, &mut g, true)?;
+        }
+        Ok(())
+    }
+
+    /// Hashes the staged content and points the inode at the resulting blob. The staging file
+    /// is renamed into the store when nothing uses it any more, else copied.
+    fn commit(&self, ino: Ino, g: &mut OpenInode, durable: bool) -> Result<()> {
+        let Some(st) = &g.staging else {
+            return Ok(());
+        };
+        let inode = self.store.get(ino)?;
+        if inode.nlink == 0 {
+            // Unlinked while open: the content dies with the last handle.
+            return Ok(());
+        }
+        let meta = st.file.metadata()?;
+        let keep_staging = g.handles > 0;
+        if meta.len() == 0 {
+            self.store.clear_content(ino, mtime_of(&meta))?;
+        } else {
+            let staged = Staged {
+                ino,
+                path: &st.path,
+                file: &st.file,
+                durable,
+                keep_staging,
+                mtime: mtime_of(&meta),
+            };
+            self.store.commit_staged(&staged)?;
+        }
+        lock(&self.page_cache).remove(&ino);
+        if keep_staging || meta.len() == 0 {
+            if let Some(st) = &mut g.staging {
+                st.dirty = false;
+            }
+            if !keep_staging {
+                if let Some(st) = g.staging.take() {
+                    let _ = std::fs::remove_file(&st.path);
+                }
+            }
+        } else {
+            // The staging file became the blob.
+            g.staging = None;
+        }
+        g.blob_file = None;
+        Ok(())
+    }
+
+    pub fn release(&self, fh: u64) -> Result<()> {
+        let Some(h) = lock(&self.handles).remove(&fh) else {
+            return Err(Errno::EBADF);
+        };
+        let ino = h.ino;
+        let Some(oi) = lock(&self.open).get(&ino).cloned() else {
+            return Ok(());
+        };
+        let mut g = lock(&oi);
+        g.handles -= 1;
+        if h.writable {
+            g.writers -= 1;
+        }
+        match h.mode_kind {
+            ModeKind::Passthrough => {
+                if let Some(pt) = &mut g.pt {
+                    pt.handles -= 1;
+                    if pt.handles == 0 {
+                        g.pt = None;
+                    }
+                }
+            }
+            ModeKind::Cached => g.cached_handles -= 1,
+            ModeKind::Direct => {}
+        }
+        let mut res = Ok(());
+        if g.writers == 0 && g.staging.as_ref().is_some_and(|s| s.dirty) {
+            res = self.commit(ino, &mut g, false);
+            if let Err(e) = res {
+                tracing::error!(ino, errno = e.0, "committing a closed file failed; its new content stays staged until the next close or fsync");
+            }
+        }
+        if g.handles == 0 {
+            g.blob_file = None;
+            let clean = g.staging.as_ref().is_some_and(|s| !s.dirty);
+            let unlinked = self.store.get(ino).map(|n| n.nlink == 0).unwrap_or(true);
+            if clean || unlinked {
+                if let Some(st) = g.staging.take() {
+                    let _ = std::fs::remove_file(&st.path);
+                }
+            }
+        }
+        drop(g);
+        self.release_open_inode(ino, &oi);
+        self.maybe_purge(ino);
+        res
+    }
+
+    /// Commits everything still staged (unmount).
+    pub fn flush_all(&self) {
+        let all: Vec<(Ino, Arc<Mutex<OpenInode>>)> =
+            lock(&self.open).iter().map(|(k, v)| (*k, v.clone())).collect();
+        for (ino, oi) in all {
+            let mut g = lock(&oi);
+            if g.staging.as_ref().is_some_and(|s| s.dirty) {
+                if let Err(e) = self.commit(ino, &mut g, false) {
+                    tracing::error!(ino, errno = e.0, "commit at unmount failed");
+                }
+            }
+        }
+    }
+
+    // ---- xattrs, access, statfs --------------------------------------------------------
+
+    pub fn getxattr(&self, ino: u64, name: &OsStr) -> Result<Vec<u8>> {
+        Ok(self.store.getxattr(self.sino(ino), name.as_bytes())?)
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        self.writable()?;
+        let name = name.as_bytes();
+        if name.is_empty() || name.len() > 255 {
+            return Err(Errno::ERANGE);
+        }
+        if value.len() > 65536 {
+            return Err(Errno(libc::E2BIG));
+        }
+        Ok(self.store.setxattr(
+            self.sino(ino),
+            name,
+            value,
+            flags & libc::XATTR_CREATE != 0,
+            flags & libc::XATTR_REPLACE != 0,
+        )?)
+    }
+
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for n in self.store.listxattr(self.sino(ino))? {
+            out.extend_from_slice(&n);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
+        self.writable()?;
+        Ok(self.store.removexattr(self.sino(ino), name.as_bytes())?)
+    }
+
+    /// access(2) by mode bits (only asked when the kernel does not check permissions itself).
+    pub fn access(&self, ino: u64, mask: i32, ctx: Ctx) -> Result<()> {
+        let n = self.store.get(self.sino(ino))?;
+        if mask == libc::F_OK {
+            return Ok(());
+        }
+        if mask & libc::W_OK != 0 && self.read_only {
+            return Err(Errno::EROFS);
+        }
+        if ctx.uid == 0 {
+            // Root may do anything except execute a file nobody may execute.
+            if mask & libc::X_OK != 0 && n.kind != Kind::Dir && n.mode & 0o111 == 0 {
+                return Err(Errno::EACCES);
+            }
+            return Ok(());
+        }
+        let bits = if ctx.uid == n.uid {
+            (n.mode >> 6) & 7
+        } else if ctx.gid == n.gid {
+            (n.mode >> 3) & 7
+        } else {
+            n.mode & 7
+        };
+        if (mask as u32) & !bits & 7 != 0 {
+            return Err(Errno::EACCES);
+        }
+        Ok(())
+    }
+
+    pub fn statfs(&self) -> Result<StatFs> {
+        let path = std::ffi::CString::new(self.store.root().as_os_str().as_bytes())
+            .map_err(|_| Errno::EINVAL)?;
+        // SAFETY: statvfs fills the zeroed struct for a valid C path.
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut s) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(StatFs {
+            blocks: s.f_blocks,
+            bfree: s.f_bfree,
+            bavail: s.f_bavail,
+            files: s.f_files,
+            ffree: s.f_ffree,
+            bsize: s.f_bsize as u32,
+            namelen: NAME_MAX as u32,
+            frsize: s.f_frsize as u32,
+        })
+    }
+
+    /// How long the kernel may cache entries and attributes: everything changes through this
+    /// daemon, which tells the kernel when it changes something behind its back.
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs(3600)
+    }
+}

@@ -1,0 +1,51 @@
+//! The filesystem's error: an errno for the caller; logging happens where it is made.
+
+use kcache_store::Error as StoreError;
+
+/// An errno to hand back to the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    pub const ENOENT: Errno = Errno(libc::ENOENT);
+    pub const EIO: Errno = Errno(libc::EIO);
+    pub const EINVAL: Errno = Errno(libc::EINVAL);
+    pub const EISDIR: Errno = Errno(libc::EISDIR);
+    pub const ENOTDIR: Errno = Errno(libc::ENOTDIR);
+    pub const EBADF: Errno = Errno(libc::EBADF);
+    pub const EACCES: Errno = Errno(libc::EACCES);
+    pub const EPERM: Errno = Errno(libc::EPERM);
+    pub const ENAMETOOLONG: Errno = Errno(libc::ENAMETOOLONG);
+    pub const ERANGE: Errno = Errno(libc::ERANGE);
+    pub const EEXIST: Errno = Errno(libc::EEXIST);
+    pub const EROFS: Errno = Errno(libc::EROFS);
+    pub const EFBIG: Errno = Errno(libc::EFBIG);
+    pub const ENOSYS: Errno = Errno(libc::ENOSYS);
+}
+
+impl From<StoreError> for Errno {
+    fn from(e: StoreError) -> Errno {
+        let errno = e.errno();
+        // Expected outcomes (ENOENT, EEXIST, ...) are answers, not failures; only log what an
+        // operator must see: damaged blobs, I/O and database errors.
+        if errno == libc::EIO || matches!(e, StoreError::BadBlob { .. }) {
+            tracing::error!(error = %e, "store error");
+        }
+        Errno(errno)
+    }
+}
+
+impl From<std::io::Error> for Errno {
+    fn from(e: std::io::Error) -> Errno {
+        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+        if errno == libc::EIO {
+            tracing::error!(error = %e, "i/o error");
+        }
+        Errno(match errno {
+            libc::EDQUOT => libc::ENOSPC,
+            e => e,
+        })
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Errno>;

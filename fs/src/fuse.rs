@@ -1,0 +1,493 @@
+//! The thin fuser adapter: translates kernel requests into `KcacheFs` calls and results into
+//! replies. No filesystem logic lives here.
+//!
+//! Locks: FUSE_POSIX_LOCKS and FUSE_FLOCK_LOCKS are deliberately not requested, so the kernel
+//! itself implements flock(2) and fcntl(2) byte-range locks for this mount. They then exclude
+//! across every process using the mount (in any mount namespace, since they hang off the one
+//! kernel inode) and die with their holder, which is what pip, huggingface_hub, cargo and
+//! SQLite rely on.
+//!
+//! Passthrough: the kernel insists that all passthrough handles of one inode share a backing
+//! file and that passthrough and page-cached handles never coexist on an inode. `KcacheFs`
+//! picks modes that respect this; a refused registration falls back to daemon-served I/O.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, BackingId, Errno as FErrno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use kcache_store::Kind;
+
+use crate::core::{Attr, Backing, BackingToken, Ctx, IoMode, KcacheFs, SetAttrIn, TimeSet};
+use crate::error::Errno;
+
+/// The fuser `Filesystem` for one mounted volume.
+pub struct KcacheFuse {
+    fs: Arc<KcacheFs>,
+    want_passthrough: bool,
+}
+
+impl KcacheFuse {
+    pub fn new(fs: Arc<KcacheFs>, want_passthrough: bool) -> KcacheFuse {
+        KcacheFuse {
+            fs,
+            want_passthrough,
+        }
+    }
+}
+
+fn ferr(e: Errno) -> FErrno {
+    FErrno::from_i32(e.0)
+}
+
+fn ctx(req: &Request) -> Ctx {
+    Ctx {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
+}
+
+fn systime(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn ns_of(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+fn ftype(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDev => FileType::CharDevice,
+        Kind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn fattr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: systime(a.atime),
+        mtime: systime(a.mtime),
+        ctime: systime(a.ctime),
+        crtime: systime(a.ctime),
+        kind: ftype(a.kind),
+        perm: a.perm as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+/// Registers backing files through the reply of the open or create being answered.
+struct OpenReg<'a>(&'a ReplyOpen);
+struct CreateReg<'a>(&'a ReplyCreate);
+
+impl Backing for OpenReg<'_> {
+    fn register(&self, file: &std::fs::File) -> std::io::Result<BackingToken> {
+        Ok(Arc::new(self.0.open_backing(file)?))
+    }
+}
+
+impl Backing for CreateReg<'_> {
+    fn register(&self, file: &std::fs::File) -> std::io::Result<BackingToken> {
+        Ok(Arc::new(self.0.open_backing(file)?))
+    }
+}
+
+fn open_flags(mode: &IoMode) -> FopenFlags {
+    match mode {
+        IoMode::Passthrough(_) => FopenFlags::empty(),
+        IoMode::Cached { keep_cache: true } => FopenFlags::FOPEN_KEEP_CACHE,
+        IoMode::Cached { keep_cache: false } => FopenFlags::empty(),
+        IoMode::Direct => FopenFlags::FOPEN_DIRECT_IO,
+    }
+}
+
+fn backing_id(token: &BackingToken) -> Option<&BackingId> {
+    token.downcast_ref::<BackingId>()
+}
+
+impl Filesystem for KcacheFuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let caps = config.capabilities();
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP
+            | InitFlags::FUSE_ASYNC_DIO;
+        let _ = config.add_capabilities(wanted & caps);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_background(64);
+        let mut mode = "userspace reads with the kernel page cache";
+        if self.want_passthrough {
+            if caps.contains(InitFlags::FUSE_PASSTHROUGH)
+                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok()
+            {
+                self.fs.set_passthrough(true);
+                mode = "kernel passthrough";
+            } else {
+                mode = "userspace reads with the kernel page cache (kernel has no FUSE passthrough)";
+            }
+        }
+        tracing::info!(io = mode, "fuse session initialised");
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        self.fs.flush_all();
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.fs.lookup(parent.0, name) {
+            Ok(a) => reply.entry(&self.fs.ttl(), &fattr(&a), Generation(0)),
+            Err(e) if e == Errno::ENOENT => {
+                // A negative entry with the same long TTL: every create goes through us, and
+                // the kernel drops the negative dentry when it does.
+                let mut a = FileAttr {
+                    ino: INodeNo(0),
+                    ..fattr(&Attr {
+                        ino: 0,
+                        kind: Kind::File,
+                        perm: 0,
+                        uid: 0,
+                        gid: 0,
+                        size: 0,
+                        atime: 0,
+                        mtime: 0,
+                        ctime: 0,
+                        nlink: 0,
+                        rdev: 0,
+                    })
+                };
+                a.ino = INodeNo(0);
+                reply.entry(&self.fs.ttl(), &a, Generation(0))
+            }
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0) {
+            Ok(a) => reply.attr(&self.fs.ttl(), &fattr(&a)),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let t = |t: Option<TimeOrNow>| {
+            t.map(|t| match t {
+                TimeOrNow::Now => TimeSet::Now,
+                TimeOrNow::SpecificTime(s) => TimeSet::At(ns_of(s)),
+            })
+        };
+        let a = SetAttrIn {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: t(atime),
+            mtime: t(mtime),
+            fh: fh.map(|f| f.0),
+        };
+        match self.fs.setattr(ino.0, &a, ctx(req)) {
+            Ok(a) => reply.attr(&self.fs.ttl(), &fattr(&a)),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, rdev: u32, reply: ReplyEntry) {
+        match self.fs.mknod(parent.0, name, mode, rdev, ctx(req)) {
+            Ok(a) => reply.entry(&self.fs.ttl(), &fattr(&a), Generation(0)),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        match self.fs.mkdir(parent.0, name, mode, ctx(req)) {
+            Ok(a) => reply.entry(&self.fs.ttl(), &fattr(&a), Generation(0)),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.fs.unlink(parent.0, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.fs.rmdir(parent.0, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        match self.fs.symlink(parent.0, link_name, target.as_os_str(), ctx(req)) {
+            Ok(a) => reply.entry(&self.fs.ttl(), &fattr(&a), Generation(0)),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn rename(&self, _req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
+        match self.fs.rename(parent.0, name, newparent.0, newname, flags.bits()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        match self.fs.link(ino.0, newparent.0, newname) {
+            Ok(a) => reply.entry(&self.fs.ttl(), &fattr(&a), Generation(0)),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let res = self.fs.open(ino.0, flags.0, Some(&OpenReg(&reply)));
+        match res {
+            Ok(o) => match &o.mode {
+                IoMode::Passthrough(token) => match backing_id(token) {
+                    Some(id) => reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), id),
+                    None => reply.error(FErrno::EIO),
+                },
+                m => reply.opened(FileHandle(o.fh), open_flags(m)),
+            },
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn read(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+        match self.fs.read(fh.0, offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn write(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, data: &[u8], _wf: WriteFlags, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyWrite) {
+        match self.fs.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        match self.fs.release(fh.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.fs.fsync(fh.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let res = self.fs.readdir(ino.0, offset, false, |ino, off, kind, name, _| {
+            reply.add(INodeNo(ino), off, ftype(kind), name)
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let ttl = self.fs.ttl();
+        let res = self.fs.readdir(ino.0, offset, true, |ino, off, kind, name, attr| {
+            let fa = match attr {
+                Some(a) => fattr(a),
+                // ".." gets no attributes: the kernel ignores the entry's attributes for it.
+                None => FileAttr {
+                    ino: INodeNo(ino),
+                    ..fattr(&Attr {
+                        ino,
+                        kind,
+                        perm: 0o755,
+                        uid: 0,
+                        gid: 0,
+                        size: 0,
+                        atime: 0,
+                        mtime: 0,
+                        ctime: 0,
+                        nlink: 2,
+                        rdev: 0,
+                    })
+                },
+            };
+            reply.add(INodeNo(ino), off, name, &ttl, &fa, Generation(0))
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Every namespace change is already a committed SQLite transaction.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.fs.statfs() {
+            Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+        match self.fs.setxattr(ino.0, name, value, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.fs.getxattr(ino.0, name) {
+            Ok(v) => xattr_reply(reply, size, &v),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.fs.listxattr(ino.0) {
+            Ok(v) => xattr_reply(reply, size, &v),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.fs.removexattr(ino.0, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        match self.fs.access(ino.0, mask.bits(), ctx(req)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn ioctl(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _flags: fuser::IoctlFlags, _cmd: u32, _in_data: &[u8], _out_size: u32, reply: fuser::ReplyIoctl) {
+        reply.error(FErrno::from_i32(libc::ENOTTY));
+    }
+
+    fn fallocate(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _offset: u64, _length: u64, _mode: i32, reply: ReplyEmpty) {
+        KcacheFuse::unsupported(reply, FErrno::from_i32(libc::EOPNOTSUPP));
+    }
+
+    fn lseek(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _offset: i64, _whence: i32, reply: fuser::ReplyLseek) {
+        // ENOSYS makes the kernel do generic seeking itself from now on.
+        reply.error(FErrno::ENOSYS);
+    }
+
+    fn copy_file_range(&self, _req: &Request, _ino_in: INodeNo, _fh_in: FileHandle, _offset_in: u64, _ino_out: INodeNo, _fh_out: FileHandle, _offset_out: u64, _len: u64, _flags: fuser::CopyFileRangeFlags, reply: ReplyWrite) {
+        // ENOSYS: the kernel falls back to an ordinary read/write copy.
+        reply.error(FErrno::ENOSYS);
+    }
+
+    fn bmap(&self, _req: &Request, _ino: INodeNo, _blocksize: u32, _idx: u64, reply: fuser::ReplyBmap) {
+        reply.error(FErrno::ENOSYS);
+    }
+
+    fn poll(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _ph: fuser::PollNotifier, _events: fuser::PollEvents, _flags: fuser::PollFlags, reply: fuser::ReplyPoll) {
+        reply.error(FErrno::ENOSYS);
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, flags: i32, reply: ReplyCreate) {
+        let res = self.fs.create(parent.0, name, mode, flags, ctx(req), Some(&CreateReg(&reply)));
+        match res {
+            Ok((a, o)) => match &o.mode {
+                IoMode::Passthrough(token) => match backing_id(token) {
+                    Some(id) => reply.created_passthrough(&self.fs.ttl(), &fattr(&a), Generation(0), FileHandle(o.fh), FopenFlags::empty(), id),
+                    None => reply.error(FErrno::EIO),
+                },
+                m => reply.created(&self.fs.ttl(), &fattr(&a), Generation(0), FileHandle(o.fh), open_flags(m)),
+            },
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+}
+
+impl KcacheFuse {
+    /// Declines operations the kernel can do itself, quietly (fuser's defaults log a warning
+    /// per request).
+    fn unsupported(reply: ReplyEmpty, errno: FErrno) {
+        reply.error(errno);
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, size: u32, v: &[u8]) {
+    if size == 0 {
+        reply.size(v.len() as u32);
+    } else if v.len() > size as usize {
+        reply.error(FErrno::ERANGE);
+    } else {
+        reply.data(v);
+    }
+}

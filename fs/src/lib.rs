@@ -1,0 +1,10 @@
+//! kcache's filesystem: POSIX semantics over the content-addressed store (`core`), and the
+//! thin fuser adapter that serves it to the kernel (`fuse`).
+
+pub mod core;
+pub mod error;
+pub mod fuse;
+
+pub use crate::core::{Attr, Backing, BackingToken, Ctx, IoMode, KcacheFs, Opened, SetAttrIn, TimeSet, ROOT_INO};
+pub use crate::error::{Errno, Result};
+pub use crate::fuse::KcacheFuse;

@@ -1,0 +1,300 @@
+//! `kcache mount`: checks, daemonizing, running the FUSE session, clean shutdown on signals.
+
+use std::ffi::CString;
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::{FromRawFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use fuser::{Config, MountOption, Session, SessionACL};
+use kcache_fs::{KcacheFs, KcacheFuse};
+use kcache_store::Store;
+
+use crate::cli::{default_store, MountArgs, MountOpts};
+use crate::mountinfo;
+
+fn cpath(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).with_context(|| format!("path {} contains NUL", p.display()))
+}
+
+/// Checks the mountpoint, recovering one left dead by a crashed daemon.
+fn prepare_mountpoint(mp: &Path) -> Result<PathBuf> {
+    match std::fs::metadata(mp) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => bail!("mountpoint {} is not a directory", mp.display()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            // "Transport endpoint is not connected": the daemon behind this mount died.
+            let c = cpath(mp)?;
+            // SAFETY: valid C string.
+            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+                let err = std::io::Error::last_os_error();
+                bail!("mountpoint {} is a dead kcache mount and could not be detached: {err}", mp.display());
+            }
+            tracing::warn!(mountpoint = %mp.display(), "detached a dead mount left by a crashed daemon");
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("mountpoint {} does not exist", mp.display())
+        }
+        Err(e) => bail!("cannot use mountpoint {}: {e}", mp.display()),
+    }
+    let mp = mp
+        .canonicalize()
+        .with_context(|| format!("resolving mountpoint {}", mp.display()))?;
+    if let Some(m) = mountinfo::mount_at(&mp) {
+        // A path is "busy" when something is already mounted on it (our own root is fine).
+        if mp != Path::new("/") && m.mountpoint == mp {
+            bail!(
+                "mountpoint {} is busy: {} ({}) is already mounted there",
+                mp.display(),
+                m.source,
+                m.fstype
+            );
+        }
+    }
+    Ok(mp)
+}
+
+fn check_fuse_device() -> Result<()> {
+    match OpenOptions::new().read(true).write(true).open("/dev/fuse") {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("/dev/fuse does not exist: load the fuse module (modprobe fuse) or pass --device /dev/fuse to the container")
+        }
+        Err(e) => bail!("cannot open /dev/fuse: {e}"),
+    }
+}
+
+/// Entry point of `kcache mount`.
+pub fn mount(args: MountArgs) -> Result<ExitCode> {
+    let opts = MountOpts::parse(&args.options).map_err(|e| anyhow::anyhow!(e))?;
+    let store_dir = args.store.clone().unwrap_or_else(default_store);
+    if args.foreground {
+        init_logging();
+        let ready_fd = args.ready_fd;
+        let res = serve(&args, &opts, &store_dir, ready_fd);
+        if let Err(e) = &res {
+            tracing::error!("mount failed: {e:#}");
+            if let Some(fd) = ready_fd {
+                report(fd, &format!("error: {e:#}"));
+            }
+        }
+        return res.map(|_| ExitCode::SUCCESS);
+    }
+    daemonize(&args, &store_dir)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KCACHE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
+fn report(fd: RawFd, msg: &str) {
+    // SAFETY: the fd was handed to us by the parent for exactly this message; we own it now.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    let _ = writeln!(f, "{msg}");
+}
+
+/// Starts the daemon as a child (a fresh exec, not a bare fork: SQLite and threads do not
+/// survive fork) and waits until it reports that the mount answers.
+fn daemonize(args: &MountArgs, store_dir: &Path) -> Result<ExitCode> {
+    // Fail fast, with the message on the user's terminal, for what can be checked here.
+    check_fuse_device()?;
+    prepare_mountpoint(&args.mountpoint)?;
+    std::fs::create_dir_all(store_dir)
+        .with_context(|| format!("creating store directory {}", store_dir.display()))?;
+    let log_path = store_dir.join("kcache.log");
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(&log_path)
+        .with_context(|| format!("opening log {}", log_path.display()))?;
+
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 fills two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        bail!("pipe: {}", std::io::Error::last_os_error());
+    }
+    let (rfd, wfd) = (fds[0], fds[1]);
+    const CHILD_FD: RawFd = 3;
+
+    let exe = std::env::current_exe().context("locating the kcache executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount")
+        .arg("--foreground")
+        .arg("--ready-fd")
+        .arg(CHILD_FD.to_string())
+        .arg("--store")
+        .arg(store_dir)
+        .arg("--volume")
+        .arg(&args.volume);
+    for o in &args.options {
+        cmd.arg("-o").arg(o);
+    }
+    cmd.arg(&args.mountpoint);
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::dup2(wfd, CHILD_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the kcache daemon")?;
+    // SAFETY: closing our copy of the write end so EOF arrives when the child closes its own.
+    unsafe { libc::close(wfd) };
+    let mut reader = unsafe { std::fs::File::from_raw_fd(rfd) };
+    let mut msg = String::new();
+    let _ = reader.read_to_string(&mut msg);
+    let msg = msg.trim();
+    if msg == "ready" {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status = child.try_wait().ok().flatten();
+    if let Some(err) = msg.strip_prefix("error: ") {
+        bail!("{err}");
+    }
+    let _ = child.wait();
+    bail!(
+        "the daemon exited before the mount was ready ({}); see {}",
+        status.map_or("still running".into(), |s| s.to_string()),
+        log_path.display()
+    )
+}
+
+/// Runs the filesystem until it is unmounted or a signal asks us to stop.
+fn serve(args: &MountArgs, opts: &MountOpts, store_dir: &Path, ready_fd: Option<RawFd>) -> Result<()> {
+    // Block the stop signals in every thread; one thread below waits for them.
+    let sigs = stop_signals();
+    // SAFETY: sigset initialised by stop_signals.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut()) };
+
+    check_fuse_device()?;
+    let mountpoint = prepare_mountpoint(&args.mountpoint)?;
+    let store = Store::open(store_dir).with_context(|| format!("opening store {}", store_dir.display()))?;
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let volume = store
+        .volume(&args.volume, true, uid, gid)
+        .with_context(|| format!("opening volume {}", args.volume))?;
+    let store = Arc::new(store);
+    let fs = Arc::new(KcacheFs::new(store.clone(), volume, opts.read_only));
+
+    let mut mount_options = vec![
+        MountOption::FSName(store_dir.canonicalize().unwrap_or(store_dir.to_owned()).display().to_string()),
+        // The kernel takes subtype as a mount option, so /proc/mounts says "fuse.kcache".
+        MountOption::CUSTOM("subtype=kcache".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+    ];
+    if opts.read_only {
+        mount_options.push(MountOption::RO);
+    }
+    let mut config = Config::default();
+    config.mount_options = mount_options;
+    config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
+    config.n_threads = Some(std::thread::available_parallelism().map_or(4, |n| n.get()).max(4));
+    config.clone_fd = true;
+
+    let mut session = Session::new(KcacheFuse::new(fs.clone(), opts.passthrough), &mountpoint, &config)
+        .with_context(|| format!("mounting at {}", mountpoint.display()))?;
+    let mut unmounter = session.unmount_callable();
+    tracing::info!(
+        mountpoint = %mountpoint.display(),
+        store = %store_dir.display(),
+        volume = %args.volume,
+        "mounted"
+    );
+    let runner = std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || session.run())?;
+
+    // The mount answers once a stat of the root goes through the new session.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match std::fs::metadata(&mountpoint) {
+            Ok(_) => break,
+            Err(e) if Instant::now() > deadline => bail!("mount at {} does not answer: {e}", mountpoint.display()),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    if let Some(fd) = ready_fd {
+        report(fd, "ready");
+    }
+
+    // Stop on SIGTERM/SIGINT by unmounting; the session then drains and ends.
+    let mp = mountpoint.clone();
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: sigwait on the blocked set.
+        unsafe { libc::sigwait(&sigs, &mut sig) };
+        tracing::info!(signal = sig, mountpoint = %mp.display(), "unmounting on signal");
+        if let Err(e) = unmount_path(&mp, false) {
+            tracing::warn!("clean unmount failed ({e}); detaching lazily");
+            let _ = unmount_path(&mp, true);
+        }
+    })?;
+
+    let res = runner.join().map_err(|_| anyhow::anyhow!("fuse session thread panicked"))?;
+    let _ = unmounter.unmount();
+    fs.flush_all();
+    tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
+    res.context("fuse session")
+}
+
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise the set.
+    unsafe {
+        let mut s: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut s);
+        libc::sigaddset(&mut s, libc::SIGTERM);
+        libc::sigaddset(&mut s, libc::SIGINT);
+        libc::sigaddset(&mut s, libc::SIGHUP);
+        s
+    }
+}
+
+pub fn unmount_path(mp: &Path, lazy: bool) -> Result<()> {
+    let c = cpath(mp)?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EPERM) {
+        // Unprivileged mounts go through the setuid helper.
+        let mut cmd = Command::new("fusermount3");
+        cmd.arg("-u");
+        if lazy {
+            cmd.arg("-z");
+        }
+        let st = cmd.arg(mp).status().context("running fusermount3")?;
+        if st.success() {
+            return Ok(());
+        }
+    }
+    if err.raw_os_error() == Some(libc::EBUSY) {
+        bail!("{} is busy (files are open there); close them or use --lazy", mp.display());
+    }
+    bail!("unmounting {}: {err}", mp.display())
+}

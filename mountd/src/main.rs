@@ -1,0 +1,19 @@
+//! The `kcache` binary: parses the command line and maps errors to exit codes.
+
+mod cli;
+mod commands;
+mod daemon;
+mod mountinfo;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = cli::parse();
+    match commands::run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kcache: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! Reads /proc/self/mountinfo to find what is mounted where.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct MountEntry {
+    pub mountpoint: PathBuf,
+    pub fstype: String,
+    pub source: String,
+}
+
+/// Undoes the octal escapes (\040 etc.) mountinfo uses for spaces and friends.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn mounts() -> Vec<MountEntry> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mp = left.split(' ').nth(4)?;
+            let mut r = right.split(' ');
+            let fstype = r.next()?;
+            let source = r.next()?;
+            Some(MountEntry {
+                mountpoint: PathBuf::from(unescape(mp)),
+                fstype: fstype.to_owned(),
+                source: unescape(source),
+            })
+        })
+        .collect()
+}
+
+/// The last (topmost) mount at exactly `path`.
+pub fn mount_at(path: &Path) -> Option<MountEntry> {
+    mounts().into_iter().filter(|m| m.mountpoint == path).last()
+}

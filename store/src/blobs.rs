@@ -1,0 +1,362 @@
+//! Blob files: staging, hashing, committing into `blobs/`, opening with checks, verification.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use rusqlite::{params, OptionalExtension};
+
+use crate::error::{Error, IoContext, Result};
+use crate::{now_ns, Hash, Ino, Store};
+
+/// Where a blob's bytes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlobState {
+    /// A verified file under `blobs/`.
+    Present,
+    /// Only in a remote tier (reserved for the fetcher).
+    Remote,
+    /// Failed verification or went missing; opens fail with EIO.
+    Quarantined,
+}
+
+impl BlobState {
+    pub(crate) fn from_db(v: i64) -> BlobState {
+        match v {
+            0 => BlobState::Present,
+            1 => BlobState::Remote,
+            _ => BlobState::Quarantined,
+        }
+    }
+}
+
+/// What `commit_staged` needs to know about the staged file.
+pub struct Staged<'a> {
+    pub ino: Ino,
+    pub path: &'a Path,
+    pub file: &'a File,
+    /// The caller asked for durability (fsync): data and the database commit reach the disk.
+    pub durable: bool,
+    /// Other handles still read or write through the staging file, so it must stay where it
+    /// is: the blob is made by copying instead of renaming.
+    pub keep_staging: bool,
+    pub mtime: i64,
+}
+
+/// Report of `Store::verify`.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct VerifyReport {
+    pub checked: u64,
+    pub bytes: u64,
+    pub quarantined: Vec<String>,
+    pub missing: Vec<String>,
+    pub stray_removed: u64,
+    pub bad_refcounts: u64,
+}
+
+impl VerifyReport {
+    pub fn is_clean(&self) -> bool {
+        self.quarantined.is_empty() && self.missing.is_empty() && self.bad_refcounts == 0
+    }
+}
+
+
+impl Store {
+    pub fn blob_path(&self, hash: &Hash) -> PathBuf {
+        let hex = hash.to_hex();
+        self.root.join("blobs").join(&hex[..2]).join(hex)
+    }
+
+    /// A fresh private file for staging writes, opened read-write.
+    pub fn new_staging(&self) -> Result<(File, PathBuf)> {
+        let seq = self.staging_seq.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .root
+            .join("staging")
+            .join(format!("{}-{seq}", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .ctx(|| format!("creating staging file {}", path.display()))?;
+        Ok((file, path))
+    }
+
+    /// Hashes a file's whole content.
+    pub fn hash_path(path: &Path) -> Result<(Hash, u64)> {
+        let mut hasher = blake3::Hasher::new();
+        hasher
+            .update_mmap_rayon(path)
+            .ctx(|| format!("hashing {}", path.display()))?;
+        let size = hasher.count();
+        Ok((Hash(*hasher.finalize().as_bytes()), size))
+    }
+
+    /// Turns staged content into a blob (deduplicated) and points inode `ino` at it, in one
+    /// transaction. Returns the hash and size.
+    pub fn commit_staged(&self, st: &Staged<'_>) -> Result<(Hash, u64)> {
+        if st.durable {
+            st.file
+                .sync_data()
+                .ctx(|| format!("syncing {}", st.path.display()))?;
+        }
+        let (hash, size) = Store::hash_path(st.path)?;
+        let blob_path = self.blob_path(&hash);
+
+        let mut conn = self.conn();
+        let existing: Option<(i64, i64)> = conn
+            .query_row(
+                "SELECT state, file_ino FROM blobs WHERE hash = ?1",
+                [&hash.0[..]],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let mut file_ino = existing.map(|e| e.1).unwrap_or(0);
+        let have_file = matches!(existing, Some((0, _)))
+            && fs::metadata(&blob_path).is_ok_and(|m| m.ino() as i64 == file_ino);
+        if have_file {
+            if st.durable {
+                File::open(&blob_path)
+                    .and_then(|f| f.sync_all())
+                    .ctx(|| format!("syncing blob {}", blob_path.display()))?;
+            }
+        } else {
+            let dir = blob_path.parent().expect("blob path has a parent");
+            fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+            if st.keep_staging {
+                // Copy into a second staging file first so the blob name only ever appears
+                // with complete content.
+                let (mut tmp, tmp_path) = self.new_staging()?;
+                let mut src = File::open(st.path).ctx(|| format!("reopening {}", st.path.display()))?;
+                let res = std::io::copy(&mut src, &mut tmp)
+                    .and_then(|_| if st.durable { tmp.sync_data() } else { Ok(()) })
+                    .and_then(|_| tmp.set_permissions(fs::Permissions::from_mode(0o444)))
+                    .and_then(|_| fs::rename(&tmp_path, &blob_path));
+                if let Err(e) = res {
+                    let _ = fs::remove_file(&tmp_path);
+                    return Err(Error::io(format!("copying {} into blob {hash}", st.path.display()), e));
+                }
+            } else {
+                st.file
+                    .set_permissions(fs::Permissions::from_mode(0o444))
+                    .ctx(|| format!("sealing {}", st.path.display()))?;
+                fs::rename(st.path, &blob_path)
+                    .ctx(|| format!("renaming {} to blob {hash}", st.path.display()))?;
+            }
+            if st.durable {
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .ctx(|| format!("syncing {}", dir.display()))?;
+            }
+            file_ino = fs::metadata(&blob_path)
+                .ctx(|| format!("stat of blob {}", blob_path.display()))?
+                .ino() as i64;
+        }
+
+        if st.durable {
+            conn.pragma_update(None, "synchronous", "FULL")?;
+        }
+        let res = (|| -> Result<Vec<Hash>> {
+            let tx = conn.transaction()?;
+            let old: Option<Option<Vec<u8>>> = tx
+                .query_row("SELECT blob FROM inodes WHERE ino = ?1", [st.ino as i64], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let Some(old) = old else {
+                return Err(Error::NotFound);
+            };
+            tx.execute(
+                "INSERT INTO blobs (hash, size, refs, state, file_ino, last_access)
+                 VALUES (?1, ?2, 1, 0, ?3, ?4)
+                 ON CONFLICT (hash) DO UPDATE SET refs = refs + 1, state = 0, file_ino = ?3",
+                params![&hash.0[..], size as i64, file_ino, now_ns()],
+            )?;
+            tx.execute("DELETE FROM dead_blobs WHERE hash = ?1", [&hash.0[..]])?;
+            tx.execute(
+                "UPDATE inodes SET blob = ?2, size = ?3, mtime = ?4, ctime = max(ctime, ?4)
+                 WHERE ino = ?1",
+                params![st.ino as i64, &hash.0[..], size as i64, st.mtime],
+            )?;
+            let mut dead = Vec::new();
+            if let Some(old) = old {
+                if let Some(h) = crate::ns::hash_from_db(old) {
+                    crate::ns::unref_blob(&tx, &h, &mut dead)?;
+                }
+            }
+            tx.commit()?;
+            Ok(dead)
+        })();
+        if st.durable {
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+        }
+        let dead = res?;
+        self.remove_dead_blobs(&conn, &dead);
+        Ok((hash, size))
+    }
+
+    /// Makes a blob's bytes available locally and opens them read-only. This is the one read
+    /// path into blob content: it checks the file is the one that was committed (size and
+    /// inode number), so a blob replaced or truncated behind the daemon's back is refused.
+    pub fn open_blob(&self, hash: &Hash) -> Result<File> {
+        let row: Option<(i64, i64, i64)> = self
+            .conn()
+            .query_row(
+                "SELECT size, state, file_ino FROM blobs WHERE hash = ?1",
+                [&hash.0[..]],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((size, state, file_ino)) = row else {
+            return Err(Error::BadBlob {
+                hash: *hash,
+                reason: "no blob record".into(),
+            });
+        };
+        match BlobState::from_db(state) {
+            BlobState::Present => {}
+            BlobState::Remote => return Err(Error::NotLocal { hash: *hash }),
+            BlobState::Quarantined => {
+                return Err(Error::BadBlob {
+                    hash: *hash,
+                    reason: "quarantined after failing verification".into(),
+                })
+            }
+        }
+        let path = self.blob_path(hash);
+        let file = File::open(&path).map_err(|e| Error::BadBlob {
+            hash: *hash,
+            reason: format!("cannot open {}: {e}", path.display()),
+        })?;
+        let meta = file.metadata().map_err(|e| Error::BadBlob {
+            hash: *hash,
+            reason: format!("cannot stat {}: {e}", path.display()),
+        })?;
+        if meta.len() != size as u64 {
+            return Err(Error::BadBlob {
+                hash: *hash,
+                reason: format!("size is {} bytes, expected {size}", meta.len()),
+            });
+        }
+        if file_ino != 0 && meta.ino() as i64 != file_ino {
+            return Err(Error::BadBlob {
+                hash: *hash,
+                reason: "blob file was replaced behind the store's back".into(),
+            });
+        }
+        Ok(file)
+    }
+
+    /// Deletes blob files whose rows went away in a committed transaction. Runs with the
+    /// connection lock held so a concurrent commit of the same content cannot interleave.
+    pub(crate) fn remove_dead_blobs(&self, conn: &rusqlite::Connection, dead: &[Hash]) {
+        for h in dead {
+            let p = self.blob_path(h);
+            if let Err(e) = fs::remove_file(&p) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(hash = %h, error = %e, "could not remove unreferenced blob");
+                    continue;
+                }
+            }
+            let _ = conn.execute("DELETE FROM dead_blobs WHERE hash = ?1", [&h.0[..]]);
+        }
+    }
+
+    pub(crate) fn sweep_dead_blobs(&self) -> Result<()> {
+        let conn = self.conn();
+        let dead: Vec<Hash> = {
+            let mut stmt = conn.prepare(
+                "SELECT d.hash FROM dead_blobs d WHERE NOT EXISTS
+                 (SELECT 1 FROM blobs b WHERE b.hash = d.hash)",
+            )?;
+            let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+            rows.filter_map(|r| r.ok().and_then(crate::ns::hash_from_db))
+                .collect()
+        };
+        self.remove_dead_blobs(&conn, &dead);
+        conn.execute("DELETE FROM dead_blobs", [])?;
+        Ok(())
+    }
+
+    /// Rehashes every local blob; quarantines those whose content does not match their name,
+    /// flags missing ones, removes blob files nothing records, and checks reference counts.
+    pub fn verify(&self, mut progress: impl FnMut(u64, u64)) -> Result<VerifyReport> {
+        let mut report = VerifyReport::default();
+        let blobs: Vec<(Hash, i64, i64)> = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare("SELECT hash, size, state FROM blobs")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            })?;
+            rows.filter_map(|r| r.ok())
+                .filter_map(|(h, s, st)| crate::ns::hash_from_db(h).map(|h| (h, s, st)))
+                .collect()
+        };
+        let total = blobs.len() as u64;
+        let mut known = std::collections::HashSet::new();
+        for (i, (hash, size, state)) in blobs.iter().enumerate() {
+            progress(i as u64, total);
+            known.insert(hash.to_hex());
+            let path = self.blob_path(hash);
+            match BlobState::from_db(*state) {
+                BlobState::Remote => continue,
+                BlobState::Quarantined => {
+                    report.quarantined.push(hash.to_hex());
+                    continue;
+                }
+                BlobState::Present => {}
+            }
+            if !path.exists() {
+                tracing::error!(hash = %hash, "blob file is missing");
+                report.missing.push(hash.to_hex());
+                self.set_blob_state(hash, 2)?;
+                continue;
+            }
+            let (actual, actual_size) = Store::hash_path(&path)?;
+            report.checked += 1;
+            report.bytes += actual_size;
+            if actual != *hash || actual_size != *size as u64 {
+                tracing::error!(hash = %hash, actual = %actual, "blob content does not match its name; quarantined");
+                let q = self.root.join("quarantine").join(hash.to_hex());
+                fs::rename(&path, &q).ctx(|| format!("quarantining {}", path.display()))?;
+                self.set_blob_state(hash, 2)?;
+                report.quarantined.push(hash.to_hex());
+            }
+        }
+        // Blob files with no row are left from a crash between commit and unlink.
+        let blobs_dir = self.root.join("blobs");
+        for sub in fs::read_dir(&blobs_dir).ctx(|| format!("reading {}", blobs_dir.display()))? {
+            let sub = sub.ctx(|| format!("reading {}", blobs_dir.display()))?;
+            let Ok(entries) = fs::read_dir(sub.path()) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !known.contains(&name) {
+                    let _ = fs::remove_file(e.path());
+                    report.stray_removed += 1;
+                }
+            }
+        }
+        let conn = self.conn();
+        report.bad_refcounts = conn.query_row(
+            "SELECT count(*) FROM blobs b WHERE b.refs !=
+               (SELECT count(*) FROM inodes i WHERE i.blob = b.hash)",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as u64;
+        progress(total, total);
+        Ok(report)
+    }
+
+    fn set_blob_state(&self, hash: &Hash, state: i64) -> Result<()> {
+        self.conn().execute(
+            "UPDATE blobs SET state = ?2 WHERE hash = ?1",
+            params![&hash.0[..], state],
+        )?;
+        Ok(())
+    }
+}

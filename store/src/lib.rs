@@ -1,0 +1,324 @@
+//! kcache's store: content-addressed blob files plus one SQLite database holding the namespace.
+//!
+//! Layout of a store directory:
+//! - `kcache.db` (WAL mode): volumes, inodes, directory entries, xattrs, blobs, counters;
+//! - `blobs/<2 hex>/<64 hex>`: one read-only file per distinct content, named by its BLAKE3 hash;
+//! - `staging/`: private files backing open writers, committed into `blobs/` by rename;
+//! - `quarantine/`: blobs that failed verification;
+//! - `lock`: held (flock) by the one process that owns the store.
+//!
+//! The store knows nothing of FUSE, kernels or command lines: it offers namespace transactions
+//! and blob files, and keeps reference counts exact.
+
+mod blobs;
+mod error;
+mod ns;
+mod schema;
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{Connection, OpenFlags};
+
+pub use blobs::{BlobState, Staged, VerifyReport};
+pub use error::{Error, Result};
+pub use ns::{Renamed, SetAttr, Stats, VolumeInfo};
+
+use error::IoContext;
+
+/// Inode number as stored in the database.
+pub type Ino = u64;
+
+/// A BLAKE3 content hash.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Hash(pub [u8; 32]);
+
+impl Hash {
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+
+    pub fn from_hex(s: &str) -> Option<Hash> {
+        blake3::Hash::from_hex(s).ok().map(|h| Hash(*h.as_bytes()))
+    }
+}
+
+impl fmt::Display for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Hash({})", self.to_hex())
+    }
+}
+
+/// File types the namespace can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+impl Kind {
+    fn to_db(self) -> i64 {
+        match self {
+            Kind::File => 1,
+            Kind::Dir => 2,
+            Kind::Symlink => 3,
+            Kind::Fifo => 4,
+            Kind::Socket => 5,
+            Kind::CharDev => 6,
+            Kind::BlockDev => 7,
+        }
+    }
+
+    fn from_db(v: i64) -> Kind {
+        match v {
+            1 => Kind::File,
+            2 => Kind::Dir,
+            3 => Kind::Symlink,
+            4 => Kind::Fifo,
+            5 => Kind::Socket,
+            6 => Kind::CharDev,
+            _ => Kind::BlockDev,
+        }
+    }
+}
+
+/// One inode as the namespace records it. Times are nanoseconds since the Unix epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inode {
+    pub ino: Ino,
+    pub volume: i64,
+    pub kind: Kind,
+    /// Permission bits, including setuid, setgid and sticky (no file type bits).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub atime: i64,
+    pub mtime: i64,
+    pub ctime: i64,
+    pub nlink: u32,
+    pub rdev: u32,
+    pub parent: Option<Ino>,
+    pub blob: Option<Hash>,
+    pub target: Option<Vec<u8>>,
+}
+
+/// What a new inode is made of.
+#[derive(Clone, Debug)]
+pub struct NewNode {
+    pub kind: Kind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    /// Symlink target (exact bytes).
+    pub target: Option<Vec<u8>>,
+}
+
+/// Options for opening a store.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptionsStore {
+    /// Open without taking the owner lock, for read-only inspection (`kcache stats`) while a
+    /// daemon runs.
+    pub read_only: bool,
+}
+
+/// An open store. Cheap to share behind an `Arc`; all methods take `&self`.
+pub struct Store {
+    root: PathBuf,
+    db_path: PathBuf,
+    conn: Mutex<Connection>,
+    read_only: bool,
+    _lock: Option<File>,
+    staging_seq: AtomicU64,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store").field("root", &self.root).finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root` and takes its owner lock.
+    pub fn open(root: &Path) -> Result<Store> {
+        Store::open_with(root, &OpenOptionsStore::default())
+    }
+
+    pub fn open_with(root: &Path, opts: &OpenOptionsStore) -> Result<Store> {
+        let db_path = root.join("kcache.db");
+        if opts.read_only {
+            if !db_path.exists() {
+                return Err(Error::io(
+                    format!("opening store {}", root.display()),
+                    std::io::Error::from_raw_os_error(libc::ENOENT),
+                ));
+            }
+            let conn = Connection::open_with_flags(
+                &db_path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            conn.busy_timeout(std::time::Duration::from_secs(10))?;
+            check_readable(&conn, &db_path)?;
+            return Ok(Store {
+                root: root.to_owned(),
+                db_path,
+                conn: Mutex::new(conn),
+                read_only: true,
+                _lock: None,
+                staging_seq: AtomicU64::new(0),
+            });
+        }
+
+        fs::create_dir_all(root).ctx(|| format!("creating store directory {}", root.display()))?;
+        let lock_path = root.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .ctx(|| format!("opening {}", lock_path.display()))?;
+        // SAFETY: flock on a valid, owned descriptor.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(Error::Locked {
+                    path: root.to_owned(),
+                    lock: lock_path,
+                });
+            }
+            return Err(Error::io(format!("locking {}", lock_path.display()), err));
+        }
+        for sub in ["blobs", "staging", "quarantine"] {
+            let p = root.join(sub);
+            fs::create_dir_all(&p).ctx(|| format!("creating {}", p.display()))?;
+        }
+
+        let mut conn = Connection::open_with_flags(
+            &db_path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        schema::migrate(&mut conn, &db_path)?;
+        // WAL: readers (kcache stats) never block the daemon. synchronous=NORMAL keeps every
+        // committed transaction across a crash of the process; fsync() from a caller upgrades
+        // its own commit to FULL.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", false)?;
+
+        let store = Store {
+            root: root.to_owned(),
+            db_path,
+            conn: Mutex::new(conn),
+            read_only: false,
+            _lock: Some(lock),
+            staging_seq: AtomicU64::new(0),
+        };
+        store.recover()?;
+        Ok(store)
+    }
+
+    /// True when no process holds the store's owner lock (used to wait for a daemon to exit).
+    pub fn open_lock_probe(root: &Path) -> Result<bool> {
+        let lock_path = root.join("lock");
+        let lock = File::open(&lock_path).ctx(|| format!("opening {}", lock_path.display()))?;
+        // SAFETY: flock on a valid, owned descriptor; closing it releases the probe lock.
+        let got = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        Ok(got)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn db_path(&self) -> &Path {
+        &self.db_path
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite itself consistent (the transaction
+        // rolls back on drop), so a poisoned mutex is safe to keep using.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Undoes what a crash left behind: staging files, unlinked inodes nobody holds any more,
+    /// and blob files whose rows were already deleted.
+    fn recover(&self) -> Result<()> {
+        let staging = self.root.join("staging");
+        let mut removed = 0;
+        for entry in fs::read_dir(&staging).ctx(|| format!("reading {}", staging.display()))? {
+            let entry = entry.ctx(|| format!("reading {}", staging.display()))?;
+            let _ = fs::remove_file(entry.path());
+            removed += 1;
+        }
+        if removed > 0 {
+            tracing::info!(count = removed, "removed staging files left by an earlier crash");
+        }
+        let purged = self.purge_unlinked()?;
+        if purged > 0 {
+            tracing::info!(
+                count = purged,
+                "purged unlinked inodes left open at an earlier shutdown"
+            );
+        }
+        self.sweep_dead_blobs()?;
+        Ok(())
+    }
+}
+
+fn check_readable(conn: &Connection, path: &Path) -> Result<()> {
+    let app_id: i64 = conn
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(|e| Error::Foreign {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    if app_id != schema::APPLICATION_ID {
+        return Err(Error::Foreign {
+            path: path.to_owned(),
+            reason: format!("application id {app_id:#x}"),
+        });
+    }
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > schema::LATEST {
+        return Err(Error::NewerSchema {
+            path: path.to_owned(),
+            found: version,
+            known: schema::LATEST,
+        });
+    }
+    Ok(())
+}
+
+/// Current time in nanoseconds since the epoch.
+pub fn now_ns() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    d.as_nanos() as i64
+}

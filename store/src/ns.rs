@@ -1,0 +1,705 @@
+//! Namespace transactions: volumes, inodes, directory entries, xattrs and reference counts.
+//!
+//! Every public method is one SQLite transaction, so a crash at any point leaves either the old
+//! or the new namespace, never a half-done rename or a wrong link count.
+
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
+
+use crate::error::{Error, Result};
+use crate::{now_ns, Hash, Ino, Inode, Kind, NewNode, Store};
+
+const INODE_COLS: &str =
+    "ino, volume, kind, mode, uid, gid, size, atime, mtime, ctime, nlink, rdev, parent, blob, target";
+
+/// A volume: one independent tree in the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub id: i64,
+    pub name: String,
+    pub root: Ino,
+}
+
+/// Attribute changes; `None` leaves a field alone.
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<i64>,
+    pub mtime: Option<i64>,
+    pub ctime: Option<i64>,
+}
+
+/// Result of a rename: the inode whose last-but-one name was replaced, if any, with its new
+/// link count (0 means the caller may purge it once nothing holds it).
+#[derive(Clone, Debug, Default)]
+pub struct Renamed {
+    pub replaced: Option<(Ino, u32)>,
+}
+
+/// Numbers for `kcache stats`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Stats {
+    pub files: u64,
+    pub directories: u64,
+    pub symlinks: u64,
+    pub logical_bytes: u64,
+    pub stored_bytes: u64,
+    pub blobs: u64,
+    pub dedup_saved_bytes: u64,
+    pub quarantined_blobs: u64,
+}
+
+pub(crate) fn hash_from_db(v: Vec<u8>) -> Option<Hash> {
+    <[u8; 32]>::try_from(v.as_slice()).ok().map(Hash)
+}
+
+fn row_to_inode(r: &Row<'_>) -> rusqlite::Result<Inode> {
+    Ok(Inode {
+        ino: r.get::<_, i64>(0)? as u64,
+        volume: r.get(1)?,
+        kind: Kind::from_db(r.get(2)?),
+        mode: r.get::<_, i64>(3)? as u32,
+        uid: r.get::<_, i64>(4)? as u32,
+        gid: r.get::<_, i64>(5)? as u32,
+        size: r.get::<_, i64>(6)? as u64,
+        atime: r.get(7)?,
+        mtime: r.get(8)?,
+        ctime: r.get(9)?,
+        nlink: r.get::<_, i64>(10)? as u32,
+        rdev: r.get::<_, i64>(11)? as u32,
+        parent: r.get::<_, Option<i64>>(12)?.map(|p| p as u64),
+        blob: r.get::<_, Option<Vec<u8>>>(13)?.and_then(hash_from_db),
+        target: r.get(14)?,
+    })
+}
+
+fn get_inode(conn: &Connection, ino: Ino) -> Result<Option<Inode>> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT {INODE_COLS} FROM inodes WHERE ino = ?1"))?;
+    Ok(stmt.query_row([ino as i64], row_to_inode).optional()?)
+}
+
+fn must_inode(conn: &Connection, ino: Ino) -> Result<Inode> {
+    get_inode(conn, ino)?.ok_or(Error::NotFound)
+}
+
+fn must_dir(conn: &Connection, ino: Ino) -> Result<Inode> {
+    let d = must_inode(conn, ino)?;
+    if d.kind != Kind::Dir {
+        return Err(Error::NotDir);
+    }
+    if d.nlink == 0 {
+        // A removed directory can still be someone's cwd; nothing may be created in it.
+        return Err(Error::NotFound);
+    }
+    Ok(d)
+}
+
+fn lookup_ino(conn: &Connection, parent: Ino, name: &[u8]) -> Result<Option<Ino>> {
+    let mut stmt = conn.prepare_cached("SELECT ino FROM dirents WHERE parent = ?1 AND name = ?2")?;
+    Ok(stmt
+        .query_row(params![parent as i64, name], |r| r.get::<_, i64>(0))
+        .optional()?
+        .map(|i| i as u64))
+}
+
+fn touch_dir(conn: &Connection, dir: Ino, now: i64) -> Result<()> {
+    conn.prepare_cached("UPDATE inodes SET mtime = ?2, ctime = ?2 WHERE ino = ?1")?
+        .execute(params![dir as i64, now])?;
+    Ok(())
+}
+
+fn is_empty_dir(conn: &Connection, dir: Ino) -> Result<bool> {
+    let mut stmt = conn.prepare_cached("SELECT 1 FROM dirents WHERE parent = ?1 LIMIT 1")?;
+    Ok(stmt.query_row([dir as i64], |_| Ok(())).optional()?.is_none())
+}
+
+/// Drops one reference to a blob; records it in `dead` when that was the last.
+pub(crate) fn unref_blob(tx: &Transaction<'_>, hash: &Hash, dead: &mut Vec<Hash>) -> Result<()> {
+    tx.prepare_cached("UPDATE blobs SET refs = refs - 1 WHERE hash = ?1")?
+        .execute([&hash.0[..]])?;
+    let refs: Option<i64> = tx
+        .prepare_cached("SELECT refs FROM blobs WHERE hash = ?1")?
+        .query_row([&hash.0[..]], |r| r.get(0))
+        .optional()?;
+    if refs.is_some_and(|r| r <= 0) {
+        tx.prepare_cached("DELETE FROM blobs WHERE hash = ?1")?
+            .execute([&hash.0[..]])?;
+        tx.prepare_cached("INSERT OR IGNORE INTO dead_blobs (hash) VALUES (?1)")?
+            .execute([&hash.0[..]])?;
+        dead.push(*hash);
+    }
+    Ok(())
+}
+
+/// Removes one name; returns the inode it named and that inode's new link count.
+fn drop_link(tx: &Transaction<'_>, parent: Ino, name: &[u8], ino: Ino, now: i64) -> Result<u32> {
+    tx.prepare_cached("DELETE FROM dirents WHERE parent = ?1 AND name = ?2")?
+        .execute(params![parent as i64, name])?;
+    let node = must_inode(tx, ino)?;
+    // A directory's own "." link goes with its name.
+    let nlink = if node.kind == Kind::Dir {
+        tx.prepare_cached("UPDATE inodes SET nlink = nlink - 1 WHERE ino = ?1")?
+            .execute([parent as i64])?;
+        0
+    } else {
+        node.nlink.saturating_sub(1)
+    };
+    tx.prepare_cached("UPDATE inodes SET nlink = ?2, ctime = ?3 WHERE ino = ?1")?
+        .execute(params![ino as i64, nlink as i64, now])?;
+    Ok(nlink)
+}
+
+impl Store {
+    /// The volume called `name`, created (with an empty root owned by `uid:gid`) if `create`.
+    pub fn volume(&self, name: &str, create: bool, uid: u32, gid: u32) -> Result<VolumeInfo> {
+        let mut conn = self.conn();
+        let found = conn
+            .query_row(
+                "SELECT id, name, root FROM volumes WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok(VolumeInfo {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        root: r.get::<_, i64>(2)? as u64,
+                    })
+                },
+            )
+            .optional()?;
+        if let Some(v) = found {
+            return Ok(v);
+        }
+        if !create || self.read_only {
+            return Err(Error::NoVolume(name.to_owned()));
+        }
+        if name.is_empty() || name.len() > 128 || name.contains('/') {
+            return Err(Error::Invalid("volume names are 1-128 bytes without '/'"));
+        }
+        let tx = conn.transaction()?;
+        let now = now_ns();
+        tx.execute(
+            "INSERT INTO volumes (name, root, created) VALUES (?1, 0, ?2)",
+            params![name, now],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.execute(
+            "INSERT INTO inodes (volume, kind, mode, uid, gid, atime, mtime, ctime, nlink)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6, 2)",
+            params![id, Kind::Dir.to_db(), 0o755, uid, gid, now],
+        )?;
+        let root = tx.last_insert_rowid();
+        tx.execute("UPDATE volumes SET root = ?2 WHERE id = ?1", params![id, root])?;
+        tx.commit()?;
+        Ok(VolumeInfo {
+            id,
+            name: name.to_owned(),
+            root: root as u64,
+        })
+    }
+
+    pub fn volumes(&self) -> Result<Vec<VolumeInfo>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, name, root FROM volumes ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(VolumeInfo {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                root: r.get::<_, i64>(2)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn get(&self, ino: Ino) -> Result<Inode> {
+        must_inode(&self.conn(), ino)
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Inode> {
+        let conn = self.conn();
+        let dir = must_inode(&conn, parent)?;
+        if dir.kind != Kind::Dir {
+            return Err(Error::NotDir);
+        }
+        let ino = lookup_ino(&conn, parent, name)?.ok_or(Error::NotFound)?;
+        must_inode(&conn, ino)
+    }
+
+    /// Creates a new inode named `name` in `parent`.
+    pub fn create(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Inode> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let dir = must_dir(&tx, parent)?;
+        if lookup_ino(&tx, parent, name)?.is_some() {
+            return Err(Error::Exists);
+        }
+        let now = now_ns();
+        let is_dir = node.kind == Kind::Dir;
+        tx.prepare_cached(
+            "INSERT INTO inodes (volume, kind, mode, uid, gid, atime, mtime, ctime, nlink, rdev,
+                                 parent, target, size)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )?
+        .execute(params![
+            dir.volume,
+            node.kind.to_db(),
+            node.mode as i64,
+            node.uid as i64,
+            node.gid as i64,
+            now,
+            if is_dir { 2 } else { 1 },
+            node.rdev as i64,
+            if is_dir { Some(parent as i64) } else { None },
+            node.target.as_deref(),
+            node.target.as_ref().map_or(0, |t| t.len() as i64),
+        ])?;
+        let ino = tx.last_insert_rowid() as u64;
+        tx.prepare_cached("INSERT INTO dirents (parent, name, ino) VALUES (?1, ?2, ?3)")?
+            .execute(params![parent as i64, name, ino as i64])?;
+        if is_dir {
+            tx.prepare_cached("UPDATE inodes SET nlink = nlink + 1 WHERE ino = ?1")?
+                .execute([parent as i64])?;
+        }
+        touch_dir(&tx, parent, now)?;
+        let inode = must_inode(&tx, ino)?;
+        tx.commit()?;
+        Ok(inode)
+    }
+
+    /// Adds a hard link `newparent/newname` to `ino`.
+    pub fn link(&self, ino: Ino, newparent: Ino, newname: &[u8]) -> Result<Inode> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let node = must_inode(&tx, ino)?;
+        if node.kind == Kind::Dir {
+            return Err(Error::NotPermitted("hard links to directories"));
+        }
+        if node.nlink == 0 {
+            return Err(Error::NotFound);
+        }
+        if node.nlink >= 65000 {
+            return Err(Error::TooManyLinks);
+        }
+        let dir = must_dir(&tx, newparent)?;
+        if dir.volume != node.volume {
+            return Err(Error::Invalid("link across volumes"));
+        }
+        if lookup_ino(&tx, newparent, newname)?.is_some() {
+            return Err(Error::Exists);
+        }
+        let now = now_ns();
+        tx.prepare_cached("INSERT INTO dirents (parent, name, ino) VALUES (?1, ?2, ?3)")?
+            .execute(params![newparent as i64, newname, ino as i64])?;
+        tx.prepare_cached("UPDATE inodes SET nlink = nlink + 1, ctime = ?2 WHERE ino = ?1")?
+            .execute(params![ino as i64, now])?;
+        touch_dir(&tx, newparent, now)?;
+        let inode = must_inode(&tx, ino)?;
+        tx.commit()?;
+        Ok(inode)
+    }
+
+    /// Removes a non-directory name. Returns the inode number and its new link count.
+    pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<(Ino, u32)> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        must_inode(&tx, parent)?;
+        let ino = lookup_ino(&tx, parent, name)?.ok_or(Error::NotFound)?;
+        let node = must_inode(&tx, ino)?;
+        if node.kind == Kind::Dir {
+            return Err(Error::IsDir);
+        }
+        let now = now_ns();
+        let nlink = drop_link(&tx, parent, name, ino, now)?;
+        touch_dir(&tx, parent, now)?;
+        tx.commit()?;
+        Ok((ino, nlink))
+    }
+
+    /// Removes an empty directory. Returns its inode number.
+    pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<Ino> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let ino = lookup_ino(&tx, parent, name)?.ok_or(Error::NotFound)?;
+        let node = must_inode(&tx, ino)?;
+        if node.kind != Kind::Dir {
+            return Err(Error::NotDir);
+        }
+        if !is_empty_dir(&tx, ino)? {
+            return Err(Error::NotEmpty);
+        }
+        let now = now_ns();
+        drop_link(&tx, parent, name, ino, now)?;
+        touch_dir(&tx, parent, now)?;
+        tx.commit()?;
+        Ok(ino)
+    }
+
+    /// Renames `parent/name` to `newparent/newname`. `noreplace` fails with EEXIST when the
+    /// target exists; `exchange` swaps two existing names atomically.
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        newparent: Ino,
+        newname: &[u8],
+        noreplace: bool,
+        exchange: bool,
+    ) -> Result<Renamed> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let src_ino = lookup_ino(&tx, parent, name)?.ok_or(Error::NotFound)?;
+        let src = must_inode(&tx, src_ino)?;
+        let newdir = must_dir(&tx, newparent)?;
+        if newdir.volume != src.volume {
+            return Err(Error::Invalid("rename across volumes"));
+        }
+        let dst_ino = lookup_ino(&tx, newparent, newname)?;
+        let now = now_ns();
+        let mut out = Renamed::default();
+
+        if exchange {
+            let dst_ino = dst_ino.ok_or(Error::NotFound)?;
+            let dst = must_inode(&tx, dst_ino)?;
+            if src.kind == Kind::Dir && parent != newparent {
+                check_no_cycle(&tx, src_ino, newparent)?;
+            }
+            if dst.kind == Kind::Dir && parent != newparent {
+                check_no_cycle(&tx, dst_ino, parent)?;
+            }
+            tx.prepare_cached("UPDATE dirents SET ino = ?3 WHERE parent = ?1 AND name = ?2")?
+                .execute(params![parent as i64, name, dst_ino as i64])?;
+            tx.prepare_cached("UPDATE dirents SET ino = ?3 WHERE parent = ?1 AND name = ?2")?
+                .execute(params![newparent as i64, newname, src_ino as i64])?;
+            if parent != newparent {
+                let dirs = (src.kind == Kind::Dir) as i64 - (dst.kind == Kind::Dir) as i64;
+                if dirs != 0 {
+                    tx.execute(
+                        "UPDATE inodes SET nlink = nlink - ?2 WHERE ino = ?1",
+                        params![parent as i64, dirs],
+                    )?;
+                    tx.execute(
+                        "UPDATE inodes SET nlink = nlink + ?2 WHERE ino = ?1",
+                        params![newparent as i64, dirs],
+                    )?;
+                }
+                if src.kind == Kind::Dir {
+                    tx.execute(
+                        "UPDATE inodes SET parent = ?2 WHERE ino = ?1",
+                        params![src_ino as i64, newparent as i64],
+                    )?;
+                }
+                if dst.kind == Kind::Dir {
+                    tx.execute(
+                        "UPDATE inodes SET parent = ?2 WHERE ino = ?1",
+                        params![dst_ino as i64, parent as i64],
+                    )?;
+                }
+            }
+            for i in [src_ino, dst_ino] {
+                tx.execute("UPDATE inodes SET ctime = ?2 WHERE ino = ?1", params![i as i64, now])?;
+            }
+            touch_dir(&tx, parent, now)?;
+            touch_dir(&tx, newparent, now)?;
+            tx.commit()?;
+            return Ok(out);
+        }
+
+        if let Some(dst_ino) = dst_ino {
+            if noreplace {
+                return Err(Error::Exists);
+            }
+            if dst_ino == src_ino {
+                // Two names of one inode: POSIX says do nothing.
+                return Ok(out);
+            }
+            let dst = must_inode(&tx, dst_ino)?;
+            match (src.kind == Kind::Dir, dst.kind == Kind::Dir) {
+                (true, false) => return Err(Error::NotDir),
+                (false, true) => return Err(Error::IsDir),
+                (true, true) if !is_empty_dir(&tx, dst_ino)? => return Err(Error::NotEmpty),
+                _ => {}
+            }
+            if src.kind == Kind::Dir {
+                check_no_cycle(&tx, src_ino, newparent)?;
+            }
+            let nlink = drop_link(&tx, newparent, newname, dst_ino, now)?;
+            out.replaced = Some((dst_ino, nlink));
+        } else if src.kind == Kind::Dir {
+            check_no_cycle(&tx, src_ino, newparent)?;
+        }
+
+        // Delete and reinsert rather than update in place: the entry gets a new readdir cookie
+        // at the end of its new directory, where a running listing will see it at most once.
+        tx.prepare_cached("DELETE FROM dirents WHERE parent = ?1 AND name = ?2")?
+            .execute(params![parent as i64, name])?;
+        tx.prepare_cached("INSERT INTO dirents (parent, name, ino) VALUES (?1, ?2, ?3)")?
+            .execute(params![newparent as i64, newname, src_ino as i64])?;
+        if src.kind == Kind::Dir && parent != newparent {
+            tx.execute("UPDATE inodes SET nlink = nlink - 1 WHERE ino = ?1", [parent as i64])?;
+            tx.execute("UPDATE inodes SET nlink = nlink + 1 WHERE ino = ?1", [newparent as i64])?;
+            tx.execute(
+                "UPDATE inodes SET parent = ?2 WHERE ino = ?1",
+                params![src_ino as i64, newparent as i64],
+            )?;
+        }
+        tx.execute("UPDATE inodes SET ctime = ?2 WHERE ino = ?1", params![src_ino as i64, now])?;
+        touch_dir(&tx, parent, now)?;
+        if newparent != parent {
+            touch_dir(&tx, newparent, now)?;
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Applies attribute changes (not content: `size` here only records a new length; the
+    /// filesystem layer owns the bytes). Returns the updated inode.
+    pub fn setattr(&self, ino: Ino, a: &SetAttr) -> Result<Inode> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut n = must_inode(&tx, ino)?;
+        if let Some(m) = a.mode {
+            n.mode = m & 0o7777;
+        }
+        if let Some(u) = a.uid {
+            n.uid = u;
+        }
+        if let Some(g) = a.gid {
+            n.gid = g;
+        }
+        if let Some(s) = a.size {
+            n.size = s;
+        }
+        if let Some(t) = a.atime {
+            n.atime = t;
+        }
+        if let Some(t) = a.mtime {
+            n.mtime = t;
+        }
+        n.ctime = a.ctime.unwrap_or_else(now_ns);
+        tx.prepare_cached(
+            "UPDATE inodes SET mode = ?2, uid = ?3, gid = ?4, size = ?5, atime = ?6, mtime = ?7,
+             ctime = ?8 WHERE ino = ?1",
+        )?
+        .execute(params![
+            ino as i64,
+            n.mode as i64,
+            n.uid as i64,
+            n.gid as i64,
+            n.size as i64,
+            n.atime,
+            n.mtime,
+            n.ctime
+        ])?;
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Points a file at no content (empty), dropping its blob reference.
+    pub fn clear_content(&self, ino: Ino, mtime: i64) -> Result<Inode> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let n = must_inode(&tx, ino)?;
+        let mut dead = Vec::new();
+        if let Some(h) = n.blob {
+            unref_blob(&tx, &h, &mut dead)?;
+        }
+        tx.execute(
+            "UPDATE inodes SET blob = NULL, size = 0, mtime = ?2, ctime = ?2 WHERE ino = ?1",
+            params![ino as i64, mtime],
+        )?;
+        let n = must_inode(&tx, ino)?;
+        tx.commit()?;
+        self.remove_dead_blobs(&conn, &dead);
+        Ok(n)
+    }
+
+    /// Directory entries of `dir` with a cookie greater than `after`, at most `limit`.
+    /// Each item: (cookie, name, inode).
+    pub fn readdir(&self, dir: Ino, after: i64, limit: usize) -> Result<Vec<(i64, Vec<u8>, Inode)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT d.id, d.name, {} FROM dirents d JOIN inodes i ON i.ino = d.ino
+             WHERE d.parent = ?1 AND d.id > ?2 ORDER BY d.id LIMIT ?3",
+            INODE_COLS
+                .split(", ")
+                .map(|c| format!("i.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))?;
+        let rows = stmt.query_map(params![dir as i64, after, limit as i64], |r| {
+            let cookie: i64 = r.get(0)?;
+            let name: Vec<u8> = r.get(1)?;
+            // Inode columns start at index 2.
+            let inode = Inode {
+                ino: r.get::<_, i64>(2)? as u64,
+                volume: r.get(3)?,
+                kind: Kind::from_db(r.get(4)?),
+                mode: r.get::<_, i64>(5)? as u32,
+                uid: r.get::<_, i64>(6)? as u32,
+                gid: r.get::<_, i64>(7)? as u32,
+                size: r.get::<_, i64>(8)? as u64,
+                atime: r.get(9)?,
+                mtime: r.get(10)?,
+                ctime: r.get(11)?,
+                nlink: r.get::<_, i64>(12)? as u32,
+                rdev: r.get::<_, i64>(13)? as u32,
+                parent: r.get::<_, Option<i64>>(14)?.map(|p| p as u64),
+                blob: r.get::<_, Option<Vec<u8>>>(15)?.and_then(hash_from_db),
+                target: r.get(16)?,
+            };
+            Ok((cookie, name, inode))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Deletes an inode whose last name is gone (nlink 0) and drops its blob reference.
+    /// Called once nothing (kernel lookups, open handles) holds it any more.
+    pub fn purge(&self, ino: Ino) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let Some(n) = get_inode(&tx, ino)? else {
+            return Ok(());
+        };
+        if n.nlink != 0 {
+            return Ok(());
+        }
+        let mut dead = Vec::new();
+        if let Some(h) = n.blob {
+            unref_blob(&tx, &h, &mut dead)?;
+        }
+        tx.execute("DELETE FROM xattrs WHERE ino = ?1", [ino as i64])?;
+        tx.execute("DELETE FROM inodes WHERE ino = ?1", [ino as i64])?;
+        tx.commit()?;
+        self.remove_dead_blobs(&conn, &dead);
+        Ok(())
+    }
+
+    /// Purges every unlinked inode; at open, nothing can hold one any more.
+    pub(crate) fn purge_unlinked(&self) -> Result<usize> {
+        let inos: Vec<u64> = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare("SELECT ino FROM inodes WHERE nlink = 0")?;
+            let rows = stmt.query_map([], |r| r.get::<_, i64>(0))?;
+            rows.filter_map(|r| r.ok()).map(|i| i as u64).collect()
+        };
+        for &ino in &inos {
+            self.purge(ino)?;
+        }
+        Ok(inos.len())
+    }
+
+    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        let conn = self.conn();
+        must_inode(&conn, ino)?;
+        let v = conn
+            .prepare_cached("SELECT value FROM xattrs WHERE ino = ?1 AND name = ?2")?
+            .query_row(params![ino as i64, name], |r| r.get(0))
+            .optional()?;
+        v.ok_or(Error::NoAttr)
+    }
+
+    /// Sets an xattr. `create`: fail if it exists; `replace`: fail if it does not.
+    pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], create: bool, replace: bool) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        must_inode(&tx, ino)?;
+        let exists = tx
+            .prepare_cached("SELECT 1 FROM xattrs WHERE ino = ?1 AND name = ?2")?
+            .query_row(params![ino as i64, name], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if create && exists {
+            return Err(Error::Exists);
+        }
+        if replace && !exists {
+            return Err(Error::NoAttr);
+        }
+        tx.prepare_cached("INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?1, ?2, ?3)")?
+            .execute(params![ino as i64, name, value])?;
+        tx.execute("UPDATE inodes SET ctime = ?2 WHERE ino = ?1", params![ino as i64, now_ns()])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
+        let conn = self.conn();
+        must_inode(&conn, ino)?;
+        let mut stmt = conn.prepare_cached("SELECT name FROM xattrs WHERE ino = ?1 ORDER BY name")?;
+        let rows = stmt.query_map([ino as i64], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        let conn = self.conn();
+        must_inode(&conn, ino)?;
+        let n = conn
+            .prepare_cached("DELETE FROM xattrs WHERE ino = ?1 AND name = ?2")?
+            .execute(params![ino as i64, name])?;
+        if n == 0 {
+            return Err(Error::NoAttr);
+        }
+        conn.execute("UPDATE inodes SET ctime = ?2 WHERE ino = ?1", params![ino as i64, now_ns()])?;
+        Ok(())
+    }
+
+    /// Store-wide numbers (all volumes).
+    pub fn stats(&self) -> Result<Stats> {
+        let conn = self.conn();
+        let mut s = Stats::default();
+        conn.query_row(
+            "SELECT
+               coalesce(sum(kind = 1), 0), coalesce(sum(kind = 2), 0), coalesce(sum(kind = 3), 0),
+               coalesce(sum(CASE WHEN kind = 1 THEN size ELSE 0 END), 0)
+             FROM inodes WHERE nlink > 0",
+            [],
+            |r| {
+                s.files = r.get::<_, i64>(0)? as u64;
+                s.directories = r.get::<_, i64>(1)? as u64;
+                s.symlinks = r.get::<_, i64>(2)? as u64;
+                s.logical_bytes = r.get::<_, i64>(3)? as u64;
+                Ok(())
+            },
+        )?;
+        conn.query_row(
+            "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(state = 2), 0) FROM blobs",
+            [],
+            |r| {
+                s.blobs = r.get::<_, i64>(0)? as u64;
+                s.stored_bytes = r.get::<_, i64>(1)? as u64;
+                s.quarantined_blobs = r.get::<_, i64>(2)? as u64;
+                Ok(())
+            },
+        )?;
+        // Logical bytes count hard links once per inode; savings are what dedup spared.
+        let referenced: i64 = conn.query_row(
+            "SELECT coalesce(sum(size), 0) FROM inodes WHERE blob IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )?;
+        s.dedup_saved_bytes = (referenced as u64).saturating_sub(s.stored_bytes);
+        Ok(s)
+    }
+
+    /// Volume id of an inode's tree, for cross-volume checks.
+    pub fn volume_of(&self, ino: Ino) -> Result<i64> {
+        Ok(must_inode(&self.conn(), ino)?.volume)
+    }
+}
+
+/// Refuses to move directory `dir` under itself: walks up from `newparent` to the root.
+fn check_no_cycle(conn: &Connection, dir: Ino, newparent: Ino) -> Result<()> {
+    let mut cur = Some(newparent);
+    let mut steps = 0;
+    while let Some(c) = cur {
+        if c == dir {
+            return Err(Error::Invalid("cannot move a directory into itself"));
+        }
+        steps += 1;
+        if steps > 100_000 {
+            return Err(Error::Invalid("directory tree too deep"));
+        }
+        cur = get_inode(conn, c)?.and_then(|n| n.parent);
+    }
+    Ok(())
+}

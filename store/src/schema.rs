@@ -1,0 +1,120 @@
+//! Numbered schema migrations for `kcache.db`; the schema version lives in `PRAGMA user_version`.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use crate::error::{Error, Result};
+
+/// Marks a database as ours ("kcac"), so a foreign SQLite file is never migrated over.
+pub const APPLICATION_ID: i64 = 0x6b63_6163;
+
+/// Each entry upgrades the schema from version `i` to `i + 1`. Never edit a released entry:
+/// append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: the first schema.
+    r#"
+    CREATE TABLE volumes (
+        id      INTEGER PRIMARY KEY,
+        name    TEXT NOT NULL UNIQUE,
+        root    INTEGER NOT NULL,
+        created INTEGER NOT NULL
+    );
+    -- Every file, directory and symlink of every volume. `parent` is kept for directories only
+    -- (rename cycle checks and "..").
+    CREATE TABLE inodes (
+        ino     INTEGER PRIMARY KEY AUTOINCREMENT,
+        volume  INTEGER NOT NULL,
+        kind    INTEGER NOT NULL,
+        mode    INTEGER NOT NULL,
+        uid     INTEGER NOT NULL,
+        gid     INTEGER NOT NULL,
+        size    INTEGER NOT NULL DEFAULT 0,
+        atime   INTEGER NOT NULL,
+        mtime   INTEGER NOT NULL,
+        ctime   INTEGER NOT NULL,
+        nlink   INTEGER NOT NULL,
+        rdev    INTEGER NOT NULL DEFAULT 0,
+        parent  INTEGER,
+        blob    BLOB REFERENCES blobs(hash),
+        target  BLOB
+    );
+    CREATE INDEX inodes_blob ON inodes(blob) WHERE blob IS NOT NULL;
+    CREATE INDEX inodes_unlinked ON inodes(nlink) WHERE nlink = 0;
+    -- Directory entries. `id` is the readdir cookie: it only grows, so a listing that continues
+    -- after concurrent changes never repeats or skips an entry that stayed put.
+    CREATE TABLE dirents (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        parent  INTEGER NOT NULL,
+        name    BLOB NOT NULL,
+        ino     INTEGER NOT NULL,
+        UNIQUE (parent, name)
+    );
+    CREATE INDEX dirents_ino ON dirents(ino);
+    CREATE TABLE xattrs (
+        ino     INTEGER NOT NULL,
+        name    BLOB NOT NULL,
+        value   BLOB NOT NULL,
+        PRIMARY KEY (ino, name)
+    ) WITHOUT ROWID;
+    -- One row per distinct content. state: 0 present on local disk, 1 remote only,
+    -- 2 quarantined (failed verification). `file_ino` is the blob file's inode number, to notice
+    -- a file replaced behind the daemon's back.
+    CREATE TABLE blobs (
+        hash        BLOB PRIMARY KEY,
+        size        INTEGER NOT NULL,
+        refs        INTEGER NOT NULL,
+        state       INTEGER NOT NULL DEFAULT 0,
+        file_ino    INTEGER NOT NULL DEFAULT 0,
+        last_access INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    -- Blob files whose rows were deleted in a committed transaction but whose files may still be
+    -- on disk (a crash between commit and unlink). Swept at open.
+    CREATE TABLE dead_blobs (
+        hash BLOB PRIMARY KEY
+    ) WITHOUT ROWID;
+    CREATE TABLE counters (
+        name  TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    "#,
+];
+
+pub const LATEST: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the database at `path` to the latest schema, refusing foreign or newer databases.
+pub fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
+    let foreign = |reason: String| Error::Foreign {
+        path: path.to_owned(),
+        reason,
+    };
+    // The first read of a damaged or non-SQLite file fails here; say so instead of "database
+    // error", and never try to repair it (that could overwrite someone's data).
+    let app_id: i64 = conn
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(|e| foreign(e.to_string()))?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let tables: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+        .map_err(|e| foreign(e.to_string()))?;
+    if app_id != APPLICATION_ID && !(app_id == 0 && tables == 0) {
+        return Err(foreign(format!(
+            "application id {app_id:#x} with {tables} schema objects"
+        )));
+    }
+    if version > LATEST {
+        return Err(Error::NewerSchema {
+            path: path.to_owned(),
+            found: version,
+            known: LATEST,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
