@@ -179,7 +179,9 @@ done
 # Entries of the expected-failures file that no longer fail (or match nothing).
 for pat in "${xfail[@]}"; do
     hit_fail=0 hit_any=0
+    # shellcheck disable=SC2053  # glob match is intended
     for name in "${failed[@]}"; do [[ $name == $pat ]] && { hit_fail=1; break; }; done
+    # shellcheck disable=SC2053
     for name in "${all_names[@]}"; do [[ $name == $pat ]] && { hit_any=1; break; }; done
     if (( !hit_any )); then
         echo "pjdfstest.sh: note: expected failure '$pat' matches no test that ran" >&2
@@ -195,11 +197,12 @@ counts="$n_pass passed, $n_skip skipped, $n_fail failed ($expected expected) of 
 if (( ${#unexpected[@]} > 0 )); then
     echo "pjdfstest: FAILED on $dir: ${#unexpected[@]} unexpected failure(s); $counts; ${elapsed}s"
     for name in "${unexpected[@]}"; do
-        echo "  FAIL $name"
-        # The panic message follows the result line, indented with a tab.
-        awk -v n="$name" '
-            /^[^ \t]/ { show = ($1 == n && $NF == "FAILED"); next }
-            show && /^\t/ { sub(/^\t/, "       "); print }' "$log" | head -n 5
+        # The panic message follows the result line, on indented lines.
+        msg=$(awk -v n="$name" '
+            /^[^ \t]/ { if (done) exit; show = ($1 == n && $NF == "FAILED"); done = show; next }
+            show && /^[ \t]/ { gsub(/^[ \t]+/, ""); printf "%s ", $0 }' "$log")
+        msg=${msg% }
+        echo "  FAIL $name: ${msg:0:200}"
     done
     echo "full log: $log   config: $cfg"
     exit 1

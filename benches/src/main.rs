@@ -197,11 +197,10 @@ fn run_all(
                     p.amount.throughput(p.secs)
                 );
             }
+            // No cleanup between targets: a mass delete can slow the file system's inode
+            // allocation for a while (seen on a journal-less ext4), which would penalise
+            // whichever target runs next. Everything goes when the run dir is removed.
             per_target.push(phases);
-            // Cleanup is untimed; a failure here is worth knowing but the numbers stand.
-            if let Err(e) = fs::remove_dir_all(&dir) {
-                eprintln!("warning: removing {}: {e}", dir.display());
-            }
         }
         let mut per_target = per_target.into_iter();
         let native = per_target.next().unwrap_or_default();

@@ -153,6 +153,8 @@ struct OpenInode {
     pt: Option<PtState>,
     /// The committed blob, open for reads served by the daemon.
     blob_file: Option<(Hash, Arc<File>)>,
+    /// Removed from the table of open inodes; whoever still holds it must look again.
+    dead: bool,
 }
 
 struct Handle {
@@ -300,7 +302,31 @@ impl KcacheFs {
 
     /// Attributes of `inode`, with size and times taken from uncommitted staged content.
     fn attr_of(&self, inode: &Inode) -> Attr {
-        let mut attr = Attr {
+        let oi = if inode.kind == Kind::File {
+            lock(&self.open).get(&inode.ino).cloned()
+        } else {
+            None
+        };
+        let Some(oi) = oi else {
+            return self.plain_attr(inode);
+        };
+        // The file is open: a commit may have changed the row since `inode` was read, so read
+        // it again under the per-inode lock, then overlay the staged content.
+        let g = lock(&oi);
+        let fresh = self.store.get(inode.ino).ok();
+        let mut attr = self.plain_attr(fresh.as_ref().unwrap_or(inode));
+        if let Some(st) = &g.staging {
+            if let Ok(meta) = st.file.metadata() {
+                attr.size = meta.len();
+                attr.mtime = mtime_of(&meta);
+                attr.ctime = attr.ctime.max(ctime_of(&meta));
+            }
+        }
+        attr
+    }
+
+    fn plain_attr(&self, inode: &Inode) -> Attr {
+        Attr {
             ino: self.kino(inode.ino),
             kind: inode.kind,
             perm: inode.mode & 0o7777,
@@ -312,21 +338,7 @@ impl KcacheFs {
             ctime: inode.ctime,
             nlink: inode.nlink,
             rdev: inode.rdev,
-        };
-        if inode.kind == Kind::File {
-            let oi = lock(&self.open).get(&inode.ino).cloned();
-            if let Some(oi) = oi {
-                let oi = lock(&oi);
-                if let Some(st) = &oi.staging {
-                    if let Ok(meta) = st.file.metadata() {
-                        attr.size = meta.len();
-                        attr.mtime = mtime_of(&meta);
-                        attr.ctime = attr.ctime.max(ctime_of(&meta));
-                    }
-                }
-            }
         }
-        attr
     }
 
     fn remember(&self, ino: Ino) {
@@ -611,60 +623,70 @@ impl KcacheFs {
 
     /// Sets a file's length: through its staging file when open, else as a one-shot commit.
     fn truncate(&self, ino: Ino, size: u64) -> Result<()> {
-        let oi = self.open_inode(ino);
-        let mut g = lock(&oi);
-        if let Some(st) = &mut g.staging {
-            st.file.set_len(size)?;
-            st.dirty = true;
-            return Ok(());
-        }
-        if size == 0 {
-            drop(g);
-            self.release_open_inode(ino, &oi);
-            self.store.clear_content(ino, kcache_store::now_ns())?;
-            return Ok(());
-        }
-        let res = (|| -> Result<()> {
+        self.with_open_inode(ino, |g| {
+            if let Some(st) = &mut g.staging {
+                st.file.set_len(size)?;
+                st.dirty = true;
+                return Ok(());
+            }
+            if size == 0 {
+                self.store.clear_content(ino, kcache_store::now_ns())?;
+                return Ok(());
+            }
             let inode = self.store.get(ino)?;
             let (file, path) = self.store.new_staging()?;
-            let cleanup = |e: Errno| {
+            let res = (|| -> Result<bool> {
+                if let Some(h) = inode.blob {
+                    let blob = self.store.open_blob(&h)?;
+                    copy_content(&blob, &file)?;
+                }
+                file.set_len(size)?;
+                let st = Staged {
+                    ino,
+                    path: &path,
+                    file: &file,
+                    durable: false,
+                    keep_staging: false,
+                    mtime: kcache_store::now_ns(),
+                };
+                Ok(self.store.commit_staged(&st)?.2)
+            })();
+            if !matches!(res, Ok(true)) {
                 let _ = std::fs::remove_file(&path);
-                e
-            };
-            if let Some(h) = inode.blob {
-                let blob = self.store.open_blob(&h).map_err(|e| cleanup(e.into()))?;
-                copy_content(&blob, &file).map_err(|e| cleanup(e.into()))?;
             }
-            file.set_len(size).map_err(|e| cleanup(e.into()))?;
-            let st = Staged {
-                ino,
-                path: &path,
-                file: &file,
-                durable: false,
-                keep_staging: false,
-                mtime: kcache_store::now_ns(),
-            };
-            self.store.commit_staged(&st).map_err(|e| cleanup(e.into()))?;
-            Ok(())
-        })();
-        drop(g);
-        self.release_open_inode(ino, &oi);
-        res
+            res.map(|_| ())
+        })
     }
 
     // ---- open files ------------------------------------------------------------------
 
-    fn open_inode(&self, ino: Ino) -> Arc<Mutex<OpenInode>> {
-        lock(&self.open).entry(ino).or_default().clone()
+    /// Runs `f` on the live per-inode state of `ino` (created if needed) with its lock held,
+    /// then drops the state again if `f` left nothing in it. Retries when it raced with
+    /// another caller dropping the entry it found.
+    fn with_open_inode<R>(&self, ino: Ino, f: impl FnOnce(&mut OpenInode) -> R) -> R {
+        loop {
+            let oi = lock(&self.open).entry(ino).or_default().clone();
+            let mut g = lock(&oi);
+            if g.dead {
+                continue;
+            }
+            let r = f(&mut g);
+            drop(g);
+            self.release_open_inode(ino, &oi);
+            return r;
+        }
     }
 
     /// Drops the per-inode state if nothing uses it any more.
     fn release_open_inode(&self, ino: Ino, oi: &Arc<Mutex<OpenInode>>) {
         let mut open = lock(&self.open);
-        let g = lock(oi);
-        if g.handles == 0 && g.staging.is_none() {
+        let mut g = lock(oi);
+        if g.handles == 0 && g.staging.is_none() && !g.dead {
+            g.dead = true;
             drop(g);
-            open.remove(&ino);
+            if open.get(&ino).is_some_and(|cur| Arc::ptr_eq(cur, oi)) {
+                open.remove(&ino);
+            }
         }
     }
 
@@ -701,21 +723,19 @@ impl KcacheFs {
         if writable {
             self.writable()?;
         }
-        let oi = self.open_inode(ino);
-        let mut g = lock(&oi);
-        let res = self.open_locked(&inode, &mut g, writable, trunc, backing);
-        let failed = res.is_err();
-        drop(g);
-        if failed {
-            self.release_open_inode(ino, &oi);
-        }
-        let mode = res?;
+        // Read the inode under the per-inode lock: a concurrent release may be committing new
+        // content for it right now, and a copy read before the lock could be stale.
+        let mode = self.with_open_inode(ino, |g| {
+            let inode = self.store.get(ino)?;
+            self.open_locked(&inode, g, writable, trunc, backing)
+        })?;
         let mode_kind = match &mode {
             IoMode::Passthrough(_) => ModeKind::Passthrough,
             IoMode::Cached { .. } => ModeKind::Cached,
             IoMode::Direct => ModeKind::Direct,
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(ino, fh, ?mode, writable, trunc, "open");
         lock(&self.handles).insert(
             fh,
             Handle {
@@ -925,7 +945,11 @@ impl KcacheFs {
                 keep_staging,
                 mtime: mtime_of(&meta),
             };
-            self.store.commit_staged(&staged)?;
+            let (_, _, renamed) = self.store.commit_staged(&staged)?;
+            if !renamed && !keep_staging {
+                // Deduplicated: the content was already in the store.
+                let _ = std::fs::remove_file(&st.path);
+            }
         }
         lock(&self.page_cache).remove(&ino);
         if keep_staging || meta.len() == 0 {
@@ -950,6 +974,7 @@ impl KcacheFs {
             return Err(Errno::EBADF);
         };
         let ino = h.ino;
+        tracing::debug!(ino, fh, "release");
         let Some(oi) = lock(&self.open).get(&ino).cloned() else {
             return Ok(());
         };

@@ -217,7 +217,6 @@ fn serve(args: &MountArgs, opts: &MountOpts, store_dir: &Path, ready_fd: Option<
 
     let mut session = Session::new(KcacheFuse::new(fs.clone(), opts.passthrough), &mountpoint, &config)
         .with_context(|| format!("mounting at {}", mountpoint.display()))?;
-    let mut unmounter = session.unmount_callable();
     tracing::info!(
         mountpoint = %mountpoint.display(),
         store = %store_dir.display(),
@@ -255,7 +254,6 @@ fn serve(args: &MountArgs, opts: &MountOpts, store_dir: &Path, ready_fd: Option<
     })?;
 
     let res = runner.join().map_err(|_| anyhow::anyhow!("fuse session thread panicked"))?;
-    let _ = unmounter.unmount();
     fs.flush_all();
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
     res.context("fuse session")

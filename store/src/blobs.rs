@@ -96,8 +96,9 @@ impl Store {
     }
 
     /// Turns staged content into a blob (deduplicated) and points inode `ino` at it, in one
-    /// transaction. Returns the hash and size.
-    pub fn commit_staged(&self, st: &Staged<'_>) -> Result<(Hash, u64)> {
+    /// transaction. Returns the hash, the size, and whether the staging file itself was moved
+    /// into the store (else it is still the caller's to delete).
+    pub fn commit_staged(&self, st: &Staged<'_>) -> Result<(Hash, u64, bool)> {
         if st.durable {
             st.file
                 .sync_data()
@@ -117,6 +118,7 @@ impl Store {
         let mut file_ino = existing.map(|e| e.1).unwrap_or(0);
         let have_file = matches!(existing, Some((0, _)))
             && fs::metadata(&blob_path).is_ok_and(|m| m.ino() as i64 == file_ino);
+        let renamed = !have_file && !st.keep_staging;
         if have_file {
             if st.durable {
                 File::open(&blob_path)
@@ -195,7 +197,7 @@ impl Store {
         }
         let dead = res?;
         self.remove_dead_blobs(&conn, &dead);
-        Ok((hash, size))
+        Ok((hash, size, renamed))
     }
 
     /// Makes a blob's bytes available locally and opens them read-only. This is the one read
