@@ -92,7 +92,7 @@ pub fn mount(args: MountArgs) -> Result<ExitCode> {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KCACHE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=error"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -215,7 +215,7 @@ fn serve(args: &MountArgs, opts: &MountOpts, store_dir: &Path, ready_fd: Option<
     config.n_threads = Some(std::thread::available_parallelism().map_or(4, |n| n.get()).max(4));
     config.clone_fd = true;
 
-    let mut session = Session::new(KcacheFuse::new(fs.clone(), opts.passthrough), &mountpoint, &config)
+    let session = Session::new(KcacheFuse::new(fs.clone(), opts.passthrough), &mountpoint, &config)
         .with_context(|| format!("mounting at {}", mountpoint.display()))?;
     tracing::info!(
         mountpoint = %mountpoint.display(),
