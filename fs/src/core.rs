@@ -132,7 +132,8 @@ pub struct StatFs {
 struct Staging {
     file: Arc<File>,
     path: PathBuf,
-    /// A writer opened it since the last commit.
+    /// May differ from the committed content: a writer opened it since the last commit, or
+    /// still has it open.
     dirty: bool,
 }
 
@@ -953,8 +954,11 @@ impl KcacheFs {
         }
         lock(&self.page_cache).remove(&ino);
         if keep_staging || meta.len() == 0 {
+            // Passthrough writes never reach the daemon, so while any writer remains the
+            // staged content must be assumed to change again.
+            let writers = g.writers;
             if let Some(st) = &mut g.staging {
-                st.dirty = false;
+                st.dirty = writers > 0;
             }
             if !keep_staging {
                 if let Some(st) = g.staging.take() {

@@ -24,21 +24,35 @@ fn cpath(p: &Path) -> Result<CString> {
     CString::new(p.as_os_str().as_bytes()).with_context(|| format!("path {} contains NUL", p.display()))
 }
 
-/// Checks the mountpoint, recovering one left dead by a crashed daemon.
+/// True when `mp` is a FUSE mount whose daemon is gone. statfs always goes to the daemon (a
+/// plain stat may be answered from the kernel's attribute cache), so it tells.
+fn is_dead_fuse_mount(mp: &Path) -> bool {
+    let Ok(c) = cpath(mp) else { return false };
+    // SAFETY: statvfs fills a zeroed struct for a valid C path.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
+    rc != 0
+        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
+}
+
+fn detach(mp: &Path) -> Result<()> {
+    let c = cpath(mp)?;
+    // SAFETY: valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        let err = std::io::Error::last_os_error();
+        bail!("mountpoint {} is a dead FUSE mount and could not be detached: {err}", mp.display());
+    }
+    tracing::warn!(mountpoint = %mp.display(), "detached a dead mount left by a crashed daemon");
+    Ok(())
+}
+
+/// Checks the mountpoint, recovering one left dead by a crashed daemon
+/// ("Transport endpoint is not connected").
 fn prepare_mountpoint(mp: &Path) -> Result<PathBuf> {
     match std::fs::metadata(mp) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => bail!("mountpoint {} is not a directory", mp.display()),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            // "Transport endpoint is not connected": the daemon behind this mount died.
-            let c = cpath(mp)?;
-            // SAFETY: valid C string.
-            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-                let err = std::io::Error::last_os_error();
-                bail!("mountpoint {} is a dead kcache mount and could not be detached: {err}", mp.display());
-            }
-            tracing::warn!(mountpoint = %mp.display(), "detached a dead mount left by a crashed daemon");
-        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => detach(mp)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             bail!("mountpoint {} does not exist", mp.display())
         }
@@ -47,9 +61,12 @@ fn prepare_mountpoint(mp: &Path) -> Result<PathBuf> {
     let mp = mp
         .canonicalize()
         .with_context(|| format!("resolving mountpoint {}", mp.display()))?;
-    if let Some(m) = mountinfo::mount_at(&mp) {
-        // A path is "busy" when something is already mounted on it (our own root is fine).
-        if mp != Path::new("/") && m.mountpoint == mp {
+    while let Some(m) = mountinfo::mount_at(&mp) {
+        if m.fstype.starts_with("fuse") && is_dead_fuse_mount(&mp) {
+            detach(&mp)?;
+            continue;
+        }
+        if mp != Path::new("/") {
             bail!(
                 "mountpoint {} is busy: {} ({}) is already mounted there",
                 mp.display(),
@@ -57,6 +74,7 @@ fn prepare_mountpoint(mp: &Path) -> Result<PathBuf> {
                 m.fstype
             );
         }
+        break;
     }
     Ok(mp)
 }

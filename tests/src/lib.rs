@@ -110,9 +110,13 @@ impl Mount {
             cmd.arg("-o").arg(o);
         }
         cmd.arg(&self.mnt).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        // A dead mount left by a crash stays listed until the new daemon detaches it (and mount
+        // ids get reused), so wait for the daemon's own "mounted" log line.
+        let mounted_lines = |s: &Mount| s.log_text().matches("kcache::daemon: mounted").count();
+        let before = mounted_lines(self);
         let mut child = cmd.spawn().expect("spawning kcache");
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !is_mounted(&self.mnt) {
+        while !(is_mounted(&self.mnt) && mounted_lines(self) > before) {
             if let Ok(Some(st)) = child.try_wait() {
                 panic!("kcache exited ({st}) before mounting:\n{}", self.log_text());
             }
@@ -196,6 +200,16 @@ impl Mount {
             out.status.success(),
             format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
         )
+    }
+
+    /// Waits until every closed file is committed: the kernel sends release asynchronously
+    /// after close(), so a test that inspects the store must let the daemon catch up.
+    pub fn settle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.staging_files() > 0 {
+            assert!(Instant::now() < deadline, "staged files never committed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Files left in the store's staging directory.

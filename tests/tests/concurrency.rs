@@ -1,0 +1,163 @@
+//! Several processes on one mount: locks that exclude and die with their holder, O_EXCL races,
+//! concurrent O_APPEND, and an SQLite database shared by two processes.
+
+use std::fs;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kcache_tests::{python, Mount};
+
+const TRY_FLOCK: &str = r#"
+import fcntl, sys
+f = open(sys.argv[1], "a")
+try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("got")
+except BlockingIOError:
+    print("busy")
+"#;
+
+const TRY_LOCKF: &str = r#"
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+start, length = int(sys.argv[2]), int(sys.argv[3])
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start)
+    print("got")
+except OSError:
+    print("busy")
+"#;
+
+/// Starts a process that takes a lock, says "locked" and then sleeps until killed.
+fn hold(code: &str, args: &[&str]) -> std::process::Child {
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "locked");
+    child
+}
+
+#[test]
+fn flock_excludes_and_dies_with_its_holder() {
+    let Some(m) = Mount::new() else { return };
+    let lock = m.path("x.lock");
+    fs::write(&lock, b"").unwrap();
+    let lp = lock.to_str().unwrap();
+    let mut holder = hold(
+        "import fcntl,sys,time\nf=open(sys.argv[1],'a')\nfcntl.flock(f,fcntl.LOCK_EX)\nprint('locked',flush=True)\ntime.sleep(600)",
+        &[lp],
+    );
+    assert_eq!(python(TRY_FLOCK, &[lp]).trim(), "busy");
+    holder.kill().unwrap(); // SIGKILL
+    holder.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if python(TRY_FLOCK, &[lp]).trim() == "got" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "flock not released after its holder was killed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn fcntl_byte_range_locks() {
+    let Some(m) = Mount::new() else { return };
+    let f = m.path("ranges");
+    fs::write(&f, vec![0u8; 100]).unwrap();
+    let fp = f.to_str().unwrap();
+    let mut holder = hold(
+        "import fcntl,os,sys,time\nfd=os.open(sys.argv[1],os.O_RDWR)\nfcntl.lockf(fd,fcntl.LOCK_EX,10,0)\nprint('locked',flush=True)\ntime.sleep(600)",
+        &[fp],
+    );
+    assert_eq!(python(TRY_LOCKF, &[fp, "0", "10"]).trim(), "busy");
+    assert_eq!(python(TRY_LOCKF, &[fp, "5", "2"]).trim(), "busy");
+    assert_eq!(python(TRY_LOCKF, &[fp, "10", "10"]).trim(), "got");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert_eq!(python(TRY_LOCKF, &[fp, "0", "10"]).trim(), "got");
+}
+
+#[test]
+fn o_excl_race_has_exactly_one_winner() {
+    let Some(m) = Mount::new() else { return };
+    for round in 0..5 {
+        let target = m.path(&format!("race{round}"));
+        let children: Vec<_> = (0..16)
+            .map(|_| {
+                Command::new("python3")
+                    .arg("-c")
+                    .arg("import os,sys\ntry:\n  os.close(os.open(sys.argv[1], os.O_CREAT|os.O_EXCL|os.O_WRONLY, 0o600)); print('won')\nexcept FileExistsError:\n  print('lost')")
+                    .arg(&target)
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let won = children
+            .into_iter()
+            .map(|c| String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap())
+            .filter(|o| o.trim() == "won")
+            .count();
+        assert_eq!(won, 1, "round {round}");
+    }
+}
+
+#[test]
+fn concurrent_append_loses_nothing() {
+    for opts in [&[][..], &["nopassthrough"][..]] {
+        let Some(m) = Mount::with_opts(opts) else { return };
+        let log = m.path("index.log");
+        let children: Vec<_> = (0..8)
+            .map(|w| {
+                Command::new("python3")
+                    .arg("-c")
+                    .arg("import os,sys\nw=sys.argv[2]\nfd=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT|os.O_APPEND, 0o644)\nfor i in range(200):\n  os.write(fd, f'writer {w} line {i:04d} '.encode() + b'x'*50 + b'\\n')\nos.close(fd)")
+                    .arg(&log)
+                    .arg(w.to_string())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for c in children {
+            assert!(c.wait_with_output().unwrap().status.success());
+        }
+        let text = fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1600, "opts {opts:?}");
+        let mut seen = std::collections::HashSet::new();
+        for l in &lines {
+            assert!(l.ends_with(&"x".repeat(50)) && l.starts_with("writer "), "torn line {l:?}");
+            assert!(seen.insert(l.to_string()), "duplicate {l:?}");
+        }
+    }
+}
+
+#[test]
+fn sqlite_database_shared_by_two_processes() {
+    let Some(m) = Mount::new() else { return };
+    let db = m.path("shared.db");
+    python(
+        "import sqlite3,sys\nc=sqlite3.connect(sys.argv[1])\nc.execute('create table t(w int, i int)')\nc.commit()",
+        &[db.to_str().unwrap()],
+    );
+    let writer = "import sqlite3,sys\nc=sqlite3.connect(sys.argv[1], timeout=60)\nfor i in range(200):\n  c.execute('insert into t values (?,?)', (int(sys.argv[2]), i)); c.commit()";
+    let children: Vec<_> = (0..2)
+        .map(|w| Command::new("python3").arg("-c").arg(writer).arg(&db).arg(w.to_string()).spawn().unwrap())
+        .collect();
+    for c in children {
+        assert!(c.wait_with_output().unwrap().status.success());
+    }
+    let out = python(
+        "import sqlite3,sys\nc=sqlite3.connect(sys.argv[1])\nprint(c.execute('select count(*), count(distinct w*1000+i) from t').fetchone())\nprint(c.execute('pragma integrity_check').fetchone()[0])",
+        &[db.to_str().unwrap()],
+    );
+    assert_eq!(out.trim(), "(400, 400)\nok");
+}

@@ -1,0 +1,282 @@
+//! The store under a real mount: deduplication and exact reference counts, crash safety
+//! (kill -9 mid-write), damaged blobs, `verify`, and refusing bad stores and mountpoints.
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+
+use kcache_tests::{kcache_bin, pseudo_random, Mount};
+
+#[test]
+fn identical_content_is_stored_once_and_freed_with_its_last_name() {
+    let Some(mut m) = Mount::new() else { return };
+    let data = pseudo_random(42, 10 << 20);
+    for i in 0..20 {
+        let d = m.path(&format!("dir{}/sub{}", i % 4, i));
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join(format!("copy{i}.bin")), &data).unwrap();
+    }
+    m.settle();
+    let s = m.stats();
+    assert_eq!(s["blobs"], 1, "{s}");
+    assert_eq!(s["stored_bytes"], 10 << 20, "{s}");
+    assert_eq!(s["logical_bytes"], 20 * (10 << 20), "{s}");
+    assert_eq!(s["dedup_saved_bytes"], 19 * (10 << 20), "{s}");
+    let blob_files = count_blob_files(&m.store);
+    assert_eq!(blob_files, 1);
+    for i in 0..20 {
+        fs::remove_file(m.path(&format!("dir{}/sub{}/copy{i}.bin", i % 4, i))).unwrap();
+    }
+    m.remount();
+    let s = m.stats();
+    assert_eq!(s["blobs"], 0, "{s}");
+    assert_eq!(s["stored_bytes"], 0, "{s}");
+    assert_eq!(count_blob_files(&m.store), 0);
+}
+
+fn count_blob_files(store: &Path) -> usize {
+    fs::read_dir(store.join("blobs"))
+        .unwrap()
+        .map(|d| fs::read_dir(d.unwrap().path()).unwrap().count())
+        .sum()
+}
+
+#[test]
+fn kill_9_during_writes_and_renames_loses_nothing_committed() {
+    let Some(mut m) = Mount::new() else { return };
+    // Writers keep rewriting files (temp file + rename, and in-place rewrites) with contents
+    // that encode their own name and generation, while we kill the daemon.
+    fs::create_dir(m.path("w")).unwrap();
+    let script = r#"
+import os, sys, hashlib
+root, wid = sys.argv[1], int(sys.argv[2])
+def body(name, gen):
+    seed = f"{name}:{gen}".encode()
+    return (seed + b"|") * (1000 + (gen * 37 + wid) % 5000)
+gen = 0
+try:
+    while True:
+        gen += 1
+        name = f"f{wid}_{gen % 7}"
+        tmp = os.path.join(root, f".tmp{wid}_{gen}")
+        with open(tmp, "wb") as f:
+            f.write(body(name, gen))
+        os.replace(tmp, os.path.join(root, name))
+        if gen % 3 == 0:
+            with open(os.path.join(root, f"inplace{wid}"), "wb") as f:
+                f.write(body(f"inplace{wid}", gen))
+except OSError:
+    pass
+"#;
+    let root = m.path("w");
+    let mut writers: Vec<_> = (0..4)
+        .map(|w| {
+            Command::new("python3")
+                .arg("-c")
+                .arg(script)
+                .arg(&root)
+                .arg(w.to_string())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    m.kill9();
+    for w in &mut writers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    // `kcache mount` must recover the dead mountpoint ("Transport endpoint is not connected").
+    m.restart_after_crash();
+    let mut checked = 0;
+    for e in fs::read_dir(m.path("w")).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().into_string().unwrap();
+        let content = fs::read(e.path()).unwrap_or_else(|err| panic!("reading {name} after crash: {err}\n{}", m.log_text()));
+        if content.is_empty() {
+            // A file created but never written before the crash: its old (empty) content.
+            continue;
+        }
+        let text = String::from_utf8(content).expect("content is what a writer wrote");
+        let first = text.split('|').next().unwrap();
+        let (who, gen) = first.rsplit_once(':').unwrap();
+        if !name.starts_with(".tmp") {
+            assert_eq!(who, name, "{name} holds another file's content");
+        }
+        let gen: u64 = gen.parse().unwrap();
+        let wid: u64 = who.trim_start_matches(|c: char| !c.is_ascii_digit()).split('_').next().unwrap().parse().unwrap();
+        let reps = 1000 + (gen * 37 + wid) % 5000;
+        assert_eq!(text, format!("{first}|").repeat(reps as usize), "{name} is torn");
+        checked += 1;
+    }
+    assert!(checked > 4, "too few files survived to check ({checked})");
+    assert_eq!(m.staging_files(), 0, "staging leftovers after recovery");
+    m.unmount();
+    let (ok, out) = m.verify();
+    assert!(ok, "verify after crash: {out}");
+}
+
+#[test]
+fn damaged_blobs_give_eio_never_wrong_bytes() {
+    let Some(mut m) = Mount::new() else { return };
+    fs::write(m.path("truncated"), pseudo_random(1, 100_000)).unwrap();
+    fs::write(m.path("rotten"), pseudo_random(2, 100_000)).unwrap();
+    fs::write(m.path("fine"), pseudo_random(3, 100_000)).unwrap();
+    m.unmount();
+    let blobs = blob_paths(&m.store);
+    let by_content: HashMap<Vec<u8>, std::path::PathBuf> =
+        blobs.iter().map(|p| (fs::read(p).unwrap(), p.clone())).collect();
+    let truncated = &by_content[&pseudo_random(1, 100_000)];
+    let rotten = &by_content[&pseudo_random(2, 100_000)];
+    for p in [truncated, rotten] {
+        let mut perm = fs::metadata(p).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perm.set_readonly(false);
+        fs::set_permissions(p, perm).unwrap();
+    }
+    // Truncated behind the daemon's back: noticed at open.
+    fs::OpenOptions::new().write(true).open(truncated).unwrap().set_len(50_000).unwrap();
+    // Silent bit rot (same size): only verify can see it.
+    fs::OpenOptions::new().write(true).open(rotten).unwrap().write_all_at(b"X", 500).unwrap();
+
+    let (ok, out) = m.verify();
+    assert!(!ok, "verify must report damage: {out}");
+    assert!(out.contains("quarantined"), "{out}");
+    m.unmount(); // no-op: not mounted
+    let mut m2 = m;
+    m2.restart_after_crash();
+    for name in ["truncated", "rotten"] {
+        let e = fs::read(m2.path(name)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{name}");
+    }
+    assert_eq!(fs::read(m2.path("fine")).unwrap(), pseudo_random(3, 100_000));
+    assert!(m2.log_text().contains("is damaged"), "no error log naming the blob");
+}
+
+fn blob_paths(store: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for d in fs::read_dir(store.join("blobs")).unwrap() {
+        for f in fs::read_dir(d.unwrap().path()).unwrap() {
+            out.push(f.unwrap().path());
+        }
+    }
+    out
+}
+
+fn kcache(args: &[&str]) -> (i32, String) {
+    let out = Command::new(kcache_bin()).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+#[test]
+fn refuses_bad_stores_mountpoints_and_arguments() {
+    let Some(m) = Mount::new() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mp = dir.path().join("mp");
+    fs::create_dir(&mp).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+
+    // A second daemon on the same store.
+    let (code, out) = kcache(&["mount", "--store", &s(&m.store), &s(&mp)]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("in use by another kcache"), "{out}");
+
+    // Mountpoint missing, or busy.
+    let (code, out) = kcache(&["mount", "--store", &s(&dir.path().join("st")), &s(&dir.path().join("nope"))]);
+    assert_eq!(code, 1);
+    assert!(out.contains("does not exist"), "{out}");
+    let (code, out) = kcache(&["mount", "--store", &s(&dir.path().join("st")), &s(&m.mnt)]);
+    assert_eq!(code, 1);
+    assert!(out.contains("busy"), "{out}");
+
+    // A foreign database is never touched.
+    let foreign = dir.path().join("foreign");
+    fs::create_dir(&foreign).unwrap();
+    Command::new("python3")
+        .arg("-c")
+        .arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('create table x(y)'); c.commit()")
+        .arg(foreign.join("kcache.db"))
+        .status()
+        .unwrap();
+    let before = fs::read(foreign.join("kcache.db")).unwrap();
+    let (code, out) = kcache(&["mount", "--store", &s(&foreign), &s(&mp)]);
+    assert_eq!(code, 1);
+    assert!(out.contains("not a kcache store database"), "{out}");
+    assert_eq!(fs::read(foreign.join("kcache.db")).unwrap(), before);
+
+    // A corrupt database.
+    let corrupt = dir.path().join("corrupt");
+    fs::create_dir(&corrupt).unwrap();
+    fs::write(corrupt.join("kcache.db"), b"this is not sqlite at all, just some bytes......").unwrap();
+    let (code, out) = kcache(&["mount", "--store", &s(&corrupt), &s(&mp)]);
+    assert_eq!(code, 1);
+    assert!(out.contains("not a kcache store database"), "{out}");
+
+    // A newer schema.
+    let newer = dir.path().join("newer");
+    fs::create_dir(&newer).unwrap();
+    Command::new("python3")
+        .arg("-c")
+        .arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('pragma application_id=1801675107'); c.execute('pragma user_version=999'); c.commit()")
+        .arg(newer.join("kcache.db"))
+        .status()
+        .unwrap();
+    let (code, out) = kcache(&["mount", "--store", &s(&newer), &s(&mp)]);
+    assert_eq!(code, 1);
+    assert!(out.contains("newer kcache"), "{out}");
+
+    // Bad arguments and options.
+    let (code, _) = kcache(&["mount", "--no-such-flag", &s(&mp)]);
+    assert_eq!(code, 2);
+    let (code, out) = kcache(&["mount", "-o", "ro,frobnicate", "--store", &s(&dir.path().join("st")), &s(&mp)]);
+    assert_eq!(code, 1);
+    assert!(out.contains("frobnicate"), "{out}");
+    let (code, _) = kcache(&["frobnicate"]);
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn daemon_mode_returns_when_mounted_and_umount_stops_it() {
+    if !kcache_tests::fuse_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let mp = dir.path().join("mp");
+    fs::create_dir(&mp).unwrap();
+    let (code, out) = kcache(&["mount", "--store", store.to_str().unwrap(), mp.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    // Usable immediately.
+    fs::write(mp.join("x"), b"daemon").unwrap();
+    let (code, out) = kcache(&["umount", mp.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(!fs::read_to_string("/proc/self/mountinfo").unwrap().contains(mp.to_str().unwrap()));
+    // The daemon released the store: it can be opened (and verified) right away.
+    let (code, out) = kcache(&["verify", "--store", store.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    // SIGTERM also unmounts cleanly and keeps data.
+    let (code, out) = kcache(&["mount", "--store", store.to_str().unwrap(), mp.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(fs::read(mp.join("x")).unwrap(), b"daemon");
+    let pid = Command::new("sh")
+        .arg("-c")
+        .arg(format!("fuser -m {} 2>/dev/null || pgrep -f 'kcache mount --foreground .*{}'", mp.display(), mp.display()))
+        .output()
+        .unwrap();
+    let pids: Vec<i32> = String::from_utf8_lossy(&pid.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect();
+    assert!(!pids.is_empty(), "daemon pid not found");
+    for p in &pids {
+        unsafe { libc::kill(*p, libc::SIGTERM) };
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while fs::read_to_string("/proc/self/mountinfo").unwrap().contains(mp.to_str().unwrap()) {
+        assert!(std::time::Instant::now() < deadline, "SIGTERM did not unmount");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
