@@ -911,6 +911,29 @@ impl KcacheFs {
         Ok(data.len() as u32)
     }
 
+    /// fallocate(2) on the staged content: preallocation, punching holes, zeroing ranges.
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        let (ino, writable) = self.handle_ino(fh)?;
+        if !writable {
+            return Err(Errno::EBADF);
+        }
+        let oi = lock(&self.open).get(&ino).cloned().ok_or(Errno::EBADF)?;
+        let file = lock(&oi)
+            .staging
+            .as_ref()
+            .map(|s| s.file.clone())
+            .ok_or(Errno::EBADF)?;
+        let (off, len) = (
+            i64::try_from(offset).map_err(|_| Errno::EFBIG)?,
+            i64::try_from(length).map_err(|_| Errno::EFBIG)?,
+        );
+        // SAFETY: fallocate on a valid descriptor we own.
+        if unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(())
+    }
+
     /// Commits staged content now (fsync): durable when this returns.
     pub fn fsync(&self, fh: u64) -> Result<()> {
         let (ino, _) = self.handle_ino(fh)?;

@@ -437,8 +437,11 @@ impl Filesystem for KcacheFuse {
         reply.error(FErrno::from_i32(libc::ENOTTY));
     }
 
-    fn fallocate(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _offset: u64, _length: u64, _mode: i32, reply: ReplyEmpty) {
-        KcacheFuse::unsupported(reply, FErrno::from_i32(libc::EOPNOTSUPP));
+    fn fallocate(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        match self.fs.fallocate(fh.0, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
     }
 
     fn lseek(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _offset: i64, _whence: i32, reply: fuser::ReplyLseek) {
@@ -471,14 +474,6 @@ impl Filesystem for KcacheFuse {
             },
             Err(e) => reply.error(ferr(e)),
         }
-    }
-}
-
-impl KcacheFuse {
-    /// Declines operations the kernel can do itself, quietly (fuser's defaults log a warning
-    /// per request).
-    fn unsupported(reply: ReplyEmpty, errno: FErrno) {
-        reply.error(errno);
     }
 }
 
