@@ -403,6 +403,17 @@ impl KcacheFs {
         Ok(self.attr_of(&inode))
     }
 
+    fn node(kind: Kind, mode: u32, rdev: u32, target: Option<Vec<u8>>) -> NewNode {
+        NewNode {
+            kind,
+            mode,
+            uid: 0,
+            gid: 0,
+            rdev,
+            target,
+        }
+    }
+
     fn new_node_owner(&self, parent: &Inode, ctx: Ctx, kind: Kind, mode: u32) -> (u32, u32) {
         // BSD group semantics on setgid directories: new entries take the directory's group,
         // and new subdirectories inherit the setgid bit.
@@ -418,27 +429,23 @@ impl KcacheFs {
         (mode, gid)
     }
 
-    fn make(&self, parent: u64, name: &OsStr, ctx: Ctx, kind: Kind, mode: u32, rdev: u32, target: Option<Vec<u8>>) -> Result<Inode> {
+    /// Creates `name` in `parent` owned by the caller; `node`'s uid and gid are filled in here.
+    fn make(&self, parent: u64, name: &OsStr, ctx: Ctx, mut node: NewNode) -> Result<Inode> {
         self.writable()?;
         let name = check_name(name)?;
         let parent = self.store.get(self.sino(parent))?;
         if parent.kind != Kind::Dir {
             return Err(Errno::ENOTDIR);
         }
-        let (mode, gid) = self.new_node_owner(&parent, ctx, kind, mode);
-        let node = NewNode {
-            kind,
-            mode,
-            uid: ctx.uid,
-            gid,
-            rdev,
-            target,
-        };
+        let (mode, gid) = self.new_node_owner(&parent, ctx, node.kind, node.mode);
+        node.mode = mode;
+        node.uid = ctx.uid;
+        node.gid = gid;
         Ok(self.store.create(parent.ino, name, &node)?)
     }
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, ctx: Ctx) -> Result<Attr> {
-        let n = self.make(parent, name, ctx, Kind::Dir, mode, 0, None)?;
+        let n = self.make(parent, name, ctx, Self::node(Kind::Dir, mode, 0, None))?;
         Ok(self.entry(&n))
     }
 
@@ -451,7 +458,7 @@ impl KcacheFs {
             libc::S_IFBLK => Kind::BlockDev,
             _ => return Err(Errno::EINVAL),
         };
-        let n = self.make(parent, name, ctx, kind, mode, rdev, None)?;
+        let n = self.make(parent, name, ctx, Self::node(kind, mode, rdev, None))?;
         Ok(self.entry(&n))
     }
 
@@ -463,7 +470,12 @@ impl KcacheFs {
         if t.is_empty() {
             return Err(Errno(libc::ENOENT));
         }
-        let n = self.make(parent, name, ctx, Kind::Symlink, 0o777, 0, Some(t.to_vec()))?;
+        let n = self.make(
+            parent,
+            name,
+            ctx,
+            Self::node(Kind::Symlink, 0o777, 0, Some(t.to_vec())),
+        )?;
         Ok(self.entry(&n))
     }
 
@@ -478,7 +490,9 @@ impl KcacheFs {
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
         self.writable()?;
         let name = check_name(newname)?;
-        let n = self.store.link(self.sino(ino), self.sino(newparent), name)?;
+        let n = self
+            .store
+            .link(self.sino(ino), self.sino(newparent), name)?;
         Ok(self.entry(&n))
     }
 
@@ -507,18 +521,31 @@ impl KcacheFs {
         Ok(())
     }
 
-    pub fn rename(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32) -> Result<()> {
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
         self.writable()?;
         let name = check_name(name)?;
         let newname = check_name(newname)?;
         let noreplace = flags & libc::RENAME_NOREPLACE != 0;
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
-        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 || (noreplace && exchange) {
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 || (noreplace && exchange)
+        {
             return Err(Errno::EINVAL);
         }
-        let r = self
-            .store
-            .rename(self.sino(parent), name, self.sino(newparent), newname, noreplace, exchange)?;
+        let r = self.store.rename(
+            self.sino(parent),
+            name,
+            self.sino(newparent),
+            newname,
+            noreplace,
+            exchange,
+        )?;
         if let Some((ino, 0)) = r.replaced {
             self.maybe_purge(ino);
         }
@@ -565,11 +592,23 @@ impl KcacheFs {
                 let kino = self.kino(inode.ino);
                 if plus {
                     let attr = self.attr_of(&inode);
-                    if accept(kino, cookie as u64 + 2, inode.kind, OsStr::from_bytes(&name), Some(&attr)) {
+                    if accept(
+                        kino,
+                        cookie as u64 + 2,
+                        inode.kind,
+                        OsStr::from_bytes(&name),
+                        Some(&attr),
+                    ) {
                         return Ok(());
                     }
                     self.remember(inode.ino);
-                } else if accept(kino, cookie as u64 + 2, inode.kind, OsStr::from_bytes(&name), None) {
+                } else if accept(
+                    kino,
+                    cookie as u64 + 2,
+                    inode.kind,
+                    OsStr::from_bytes(&name),
+                    None,
+                ) {
                     return Ok(());
                 }
             }
@@ -691,8 +730,16 @@ impl KcacheFs {
         }
     }
 
-    pub fn create(&self, parent: u64, name: &OsStr, mode: u32, flags: i32, ctx: Ctx, backing: Option<&dyn Backing>) -> Result<(Attr, Opened)> {
-        let inode = match self.make(parent, name, ctx, Kind::File, mode, 0, None) {
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        ctx: Ctx,
+        backing: Option<&dyn Backing>,
+    ) -> Result<(Attr, Opened)> {
+        let inode = match self.make(parent, name, ctx, Self::node(Kind::File, mode, 0, None)) {
             Ok(n) => n,
             // Lost a race with another creator: without O_EXCL that is an ordinary open.
             Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {
@@ -748,7 +795,14 @@ impl KcacheFs {
         Ok(Opened { fh, mode })
     }
 
-    fn open_locked(&self, inode: &Inode, g: &mut OpenInode, writable: bool, trunc: bool, backing: Option<&dyn Backing>) -> Result<IoMode> {
+    fn open_locked(
+        &self,
+        inode: &Inode,
+        g: &mut OpenInode,
+        writable: bool,
+        trunc: bool,
+        backing: Option<&dyn Backing>,
+    ) -> Result<IoMode> {
         if writable {
             match &mut g.staging {
                 Some(st) => {
@@ -1047,8 +1101,10 @@ impl KcacheFs {
 
     /// Commits everything still staged (unmount).
     pub fn flush_all(&self) {
-        let all: Vec<(Ino, Arc<Mutex<OpenInode>>)> =
-            lock(&self.open).iter().map(|(k, v)| (*k, v.clone())).collect();
+        let all: Vec<(Ino, Arc<Mutex<OpenInode>>)> = lock(&self.open)
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
         for (ino, oi) in all {
             let mut g = lock(&oi);
             if g.staging.as_ref().is_some_and(|s| s.dirty) {

@@ -19,8 +19,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, BackingId, Errno as FErrno, FileAttr, FileHandle, FileType, Filesystem,
     FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use kcache_store::Kind;
 
@@ -153,7 +153,8 @@ impl Filesystem for KcacheFuse {
                 self.fs.set_passthrough(true);
                 mode = "kernel passthrough";
             } else {
-                mode = "userspace reads with the kernel page cache (kernel has no FUSE passthrough)";
+                mode =
+                    "userspace reads with the kernel page cache (kernel has no FUSE passthrough)";
             }
         }
         tracing::info!(io = mode, "fuse session initialised");
@@ -250,14 +251,31 @@ impl Filesystem for KcacheFuse {
         }
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
         match self.fs.mknod(parent.0, name, mode, rdev, ctx(req)) {
             Ok(a) => reply.entry(&self.fs.ttl(), &fattr(&a), Generation(0)),
             Err(e) => reply.error(ferr(e)),
         }
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
         match self.fs.mkdir(parent.0, name, mode, ctx(req)) {
             Ok(a) => reply.entry(&self.fs.ttl(), &fattr(&a), Generation(0)),
             Err(e) => reply.error(ferr(e)),
@@ -278,21 +296,50 @@ impl Filesystem for KcacheFuse {
         }
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        match self.fs.symlink(parent.0, link_name, target.as_os_str(), ctx(req)) {
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        match self
+            .fs
+            .symlink(parent.0, link_name, target.as_os_str(), ctx(req))
+        {
             Ok(a) => reply.entry(&self.fs.ttl(), &fattr(&a), Generation(0)),
             Err(e) => reply.error(ferr(e)),
         }
     }
 
-    fn rename(&self, _req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
-        match self.fs.rename(parent.0, name, newparent.0, newname, flags.bits()) {
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self
+            .fs
+            .rename(parent.0, name, newparent.0, newname, flags.bits())
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(ferr(e)),
         }
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         match self.fs.link(ino.0, newparent.0, newname) {
             Ok(a) => reply.entry(&self.fs.ttl(), &fattr(&a), Generation(0)),
             Err(e) => reply.error(ferr(e)),
@@ -313,92 +360,172 @@ impl Filesystem for KcacheFuse {
         }
     }
 
-    fn read(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
         match self.fs.read(fh.0, offset, size) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(ferr(e)),
         }
     }
 
-    fn write(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, data: &[u8], _wf: WriteFlags, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyWrite) {
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(ferr(e)),
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
-    fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
         match self.fs.release(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(ferr(e)),
         }
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         match self.fs.fsync(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(ferr(e)),
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let res = self.fs.readdir(ino.0, offset, false, |ino, off, kind, name, _| {
-            reply.add(INodeNo(ino), off, ftype(kind), name)
-        });
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let res = self
+            .fs
+            .readdir(ino.0, offset, false, |ino, off, kind, name, _| {
+                reply.add(INodeNo(ino), off, ftype(kind), name)
+            });
         match res {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(ferr(e)),
         }
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         let ttl = self.fs.ttl();
-        let res = self.fs.readdir(ino.0, offset, true, |ino, off, kind, name, attr| {
-            let fa = match attr {
-                Some(a) => fattr(a),
-                // ".." gets no attributes: the kernel ignores the entry's attributes for it.
-                None => FileAttr {
-                    ino: INodeNo(ino),
-                    ..fattr(&Attr {
-                        ino,
-                        kind,
-                        perm: 0o755,
-                        uid: 0,
-                        gid: 0,
-                        size: 0,
-                        atime: 0,
-                        mtime: 0,
-                        ctime: 0,
-                        nlink: 2,
-                        rdev: 0,
-                    })
-                },
-            };
-            reply.add(INodeNo(ino), off, name, &ttl, &fa, Generation(0))
-        });
+        let res = self
+            .fs
+            .readdir(ino.0, offset, true, |ino, off, kind, name, attr| {
+                let fa = match attr {
+                    Some(a) => fattr(a),
+                    // ".." gets no attributes: the kernel ignores the entry's attributes for it.
+                    None => FileAttr {
+                        ino: INodeNo(ino),
+                        ..fattr(&Attr {
+                            ino,
+                            kind,
+                            perm: 0o755,
+                            uid: 0,
+                            gid: 0,
+                            size: 0,
+                            atime: 0,
+                            mtime: 0,
+                            ctime: 0,
+                            nlink: 2,
+                            rdev: 0,
+                        })
+                    },
+                };
+                reply.add(INodeNo(ino), off, name, &ttl, &fa, Generation(0))
+            });
         match res {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(ferr(e)),
         }
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         // Every namespace change is already a committed SQLite transaction.
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match self.fs.statfs() {
-            Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize),
+            Ok(s) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+            ),
             Err(e) => reply.error(ferr(e)),
         }
     }
 
-    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
         match self.fs.setxattr(ino.0, name, value, flags) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(ferr(e)),
@@ -433,44 +560,128 @@ impl Filesystem for KcacheFuse {
         }
     }
 
-    fn ioctl(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _flags: fuser::IoctlFlags, _cmd: u32, _in_data: &[u8], _out_size: u32, reply: fuser::ReplyIoctl) {
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
         reply.error(FErrno::from_i32(libc::ENOTTY));
     }
 
-    fn fallocate(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         match self.fs.fallocate(fh.0, offset, length, mode) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(ferr(e)),
         }
     }
 
-    fn lseek(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _offset: i64, _whence: i32, reply: fuser::ReplyLseek) {
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: i64,
+        _whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
         // ENOSYS makes the kernel do generic seeking itself from now on.
         reply.error(FErrno::ENOSYS);
     }
 
-    fn copy_file_range(&self, _req: &Request, _ino_in: INodeNo, _fh_in: FileHandle, _offset_in: u64, _ino_out: INodeNo, _fh_out: FileHandle, _offset_out: u64, _len: u64, _flags: fuser::CopyFileRangeFlags, reply: ReplyWrite) {
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
         // ENOSYS: the kernel falls back to an ordinary read/write copy.
         reply.error(FErrno::ENOSYS);
     }
 
-    fn bmap(&self, _req: &Request, _ino: INodeNo, _blocksize: u32, _idx: u64, reply: fuser::ReplyBmap) {
+    fn bmap(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _blocksize: u32,
+        _idx: u64,
+        reply: fuser::ReplyBmap,
+    ) {
         reply.error(FErrno::ENOSYS);
     }
 
-    fn poll(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _ph: fuser::PollNotifier, _events: fuser::PollEvents, _flags: fuser::PollFlags, reply: fuser::ReplyPoll) {
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ph: fuser::PollNotifier,
+        _events: fuser::PollEvents,
+        _flags: fuser::PollFlags,
+        reply: fuser::ReplyPoll,
+    ) {
         reply.error(FErrno::ENOSYS);
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, flags: i32, reply: ReplyCreate) {
-        let res = self.fs.create(parent.0, name, mode, flags, ctx(req), Some(&CreateReg(&reply)));
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let res = self.fs.create(
+            parent.0,
+            name,
+            mode,
+            flags,
+            ctx(req),
+            Some(&CreateReg(&reply)),
+        );
         match res {
             Ok((a, o)) => match &o.mode {
                 IoMode::Passthrough(token) => match backing_id(token) {
-                    Some(id) => reply.created_passthrough(&self.fs.ttl(), &fattr(&a), Generation(0), FileHandle(o.fh), FopenFlags::empty(), id),
+                    Some(id) => reply.created_passthrough(
+                        &self.fs.ttl(),
+                        &fattr(&a),
+                        Generation(0),
+                        FileHandle(o.fh),
+                        FopenFlags::empty(),
+                        id,
+                    ),
                     None => reply.error(FErrno::EIO),
                 },
-                m => reply.created(&self.fs.ttl(), &fattr(&a), Generation(0), FileHandle(o.fh), open_flags(m)),
+                m => reply.created(
+                    &self.fs.ttl(),
+                    &fattr(&a),
+                    Generation(0),
+                    FileHandle(o.fh),
+                    open_flags(m),
+                ),
             },
             Err(e) => reply.error(ferr(e)),
         }

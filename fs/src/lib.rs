@@ -5,6 +5,8 @@ pub mod core;
 pub mod error;
 pub mod fuse;
 
-pub use crate::core::{Attr, Backing, BackingToken, Ctx, IoMode, KcacheFs, Opened, SetAttrIn, TimeSet, ROOT_INO};
+pub use crate::core::{
+    Attr, Backing, BackingToken, Ctx, IoMode, KcacheFs, Opened, SetAttrIn, TimeSet, ROOT_INO,
+};
 pub use crate::error::{Errno, Result};
 pub use crate::fuse::KcacheFuse;

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "kcache", version, about = "A deduplicating, content-addressed FUSE cache filesystem")]
+#[command(
+    name = "kcache",
+    version,
+    about = "A deduplicating, content-addressed FUSE cache filesystem"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -74,7 +78,11 @@ impl MountOpts {
             passthrough: true,
             ..MountOpts::default()
         };
-        for opt in raw.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
+        for opt in raw
+            .iter()
+            .flat_map(|s| s.split(','))
+            .filter(|s| !s.is_empty())
+        {
             match opt {
                 "ro" => o.read_only = true,
                 "rw" => o.read_only = false,

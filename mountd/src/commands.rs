@@ -70,10 +70,22 @@ fn stats(store: &Path, json: bool) -> Result<ExitCode> {
         println!("files:          {}", st.files);
         println!("directories:    {}", st.directories);
         println!("symlinks:       {}", st.symlinks);
-        println!("logical bytes:  {} ({})", st.logical_bytes, human(st.logical_bytes));
-        println!("stored bytes:   {} ({})", st.stored_bytes, human(st.stored_bytes));
+        println!(
+            "logical bytes:  {} ({})",
+            st.logical_bytes,
+            human(st.logical_bytes)
+        );
+        println!(
+            "stored bytes:   {} ({})",
+            st.stored_bytes,
+            human(st.stored_bytes)
+        );
         println!("blobs:          {}", st.blobs);
-        println!("dedup savings:  {} ({})", st.dedup_saved_bytes, human(st.dedup_saved_bytes));
+        println!(
+            "dedup savings:  {} ({})",
+            st.dedup_saved_bytes,
+            human(st.dedup_saved_bytes)
+        );
         if st.quarantined_blobs > 0 {
             println!("quarantined:    {}", st.quarantined_blobs);
         }
@@ -85,7 +97,12 @@ fn verify(store: &Path, json: bool) -> Result<ExitCode> {
     if !store.join("kcache.db").exists() {
         bail!("{} is not a kcache store (no kcache.db)", store.display());
     }
-    let s = Store::open(store).with_context(|| format!("opening store {} for verification (unmount it first)", store.display()))?;
+    let s = Store::open(store).with_context(|| {
+        format!(
+            "opening store {} for verification (unmount it first)",
+            store.display()
+        )
+    })?;
     let report = s.verify(|_, _| {})?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -101,9 +118,23 @@ fn verify(store: &Path, json: bool) -> Result<ExitCode> {
             println!("removed {} stray blob files", report.stray_removed);
         }
         if report.bad_refcounts > 0 {
-            println!("blobs with wrong reference counts: {}", report.bad_refcounts);
+            println!(
+                "blobs with wrong reference counts: {}",
+                report.bad_refcounts
+            );
         }
-        println!("{}", if report.is_clean() { "store is clean" } else { "store has problems" });
+        println!(
+            "{}",
+            if report.is_clean() {
+                "store is clean"
+            } else {
+                "store has problems"
+            }
+        );
     }
-    Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

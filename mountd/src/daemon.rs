@@ -21,7 +21,8 @@ use crate::cli::{default_store, MountArgs, MountOpts};
 use crate::mountinfo;
 
 fn cpath(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).with_context(|| format!("path {} contains NUL", p.display()))
+    CString::new(p.as_os_str().as_bytes())
+        .with_context(|| format!("path {} contains NUL", p.display()))
 }
 
 /// True when `mp` is a FUSE mount whose daemon is gone. statfs always goes to the daemon (a
@@ -31,8 +32,7 @@ fn is_dead_fuse_mount(mp: &Path) -> bool {
     // SAFETY: statvfs fills a zeroed struct for a valid C path.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
-    rc != 0
-        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
+    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
 }
 
 fn detach(mp: &Path) -> Result<()> {
@@ -40,7 +40,10 @@ fn detach(mp: &Path) -> Result<()> {
     // SAFETY: valid C string.
     if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
         let err = std::io::Error::last_os_error();
-        bail!("mountpoint {} is a dead FUSE mount and could not be detached: {err}", mp.display());
+        bail!(
+            "mountpoint {} is a dead FUSE mount and could not be detached: {err}",
+            mp.display()
+        );
     }
     tracing::warn!(mountpoint = %mp.display(), "detached a dead mount left by a crashed daemon");
     Ok(())
@@ -200,7 +203,12 @@ fn daemonize(args: &MountArgs, store_dir: &Path) -> Result<ExitCode> {
 }
 
 /// Runs the filesystem until it is unmounted or a signal asks us to stop.
-fn serve(args: &MountArgs, opts: &MountOpts, store_dir: &Path, ready_fd: Option<RawFd>) -> Result<()> {
+fn serve(
+    args: &MountArgs,
+    opts: &MountOpts,
+    store_dir: &Path,
+    ready_fd: Option<RawFd>,
+) -> Result<()> {
     // Block the stop signals in every thread; one thread below waits for them.
     let sigs = stop_signals();
     // SAFETY: sigset initialised by stop_signals.
@@ -208,7 +216,8 @@ fn serve(args: &MountArgs, opts: &MountOpts, store_dir: &Path, ready_fd: Option<
 
     check_fuse_device()?;
     let mountpoint = prepare_mountpoint(&args.mountpoint)?;
-    let store = Store::open(store_dir).with_context(|| format!("opening store {}", store_dir.display()))?;
+    let store =
+        Store::open(store_dir).with_context(|| format!("opening store {}", store_dir.display()))?;
     // SAFETY: getuid/getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let volume = store
@@ -218,7 +227,13 @@ fn serve(args: &MountArgs, opts: &MountOpts, store_dir: &Path, ready_fd: Option<
     let fs = Arc::new(KcacheFs::new(store.clone(), volume, opts.read_only));
 
     let mut mount_options = vec![
-        MountOption::FSName(store_dir.canonicalize().unwrap_or(store_dir.to_owned()).display().to_string()),
+        MountOption::FSName(
+            store_dir
+                .canonicalize()
+                .unwrap_or(store_dir.to_owned())
+                .display()
+                .to_string(),
+        ),
         // The kernel takes subtype as a mount option, so /proc/mounts says "fuse.kcache".
         MountOption::CUSTOM("subtype=kcache".into()),
         MountOption::DefaultPermissions,
@@ -229,12 +244,24 @@ fn serve(args: &MountArgs, opts: &MountOpts, store_dir: &Path, ready_fd: Option<
     }
     let mut config = Config::default();
     config.mount_options = mount_options;
-    config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
-    config.n_threads = Some(std::thread::available_parallelism().map_or(4, |n| n.get()).max(4));
+    config.acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(
+        std::thread::available_parallelism()
+            .map_or(4, |n| n.get())
+            .max(4),
+    );
     config.clone_fd = true;
 
-    let session = Session::new(KcacheFuse::new(fs.clone(), opts.passthrough), &mountpoint, &config)
-        .with_context(|| format!("mounting at {}", mountpoint.display()))?;
+    let session = Session::new(
+        KcacheFuse::new(fs.clone(), opts.passthrough),
+        &mountpoint,
+        &config,
+    )
+    .with_context(|| format!("mounting at {}", mountpoint.display()))?;
     tracing::info!(
         mountpoint = %mountpoint.display(),
         store = %store_dir.display(),
@@ -250,7 +277,9 @@ fn serve(args: &MountArgs, opts: &MountOpts, store_dir: &Path, ready_fd: Option<
     loop {
         match std::fs::metadata(&mountpoint) {
             Ok(_) => break,
-            Err(e) if Instant::now() > deadline => bail!("mount at {} does not answer: {e}", mountpoint.display()),
+            Err(e) if Instant::now() > deadline => {
+                bail!("mount at {} does not answer: {e}", mountpoint.display())
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     }
@@ -260,18 +289,22 @@ fn serve(args: &MountArgs, opts: &MountOpts, store_dir: &Path, ready_fd: Option<
 
     // Stop on SIGTERM/SIGINT by unmounting; the session then drains and ends.
     let mp = mountpoint.clone();
-    std::thread::Builder::new().name("signals".into()).spawn(move || {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: sigwait on the blocked set.
-        unsafe { libc::sigwait(&sigs, &mut sig) };
-        tracing::info!(signal = sig, mountpoint = %mp.display(), "unmounting on signal");
-        if let Err(e) = unmount_path(&mp, false) {
-            tracing::warn!("clean unmount failed ({e}); detaching lazily");
-            let _ = unmount_path(&mp, true);
-        }
-    })?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: sigwait on the blocked set.
+            unsafe { libc::sigwait(&sigs, &mut sig) };
+            tracing::info!(signal = sig, mountpoint = %mp.display(), "unmounting on signal");
+            if let Err(e) = unmount_path(&mp, false) {
+                tracing::warn!("clean unmount failed ({e}); detaching lazily");
+                let _ = unmount_path(&mp, true);
+            }
+        })?;
 
-    let res = runner.join().map_err(|_| anyhow::anyhow!("fuse session thread panicked"))?;
+    let res = runner
+        .join()
+        .map_err(|_| anyhow::anyhow!("fuse session thread panicked"))?;
     fs.flush_all();
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
     res.context("fuse session")
@@ -310,7 +343,10 @@ pub fn unmount_path(mp: &Path, lazy: bool) -> Result<()> {
         }
     }
     if err.raw_os_error() == Some(libc::EBUSY) {
-        bail!("{} is busy (files are open there); close them or use --lazy", mp.display());
+        bail!(
+            "{} is busy (files are open there); close them or use --lazy",
+            mp.display()
+        );
     }
     bail!("unmounting {}: {err}", mp.display())
 }

@@ -15,7 +15,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -49,5 +52,5 @@ pub fn mounts() -> Vec<MountEntry> {
 
 /// The last (topmost) mount at exactly `path`.
 pub fn mount_at(path: &Path) -> Option<MountEntry> {
-    mounts().into_iter().filter(|m| m.mountpoint == path).last()
+    mounts().into_iter().rev().find(|m| m.mountpoint == path)
 }

@@ -61,7 +61,6 @@ impl VerifyReport {
     }
 }
 
-
 impl Store {
     pub fn blob_path(&self, hash: &Hash) -> PathBuf {
         let hex = hash.to_hex();
@@ -132,14 +131,18 @@ impl Store {
                 // Copy into a second staging file first so the blob name only ever appears
                 // with complete content.
                 let (mut tmp, tmp_path) = self.new_staging()?;
-                let mut src = File::open(st.path).ctx(|| format!("reopening {}", st.path.display()))?;
+                let mut src =
+                    File::open(st.path).ctx(|| format!("reopening {}", st.path.display()))?;
                 let res = std::io::copy(&mut src, &mut tmp)
                     .and_then(|_| if st.durable { tmp.sync_data() } else { Ok(()) })
                     .and_then(|_| tmp.set_permissions(fs::Permissions::from_mode(0o444)))
                     .and_then(|_| fs::rename(&tmp_path, &blob_path));
                 if let Err(e) = res {
                     let _ = fs::remove_file(&tmp_path);
-                    return Err(Error::io(format!("copying {} into blob {hash}", st.path.display()), e));
+                    return Err(Error::io(
+                        format!("copying {} into blob {hash}", st.path.display()),
+                        e,
+                    ));
                 }
             } else {
                 st.file
@@ -164,9 +167,11 @@ impl Store {
         let res = (|| -> Result<Vec<Hash>> {
             let tx = conn.transaction()?;
             let old: Option<Option<Vec<u8>>> = tx
-                .query_row("SELECT blob FROM inodes WHERE ino = ?1", [st.ino as i64], |r| {
-                    r.get(0)
-                })
+                .query_row(
+                    "SELECT blob FROM inodes WHERE ino = ?1",
+                    [st.ino as i64],
+                    |r| r.get(0),
+                )
                 .optional()?;
             let Some(old) = old else {
                 return Err(Error::NotFound);
@@ -291,7 +296,11 @@ impl Store {
             let conn = self.conn();
             let mut stmt = conn.prepare("SELECT hash, size, state FROM blobs")?;
             let rows = stmt.query_map([], |r| {
-                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
             })?;
             rows.filter_map(|r| r.ok())
                 .filter_map(|(h, s, st)| crate::ns::hash_from_db(h).map(|h| (h, s, st)))

@@ -277,7 +277,10 @@ impl Store {
             removed += 1;
         }
         if removed > 0 {
-            tracing::info!(count = removed, "removed staging files left by an earlier crash");
+            tracing::info!(
+                count = removed,
+                "removed staging files left by an earlier crash"
+            );
         }
         let purged = self.purge_unlinked()?;
         if purged > 0 {

@@ -76,7 +76,8 @@ fn row_to_inode(r: &Row<'_>) -> rusqlite::Result<Inode> {
 }
 
 fn get_inode(conn: &Connection, ino: Ino) -> Result<Option<Inode>> {
-    let mut stmt = conn.prepare_cached(&format!("SELECT {INODE_COLS} FROM inodes WHERE ino = ?1"))?;
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT {INODE_COLS} FROM inodes WHERE ino = ?1"))?;
     Ok(stmt.query_row([ino as i64], row_to_inode).optional()?)
 }
 
@@ -97,7 +98,8 @@ fn must_dir(conn: &Connection, ino: Ino) -> Result<Inode> {
 }
 
 fn lookup_ino(conn: &Connection, parent: Ino, name: &[u8]) -> Result<Option<Ino>> {
-    let mut stmt = conn.prepare_cached("SELECT ino FROM dirents WHERE parent = ?1 AND name = ?2")?;
+    let mut stmt =
+        conn.prepare_cached("SELECT ino FROM dirents WHERE parent = ?1 AND name = ?2")?;
     Ok(stmt
         .query_row(params![parent as i64, name], |r| r.get::<_, i64>(0))
         .optional()?
@@ -112,7 +114,10 @@ fn touch_dir(conn: &Connection, dir: Ino, now: i64) -> Result<()> {
 
 fn is_empty_dir(conn: &Connection, dir: Ino) -> Result<bool> {
     let mut stmt = conn.prepare_cached("SELECT 1 FROM dirents WHERE parent = ?1 LIMIT 1")?;
-    Ok(stmt.query_row([dir as i64], |_| Ok(())).optional()?.is_none())
+    Ok(stmt
+        .query_row([dir as i64], |_| Ok(()))
+        .optional()?
+        .is_none())
 }
 
 /// Drops one reference to a blob; records it in `dead` when that was the last.
@@ -190,7 +195,10 @@ impl Store {
             params![id, Kind::Dir.to_db(), 0o755, uid, gid, now],
         )?;
         let root = tx.last_insert_rowid();
-        tx.execute("UPDATE volumes SET root = ?2 WHERE id = ?1", params![id, root])?;
+        tx.execute(
+            "UPDATE volumes SET root = ?2 WHERE id = ?1",
+            params![id, root],
+        )?;
         tx.commit()?;
         Ok(VolumeInfo {
             id,
@@ -397,7 +405,10 @@ impl Store {
                 }
             }
             for i in [src_ino, dst_ino] {
-                tx.execute("UPDATE inodes SET ctime = ?2 WHERE ino = ?1", params![i as i64, now])?;
+                tx.execute(
+                    "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
+                    params![i as i64, now],
+                )?;
             }
             touch_dir(&tx, parent, now)?;
             touch_dir(&tx, newparent, now)?;
@@ -436,14 +447,23 @@ impl Store {
         tx.prepare_cached("INSERT INTO dirents (parent, name, ino) VALUES (?1, ?2, ?3)")?
             .execute(params![newparent as i64, newname, src_ino as i64])?;
         if src.kind == Kind::Dir && parent != newparent {
-            tx.execute("UPDATE inodes SET nlink = nlink - 1 WHERE ino = ?1", [parent as i64])?;
-            tx.execute("UPDATE inodes SET nlink = nlink + 1 WHERE ino = ?1", [newparent as i64])?;
+            tx.execute(
+                "UPDATE inodes SET nlink = nlink - 1 WHERE ino = ?1",
+                [parent as i64],
+            )?;
+            tx.execute(
+                "UPDATE inodes SET nlink = nlink + 1 WHERE ino = ?1",
+                [newparent as i64],
+            )?;
             tx.execute(
                 "UPDATE inodes SET parent = ?2 WHERE ino = ?1",
                 params![src_ino as i64, newparent as i64],
             )?;
         }
-        tx.execute("UPDATE inodes SET ctime = ?2 WHERE ino = ?1", params![src_ino as i64, now])?;
+        tx.execute(
+            "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
+            params![src_ino as i64, now],
+        )?;
         touch_dir(&tx, parent, now)?;
         if newparent != parent {
             touch_dir(&tx, newparent, now)?;
@@ -516,7 +536,12 @@ impl Store {
 
     /// Directory entries of `dir` with a cookie greater than `after`, at most `limit`.
     /// Each item: (cookie, name, inode).
-    pub fn readdir(&self, dir: Ino, after: i64, limit: usize) -> Result<Vec<(i64, Vec<u8>, Inode)>> {
+    pub fn readdir(
+        &self,
+        dir: Ino,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, Vec<u8>, Inode)>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(&format!(
             "SELECT d.id, d.name, {} FROM dirents d JOIN inodes i ON i.ino = d.ino
@@ -600,7 +625,14 @@ impl Store {
     }
 
     /// Sets an xattr. `create`: fail if it exists; `replace`: fail if it does not.
-    pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], create: bool, replace: bool) -> Result<()> {
+    pub fn setxattr(
+        &self,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        create: bool,
+        replace: bool,
+    ) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         must_inode(&tx, ino)?;
@@ -617,7 +649,10 @@ impl Store {
         }
         tx.prepare_cached("INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?1, ?2, ?3)")?
             .execute(params![ino as i64, name, value])?;
-        tx.execute("UPDATE inodes SET ctime = ?2 WHERE ino = ?1", params![ino as i64, now_ns()])?;
+        tx.execute(
+            "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
+            params![ino as i64, now_ns()],
+        )?;
         tx.commit()?;
         Ok(())
     }
@@ -625,7 +660,8 @@ impl Store {
     pub fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
         let conn = self.conn();
         must_inode(&conn, ino)?;
-        let mut stmt = conn.prepare_cached("SELECT name FROM xattrs WHERE ino = ?1 ORDER BY name")?;
+        let mut stmt =
+            conn.prepare_cached("SELECT name FROM xattrs WHERE ino = ?1 ORDER BY name")?;
         let rows = stmt.query_map([ino as i64], |r| r.get(0))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
@@ -639,7 +675,10 @@ impl Store {
         if n == 0 {
             return Err(Error::NoAttr);
         }
-        conn.execute("UPDATE inodes SET ctime = ?2 WHERE ino = ?1", params![ino as i64, now_ns()])?;
+        conn.execute(
+            "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
+            params![ino as i64, now_ns()],
+        )?;
         Ok(())
     }
 

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 /// The workspace root (parent of this crate).
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 /// The `kcache` binary under test: $KCACHE_BIN, else the one cargo built next to this test.
@@ -72,7 +75,8 @@ pub struct Mount {
 fn is_mounted(mnt: &Path) -> bool {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let want = mnt.to_string_lossy();
-    text.lines().any(|l| l.split(' ').nth(4) == Some(&want) && l.contains(" - fuse.kcache "))
+    text.lines()
+        .any(|l| l.split(' ').nth(4) == Some(&want) && l.contains(" - fuse.kcache "))
 }
 
 impl Mount {
@@ -85,7 +89,10 @@ impl Mount {
         if !fuse_available() {
             return None;
         }
-        let dir = tempfile::Builder::new().prefix("kcache-test").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("kcache-test")
+            .tempdir()
+            .unwrap();
         let store = dir.path().join("store");
         let mnt = dir.path().join("mnt");
         std::fs::create_dir_all(&mnt).unwrap();
@@ -103,13 +110,23 @@ impl Mount {
 
     fn start(&mut self) {
         assert!(self.child.is_none());
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let mut cmd = Command::new(kcache_bin());
-        cmd.arg("mount").arg("--foreground").arg("--store").arg(&self.store);
+        cmd.arg("mount")
+            .arg("--foreground")
+            .arg("--store")
+            .arg(&self.store);
         for o in &self.opts {
             cmd.arg("-o").arg(o);
         }
-        cmd.arg(&self.mnt).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        cmd.arg(&self.mnt)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
         // A dead mount left by a crash stays listed until the new daemon detaches it (and mount
         // ids get reused), so wait for the daemon's own "mounted" log line.
         let mounted_lines = |s: &Mount| s.log_text().matches("kcache::daemon: mounted").count();
@@ -120,7 +137,11 @@ impl Mount {
             if let Ok(Some(st)) = child.try_wait() {
                 panic!("kcache exited ({st}) before mounting:\n{}", self.log_text());
             }
-            assert!(Instant::now() < deadline, "mount timed out:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "mount timed out:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         self.child = Some(child);
@@ -145,7 +166,11 @@ impl Mount {
         };
         let mut ok = false;
         for _ in 0..100 {
-            let st = Command::new(kcache_bin()).arg("umount").arg(&self.mnt).status().unwrap();
+            let st = Command::new(kcache_bin())
+                .arg("umount")
+                .arg(&self.mnt)
+                .status()
+                .unwrap();
             if st.success() {
                 ok = true;
                 break;
@@ -158,7 +183,11 @@ impl Mount {
         }
         let st = child.wait().unwrap();
         assert!(ok, "kcache umount failed:\n{}", self.log_text());
-        assert!(st.success(), "daemon exited with {st}:\n{}", self.log_text());
+        assert!(
+            st.success(),
+            "daemon exited with {st}:\n{}",
+            self.log_text()
+        );
     }
 
     /// Kills the daemon with SIGKILL, leaving a dead mount behind, as a crash would.
@@ -185,7 +214,11 @@ impl Mount {
             .arg(&self.store)
             .output()
             .unwrap();
-        assert!(out.status.success(), "stats failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "stats failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
@@ -198,7 +231,11 @@ impl Mount {
             .unwrap();
         (
             out.status.success(),
-            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
         )
     }
 
@@ -214,7 +251,9 @@ impl Mount {
 
     /// Files left in the store's staging directory.
     pub fn staging_files(&self) -> usize {
-        std::fs::read_dir(self.store.join("staging")).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(self.store.join("staging"))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 }
 
@@ -226,7 +265,10 @@ pub fn lazy_umount(p: &Path) {
 impl Drop for Mount {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new(kcache_bin()).arg("umount").arg(&self.mnt).status();
+            let _ = Command::new(kcache_bin())
+                .arg("umount")
+                .arg(&self.mnt)
+                .status();
             if is_mounted(&self.mnt) {
                 lazy_umount(&self.mnt);
             }
@@ -262,7 +304,12 @@ pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
 /// Runs a Python snippet with the system python3 (stdlib only); panics with its output on
 /// failure. Returns stdout.
 pub fn python(code: &str, args: &[&str]) -> String {
-    let out = Command::new("python3").arg("-c").arg(code).args(args).output().expect("python3");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .expect("python3");
     assert!(
         out.status.success(),
         "python failed ({}):\nstdout: {}\nstderr: {}",

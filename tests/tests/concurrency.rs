@@ -39,7 +39,9 @@ fn hold(code: &str, args: &[&str]) -> std::process::Child {
         .unwrap();
     let mut line = String::new();
     use std::io::BufRead;
-    std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     assert_eq!(line.trim(), "locked");
     child
 }
@@ -62,7 +64,10 @@ fn flock_excludes_and_dies_with_its_holder() {
         if python(TRY_FLOCK, &[lp]).trim() == "got" {
             break;
         }
-        assert!(Instant::now() < deadline, "flock not released after its holder was killed");
+        assert!(
+            Instant::now() < deadline,
+            "flock not released after its holder was killed"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -113,7 +118,9 @@ fn o_excl_race_has_exactly_one_winner() {
 #[test]
 fn concurrent_append_loses_nothing() {
     for opts in [&[][..], &["nopassthrough"][..]] {
-        let Some(m) = Mount::with_opts(opts) else { return };
+        let Some(m) = Mount::with_opts(opts) else {
+            return;
+        };
         let log = m.path("index.log");
         let children: Vec<_> = (0..8)
             .map(|w| {
@@ -134,7 +141,10 @@ fn concurrent_append_loses_nothing() {
         assert_eq!(lines.len(), 1600, "opts {opts:?}");
         let mut seen = std::collections::HashSet::new();
         for l in &lines {
-            assert!(l.ends_with(&"x".repeat(50)) && l.starts_with("writer "), "torn line {l:?}");
+            assert!(
+                l.ends_with(&"x".repeat(50)) && l.starts_with("writer "),
+                "torn line {l:?}"
+            );
             assert!(seen.insert(l.to_string()), "duplicate {l:?}");
         }
     }
@@ -150,7 +160,15 @@ fn sqlite_database_shared_by_two_processes() {
     );
     let writer = "import sqlite3,sys\nc=sqlite3.connect(sys.argv[1], timeout=60)\nfor i in range(200):\n  c.execute('insert into t values (?,?)', (int(sys.argv[2]), i)); c.commit()";
     let children: Vec<_> = (0..2)
-        .map(|w| Command::new("python3").arg("-c").arg(writer).arg(&db).arg(w.to_string()).spawn().unwrap())
+        .map(|w| {
+            Command::new("python3")
+                .arg("-c")
+                .arg(writer)
+                .arg(&db)
+                .arg(w.to_string())
+                .spawn()
+                .unwrap()
+        })
         .collect();
     for c in children {
         assert!(c.wait_with_output().unwrap().status.success());

@@ -5,7 +5,7 @@ use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use kcache_tests::{pseudo_random, Mount};
@@ -20,7 +20,15 @@ fn errno_of<T>(r: std::io::Result<T>) -> i32 {
 
 fn renameat2(a: &Path, b: &Path, flags: u32) -> i32 {
     let (a, b) = (c(a), c(b));
-    let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags) };
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
+    };
     if r == 0 {
         0
     } else {
@@ -48,7 +56,11 @@ fn basic_ops(m: &Mount) {
     assert_eq!(fs::read(d.join("f")).unwrap(), b"Jello world");
 
     // Readers opened while a writer is open see the staged content.
-    let w = OpenOptions::new().read(true).write(true).open(d.join("f")).unwrap();
+    let w = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(d.join("f"))
+        .unwrap();
     w.write_all_at(b"HELLO", 0).unwrap();
     assert_eq!(fs::read(d.join("f")).unwrap(), b"HELLO world");
     w.set_len(5).unwrap();
@@ -67,11 +79,20 @@ fn basic_ops(m: &Mount) {
     // Names: exactly 255 bytes work, 256 is ENAMETOOLONG.
     let long = "x".repeat(255);
     fs::write(d.join(&long), b"1").unwrap();
-    assert_eq!(errno_of(fs::write(d.join("y".repeat(256)), b"1")), libc::ENAMETOOLONG);
-    assert_eq!(errno_of(fs::metadata(d.join("y".repeat(256)))), libc::ENAMETOOLONG);
+    assert_eq!(
+        errno_of(fs::write(d.join("y".repeat(256)), b"1")),
+        libc::ENAMETOOLONG
+    );
+    assert_eq!(
+        errno_of(fs::metadata(d.join("y".repeat(256)))),
+        libc::ENAMETOOLONG
+    );
 
     // O_EXCL honoured.
-    let e = OpenOptions::new().write(true).create_new(true).open(d.join(&long));
+    let e = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(d.join(&long));
     assert_eq!(errno_of(e), libc::EEXIST);
 
     // Symlinks: exact bytes, relative, dangling, chains.
@@ -79,11 +100,17 @@ fn basic_ops(m: &Mount) {
     std::os::unix::fs::symlink("l1", d.join("l2")).unwrap();
     std::os::unix::fs::symlink("../nowhere/\u{e9}x", d.join("dangling")).unwrap();
     assert_eq!(fs::read_link(d.join("l2")).unwrap(), Path::new("l1"));
-    assert_eq!(fs::read_link(d.join("dangling")).unwrap(), Path::new("../nowhere/\u{e9}x"));
+    assert_eq!(
+        fs::read_link(d.join("dangling")).unwrap(),
+        Path::new("../nowhere/\u{e9}x")
+    );
     fs::write(d.join("f"), b"via link").unwrap();
     assert_eq!(fs::read(d.join("l2")).unwrap(), b"via link");
     assert_eq!(errno_of(fs::read(d.join("dangling"))), libc::ENOENT);
-    assert!(fs::symlink_metadata(d.join("l1")).unwrap().file_type().is_symlink());
+    assert!(fs::symlink_metadata(d.join("l1"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
     // Replacing a regular file by a symlink with rename (what huggingface_hub does).
     std::os::unix::fs::symlink("f", d.join("tmp-link")).unwrap();
     fs::write(d.join("target"), b"regular").unwrap();
@@ -93,7 +120,10 @@ fn basic_ops(m: &Mount) {
     // Hard links and link counts.
     fs::hard_link(d.join("f"), d.join("h")).unwrap();
     assert_eq!(fs::metadata(d.join("f")).unwrap().nlink(), 2);
-    assert_eq!(fs::metadata(d.join("f")).unwrap().ino(), fs::metadata(d.join("h")).unwrap().ino());
+    assert_eq!(
+        fs::metadata(d.join("f")).unwrap().ino(),
+        fs::metadata(d.join("h")).unwrap().ino()
+    );
     fs::write(d.join("h"), b"changed through h").unwrap();
     assert_eq!(fs::read(d.join("f")).unwrap(), b"changed through h");
     fs::remove_file(d.join("h")).unwrap();
@@ -120,15 +150,27 @@ fn basic_ops(m: &Mount) {
     fs::write(m.path("src/x"), b"x").unwrap();
     fs::rename(m.path("src"), m.path("empty")).unwrap();
     assert_eq!(fs::read(m.path("empty/x")).unwrap(), b"x");
-    assert_eq!(errno_of(fs::rename(m.path("empty"), d.join("s1/moved"))), libc::ENOTDIR);
+    assert_eq!(
+        errno_of(fs::rename(m.path("empty"), d.join("s1/moved"))),
+        libc::ENOTDIR
+    );
     assert_eq!(errno_of(fs::rename(&d, d.join("s1/inside"))), libc::EINVAL);
     fs::write(m.path("p"), b"P").unwrap();
     fs::write(m.path("q"), b"Q").unwrap();
-    assert_eq!(renameat2(&m.path("p"), &m.path("q"), libc::RENAME_NOREPLACE), libc::EEXIST);
-    assert_eq!(renameat2(&m.path("p"), &m.path("q"), libc::RENAME_EXCHANGE), 0);
+    assert_eq!(
+        renameat2(&m.path("p"), &m.path("q"), libc::RENAME_NOREPLACE),
+        libc::EEXIST
+    );
+    assert_eq!(
+        renameat2(&m.path("p"), &m.path("q"), libc::RENAME_EXCHANGE),
+        0
+    );
     assert_eq!(fs::read(m.path("p")).unwrap(), b"Q");
     assert_eq!(fs::read(m.path("q")).unwrap(), b"P");
-    assert_eq!(renameat2(&m.path("p"), &m.path("new"), libc::RENAME_NOREPLACE), 0);
+    assert_eq!(
+        renameat2(&m.path("p"), &m.path("new"), libc::RENAME_NOREPLACE),
+        0
+    );
     assert_eq!(fs::read(m.path("new")).unwrap(), b"Q");
 
     // rmdir.
@@ -141,9 +183,15 @@ fn basic_ops(m: &Mount) {
     let f = d.join("f");
     xattr_set(&f, "user.k", b"v1", 0).unwrap();
     assert_eq!(xattr_get(&f, "user.k").unwrap(), b"v1");
-    assert_eq!(xattr_set(&f, "user.k", b"v2", libc::XATTR_CREATE).unwrap_err(), libc::EEXIST);
+    assert_eq!(
+        xattr_set(&f, "user.k", b"v2", libc::XATTR_CREATE).unwrap_err(),
+        libc::EEXIST
+    );
     xattr_set(&f, "user.k", b"v2", libc::XATTR_REPLACE).unwrap();
-    assert_eq!(xattr_set(&f, "user.none", b"v", libc::XATTR_REPLACE).unwrap_err(), libc::ENODATA);
+    assert_eq!(
+        xattr_set(&f, "user.none", b"v", libc::XATTR_REPLACE).unwrap_err(),
+        libc::ENODATA
+    );
     xattr_set(&f, "user.other", b"", 0).unwrap();
     let mut names = xattr_list(&f);
     names.sort();
@@ -168,27 +216,50 @@ fn basic_ops(m: &Mount) {
     assert!(s.f_blocks > 0 && s.f_namemax == 255);
 
     // access(2).
-    assert_eq!(unsafe { libc::access(c(&f).as_ptr(), libc::R_OK | libc::W_OK) }, 0);
+    assert_eq!(
+        unsafe { libc::access(c(&f).as_ptr(), libc::R_OK | libc::W_OK) },
+        0
+    );
 }
 
 fn set_times(p: &Path, atime_ns: i64, mtime_ns: i64) {
     let ts = [
-        libc::timespec { tv_sec: atime_ns / 1_000_000_000, tv_nsec: atime_ns % 1_000_000_000 },
-        libc::timespec { tv_sec: mtime_ns / 1_000_000_000, tv_nsec: mtime_ns % 1_000_000_000 },
+        libc::timespec {
+            tv_sec: atime_ns / 1_000_000_000,
+            tv_nsec: atime_ns % 1_000_000_000,
+        },
+        libc::timespec {
+            tv_sec: mtime_ns / 1_000_000_000,
+            tv_nsec: mtime_ns % 1_000_000_000,
+        },
     ];
-    assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c(p).as_ptr(), ts.as_ptr(), 0) }, 0);
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, c(p).as_ptr(), ts.as_ptr(), 0) },
+        0
+    );
 }
 
 fn xattr_set(p: &Path, n: &str, v: &[u8], flags: i32) -> Result<(), i32> {
     let n = CString::new(n).unwrap();
     let r = unsafe { libc::setxattr(c(p).as_ptr(), n.as_ptr(), v.as_ptr().cast(), v.len(), flags) };
-    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error().raw_os_error().unwrap()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+    }
 }
 
 fn xattr_get(p: &Path, n: &str) -> Result<Vec<u8>, i32> {
     let n = CString::new(n).unwrap();
     let mut buf = vec![0u8; 1024];
-    let r = unsafe { libc::getxattr(c(p).as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let r = unsafe {
+        libc::getxattr(
+            c(p).as_ptr(),
+            n.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
     if r < 0 {
         return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
     }
@@ -201,13 +272,20 @@ fn xattr_list(p: &Path) -> Vec<String> {
     let r = unsafe { libc::listxattr(c(p).as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     assert!(r >= 0);
     buf.truncate(r as usize);
-    buf.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
+    buf.split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
 }
 
 fn xattr_remove(p: &Path, n: &str) -> Result<(), i32> {
     let n = CString::new(n).unwrap();
     let r = unsafe { libc::removexattr(c(p).as_ptr(), n.as_ptr()) };
-    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error().raw_os_error().unwrap()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+    }
 }
 
 #[test]
@@ -220,7 +298,9 @@ fn operations_passthrough() {
 
 #[test]
 fn operations_daemon_io() {
-    let Some(m) = Mount::with_opts(&["nopassthrough"]) else { return };
+    let Some(m) = Mount::with_opts(&["nopassthrough"]) else {
+        return;
+    };
     basic_ops(&m);
     open_files_survive_unlink_and_rename(&m);
     mmap_shared_and_private(&m);
@@ -229,7 +309,11 @@ fn operations_daemon_io() {
 fn open_files_survive_unlink_and_rename(m: &Mount) {
     // Unlink of an open file: it stays readable (and writable) until closed.
     fs::write(m.path("victim"), b"still here").unwrap();
-    let mut f = OpenOptions::new().read(true).write(true).open(m.path("victim")).unwrap();
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("victim"))
+        .unwrap();
     fs::remove_file(m.path("victim")).unwrap();
     let mut s = String::new();
     f.read_to_string(&mut s).unwrap();
@@ -261,8 +345,20 @@ fn mmap_shared_and_private(m: &Mount) {
     let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
     unsafe {
         let len = data.len();
-        let shared = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, std::os::unix::io::AsRawFd::as_raw_fd(&f), 0);
-        assert_ne!(shared, libc::MAP_FAILED, "shared mmap failed: {}", std::io::Error::last_os_error());
+        let shared = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::unix::io::AsRawFd::as_raw_fd(&f),
+            0,
+        );
+        assert_ne!(
+            shared,
+            libc::MAP_FAILED,
+            "shared mmap failed: {}",
+            std::io::Error::last_os_error()
+        );
         let s = std::slice::from_raw_parts_mut(shared as *mut u8, len);
         assert_eq!(&s[..4096], &data[..4096]);
         s[..5].copy_from_slice(b"MMAP!");
@@ -277,7 +373,14 @@ fn mmap_shared_and_private(m: &Mount) {
     let f = File::open(&p).unwrap();
     unsafe {
         let len = data.len();
-        let map = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, std::os::unix::io::AsRawFd::as_raw_fd(&f), 0);
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            std::os::unix::io::AsRawFd::as_raw_fd(&f),
+            0,
+        );
         assert_ne!(map, libc::MAP_FAILED);
         let s = std::slice::from_raw_parts(map as *const u8, len);
         assert_eq!(&s[..5], b"MMAP!");
@@ -293,7 +396,11 @@ fn metadata_and_content_persist_across_remount() {
     fs::write(m.path("a/b/file"), b"persist me").unwrap();
     fs::set_permissions(m.path("a/b/file"), fs::Permissions::from_mode(0o604)).unwrap();
     std::os::unix::fs::chown(m.path("a/b/file"), Some(42), Some(43)).unwrap();
-    set_times(&m.path("a/b/file"), 1_500_000_000_000_000_001, 1_600_000_000_000_000_002);
+    set_times(
+        &m.path("a/b/file"),
+        1_500_000_000_000_000_001,
+        1_600_000_000_000_000_002,
+    );
     std::os::unix::fs::symlink("b/file", m.path("a/link")).unwrap();
     fs::hard_link(m.path("a/b/file"), m.path("a/hard")).unwrap();
     xattr_set(&m.path("a/b/file"), "user.tag", b"kept", 0).unwrap();
@@ -314,7 +421,9 @@ fn metadata_and_content_persist_across_remount() {
 
 #[test]
 fn new_files_belong_to_the_caller() {
-    let Some(m) = Mount::with_opts(&["allow_other"]) else { return };
+    let Some(m) = Mount::with_opts(&["allow_other"]) else {
+        return;
+    };
     fs::set_permissions(&m.mnt, fs::Permissions::from_mode(0o777)).unwrap();
     let p = m.path("owned-by-nobody");
     let out = std::process::Command::new("setpriv")
@@ -322,7 +431,11 @@ fn new_files_belong_to_the_caller() {
         .arg(&p)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let md = fs::metadata(&p).unwrap();
     assert_eq!((md.uid(), md.gid()), (65534, 65534));
     // And root's files are root's (pip as root checks st_uid == 0 on its cache dir).
@@ -347,7 +460,10 @@ fn readdir_large_and_stable_under_changes() {
     for i in 0..5000 {
         File::create(d.join(format!("f{i:05}"))).unwrap();
     }
-    let mut names: Vec<String> = fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<String> = fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     names.sort();
     assert_eq!(names.len(), 5000);
     assert_eq!(names[0], "f00000");
@@ -367,7 +483,9 @@ fn readdir_large_and_stable_under_changes() {
     });
     let mut seen = std::collections::HashMap::new();
     for e in fs::read_dir(&d).unwrap() {
-        *seen.entry(e.unwrap().file_name().into_string().unwrap()).or_insert(0) += 1;
+        *seen
+            .entry(e.unwrap().file_name().into_string().unwrap())
+            .or_insert(0) += 1;
     }
     churn.join().unwrap();
     for i in 0..5000 {
@@ -418,10 +536,16 @@ fn bad_input_gets_errnos_not_panics() {
     let e = std::os::unix::fs::symlink(&long_target, m.path("toolong"));
     assert_eq!(errno_of(e), libc::ENAMETOOLONG);
     fs::create_dir(m.path("dir")).unwrap();
-    assert_eq!(errno_of(File::open(m.path("dir")).and_then(|mut f| f.read(&mut [0u8; 4]))), libc::EISDIR);
+    assert_eq!(
+        errno_of(File::open(m.path("dir")).and_then(|mut f| f.read(&mut [0u8; 4]))),
+        libc::EISDIR
+    );
     assert_eq!(errno_of(fs::remove_file(m.path("dir"))), libc::EISDIR);
     assert_eq!(errno_of(fs::read_link(m.path("dir"))), libc::EINVAL);
-    assert_eq!(xattr_get(&m.path("dir"), "user.absent").unwrap_err(), libc::ENODATA);
+    assert_eq!(
+        xattr_get(&m.path("dir"), "user.absent").unwrap_err(),
+        libc::ENODATA
+    );
     // The daemon is still alive and well.
     fs::write(m.path("dir/ok"), b"ok").unwrap();
     assert_eq!(fs::read(m.path("dir/ok")).unwrap(), b"ok");

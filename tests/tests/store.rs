@@ -95,7 +95,8 @@ except OSError:
     for e in fs::read_dir(m.path("w")).unwrap() {
         let e = e.unwrap();
         let name = e.file_name().into_string().unwrap();
-        let content = fs::read(e.path()).unwrap_or_else(|err| panic!("reading {name} after crash: {err}\n{}", m.log_text()));
+        let content = fs::read(e.path())
+            .unwrap_or_else(|err| panic!("reading {name} after crash: {err}\n{}", m.log_text()));
         if content.is_empty() {
             // A file created but never written before the crash: its old (empty) content.
             continue;
@@ -107,9 +108,19 @@ except OSError:
             assert_eq!(who, name, "{name} holds another file's content");
         }
         let gen: u64 = gen.parse().unwrap();
-        let wid: u64 = who.trim_start_matches(|c: char| !c.is_ascii_digit()).split('_').next().unwrap().parse().unwrap();
+        let wid: u64 = who
+            .trim_start_matches(|c: char| !c.is_ascii_digit())
+            .split('_')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         let reps = 1000 + (gen * 37 + wid) % 5000;
-        assert_eq!(text, format!("{first}|").repeat(reps as usize), "{name} is torn");
+        assert_eq!(
+            text,
+            format!("{first}|").repeat(reps as usize),
+            "{name} is torn"
+        );
         checked += 1;
     }
     assert!(checked > 4, "too few files survived to check ({checked})");
@@ -127,8 +138,10 @@ fn damaged_blobs_give_eio_never_wrong_bytes() {
     fs::write(m.path("fine"), pseudo_random(3, 100_000)).unwrap();
     m.unmount();
     let blobs = blob_paths(&m.store);
-    let by_content: HashMap<Vec<u8>, std::path::PathBuf> =
-        blobs.iter().map(|p| (fs::read(p).unwrap(), p.clone())).collect();
+    let by_content: HashMap<Vec<u8>, std::path::PathBuf> = blobs
+        .iter()
+        .map(|p| (fs::read(p).unwrap(), p.clone()))
+        .collect();
     let truncated = &by_content[&pseudo_random(1, 100_000)];
     let rotten = &by_content[&pseudo_random(2, 100_000)];
     for p in [truncated, rotten] {
@@ -138,9 +151,19 @@ fn damaged_blobs_give_eio_never_wrong_bytes() {
         fs::set_permissions(p, perm).unwrap();
     }
     // Truncated behind the daemon's back: noticed at open.
-    fs::OpenOptions::new().write(true).open(truncated).unwrap().set_len(50_000).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(truncated)
+        .unwrap()
+        .set_len(50_000)
+        .unwrap();
     // Silent bit rot (same size): only verify can see it.
-    fs::OpenOptions::new().write(true).open(rotten).unwrap().write_all_at(b"X", 500).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(rotten)
+        .unwrap()
+        .write_all_at(b"X", 500)
+        .unwrap();
 
     let (ok, out) = m.verify();
     assert!(!ok, "verify must report damage: {out}");
@@ -152,8 +175,14 @@ fn damaged_blobs_give_eio_never_wrong_bytes() {
         let e = fs::read(m2.path(name)).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EIO), "{name}");
     }
-    assert_eq!(fs::read(m2.path("fine")).unwrap(), pseudo_random(3, 100_000));
-    assert!(m2.log_text().contains("is damaged"), "no error log naming the blob");
+    assert_eq!(
+        fs::read(m2.path("fine")).unwrap(),
+        pseudo_random(3, 100_000)
+    );
+    assert!(
+        m2.log_text().contains("is damaged"),
+        "no error log naming the blob"
+    );
 }
 
 fn blob_paths(store: &Path) -> Vec<std::path::PathBuf> {
@@ -170,7 +199,11 @@ fn kcache(args: &[&str]) -> (i32, String) {
     let out = Command::new(kcache_bin()).args(args).output().unwrap();
     (
         out.status.code().unwrap_or(-1),
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     )
 }
 
@@ -188,7 +221,12 @@ fn refuses_bad_stores_mountpoints_and_arguments() {
     assert!(out.contains("in use by another kcache"), "{out}");
 
     // Mountpoint missing, or busy.
-    let (code, out) = kcache(&["mount", "--store", &s(&dir.path().join("st")), &s(&dir.path().join("nope"))]);
+    let (code, out) = kcache(&[
+        "mount",
+        "--store",
+        &s(&dir.path().join("st")),
+        &s(&dir.path().join("nope")),
+    ]);
     assert_eq!(code, 1);
     assert!(out.contains("does not exist"), "{out}");
     let (code, out) = kcache(&["mount", "--store", &s(&dir.path().join("st")), &s(&m.mnt)]);
@@ -213,7 +251,11 @@ fn refuses_bad_stores_mountpoints_and_arguments() {
     // A corrupt database.
     let corrupt = dir.path().join("corrupt");
     fs::create_dir(&corrupt).unwrap();
-    fs::write(corrupt.join("kcache.db"), b"this is not sqlite at all, just some bytes......").unwrap();
+    fs::write(
+        corrupt.join("kcache.db"),
+        b"this is not sqlite at all, just some bytes......",
+    )
+    .unwrap();
     let (code, out) = kcache(&["mount", "--store", &s(&corrupt), &s(&mp)]);
     assert_eq!(code, 1);
     assert!(out.contains("not a kcache store database"), "{out}");
@@ -234,7 +276,14 @@ fn refuses_bad_stores_mountpoints_and_arguments() {
     // Bad arguments and options.
     let (code, _) = kcache(&["mount", "--no-such-flag", &s(&mp)]);
     assert_eq!(code, 2);
-    let (code, out) = kcache(&["mount", "-o", "ro,frobnicate", "--store", &s(&dir.path().join("st")), &s(&mp)]);
+    let (code, out) = kcache(&[
+        "mount",
+        "-o",
+        "ro,frobnicate",
+        "--store",
+        &s(&dir.path().join("st")),
+        &s(&mp),
+    ]);
     assert_eq!(code, 1);
     assert!(out.contains("frobnicate"), "{out}");
     let (code, _) = kcache(&["frobnicate"]);
@@ -250,33 +299,60 @@ fn daemon_mode_returns_when_mounted_and_umount_stops_it() {
     let store = dir.path().join("store");
     let mp = dir.path().join("mp");
     fs::create_dir(&mp).unwrap();
-    let (code, out) = kcache(&["mount", "--store", store.to_str().unwrap(), mp.to_str().unwrap()]);
+    let (code, out) = kcache(&[
+        "mount",
+        "--store",
+        store.to_str().unwrap(),
+        mp.to_str().unwrap(),
+    ]);
     assert_eq!(code, 0, "{out}");
     // Usable immediately.
     fs::write(mp.join("x"), b"daemon").unwrap();
     let (code, out) = kcache(&["umount", mp.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
-    assert!(!fs::read_to_string("/proc/self/mountinfo").unwrap().contains(mp.to_str().unwrap()));
+    assert!(!fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains(mp.to_str().unwrap()));
     // The daemon released the store: it can be opened (and verified) right away.
     let (code, out) = kcache(&["verify", "--store", store.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
     // SIGTERM also unmounts cleanly and keeps data.
-    let (code, out) = kcache(&["mount", "--store", store.to_str().unwrap(), mp.to_str().unwrap()]);
+    let (code, out) = kcache(&[
+        "mount",
+        "--store",
+        store.to_str().unwrap(),
+        mp.to_str().unwrap(),
+    ]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(fs::read(mp.join("x")).unwrap(), b"daemon");
-    let pid = Command::new("sh")
-        .arg("-c")
-        .arg(format!("fuser -m {} 2>/dev/null || pgrep -f 'kcache mount --foreground .*{}'", mp.display(), mp.display()))
-        .output()
-        .unwrap();
-    let pids: Vec<i32> = String::from_utf8_lossy(&pid.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect();
+    let pids = daemon_pids(&mp);
     assert!(!pids.is_empty(), "daemon pid not found");
     for p in &pids {
         unsafe { libc::kill(*p, libc::SIGTERM) };
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while fs::read_to_string("/proc/self/mountinfo").unwrap().contains(mp.to_str().unwrap()) {
-        assert!(std::time::Instant::now() < deadline, "SIGTERM did not unmount");
+    while fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains(mp.to_str().unwrap())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGTERM did not unmount"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// Pids of `kcache mount` daemons serving `mp`, found through /proc.
+fn daemon_pids(mp: &Path) -> Vec<i32> {
+    let want = mp.to_str().unwrap();
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            args.contains(&&b"--foreground"[..]) && args.contains(&want.as_bytes())
+        })
+        .collect()
 }
