@@ -139,8 +139,6 @@ struct Staging {
 
 struct PtState {
     token: BackingToken,
-    /// The backing file is the staging file (else the committed blob).
-    on_staging: bool,
     handles: u32,
 }
 
@@ -664,37 +662,23 @@ impl KcacheFs {
     /// Sets a file's length: through its staging file when open, else as a one-shot commit.
     fn truncate(&self, ino: Ino, size: u64) -> Result<()> {
         self.with_open_inode(ino, |g| {
-            if let Some(st) = &mut g.staging {
-                st.file.set_len(size)?;
-                st.dirty = true;
+            if g.handles > 0 || g.staging.is_some() {
+                // Open: change the staged content; the last writer's release commits it.
+                let file = self.staging_for_write(ino, g)?;
+                file.set_len(size)?;
+                if g.writers == 0 {
+                    self.commit(ino, g, false)?;
+                }
                 return Ok(());
             }
             if size == 0 {
                 self.store.clear_content(ino, kcache_store::now_ns())?;
                 return Ok(());
             }
-            let inode = self.store.get(ino)?;
-            let (file, path) = self.store.new_staging()?;
-            let res = (|| -> Result<bool> {
-                if let Some(h) = inode.blob {
-                    let blob = self.store.open_blob(&h)?;
-                    copy_content(&blob, &file)?;
-                }
-                file.set_len(size)?;
-                let st = Staged {
-                    ino,
-                    path: &path,
-                    file: &file,
-                    durable: false,
-                    keep_staging: false,
-                    mtime: kcache_store::now_ns(),
-                };
-                Ok(self.store.commit_staged(&st)?.2)
-            })();
-            if !matches!(res, Ok(true)) {
-                let _ = std::fs::remove_file(&path);
-            }
-            res.map(|_| ())
+            let file = self.staging_for_write(ino, g)?;
+            file.set_len(size)?;
+            set_file_mtime(&file, kcache_store::now_ns())?;
+            self.commit(ino, g, false)
         })
     }
 
@@ -803,69 +787,41 @@ impl KcacheFs {
         trunc: bool,
         backing: Option<&dyn Backing>,
     ) -> Result<IoMode> {
-        if writable {
+        if trunc {
             match &mut g.staging {
-                Some(st) => {
-                    if trunc {
-                        st.file.set_len(0)?;
-                    }
-                    st.dirty = true;
-                }
-                None => {
-                    let (file, path) = self.store.new_staging()?;
-                    let prepared = (|| -> Result<()> {
-                        if !trunc {
-                            if let Some(h) = inode.blob {
-                                let blob = self.store.open_blob(&h)?;
-                                copy_content(&blob, &file)?;
-                            }
-                            set_file_mtime(&file, inode.mtime)?;
-                        }
-                        Ok(())
-                    })();
-                    if let Err(e) = prepared {
-                        let _ = std::fs::remove_file(&path);
-                        return Err(e);
-                    }
-                    g.staging = Some(Staging {
-                        file: Arc::new(file),
-                        path,
-                        dirty: true,
-                    });
-                }
+                Some(st) => st.file.set_len(0)?,
+                None => g.staging = Some(self.new_staging(None, inode.mtime)?),
+            }
+            if let Some(st) = &mut g.staging {
+                st.dirty = true;
             }
         }
 
-        // Decide the I/O mode. The kernel requires every passthrough handle of an inode to
-        // share one backing file, and refuses passthrough while page-cached handles exist
-        // (and vice versa); see the module docs of `fuse` for the consequences.
+        // Decide the I/O mode. Passthrough is only for committed content that nobody writes:
+        // writes must reach the daemon so that it knows exactly what changed and never lets a
+        // write land in a file that has become a blob. The kernel requires all passthrough
+        // handles of an inode to share one backing file and refuses to mix passthrough with
+        // page-cached handles, so while older passthrough readers pin the blob, anything that
+        // writes or must see staged content is served with direct I/O.
+        let quiet = !writable && g.writers == 0 && g.staging.is_none();
         let mode = match (&mut g.pt, backing.filter(|_| self.passthrough())) {
-            (Some(pt), _) if pt.on_staging == g.staging.is_some() => {
+            (Some(pt), _) if quiet => {
                 pt.handles += 1;
                 IoMode::Passthrough(pt.token.clone())
             }
             (Some(_), _) => IoMode::Direct,
-            (None, Some(b)) if g.cached_handles == 0 => {
-                let file: Option<Arc<File>> = match (&g.staging, inode.blob) {
-                    (Some(st), _) => Some(st.file.clone()),
-                    (None, Some(h)) => Some(self.blob_file(g, h)?),
-                    (None, None) => None,
-                };
-                match file.map(|f| b.register(&f)) {
-                    Some(Ok(token)) => {
+            (None, Some(b)) if quiet && g.cached_handles == 0 && inode.blob.is_some() => {
+                let file = self.blob_file(g, inode.blob.expect("checked above"))?;
+                match b.register(&file) {
+                    Ok(token) => {
                         g.pt = Some(PtState {
                             token: token.clone(),
-                            on_staging: g.staging.is_some(),
                             handles: 1,
                         });
                         IoMode::Passthrough(token)
                     }
-                    Some(Err(e)) => {
+                    Err(e) => {
                         tracing::warn!(ino = inode.ino, error = %e, "passthrough refused; serving this file from the daemon");
-                        g.cached_handles += 1;
-                        IoMode::Cached { keep_cache: false }
-                    }
-                    None => {
                         g.cached_handles += 1;
                         IoMode::Cached { keep_cache: false }
                     }
@@ -874,17 +830,14 @@ impl KcacheFs {
             (None, _) => {
                 g.cached_handles += 1;
                 let keep_cache = match (&g.staging, inode.blob) {
-                    (None, Some(h)) => lock(&self.page_cache).insert(inode.ino, h) == Some(h),
+                    (None, Some(h)) if g.writers == 0 => {
+                        lock(&self.page_cache).insert(inode.ino, h) == Some(h)
+                    }
                     _ => {
                         lock(&self.page_cache).remove(&inode.ino);
                         false
                     }
                 };
-                if g.staging.is_none() {
-                    if let Some(h) = inode.blob {
-                        self.blob_file(g, h)?;
-                    }
-                }
                 IoMode::Cached { keep_cache }
             }
         };
@@ -893,6 +846,40 @@ impl KcacheFs {
             g.writers += 1;
         }
         Ok(mode)
+    }
+
+    /// A new staging file holding `from`'s content (or nothing), with the file's mtime.
+    fn new_staging(&self, from: Option<Hash>, mtime: i64) -> Result<Staging> {
+        let (file, path) = self.store.new_staging()?;
+        let prepared = (|| -> Result<()> {
+            if let Some(h) = from {
+                let blob = self.store.open_blob(&h)?;
+                copy_content(&blob, &file)?;
+            }
+            set_file_mtime(&file, mtime)?;
+            Ok(())
+        })();
+        if let Err(e) = prepared {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        Ok(Staging {
+            file: Arc::new(file),
+            path,
+            dirty: false,
+        })
+    }
+
+    /// The staging file of an open inode, made from the committed content on first use, and
+    /// marked dirty: the caller is about to change it.
+    fn staging_for_write(&self, ino: Ino, g: &mut OpenInode) -> Result<Arc<File>> {
+        if g.staging.is_none() {
+            let inode = self.store.get(ino)?;
+            g.staging = Some(self.new_staging(inode.blob, inode.mtime)?);
+        }
+        let st = g.staging.as_mut().expect("just made");
+        st.dirty = true;
+        Ok(st.file.clone())
     }
 
     /// The open committed blob for daemon-served reads, opened through the store's one
@@ -948,39 +935,36 @@ impl KcacheFs {
         Ok(buf)
     }
 
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+    /// The open per-inode state behind a writable handle.
+    fn writable_handle(&self, fh: u64) -> Result<(Ino, Arc<Mutex<OpenInode>>)> {
         let (ino, writable) = self.handle_ino(fh)?;
         if !writable {
             return Err(Errno::EBADF);
         }
-        offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
         let oi = lock(&self.open).get(&ino).cloned().ok_or(Errno::EBADF)?;
-        let file = lock(&oi)
-            .staging
-            .as_ref()
-            .map(|s| s.file.clone())
-            .ok_or(Errno::EBADF)?;
-        // The kernel resolves O_APPEND to the end of the file before it sends the write.
+        Ok((ino, oi))
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let (ino, oi) = self.writable_handle(fh)?;
+        offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
+        // Under the inode's lock, so a concurrent commit never hashes or renames a file that
+        // is still being written. The kernel resolves O_APPEND to an offset before sending.
+        let mut g = lock(&oi);
+        let file = self.staging_for_write(ino, &mut g)?;
         file.write_all_at(data, offset)?;
         Ok(data.len() as u32)
     }
 
     /// fallocate(2) on the staged content: preallocation, punching holes, zeroing ranges.
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
-        let (ino, writable) = self.handle_ino(fh)?;
-        if !writable {
-            return Err(Errno::EBADF);
-        }
-        let oi = lock(&self.open).get(&ino).cloned().ok_or(Errno::EBADF)?;
-        let file = lock(&oi)
-            .staging
-            .as_ref()
-            .map(|s| s.file.clone())
-            .ok_or(Errno::EBADF)?;
+        let (ino, oi) = self.writable_handle(fh)?;
         let (off, len) = (
             i64::try_from(offset).map_err(|_| Errno::EFBIG)?,
             i64::try_from(length).map_err(|_| Errno::EFBIG)?,
         );
+        let mut g = lock(&oi);
+        let file = self.staging_for_write(ino, &mut g)?;
         // SAFETY: fallocate on a valid descriptor we own.
         if unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) } != 0 {
             return Err(std::io::Error::last_os_error().into());
@@ -999,8 +983,10 @@ impl KcacheFs {
         Ok(())
     }
 
-    /// Hashes the staged content and points the inode at the resulting blob. The staging file
-    /// is renamed into the store when nothing uses it any more, else copied.
+    /// Hashes the staged content and points the inode at the resulting blob, then lets go of
+    /// the staging file: it became the blob (renamed), or the content was already stored.
+    /// The next write makes a fresh staging file. Nothing else can be writing it: writes take
+    /// the inode lock the caller holds, and the kernel never writes staging files directly.
     fn commit(&self, ino: Ino, g: &mut OpenInode, durable: bool) -> Result<()> {
         let Some(st) = &g.staging else {
             return Ok(());
@@ -1011,7 +997,7 @@ impl KcacheFs {
             return Ok(());
         }
         let meta = st.file.metadata()?;
-        let keep_staging = g.handles > 0;
+        let mut consumed = false;
         if meta.len() == 0 {
             self.store.clear_content(ino, mtime_of(&meta))?;
         } else {
@@ -1020,32 +1006,16 @@ impl KcacheFs {
                 path: &st.path,
                 file: &st.file,
                 durable,
-                keep_staging,
                 mtime: mtime_of(&meta),
             };
-            let (_, _, renamed) = self.store.commit_staged(&staged)?;
-            if !renamed && !keep_staging {
-                // Deduplicated: the content was already in the store.
+            consumed = self.store.commit_staged(&staged)?.2;
+        }
+        if let Some(st) = g.staging.take() {
+            if !consumed {
                 let _ = std::fs::remove_file(&st.path);
             }
         }
         lock(&self.page_cache).remove(&ino);
-        if keep_staging || meta.len() == 0 {
-            // Passthrough writes never reach the daemon, so while any writer remains the
-            // staged content must be assumed to change again.
-            let writers = g.writers;
-            if let Some(st) = &mut g.staging {
-                st.dirty = writers > 0;
-            }
-            if !keep_staging {
-                if let Some(st) = g.staging.take() {
-                    let _ = std::fs::remove_file(&st.path);
-                }
-            }
-        } else {
-            // The staging file became the blob.
-            g.staging = None;
-        }
         g.blob_file = None;
         Ok(())
     }

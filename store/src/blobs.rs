@@ -38,9 +38,6 @@ pub struct Staged<'a> {
     pub file: &'a File,
     /// The caller asked for durability (fsync): data and the database commit reach the disk.
     pub durable: bool,
-    /// Other handles still read or write through the staging file, so it must stay where it
-    /// is: the blob is made by copying instead of renaming.
-    pub keep_staging: bool,
     pub mtime: i64,
 }
 
@@ -117,7 +114,7 @@ impl Store {
         let mut file_ino = existing.map(|e| e.1).unwrap_or(0);
         let have_file = matches!(existing, Some((0, _)))
             && fs::metadata(&blob_path).is_ok_and(|m| m.ino() as i64 == file_ino);
-        let renamed = !have_file && !st.keep_staging;
+        let renamed = !have_file;
         if have_file {
             if st.durable {
                 File::open(&blob_path)
@@ -127,30 +124,11 @@ impl Store {
         } else {
             let dir = blob_path.parent().expect("blob path has a parent");
             fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
-            if st.keep_staging {
-                // Copy into a second staging file first so the blob name only ever appears
-                // with complete content.
-                let (mut tmp, tmp_path) = self.new_staging()?;
-                let mut src =
-                    File::open(st.path).ctx(|| format!("reopening {}", st.path.display()))?;
-                let res = std::io::copy(&mut src, &mut tmp)
-                    .and_then(|_| if st.durable { tmp.sync_data() } else { Ok(()) })
-                    .and_then(|_| tmp.set_permissions(fs::Permissions::from_mode(0o444)))
-                    .and_then(|_| fs::rename(&tmp_path, &blob_path));
-                if let Err(e) = res {
-                    let _ = fs::remove_file(&tmp_path);
-                    return Err(Error::io(
-                        format!("copying {} into blob {hash}", st.path.display()),
-                        e,
-                    ));
-                }
-            } else {
-                st.file
-                    .set_permissions(fs::Permissions::from_mode(0o444))
-                    .ctx(|| format!("sealing {}", st.path.display()))?;
-                fs::rename(st.path, &blob_path)
-                    .ctx(|| format!("renaming {} to blob {hash}", st.path.display()))?;
-            }
+            st.file
+                .set_permissions(fs::Permissions::from_mode(0o444))
+                .ctx(|| format!("sealing {}", st.path.display()))?;
+            fs::rename(st.path, &blob_path)
+                .ctx(|| format!("renaming {} to blob {hash}", st.path.display()))?;
             if st.durable {
                 File::open(dir)
                     .and_then(|d| d.sync_all())
