@@ -350,12 +350,19 @@ impl KcacheFs {
     }
 
     /// Purges an inode whose last name is gone once the kernel and all handles let go of it.
+    ///
+    /// A file without names and handles is unreachable (the kernel can only open it by name),
+    /// so it goes at once and its space is freed even while the kernel still caches the inode.
+    /// A directory waits until the kernel forgets it: it may still be someone's cwd.
     fn maybe_purge(&self, ino: Ino) {
-        if lock(&self.lookups).contains_key(&ino) || lock(&self.open).contains_key(&ino) {
+        if lock(&self.open).contains_key(&ino) {
             return;
         }
         match self.store.get(ino) {
             Ok(n) if n.nlink == 0 => {
+                if n.kind == Kind::Dir && lock(&self.lookups).contains_key(&ino) {
+                    return;
+                }
                 if let Err(e) = self.store.purge(ino) {
                     tracing::error!(ino, error = %e, "purging unlinked inode failed");
                 }
@@ -935,6 +942,17 @@ impl KcacheFs {
         Ok(buf)
     }
 
+    /// Refuses (ENOSPC) a write that would eat into the headroom kept free on the store's
+    /// disk, so that the database can still record deletions when the disk is otherwise full.
+    fn check_room(&self, bytes: u64) -> Result<()> {
+        const HEADROOM: u64 = 4 << 20;
+        let s = self.statfs()?;
+        if s.bavail.saturating_mul(s.frsize as u64) < bytes.saturating_add(HEADROOM) {
+            return Err(Errno(libc::ENOSPC));
+        }
+        Ok(())
+    }
+
     /// The open per-inode state behind a writable handle.
     fn writable_handle(&self, fh: u64) -> Result<(Ino, Arc<Mutex<OpenInode>>)> {
         let (ino, writable) = self.handle_ino(fh)?;
@@ -948,6 +966,7 @@ impl KcacheFs {
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let (ino, oi) = self.writable_handle(fh)?;
         offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
+        self.check_room(data.len() as u64)?;
         // Under the inode's lock, so a concurrent commit never hashes or renames a file that
         // is still being written. The kernel resolves O_APPEND to an offset before sending.
         let mut g = lock(&oi);
@@ -963,6 +982,9 @@ impl KcacheFs {
             i64::try_from(offset).map_err(|_| Errno::EFBIG)?,
             i64::try_from(length).map_err(|_| Errno::EFBIG)?,
         );
+        if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) == 0 {
+            self.check_room(length)?;
+        }
         let mut g = lock(&oi);
         let file = self.staging_for_write(ino, &mut g)?;
         // SAFETY: fallocate on a valid descriptor we own.

@@ -249,10 +249,17 @@ fn serve(
     } else {
         SessionACL::Owner
     };
+    // Request threads: KCACHE_THREADS overrides (for tuning); default one per core, at least 2.
     config.n_threads = Some(
-        std::thread::available_parallelism()
-            .map_or(4, |n| n.get())
-            .max(4),
+        std::env::var("KCACHE_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n: &usize| *n > 0)
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map_or(2, |n| n.get())
+                    .max(2)
+            }),
     );
     config.clone_fd = true;
 

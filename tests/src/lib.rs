@@ -86,6 +86,15 @@ impl Mount {
     }
 
     pub fn with_opts(opts: &[&str]) -> Option<Mount> {
+        Mount::build(opts, None)
+    }
+
+    /// A mount whose store lives on a tmpfs of `bytes`, to fill the store's disk.
+    pub fn on_small_disk(bytes: u64) -> Option<Mount> {
+        Mount::build(&[], Some(bytes))
+    }
+
+    fn build(opts: &[&str], disk: Option<u64>) -> Option<Mount> {
         if !fuse_available() {
             return None;
         }
@@ -94,6 +103,15 @@ impl Mount {
             .tempdir()
             .unwrap();
         let store = dir.path().join("store");
+        if let Some(bytes) = disk {
+            std::fs::create_dir(&store).unwrap();
+            let st = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "kcache-test"])
+                .arg(&store)
+                .status()
+                .unwrap();
+            assert!(st.success(), "mounting a tmpfs for the store");
+        }
         let mnt = dir.path().join("mnt");
         std::fs::create_dir_all(&mnt).unwrap();
         let mut m = Mount {
@@ -264,6 +282,20 @@ pub fn lazy_umount(p: &Path) {
 
 impl Drop for Mount {
     fn drop(&mut self) {
+        self.drop_mount();
+        // A tmpfs under the store (on_small_disk) goes after the daemon has let go of it.
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        if text
+            .lines()
+            .any(|l| l.split(' ').nth(4) == self.store.to_str())
+        {
+            lazy_umount(&self.store);
+        }
+    }
+}
+
+impl Mount {
+    fn drop_mount(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new(kcache_bin())
                 .arg("umount")

@@ -356,3 +356,40 @@ fn daemon_pids(mp: &Path) -> Vec<i32> {
         })
         .collect()
 }
+
+#[test]
+fn full_disk_gives_enospc_and_leaves_the_store_sound() {
+    let Some(mut m) = Mount::on_small_disk(32 << 20) else {
+        return;
+    };
+    fs::write(m.path("keep"), pseudo_random(9, 1 << 20)).unwrap();
+    // Fill the store's disk through the mount until the writer is refused.
+    let mut f = fs::File::create(m.path("filler")).unwrap();
+    let chunk = pseudo_random(10, 1 << 20);
+    let mut err = None;
+    for _ in 0..64 {
+        use std::io::Write;
+        if let Err(e) = f.write_all(&chunk) {
+            err = Some(e);
+            break;
+        }
+    }
+    let err = err
+        .or_else(|| f.sync_all().err())
+        .expect("a 64 MiB write to a 32 MiB disk must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    drop(f);
+    // close() returns before the kernel's asynchronous release reaches the daemon.
+    m.settle();
+    // Everything else is intact, and once space is freed the mount works again.
+    assert_eq!(fs::read(m.path("keep")).unwrap(), pseudo_random(9, 1 << 20));
+    // Deleting must work on the full disk: the daemon keeps headroom for its database.
+    fs::remove_file(m.path("filler")).unwrap();
+    fs::write(m.path("after"), b"space again").unwrap();
+    m.remount();
+    assert_eq!(fs::read(m.path("after")).unwrap(), b"space again");
+    assert_eq!(fs::read(m.path("keep")).unwrap(), pseudo_random(9, 1 << 20));
+    m.unmount();
+    let (ok, out) = m.verify();
+    assert!(ok, "{out}");
+}
