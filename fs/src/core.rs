@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use kcache_store::{Hash, Ino, Inode, Kind, NewNode, SetAttr, Staged, Store, VolumeInfo};
+use kcache_store::{
+    Hash, Ino, Inode, Kind, NewNode, SetAttr, Staged, Store, StreamHasher, VolumeInfo,
+};
 
 use crate::error::{Errno, Result};
 
@@ -132,9 +134,11 @@ pub struct StatFs {
 struct Staging {
     file: Arc<File>,
     path: PathBuf,
-    /// May differ from the committed content: a writer opened it since the last commit, or
-    /// still has it open.
+    /// Changed since it was made from the committed content (or created empty).
     dirty: bool,
+    /// Hash of the content so far while it has only been written front to back (the common
+    /// case: a new file written in order); `None` once anything else happened.
+    stream: Option<StreamHasher>,
 }
 
 struct PtState {
@@ -796,7 +800,10 @@ impl KcacheFs {
     ) -> Result<IoMode> {
         if trunc {
             match &mut g.staging {
-                Some(st) => st.file.set_len(0)?,
+                Some(st) => {
+                    st.file.set_len(0)?;
+                    st.stream = Some(StreamHasher::default());
+                }
                 None => g.staging = Some(self.new_staging(None, inode.mtime)?),
             }
             if let Some(st) = &mut g.staging {
@@ -874,18 +881,27 @@ impl KcacheFs {
             file: Arc::new(file),
             path,
             dirty: false,
+            stream: from.is_none().then(StreamHasher::default),
         })
     }
 
     /// The staging file of an open inode, made from the committed content on first use, and
     /// marked dirty: the caller is about to change it.
-    fn staging_for_write(&self, ino: Ino, g: &mut OpenInode) -> Result<Arc<File>> {
+    fn staging_mut<'g>(&self, ino: Ino, g: &'g mut OpenInode) -> Result<&'g mut Staging> {
         if g.staging.is_none() {
             let inode = self.store.get(ino)?;
             g.staging = Some(self.new_staging(inode.blob, inode.mtime)?);
         }
         let st = g.staging.as_mut().expect("just made");
         st.dirty = true;
+        Ok(st)
+    }
+
+    /// Like `staging_mut` for a change other than an in-order write: the streamed hash no
+    /// longer describes the content.
+    fn staging_for_write(&self, ino: Ino, g: &mut OpenInode) -> Result<Arc<File>> {
+        let st = self.staging_mut(ino, g)?;
+        st.stream = None;
         Ok(st.file.clone())
     }
 
@@ -970,8 +986,15 @@ impl KcacheFs {
         // Under the inode's lock, so a concurrent commit never hashes or renames a file that
         // is still being written. The kernel resolves O_APPEND to an offset before sending.
         let mut g = lock(&oi);
-        let file = self.staging_for_write(ino, &mut g)?;
-        file.write_all_at(data, offset)?;
+        let st = self.staging_mut(ino, &mut g)?;
+        if let Err(e) = st.file.write_all_at(data, offset) {
+            st.stream = None;
+            return Err(e.into());
+        }
+        match &mut st.stream {
+            Some(h) if h.len() == offset => h.update(data),
+            _ => st.stream = None,
+        }
         Ok(data.len() as u32)
     }
 
@@ -1023,10 +1046,16 @@ impl KcacheFs {
         if meta.len() == 0 {
             self.store.clear_content(ino, mtime_of(&meta))?;
         } else {
+            let known = st
+                .stream
+                .as_ref()
+                .map(StreamHasher::finish)
+                .filter(|k| k.1 == meta.len());
             let staged = Staged {
                 ino,
                 path: &st.path,
                 file: &st.file,
+                known,
                 durable,
                 mtime: mtime_of(&meta),
             };

@@ -36,9 +36,40 @@ pub struct Staged<'a> {
     pub ino: Ino,
     pub path: &'a Path,
     pub file: &'a File,
+    /// The content's hash and size if the caller computed them while the bytes were written;
+    /// else the file is read and hashed here.
+    pub known: Option<(Hash, u64)>,
     /// The caller asked for durability (fsync): data and the database commit reach the disk.
     pub durable: bool,
     pub mtime: i64,
+}
+
+/// Hashes content as it is written in order, so a commit need not read it back.
+#[derive(Clone, Default)]
+pub struct StreamHasher {
+    hasher: blake3::Hasher,
+}
+
+impl StreamHasher {
+    pub fn update(&mut self, data: &[u8]) {
+        self.hasher.update(data);
+    }
+
+    /// Bytes hashed so far.
+    pub fn len(&self) -> u64 {
+        self.hasher.count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn finish(&self) -> (Hash, u64) {
+        (
+            Hash(*self.hasher.finalize().as_bytes()),
+            self.hasher.count(),
+        )
+    }
 }
 
 /// Report of `Store::verify`.
@@ -100,7 +131,10 @@ impl Store {
                 .sync_data()
                 .ctx(|| format!("syncing {}", st.path.display()))?;
         }
-        let (hash, size) = Store::hash_path(st.path)?;
+        let (hash, size) = match st.known {
+            Some(k) => k,
+            None => Store::hash_path(st.path)?,
+        };
         let blob_path = self.blob_path(&hash);
 
         let mut conn = self.conn();

@@ -25,7 +25,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OpenFlags};
 
-pub use blobs::{BlobState, Staged, VerifyReport};
+pub use blobs::{BlobState, Staged, StreamHasher, VerifyReport};
 pub use error::{Error, Result};
 pub use ns::{Renamed, SetAttr, Stats, VolumeInfo};
 
