@@ -109,7 +109,6 @@ pub struct SetAttrIn {
     pub size: Option<u64>,
     pub atime: Option<TimeSet>,
     pub mtime: Option<TimeSet>,
-    pub fh: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -624,7 +623,9 @@ impl KcacheFs {
         }
     }
 
-    pub fn setattr(&self, ino: u64, a: &SetAttrIn, ctx: Ctx) -> Result<Attr> {
+    /// Permission checks (who may chown, set times, clear setgid) are the kernel's: the mount
+    /// always uses `default_permissions`.
+    pub fn setattr(&self, ino: u64, a: &SetAttrIn) -> Result<Attr> {
         self.writable()?;
         let sino = self.sino(ino);
         let inode = self.store.get(sino)?;
@@ -648,7 +649,6 @@ impl KcacheFs {
                 mtime = Some(now);
             }
         }
-        let _ = ctx;
         let sa = SetAttr {
             mode: a.mode,
             uid: a.uid,

@@ -207,7 +207,7 @@ impl Filesystem for KcacheFuse {
 
     fn setattr(
         &self,
-        req: &Request,
+        _req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -216,7 +216,7 @@ impl Filesystem for KcacheFuse {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        fh: Option<FileHandle>,
+        _fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
@@ -236,9 +236,8 @@ impl Filesystem for KcacheFuse {
             size,
             atime: t(atime),
             mtime: t(mtime),
-            fh: fh.map(|f| f.0),
         };
-        match self.fs.setattr(ino.0, &a, ctx(req)) {
+        match self.fs.setattr(ino.0, &a) {
             Ok(a) => reply.attr(&self.fs.ttl(), &fattr(&a)),
             Err(e) => reply.error(ferr(e)),
         }

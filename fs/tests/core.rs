@@ -156,7 +156,7 @@ fn truncate_and_names_and_setgid_directories() {
         size: Some(4),
         ..Default::default()
     };
-    assert_eq!(fs.setattr(ino, &a, ctx()).unwrap().size, 4);
+    assert_eq!(fs.setattr(ino, &a).unwrap().size, 4);
     assert_eq!(read_all(&fs, ino), b"0123");
     let long = "z".repeat(256);
     assert_eq!(

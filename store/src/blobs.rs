@@ -347,6 +347,13 @@ impl Store {
                 fs::rename(&path, &q).ctx(|| format!("quarantining {}", path.display()))?;
                 self.set_blob_state(hash, 2)?;
                 report.quarantined.push(hash.to_hex());
+            } else if let Ok(meta) = fs::metadata(&path) {
+                // The content is right: adopt the file even if it was replaced by a copy, so
+                // opens that refused it as "replaced behind the store's back" work again.
+                self.conn().execute(
+                    "UPDATE blobs SET file_ino = ?2 WHERE hash = ?1",
+                    params![&hash.0[..], meta.ino() as i64],
+                )?;
             }
         }
         // Blob files with no row are left from a crash between commit and unlink.

@@ -550,3 +550,19 @@ fn bad_input_gets_errnos_not_panics() {
     fs::write(m.path("dir/ok"), b"ok").unwrap();
     assert_eq!(fs::read(m.path("dir/ok")).unwrap(), b"ok");
 }
+
+#[test]
+fn read_only_mount_refuses_changes() {
+    let Some(mut m) = Mount::new() else { return };
+    fs::write(m.path("kept"), b"data").unwrap();
+    m.unmount();
+    m.opts = vec!["ro".into()];
+    m.restart_after_crash();
+    assert_eq!(fs::read(m.path("kept")).unwrap(), b"data");
+    assert_eq!(errno_of(fs::write(m.path("new"), b"x")), libc::EROFS);
+    assert_eq!(
+        errno_of(OpenOptions::new().write(true).open(m.path("kept"))),
+        libc::EROFS
+    );
+    assert_eq!(errno_of(fs::remove_file(m.path("kept"))), libc::EROFS);
+}

@@ -136,6 +136,8 @@ fn damaged_blobs_give_eio_never_wrong_bytes() {
     fs::write(m.path("truncated"), pseudo_random(1, 100_000)).unwrap();
     fs::write(m.path("rotten"), pseudo_random(2, 100_000)).unwrap();
     fs::write(m.path("fine"), pseudo_random(3, 100_000)).unwrap();
+    fs::write(m.path("deleted"), pseudo_random(4, 100_000)).unwrap();
+    fs::write(m.path("replaced"), pseudo_random(5, 100_000)).unwrap();
     m.unmount();
     let blobs = blob_paths(&m.store);
     let by_content: HashMap<Vec<u8>, std::path::PathBuf> = blobs
@@ -150,6 +152,11 @@ fn damaged_blobs_give_eio_never_wrong_bytes() {
         perm.set_readonly(false);
         fs::set_permissions(p, perm).unwrap();
     }
+    // Deleted, and replaced by an identical copy (another inode): both noticed at open.
+    fs::remove_file(&by_content[&pseudo_random(4, 100_000)]).unwrap();
+    let replaced = &by_content[&pseudo_random(5, 100_000)];
+    fs::remove_file(replaced).unwrap();
+    fs::write(replaced, pseudo_random(5, 100_000)).unwrap();
     // Truncated behind the daemon's back: noticed at open.
     fs::OpenOptions::new()
         .write(true)
@@ -165,10 +172,19 @@ fn damaged_blobs_give_eio_never_wrong_bytes() {
         .write_all_at(b"X", 500)
         .unwrap();
 
+    // Before verify: the daemon itself refuses the replaced and the deleted blob.
+    m.restart_after_crash();
+    for name in ["replaced", "deleted", "truncated"] {
+        let e = fs::read(m.path(name)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{name}");
+    }
+    m.unmount();
     let (ok, out) = m.verify();
     assert!(!ok, "verify must report damage: {out}");
-    assert!(out.contains("quarantined"), "{out}");
-    m.unmount(); // no-op: not mounted
+    assert!(
+        out.contains("quarantined") && out.contains("missing"),
+        "{out}"
+    );
     let mut m2 = m;
     m2.restart_after_crash();
     for name in ["truncated", "rotten"] {
