@@ -132,9 +132,14 @@ fn report(fd: RawFd, msg: &str) {
 fn daemonize(args: &MountArgs, store_dir: &Path) -> Result<ExitCode> {
     // Fail fast, with the message on the user's terminal, for what can be checked here.
     check_fuse_device()?;
-    prepare_mountpoint(&args.mountpoint)?;
+    let mountpoint = prepare_mountpoint(&args.mountpoint)?;
     std::fs::create_dir_all(store_dir)
         .with_context(|| format!("creating store directory {}", store_dir.display()))?;
+    // The daemon runs from "/" (it must not pin the caller's working directory), so it gets
+    // absolute paths.
+    let store_dir = &store_dir
+        .canonicalize()
+        .with_context(|| format!("resolving store directory {}", store_dir.display()))?;
     let log_path = store_dir.join("kcache.log");
     let log = OpenOptions::new()
         .create(true)
@@ -164,7 +169,7 @@ fn daemonize(args: &MountArgs, store_dir: &Path) -> Result<ExitCode> {
     for o in &args.options {
         cmd.arg("-o").arg(o);
     }
-    cmd.arg(&args.mountpoint);
+    cmd.arg(&mountpoint).current_dir("/");
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
