@@ -77,16 +77,13 @@ impl Error {
     }
 
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Error {
-        let e = Error::Io {
+        if source.raw_os_error() == Some(libc::ENOSPC) {
+            return Error::NoSpace;
+        }
+        Error::Io {
             context: context.into(),
             source,
-        };
-        if let Error::Io { source, .. } = &e {
-            if source.raw_os_error() == Some(libc::ENOSPC) {
-                return Error::NoSpace;
-            }
         }
-        e
     }
 }
 

@@ -56,22 +56,27 @@ pub(crate) fn hash_from_db(v: Vec<u8>) -> Option<Hash> {
 }
 
 fn row_to_inode(r: &Row<'_>) -> rusqlite::Result<Inode> {
+    row_to_inode_at(r, 0)
+}
+
+/// Reads the `INODE_COLS` columns starting at column `b`.
+fn row_to_inode_at(r: &Row<'_>, b: usize) -> rusqlite::Result<Inode> {
     Ok(Inode {
-        ino: r.get::<_, i64>(0)? as u64,
-        volume: r.get(1)?,
-        kind: Kind::from_db(r.get(2)?),
-        mode: r.get::<_, i64>(3)? as u32,
-        uid: r.get::<_, i64>(4)? as u32,
-        gid: r.get::<_, i64>(5)? as u32,
-        size: r.get::<_, i64>(6)? as u64,
-        atime: r.get(7)?,
-        mtime: r.get(8)?,
-        ctime: r.get(9)?,
-        nlink: r.get::<_, i64>(10)? as u32,
-        rdev: r.get::<_, i64>(11)? as u32,
-        parent: r.get::<_, Option<i64>>(12)?.map(|p| p as u64),
-        blob: r.get::<_, Option<Vec<u8>>>(13)?.and_then(hash_from_db),
-        target: r.get(14)?,
+        ino: r.get::<_, i64>(b)? as u64,
+        volume: r.get(b + 1)?,
+        kind: Kind::from_db(r.get(b + 2)?),
+        mode: r.get::<_, i64>(b + 3)? as u32,
+        uid: r.get::<_, i64>(b + 4)? as u32,
+        gid: r.get::<_, i64>(b + 5)? as u32,
+        size: r.get::<_, i64>(b + 6)? as u64,
+        atime: r.get(b + 7)?,
+        mtime: r.get(b + 8)?,
+        ctime: r.get(b + 9)?,
+        nlink: r.get::<_, i64>(b + 10)? as u32,
+        rdev: r.get::<_, i64>(b + 11)? as u32,
+        parent: r.get::<_, Option<i64>>(b + 12)?.map(|p| p as u64),
+        blob: r.get::<_, Option<Vec<u8>>>(b + 13)?.and_then(hash_from_db),
+        target: r.get(b + 14)?,
     })
 }
 
@@ -555,24 +560,7 @@ impl Store {
         let rows = stmt.query_map(params![dir as i64, after, limit as i64], |r| {
             let cookie: i64 = r.get(0)?;
             let name: Vec<u8> = r.get(1)?;
-            // Inode columns start at index 2.
-            let inode = Inode {
-                ino: r.get::<_, i64>(2)? as u64,
-                volume: r.get(3)?,
-                kind: Kind::from_db(r.get(4)?),
-                mode: r.get::<_, i64>(5)? as u32,
-                uid: r.get::<_, i64>(6)? as u32,
-                gid: r.get::<_, i64>(7)? as u32,
-                size: r.get::<_, i64>(8)? as u64,
-                atime: r.get(9)?,
-                mtime: r.get(10)?,
-                ctime: r.get(11)?,
-                nlink: r.get::<_, i64>(12)? as u32,
-                rdev: r.get::<_, i64>(13)? as u32,
-                parent: r.get::<_, Option<i64>>(14)?.map(|p| p as u64),
-                blob: r.get::<_, Option<Vec<u8>>>(15)?.and_then(hash_from_db),
-                target: r.get(16)?,
-            };
+            let inode = row_to_inode_at(r, 2)?;
             Ok((cookie, name, inode))
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
