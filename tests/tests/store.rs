@@ -409,3 +409,25 @@ fn full_disk_gives_enospc_and_leaves_the_store_sound() {
     let (ok, out) = m.verify();
     assert!(ok, "{out}");
 }
+
+#[test]
+fn missing_dev_fuse_is_a_clear_error() {
+    if !kcache_tests::fuse_available() {
+        return;
+    }
+    // A private mount namespace whose /dev has no fuse device, as in a container started
+    // without --device /dev/fuse.
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("mp")).unwrap();
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount -t tmpfs none /dev && exec "$0" mount --store "$1" "$2""#)
+        .arg(kcache_bin())
+        .arg(dir.path().join("store"))
+        .arg(dir.path().join("mp"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("/dev/fuse does not exist"), "{text}");
+}

@@ -1,0 +1,118 @@
+//! The store without any filesystem on top: namespace transactions, reference counts,
+//! schema refusal and recovery.
+
+use kcache_store::{Error, Kind, NewNode, Staged, Store};
+
+fn node(kind: Kind) -> NewNode {
+    NewNode {
+        kind,
+        mode: 0o644,
+        uid: 1,
+        gid: 2,
+        rdev: 0,
+        target: None,
+    }
+}
+
+fn commit(store: &Store, ino: u64, content: &[u8]) {
+    let (file, path) = store.new_staging().unwrap();
+    std::io::Write::write_all(&mut &file, content).unwrap();
+    let st = Staged {
+        ino,
+        path: &path,
+        file: &file,
+        known: None,
+        durable: false,
+        mtime: 1,
+    };
+    let (_, size, renamed) = store.commit_staged(&st).unwrap();
+    assert_eq!(size, content.len() as u64);
+    if !renamed {
+        std::fs::remove_file(&path).unwrap();
+    }
+}
+
+#[test]
+fn rename_link_unlink_keep_counts_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let root = s.volume("default", true, 0, 0).unwrap().root;
+    let d = s.create(root, b"d", &node(Kind::Dir)).unwrap();
+    assert_eq!(s.get(root).unwrap().nlink, 3);
+    let a = s.create(root, b"a", &node(Kind::File)).unwrap();
+    commit(&s, a.ino, b"shared content");
+    let b = s.create(d.ino, b"b", &node(Kind::File)).unwrap();
+    commit(&s, b.ino, b"shared content");
+    assert_eq!(s.stats().unwrap().blobs, 1);
+    assert!(matches!(
+        s.create(root, b"a", &node(Kind::File)),
+        Err(Error::Exists)
+    ));
+
+    // Hard link, then rename over it: same inode, nothing happens.
+    s.link(a.ino, d.ino, b"a2").unwrap();
+    assert_eq!(s.get(a.ino).unwrap().nlink, 2);
+    assert!(s
+        .rename(root, b"a", d.ino, b"a2", false, false)
+        .unwrap()
+        .replaced
+        .is_none());
+    // Rename b over a2: a loses a name, b moves.
+    let r = s.rename(d.ino, b"b", d.ino, b"a2", false, false).unwrap();
+    assert_eq!(r.replaced, Some((a.ino, 1)));
+    assert_eq!(s.lookup(d.ino, b"a2").unwrap().ino, b.ino);
+    // Directory cycles and non-empty targets are refused.
+    let e = s.create(d.ino, b"e", &node(Kind::Dir)).unwrap();
+    assert!(matches!(
+        s.rename(root, b"d", e.ino, b"x", false, false),
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(
+        s.rename(d.ino, b"e", root, b"d", false, false),
+        Err(Error::NotEmpty)
+    ));
+    assert!(matches!(s.rmdir(root, b"d"), Err(Error::NotEmpty)));
+    // Exchange swaps a directory and a file across parents and fixes parent link counts.
+    s.rename(d.ino, b"e", root, b"a", false, true).unwrap();
+    assert_eq!(s.lookup(root, b"a").unwrap().kind, Kind::Dir);
+    assert_eq!(s.lookup(d.ino, b"e").unwrap().kind, Kind::File);
+    assert_eq!(s.get(root).unwrap().nlink, 4);
+    assert_eq!(s.get(d.ino).unwrap().nlink, 2);
+
+    // Dropping every name and purging frees the blob and its file.
+    let (ino, n) = s.unlink(d.ino, b"e").unwrap();
+    assert_eq!(n, 0);
+    s.purge(ino).unwrap();
+    assert_eq!(s.stats().unwrap().blobs, 1);
+    let (ino, n) = s.unlink(d.ino, b"a2").unwrap();
+    assert_eq!(n, 0);
+    s.purge(ino).unwrap();
+    let st = s.stats().unwrap();
+    assert_eq!((st.blobs, st.stored_bytes), (0, 0));
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("blobs"))
+            .unwrap()
+            .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn one_owner_and_recovery_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    assert!(matches!(Store::open(dir.path()), Err(Error::Locked { .. })));
+    let root = s.volume("default", true, 0, 0).unwrap().root;
+    let f = s.create(root, b"f", &node(Kind::File)).unwrap();
+    commit(&s, f.ino, b"gone after reopen");
+    // Unlinked while "open" (never purged), and a staging file left by a crash.
+    s.unlink(root, b"f").unwrap();
+    let (_file, leftover) = s.new_staging().unwrap();
+    drop(s);
+    let s = Store::open(dir.path()).unwrap();
+    assert!(!leftover.exists());
+    assert!(matches!(s.get(f.ino), Err(Error::NotFound)));
+    assert_eq!(s.stats().unwrap().blobs, 0);
+    assert!(s.verify(|_, _| {}).unwrap().is_clean());
+}
