@@ -402,6 +402,8 @@ impl KcacheFs {
             }
         };
         if gone {
+            // The kernel dropped the inode, and its pages with it.
+            lock(&self.page_cache).remove(&ino);
             self.maybe_purge(ino);
         }
     }
