@@ -757,12 +757,6 @@ impl KcacheFs {
     }
 
     fn open_sino(&self, ino: Ino, flags: i32, backing: Option<&dyn Backing>) -> Result<Opened> {
-        let inode = self.store.get(ino)?;
-        match inode.kind {
-            Kind::File => {}
-            Kind::Dir => return Err(Errno::EISDIR),
-            _ => return Err(Errno(libc::ENXIO)),
-        }
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let trunc = flags & libc::O_TRUNC != 0 && writable;
         if writable {
@@ -772,6 +766,11 @@ impl KcacheFs {
         // content for it right now, and a copy read before the lock could be stale.
         let mode = self.with_open_inode(ino, |g| {
             let inode = self.store.get(ino)?;
+            match inode.kind {
+                Kind::File => {}
+                Kind::Dir => return Err(Errno::EISDIR),
+                _ => return Err(Errno(libc::ENXIO)),
+            }
             self.open_locked(&inode, g, writable, trunc, backing)
         })?;
         let mode_kind = match &mode {
