@@ -800,12 +800,15 @@ impl KcacheFs {
         backing: Option<&dyn Backing>,
     ) -> Result<IoMode> {
         if trunc {
+            // O_TRUNC on an existing file updates its mtime and ctime, even if it was empty.
+            let now = kcache_store::now_ns();
             match &mut g.staging {
                 Some(st) => {
                     st.file.set_len(0)?;
+                    set_file_mtime(&st.file, now)?;
                     st.stream = Some(StreamHasher::default());
                 }
-                None => g.staging = Some(self.new_staging(None, inode.mtime)?),
+                None => g.staging = Some(self.new_staging(None, now)?),
             }
             if let Some(st) = &mut g.staging {
                 st.dirty = true;

@@ -184,3 +184,19 @@ fn truncate_and_names_and_setgid_directories() {
         libc::ENOTEMPTY
     );
 }
+
+#[test]
+fn o_trunc_updates_mtime_even_on_an_empty_file() {
+    let (_d, fs) = fs();
+    let ino = write_file(&fs, ROOT_INO, "empty", b"");
+    let a = kcache_fs::SetAttrIn {
+        mtime: Some(kcache_fs::TimeSet::At(1_000_000_000)),
+        ..Default::default()
+    };
+    fs.setattr(ino, &a).unwrap();
+    assert_eq!(fs.getattr(ino).unwrap().mtime, 1_000_000_000);
+    let o = fs.open(ino, libc::O_WRONLY | libc::O_TRUNC, None).unwrap();
+    assert!(fs.getattr(ino).unwrap().mtime > 1_000_000_000);
+    fs.release(o.fh).unwrap();
+    assert!(fs.getattr(ino).unwrap().mtime > 1_000_000_000);
+}
