@@ -1124,6 +1124,11 @@ impl KcacheFs {
         res
     }
 
+    /// fsync(2) on a directory: every namespace change so far reaches the disk.
+    pub fn fsyncdir(&self) -> Result<()> {
+        Ok(self.store.sync()?)
+    }
+
     /// Commits everything still staged (unmount).
     pub fn flush_all(&self) {
         let all: Vec<(Ino, Arc<Mutex<OpenInode>>)> = lock(&self.open)

@@ -505,8 +505,10 @@ impl Filesystem for KcacheFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Every namespace change is already a committed SQLite transaction.
-        reply.ok();
+        match self.fs.fsyncdir() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

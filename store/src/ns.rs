@@ -708,6 +708,22 @@ impl Store {
         Ok(s)
     }
 
+    /// Makes every namespace change committed so far durable on disk (fsync of a directory).
+    /// Commits run with synchronous=NORMAL, which survives a crash of the process but not of
+    /// the machine; one small FULL transaction syncs the whole write-ahead log.
+    pub fn sync(&self) -> Result<()> {
+        let conn = self.conn();
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let res = conn.execute(
+            "INSERT INTO counters (name, value) VALUES ('namespace_syncs', 1)
+             ON CONFLICT (name) DO UPDATE SET value = value + 1",
+            [],
+        );
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        res?;
+        Ok(())
+    }
+
     /// Volume id of an inode's tree, for cross-volume checks.
     pub fn volume_of(&self, ino: Ino) -> Result<i64> {
         Ok(must_inode(&self.conn(), ino)?.volume)

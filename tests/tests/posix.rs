@@ -210,6 +210,9 @@ fn basic_ops(m: &Mount) {
     assert_eq!((md.atime(), md.atime_nsec()), (1, 123));
     assert_eq!((md.mtime(), md.mtime_nsec()), (2, 456));
 
+    // fsync of a directory (makes the namespace durable).
+    File::open(&d).unwrap().sync_all().unwrap();
+
     // statfs reports the store's disk.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
     assert_eq!(unsafe { libc::statvfs(c(&m.mnt).as_ptr(), &mut s) }, 0);
