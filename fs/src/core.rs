@@ -863,6 +863,10 @@ impl KcacheFs {
         if writable {
             g.writers += 1;
         }
+        if let Some(h) = inode.blob {
+            // Every open counts for the LRU; noted in memory, written in batches.
+            self.store.note_access(h);
+        }
         Ok(mode)
     }
 

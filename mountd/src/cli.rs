@@ -35,6 +35,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Evict least-recently-used files until the store holds at most SIZE (unmounted store)
+    Evict {
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Target size: bytes, or with a K, M, G or T suffix (powers of 1024)
+        #[arg(long = "to", value_name = "SIZE", value_parser = parse_size)]
+        to: u64,
+    },
     /// Rehash every blob; quarantine those that do not match; exit 1 if anything is wrong
     Verify {
         #[arg(long)]
@@ -98,6 +106,26 @@ impl MountOpts {
     }
 }
 
+/// Parses "512", "64K", "1.5G", "20T" (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        Some('T') => (&t[..t.len() - 1], 1 << 40),
+        Some('B') => (&t[..t.len() - 1], 1),
+        _ => (t, 1),
+    };
+    let v: f64 = num.parse().map_err(|_| {
+        format!("invalid size '{s}': expected a number with an optional K, M, G or T suffix")
+    })?;
+    if !v.is_finite() || v < 0.0 || v * mult as f64 > u64::MAX as f64 {
+        return Err(format!("invalid size '{s}'"));
+    }
+    Ok((v * mult as f64) as u64)
+}
+
 pub fn parse() -> Cli {
     Cli::parse()
 }
@@ -118,6 +146,16 @@ pub fn default_store() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("64K").unwrap(), 65536);
+        assert_eq!(parse_size("1.5g").unwrap(), 3 << 29);
+        assert_eq!(parse_size("20T").unwrap(), 20 << 40);
+        assert!(parse_size("12Q").unwrap_err().contains("12Q"));
+        assert!(parse_size("-1G").is_err());
+    }
 
     #[test]
     fn parses_known_options_and_names_unknown_ones() {

@@ -16,6 +16,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Umount { mountpoint, lazy } => umount(&mountpoint, lazy),
         Command::Stats { store, json } => stats(&store.unwrap_or_else(default_store), json),
         Command::Verify { store, json } => verify(&store.unwrap_or_else(default_store), json),
+        Command::Evict { store, to } => evict(&store.unwrap_or_else(default_store), to),
     }
 }
 
@@ -137,4 +138,26 @@ fn verify(store: &Path, json: bool) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn evict(store: &Path, to: u64) -> Result<ExitCode> {
+    if !store.join("kcache.db").exists() {
+        bail!("{} is not a kcache store (no kcache.db)", store.display());
+    }
+    let s = Store::open(store).with_context(|| {
+        format!(
+            "opening store {} for eviction (unmount it first)",
+            store.display()
+        )
+    })?;
+    let ev = s.evict_to(to, &|_| false)?;
+    let left = s.stored_bytes()?;
+    println!(
+        "evicted {} blobs ({}), {} names; {} stored",
+        ev.blobs,
+        human(ev.bytes),
+        ev.names.len(),
+        human(left)
+    );
+    Ok(ExitCode::SUCCESS)
 }

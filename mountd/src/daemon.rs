@@ -299,6 +299,18 @@ fn serve(
         report(fd, "ready");
     }
 
+    // Accesses are noted in memory; write them about once a second so that a crash loses at
+    // most the last second of LRU order.
+    let flusher_store = store.clone();
+    std::thread::Builder::new()
+        .name("access-flush".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            if let Err(e) = flusher_store.flush_accesses() {
+                tracing::warn!(error = %e, "recording accesses failed");
+            }
+        })?;
+
     // Stop on SIGTERM/SIGINT by unmounting; the session then drains and ends.
     let mp = mountpoint.clone();
     std::thread::Builder::new()
@@ -318,6 +330,9 @@ fn serve(
         .join()
         .map_err(|_| anyhow::anyhow!("fuse session thread panicked"))?;
     fs.flush_all();
+    if let Err(e) = store.flush_accesses() {
+        tracing::warn!(error = %e, "recording the last accesses failed");
+    }
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
     res.context("fuse session")
 }

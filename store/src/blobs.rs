@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use rusqlite::{params, OptionalExtension};
 
 use crate::error::{Error, IoContext, Result};
-use crate::{now_ns, Hash, Ino, Store};
+use crate::{Hash, Ino, Store};
 
 /// Where a blob's bytes are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,8 +191,9 @@ impl Store {
             tx.execute(
                 "INSERT INTO blobs (hash, size, refs, state, file_ino, last_access)
                  VALUES (?1, ?2, 1, 0, ?3, ?4)
-                 ON CONFLICT (hash) DO UPDATE SET refs = refs + 1, state = 0, file_ino = ?3",
-                params![&hash.0[..], size as i64, file_ino, now_ns()],
+                 ON CONFLICT (hash) DO UPDATE SET refs = refs + 1, state = 0, file_ino = ?3,
+                 last_access = ?4",
+                params![&hash.0[..], size as i64, file_ino, self.next_access_seq()],
             )?;
             tx.execute("DELETE FROM dead_blobs WHERE hash = ?1", [&hash.0[..]])?;
             tx.execute(

@@ -12,6 +12,7 @@
 
 mod blobs;
 mod error;
+mod lru;
 mod ns;
 mod schema;
 
@@ -27,6 +28,7 @@ use rusqlite::{Connection, OpenFlags};
 
 pub use blobs::{BlobState, Staged, StreamHasher, VerifyReport};
 pub use error::{Error, Result};
+pub use lru::{Evicted, ACCESS_BATCH};
 pub use ns::{Renamed, SetAttr, Stats, VolumeInfo};
 
 use error::IoContext;
@@ -147,6 +149,8 @@ pub struct Store {
     read_only: bool,
     _lock: Option<File>,
     staging_seq: AtomicU64,
+    access_seq: AtomicU64,
+    pending_access: Mutex<Vec<(Hash, i64)>>,
 }
 
 impl fmt::Debug for Store {
@@ -183,6 +187,8 @@ impl Store {
                 read_only: true,
                 _lock: None,
                 staging_seq: AtomicU64::new(0),
+                access_seq: AtomicU64::new(0),
+                pending_access: Mutex::new(Vec::new()),
             });
         }
 
@@ -234,8 +240,19 @@ impl Store {
             read_only: false,
             _lock: Some(lock),
             staging_seq: AtomicU64::new(0),
+            access_seq: AtomicU64::new(0),
+            pending_access: Mutex::new(Vec::new()),
         };
         store.recover()?;
+        let seq: i64 =
+            store
+                .conn()
+                .query_row("SELECT coalesce(max(last_access), 0) FROM blobs", [], |r| {
+                    r.get(0)
+                })?;
+        store
+            .access_seq
+            .store(seq.max(0) as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(store)
     }
 
@@ -291,6 +308,15 @@ impl Store {
         }
         self.sweep_dead_blobs()?;
         Ok(())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Keep the LRU order of the last accesses across a clean shutdown.
+        if let Err(e) = self.flush_accesses() {
+            tracing::warn!(error = %e, "recording the last accesses failed");
+        }
     }
 }
 

@@ -78,6 +78,10 @@ const MIGRATIONS: &[&str] = &[
         value INTEGER NOT NULL
     ) WITHOUT ROWID;
     "#,
+    // 1 -> 2: eviction walks blobs in LRU order.
+    r#"
+    CREATE INDEX blobs_lru ON blobs(last_access);
+    "#,
 ];
 
 pub const LATEST: i64 = MIGRATIONS.len() as i64;

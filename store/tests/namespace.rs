@@ -116,3 +116,42 @@ fn one_owner_and_recovery_at_open() {
     assert_eq!(s.stats().unwrap().blobs, 0);
     assert!(s.verify(|_, _| {}).unwrap().is_clean());
 }
+
+#[test]
+fn eviction_follows_lru_order_across_reopen_and_removes_whole_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut inos = Vec::new();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        let root = s.volume("default", true, 0, 0).unwrap().root;
+        for name in [b"a", b"b", b"c"] {
+            let n = s.create(root, name, &node(Kind::File)).unwrap();
+            commit(&s, n.ino, &[name[0]; 1000]);
+            inos.push(n.ino);
+        }
+        // A second name for b's content: eviction must remove both.
+        let b2 = s.create(root, b"b2", &node(Kind::File)).unwrap();
+        commit(&s, b2.ino, &[b'b'; 1000]);
+        // Commits count as accesses: the order is a, b, c, then b again (b2). Reading a makes
+        // it the most recent; dropping the store writes that pending access.
+        let a = s.get(inos[0]).unwrap().blob.unwrap();
+        s.note_access(a);
+    }
+    let s = Store::open(dir.path()).unwrap();
+    let root = s.volume("default", true, 0, 0).unwrap().root;
+    // Oldest first: c, b, a.
+    let ev = s.evict_to(2000, &|_| false).unwrap();
+    assert_eq!((ev.blobs, ev.bytes), (1, 1000));
+    assert!(matches!(s.lookup(root, b"c"), Err(Error::NotFound)));
+    let ev = s.evict_to(1000, &|_| false).unwrap();
+    assert_eq!(ev.blobs, 1);
+    let mut gone: Vec<Vec<u8>> = ev.names.iter().map(|n| n.1.clone()).collect();
+    gone.sort();
+    assert_eq!(gone, vec![b"b".to_vec(), b"b2".to_vec()]);
+    assert_eq!(s.lookup(root, b"a").unwrap().size, 1000);
+    // A blob in use is never evicted.
+    let a = s.lookup(root, b"a").unwrap().blob.unwrap();
+    let ev = s.evict_to(0, &|h| *h == a).unwrap();
+    assert_eq!(ev.blobs, 0);
+    assert!(s.verify(|_, _| {}).unwrap().is_clean());
+}

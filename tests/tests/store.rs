@@ -431,3 +431,29 @@ fn missing_dev_fuse_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("/dev/fuse does not exist"), "{text}");
 }
+
+#[test]
+fn evict_removes_least_recently_used_files_whole() {
+    let Some(mut m) = Mount::new() else { return };
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        fs::write(m.path(name), pseudo_random(100 + i as u64, 1 << 20)).unwrap();
+        m.settle();
+    }
+    // Reading a makes it the most recently used; b is now the oldest.
+    assert_eq!(fs::read(m.path("a")).unwrap(), pseudo_random(100, 1 << 20));
+    let store = m.store.to_str().unwrap().to_owned();
+    let (code, out) = kcache(&["evict", "--store", &store, "--to", "2M"]);
+    assert_eq!(code, 1, "a mounted store must be refused: {out}");
+    assert!(out.contains("unmount it first"), "{out}");
+    m.unmount();
+    let (code, out) = kcache(&["evict", "--store", &store, "--to", "2M"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("evicted 1 blobs"), "{out}");
+    m.restart_after_crash();
+    assert_eq!(
+        fs::read(m.path("b")).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
+    assert_eq!(fs::read(m.path("a")).unwrap(), pseudo_random(100, 1 << 20));
+    assert_eq!(fs::read(m.path("c")).unwrap(), pseudo_random(102, 1 << 20));
+}
