@@ -155,8 +155,10 @@ fn damaged_blobs_give_eio_never_wrong_bytes() {
     // Deleted, and replaced by an identical copy (another inode): both noticed at open.
     fs::remove_file(&by_content[&pseudo_random(4, 100_000)]).unwrap();
     let replaced = &by_content[&pseudo_random(5, 100_000)];
-    fs::remove_file(replaced).unwrap();
-    fs::write(replaced, pseudo_random(5, 100_000)).unwrap();
+    // Written beside it first, so the copy cannot reuse the old file's inode number.
+    let copy = replaced.with_extension("copy");
+    fs::write(&copy, pseudo_random(5, 100_000)).unwrap();
+    fs::rename(&copy, replaced).unwrap();
     // Truncated behind the daemon's back: noticed at open.
     fs::OpenOptions::new()
         .write(true)
@@ -175,8 +177,12 @@ fn damaged_blobs_give_eio_never_wrong_bytes() {
     // Before verify: the daemon itself refuses the replaced and the deleted blob.
     m.restart_after_crash();
     for name in ["replaced", "deleted", "truncated"] {
-        let e = fs::read(m.path(name)).unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{name}");
+        let r = fs::read(m.path(name)).map(|d| d.len());
+        assert_eq!(
+            r.map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EIO)),
+            "{name}"
+        );
     }
     m.unmount();
     let (ok, out) = m.verify();
