@@ -71,6 +71,12 @@ pub trait Backing {
     fn register(&self, file: &File) -> std::io::Result<BackingToken>;
 }
 
+/// Tells the kernel to drop what it caches about names the daemon removed on its own
+/// (eviction). The FUSE adapter implements it with fuser's notifier.
+pub trait KernelCache: Send + Sync {
+    fn name_gone(&self, parent: u64, name: &OsStr, ino: u64);
+}
+
 /// How the kernel should do I/O on a handle.
 #[derive(Clone)]
 pub enum IoMode {
@@ -184,6 +190,10 @@ pub struct KcacheFs {
     handles: Mutex<HashMap<u64, Handle>>,
     /// Blob whose pages the kernel may still cache for an inode, to set keep_cache on reopen.
     page_cache: Mutex<HashMap<Ino, Hash>>,
+    /// Opens hold it shared; eviction holds it exclusively while it decides a blob is unused
+    /// and removes it, so an open never finds its blob gone half-way.
+    evict_gate: std::sync::RwLock<()>,
+    kernel_cache: Mutex<Option<Arc<dyn KernelCache>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -260,11 +270,63 @@ impl KcacheFs {
             open: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             page_cache: Mutex::new(HashMap::new()),
+            evict_gate: std::sync::RwLock::new(()),
+            kernel_cache: Mutex::new(None),
         }
     }
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    pub fn set_kernel_cache(&self, kc: Arc<dyn KernelCache>) {
+        *lock(&self.kernel_cache) = Some(kc);
+    }
+
+    /// True when an open file of this mount holds blob `h`.
+    fn blob_in_use(&self, h: &Hash) -> bool {
+        let inos: Vec<Ino> = lock(&self.open).keys().copied().collect();
+        inos.into_iter()
+            .any(|ino| self.store.get(ino).is_ok_and(|n| n.blob == Some(*h)))
+    }
+
+    /// Evicts least-recently-used files until the store holds at most `target` bytes. Open
+    /// files are never evicted; evicted names vanish whole (ENOENT) and the kernel is told to
+    /// forget them. Returns (blobs, bytes) evicted.
+    pub fn evict_to(&self, target: u64) -> Result<(u64, u64)> {
+        let mut out = kcache_store::Evicted::default();
+        let mut skipped = std::collections::HashSet::new();
+        while self.store.stored_bytes()? > target {
+            let candidates = self.store.lru_candidates(64, &skipped)?;
+            if candidates.is_empty() {
+                break;
+            }
+            for h in candidates {
+                if self.store.stored_bytes()? <= target {
+                    break;
+                }
+                let _gate = self.evict_gate.write().unwrap_or_else(|p| p.into_inner());
+                if self.blob_in_use(&h) {
+                    skipped.insert(h);
+                    continue;
+                }
+                self.store.evict_blob(&h, &mut out)?;
+            }
+        }
+        let kc = lock(&self.kernel_cache).clone();
+        if let Some(kc) = kc {
+            for (parent, name, ino) in &out.names {
+                kc.name_gone(self.kino(*parent), OsStr::from_bytes(name), self.kino(*ino));
+            }
+        }
+        if out.blobs > 0 {
+            tracing::info!(
+                blobs = out.blobs,
+                bytes = out.bytes,
+                "evicted least-recently-used files"
+            );
+        }
+        Ok((out.blobs, out.bytes))
     }
 
     /// Enables kernel passthrough for opens (the adapter calls this once the kernel agreed).
@@ -762,6 +824,7 @@ impl KcacheFs {
         if writable {
             self.writable()?;
         }
+        let _gate = self.evict_gate.read().unwrap_or_else(|p| p.into_inner());
         // Read the inode under the per-inode lock: a concurrent release may be committing new
         // content for it right now, and a copy read before the lock could be stale.
         let mode = self.with_open_inode(ino, |g| {

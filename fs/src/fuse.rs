@@ -692,6 +692,18 @@ impl Filesystem for KcacheFuse {
     }
 }
 
+/// Invalidates kernel dentries and inodes through fuser's notifier (used after eviction,
+/// from a daemon thread, never from inside a request handler).
+pub struct NotifierCache(pub fuser::Notifier);
+
+impl crate::core::KernelCache for NotifierCache {
+    fn name_gone(&self, parent: u64, name: &OsStr, ino: u64) {
+        // ENOENT just means the kernel had nothing cached.
+        let _ = self.0.inval_entry(INodeNo(parent), name);
+        let _ = self.0.inval_inode(INodeNo(ino), 0, 0);
+    }
+}
+
 fn xattr_reply(reply: ReplyXattr, size: u32, v: &[u8]) {
     if size == 0 {
         reply.size(v.len() as u32);

@@ -63,7 +63,11 @@ pub struct MountArgs {
     /// Stay in the foreground and log to stderr
     #[arg(long, short = 'f')]
     pub foreground: bool,
-    /// Mount options, comma separated: ro, rw, allow_other, default_permissions, nopassthrough
+    /// Keep the store's size at most SIZE by evicting least-recently-used files (K/M/G/T)
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub quota: Option<u64>,
+    /// Mount options, comma separated: ro, rw, allow_other, default_permissions, nopassthrough,
+    /// quota=SIZE
     #[arg(short = 'o', value_name = "OPTS")]
     pub options: Vec<String>,
     /// Internal: file descriptor to report readiness on (set by the daemonizing parent)
@@ -78,6 +82,7 @@ pub struct MountOpts {
     pub read_only: bool,
     pub allow_other: bool,
     pub passthrough: bool,
+    pub quota: Option<u64>,
 }
 
 impl MountOpts {
@@ -99,6 +104,7 @@ impl MountOpts {
                 "default_permissions" => {}
                 "nopassthrough" => o.passthrough = false,
                 "passthrough" => o.passthrough = true,
+                q if q.starts_with("quota=") => o.quota = Some(parse_size(&q[6..])?),
                 other => return Err(format!("unknown mount option '{other}'")),
             }
         }
@@ -159,8 +165,13 @@ mod tests {
 
     #[test]
     fn parses_known_options_and_names_unknown_ones() {
-        let o = MountOpts::parse(&["ro,allow_other".into(), "nopassthrough".into()]).unwrap();
+        let o =
+            MountOpts::parse(&["ro,allow_other".into(), "nopassthrough,quota=2G".into()]).unwrap();
         assert!(o.read_only && o.allow_other && !o.passthrough);
+        assert_eq!(o.quota, Some(2 << 30));
+        assert!(MountOpts::parse(&["quota=lots".into()])
+            .unwrap_err()
+            .contains("lots"));
         let e = MountOpts::parse(&["ro,bogus=1".into()]).unwrap_err();
         assert!(e.contains("bogus=1"), "{e}");
     }

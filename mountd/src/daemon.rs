@@ -94,7 +94,10 @@ fn check_fuse_device() -> Result<()> {
 
 /// Entry point of `kcache mount`.
 pub fn mount(args: MountArgs) -> Result<ExitCode> {
-    let opts = MountOpts::parse(&args.options).map_err(|e| anyhow::anyhow!(e))?;
+    let mut opts = MountOpts::parse(&args.options).map_err(|e| anyhow::anyhow!(e))?;
+    if args.quota.is_some() {
+        opts.quota = args.quota;
+    }
     let store_dir = args.store.clone().unwrap_or_else(default_store);
     if args.foreground {
         init_logging();
@@ -168,6 +171,9 @@ fn daemonize(args: &MountArgs, store_dir: &Path) -> Result<ExitCode> {
         .arg(&args.volume);
     for o in &args.options {
         cmd.arg("-o").arg(o);
+    }
+    if let Some(q) = args.quota {
+        cmd.arg("--quota").arg(q.to_string());
     }
     cmd.arg(&mountpoint).current_dir("/");
     cmd.stdin(Stdio::null())
@@ -280,6 +286,7 @@ fn serve(
         volume = %args.volume,
         "mounted"
     );
+    fs.set_kernel_cache(Arc::new(kcache_fs::NotifierCache(session.notifier())));
     let runner = std::thread::Builder::new()
         .name("fuse-session".into())
         .spawn(move || session.run())?;
@@ -310,6 +317,27 @@ fn serve(
                 tracing::warn!(error = %e, "recording accesses failed");
             }
         })?;
+
+    // The quota is kept by a thread of its own, off the request path: above the quota it
+    // evicts least-recently-used files down to 90% of it.
+    if let Some(quota) = opts.quota {
+        let evict_fs = fs.clone();
+        std::thread::Builder::new()
+            .name("evict".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_millis(200));
+                match evict_fs.store().stored_bytes() {
+                    Ok(used) if used > quota => {
+                        if let Err(e) = evict_fs.evict_to(quota / 10 * 9) {
+                            tracing::error!(errno = e.0, "eviction failed");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "reading store usage failed"),
+                }
+            })?;
+        tracing::info!(quota, "quota enforced by LRU eviction");
+    }
 
     // Stop on SIGTERM/SIGINT by unmounting; the session then drains and ends.
     let mp = mountpoint.clone();

@@ -81,33 +81,34 @@ impl Store {
         )? as u64)
     }
 
+    /// Up to `limit` local blobs, least recently used first, skipping those in `skip`.
+    pub fn lru_candidates(&self, limit: usize, skip: &HashSet<Hash>) -> Result<Vec<Hash>> {
+        self.flush_accesses()?;
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT hash FROM blobs WHERE state = 0 ORDER BY last_access, hash LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([(skip.len() + limit) as i64], |r| r.get::<_, Vec<u8>>(0))?;
+        Ok(rows
+            .filter_map(|r| r.ok().and_then(crate::ns::hash_from_db))
+            .filter(|h| !skip.contains(h))
+            .take(limit)
+            .collect())
+    }
+
     /// Evicts least-recently-used blobs, with every name that refers to them, until at most
     /// `target` bytes are stored. Blobs for which `in_use` is true (open files) are skipped.
     pub fn evict_to(&self, target: u64, in_use: &dyn Fn(&Hash) -> bool) -> Result<Evicted> {
-        self.flush_accesses()?;
         let mut out = Evicted::default();
         let mut skipped: HashSet<Hash> = HashSet::new();
-        loop {
-            if self.stored_bytes()? <= target {
-                return Ok(out);
-            }
-            let candidates: Vec<Hash> = {
-                let conn = self.conn();
-                let mut stmt = conn.prepare_cached(
-                    "SELECT hash FROM blobs WHERE state = 0 ORDER BY last_access, hash LIMIT ?1",
-                )?;
-                let rows =
-                    stmt.query_map([skipped.len() as i64 + 64], |r| r.get::<_, Vec<u8>>(0))?;
-                rows.filter_map(|r| r.ok().and_then(crate::ns::hash_from_db))
-                    .filter(|h| !skipped.contains(h))
-                    .collect()
-            };
+        while self.stored_bytes()? > target {
+            let candidates = self.lru_candidates(64, &skipped)?;
             if candidates.is_empty() {
-                return Ok(out);
+                break;
             }
             for h in candidates {
                 if self.stored_bytes()? <= target {
-                    return Ok(out);
+                    break;
                 }
                 if in_use(&h) {
                     skipped.insert(h);
@@ -116,10 +117,11 @@ impl Store {
                 self.evict_blob(&h, &mut out)?;
             }
         }
+        Ok(out)
     }
 
     /// Removes one blob and every inode (all their names) that holds it, in one transaction.
-    fn evict_blob(&self, h: &Hash, out: &mut Evicted) -> Result<()> {
+    pub fn evict_blob(&self, h: &Hash, out: &mut Evicted) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let Some(size) = tx

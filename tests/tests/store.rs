@@ -463,3 +463,56 @@ fn evict_removes_least_recently_used_files_whole() {
     assert_eq!(fs::read(m.path("a")).unwrap(), pseudo_random(100, 1 << 20));
     assert_eq!(fs::read(m.path("c")).unwrap(), pseudo_random(102, 1 << 20));
 }
+
+#[test]
+fn quota_evicts_least_recently_used_files_whole_and_never_open_ones() {
+    let Some(m) = Mount::with_opts(&["quota=8M"]) else {
+        return;
+    };
+    // Held open from the start: the oldest file, but never evicted while open.
+    fs::write(m.path("held"), pseudo_random(500, 1 << 20)).unwrap();
+    m.settle();
+    let held = fs::File::open(m.path("held")).unwrap();
+    for i in 0..40u64 {
+        fs::write(m.path(&format!("f{i:02}")), pseudo_random(i, 1 << 20)).unwrap();
+        m.settle();
+        // Usage never runs far past the quota: the quota plus the file being written, plus
+        // what arrived since the evictor's last look (it looks every 200 ms).
+        let used = m.stats()["stored_bytes"].as_u64().unwrap();
+        assert!(
+            used <= (8 << 20) + (4 << 20),
+            "stored {used} bytes after file {i}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let used = m.stats()["stored_bytes"].as_u64().unwrap();
+    assert!(used <= 8 << 20, "stored {used} bytes");
+    // The newest files survive; evicted ones are gone whole, also from the kernel's caches.
+    for i in 37..40u64 {
+        assert_eq!(
+            fs::read(m.path(&format!("f{i:02}"))).unwrap(),
+            pseudo_random(i, 1 << 20)
+        );
+    }
+    let e = fs::metadata(m.path("f00")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+    let listed: Vec<String> = fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    for name in &listed {
+        let p = m.path(name);
+        let want = if name == "held" {
+            pseudo_random(500, 1 << 20)
+        } else {
+            pseudo_random(name[1..].parse().unwrap(), 1 << 20)
+        };
+        assert_eq!(fs::read(&p).unwrap(), want, "{name} must be whole");
+    }
+    assert!(
+        listed.contains(&"held".to_string()),
+        "an open file was evicted"
+    );
+    drop(held);
+}
