@@ -94,16 +94,21 @@ fn stats(store: &Path, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn verify(store: &Path, json: bool) -> Result<ExitCode> {
+/// Opens an existing store as its owner, for maintenance that needs it unmounted.
+fn open_unmounted(store: &Path, purpose: &str) -> Result<Store> {
     if !store.join("kcache.db").exists() {
         bail!("{} is not a kcache store (no kcache.db)", store.display());
     }
-    let s = Store::open(store).with_context(|| {
+    Store::open(store).with_context(|| {
         format!(
-            "opening store {} for verification (unmount it first)",
+            "opening store {} for {purpose} (unmount it first)",
             store.display()
         )
-    })?;
+    })
+}
+
+fn verify(store: &Path, json: bool) -> Result<ExitCode> {
+    let s = open_unmounted(store, "verification")?;
     let report = s.verify(|_, _| {})?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -141,15 +146,7 @@ fn verify(store: &Path, json: bool) -> Result<ExitCode> {
 }
 
 fn evict(store: &Path, to: u64) -> Result<ExitCode> {
-    if !store.join("kcache.db").exists() {
-        bail!("{} is not a kcache store (no kcache.db)", store.display());
-    }
-    let s = Store::open(store).with_context(|| {
-        format!(
-            "opening store {} for eviction (unmount it first)",
-            store.display()
-        )
-    })?;
+    let s = open_unmounted(store, "eviction")?;
     let ev = s.evict_to(to, &|_| false)?;
     let left = s.stored_bytes()?;
     println!(
