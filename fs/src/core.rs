@@ -294,25 +294,11 @@ impl KcacheFs {
     /// files are never evicted; evicted names vanish whole (ENOENT) and the kernel is told to
     /// forget them. Returns (blobs, bytes) evicted.
     pub fn evict_to(&self, target: u64) -> Result<(u64, u64)> {
-        let mut out = kcache_store::Evicted::default();
-        let mut skipped = std::collections::HashSet::new();
-        while self.store.stored_bytes()? > target {
-            let candidates = self.store.lru_candidates(64, &skipped)?;
-            if candidates.is_empty() {
-                break;
-            }
-            for h in candidates {
-                if self.store.stored_bytes()? <= target {
-                    break;
-                }
-                let _gate = self.evict_gate.write().unwrap_or_else(|p| p.into_inner());
-                if self.blob_in_use(&h) {
-                    skipped.insert(h);
-                    continue;
-                }
-                self.store.evict_blob(&h, &mut out)?;
-            }
-        }
+        // The gate is held from the in-use check through the eviction of each blob.
+        let out = self.store.evict_to(target, |h| {
+            let gate = self.evict_gate.write().unwrap_or_else(|p| p.into_inner());
+            (!self.blob_in_use(h)).then_some(gate)
+        })?;
         let kc = lock(&self.kernel_cache).clone();
         if let Some(kc) = kc {
             for (parent, name, ino) in &out.names {
@@ -1033,8 +1019,7 @@ impl KcacheFs {
     /// disk, so that the database can still record deletions when the disk is otherwise full.
     fn check_room(&self, bytes: u64) -> Result<()> {
         const HEADROOM: u64 = 4 << 20;
-        let s = self.statfs()?;
-        if s.bavail.saturating_mul(s.frsize as u64) < bytes.saturating_add(HEADROOM) {
+        if self.store.disk_space()?.available_bytes() < bytes.saturating_add(HEADROOM) {
             return Err(Errno(libc::ENOSPC));
         }
         Ok(())
@@ -1280,22 +1265,16 @@ impl KcacheFs {
     }
 
     pub fn statfs(&self) -> Result<StatFs> {
-        let path = std::ffi::CString::new(self.store.root().as_os_str().as_bytes())
-            .map_err(|_| Errno::EINVAL)?;
-        // SAFETY: statvfs fills the zeroed struct for a valid C path.
-        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(path.as_ptr(), &mut s) } != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
+        let s = self.store.disk_space()?;
         Ok(StatFs {
-            blocks: s.f_blocks,
-            bfree: s.f_bfree,
-            bavail: s.f_bavail,
-            files: s.f_files,
-            ffree: s.f_ffree,
-            bsize: s.f_bsize as u32,
+            blocks: s.blocks,
+            bfree: s.bfree,
+            bavail: s.bavail,
+            files: s.files,
+            ffree: s.ffree,
+            bsize: s.bsize,
             namelen: NAME_MAX as u32,
-            frsize: s.f_frsize as u32,
+            frsize: s.frsize,
         })
     }
 

@@ -101,6 +101,24 @@ fn fattr(a: &Attr) -> FileAttr {
     }
 }
 
+/// Attributes for entries the kernel takes no attributes from: negative lookups (inode 0)
+/// and ".." in readdirplus.
+fn placeholder_attr(ino: u64, kind: Kind) -> FileAttr {
+    fattr(&Attr {
+        ino,
+        kind,
+        perm: 0,
+        uid: 0,
+        gid: 0,
+        size: 0,
+        atime: 0,
+        mtime: 0,
+        ctime: 0,
+        nlink: 0,
+        rdev: 0,
+    })
+}
+
 /// Registers backing files through the reply of the open or create being answered.
 struct OpenReg<'a>(&'a ReplyOpen);
 struct CreateReg<'a>(&'a ReplyCreate);
@@ -171,23 +189,7 @@ impl Filesystem for KcacheFuse {
             Err(e) if e == Errno::ENOENT => {
                 // A negative entry with the same long TTL: every create goes through us, and
                 // the kernel drops the negative dentry when it does.
-                let mut a = FileAttr {
-                    ino: INodeNo(0),
-                    ..fattr(&Attr {
-                        ino: 0,
-                        kind: Kind::File,
-                        perm: 0,
-                        uid: 0,
-                        gid: 0,
-                        size: 0,
-                        atime: 0,
-                        mtime: 0,
-                        ctime: 0,
-                        nlink: 0,
-                        rdev: 0,
-                    })
-                };
-                a.ino = INodeNo(0);
+                let a = placeholder_attr(0, Kind::File);
                 reply.entry(&self.fs.ttl(), &a, Generation(0))
             }
             Err(e) => reply.error(ferr(e)),
@@ -260,10 +262,7 @@ impl Filesystem for KcacheFuse {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self.fs.mknod(parent.0, name, mode, rdev, ctx(req)) {
-            Ok(a) => reply.entry(&self.fs.ttl(), &fattr(&a), Generation(0)),
-            Err(e) => reply.error(ferr(e)),
-        }
+        self.reply_entry(reply, self.fs.mknod(parent.0, name, mode, rdev, ctx(req)));
     }
 
     fn mkdir(
@@ -275,24 +274,15 @@ impl Filesystem for KcacheFuse {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.fs.mkdir(parent.0, name, mode, ctx(req)) {
-            Ok(a) => reply.entry(&self.fs.ttl(), &fattr(&a), Generation(0)),
-            Err(e) => reply.error(ferr(e)),
-        }
+        self.reply_entry(reply, self.fs.mkdir(parent.0, name, mode, ctx(req)));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.fs.unlink(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(ferr(e)),
-        }
+        reply_empty(reply, self.fs.unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.fs.rmdir(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(ferr(e)),
-        }
+        reply_empty(reply, self.fs.rmdir(parent.0, name));
     }
 
     fn symlink(
@@ -303,13 +293,10 @@ impl Filesystem for KcacheFuse {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        match self
+        let r = self
             .fs
-            .symlink(parent.0, link_name, target.as_os_str(), ctx(req))
-        {
-            Ok(a) => reply.entry(&self.fs.ttl(), &fattr(&a), Generation(0)),
-            Err(e) => reply.error(ferr(e)),
-        }
+            .symlink(parent.0, link_name, target.as_os_str(), ctx(req));
+        self.reply_entry(reply, r);
     }
 
     fn rename(
@@ -322,13 +309,10 @@ impl Filesystem for KcacheFuse {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self
+        let r = self
             .fs
-            .rename(parent.0, name, newparent.0, newname, flags.bits())
-        {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(ferr(e)),
-        }
+            .rename(parent.0, name, newparent.0, newname, flags.bits());
+        reply_empty(reply, r);
     }
 
     fn link(
@@ -339,10 +323,7 @@ impl Filesystem for KcacheFuse {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        match self.fs.link(ino.0, newparent.0, newname) {
-            Ok(a) => reply.entry(&self.fs.ttl(), &fattr(&a), Generation(0)),
-            Err(e) => reply.error(ferr(e)),
-        }
+        self.reply_entry(reply, self.fs.link(ino.0, newparent.0, newname));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -418,10 +399,7 @@ impl Filesystem for KcacheFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.release(fh.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(ferr(e)),
-        }
+        reply_empty(reply, self.fs.release(fh.0));
     }
 
     fn fsync(
@@ -432,10 +410,7 @@ impl Filesystem for KcacheFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fsync(fh.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(ferr(e)),
-        }
+        reply_empty(reply, self.fs.fsync(fh.0));
     }
 
     fn readdir(
@@ -472,22 +447,7 @@ impl Filesystem for KcacheFuse {
                 let fa = match attr {
                     Some(a) => fattr(a),
                     // ".." gets no attributes: the kernel ignores the entry's attributes for it.
-                    None => FileAttr {
-                        ino: INodeNo(ino),
-                        ..fattr(&Attr {
-                            ino,
-                            kind,
-                            perm: 0o755,
-                            uid: 0,
-                            gid: 0,
-                            size: 0,
-                            atime: 0,
-                            mtime: 0,
-                            ctime: 0,
-                            nlink: 2,
-                            rdev: 0,
-                        })
-                    },
+                    None => placeholder_attr(ino, kind),
                 };
                 reply.add(INodeNo(ino), off, name, &ttl, &fa, Generation(0))
             });
@@ -505,10 +465,7 @@ impl Filesystem for KcacheFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fsyncdir() {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(ferr(e)),
-        }
+        reply_empty(reply, self.fs.fsyncdir());
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -530,10 +487,7 @@ impl Filesystem for KcacheFuse {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self.fs.setxattr(ino.0, name, value, flags) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(ferr(e)),
-        }
+        reply_empty(reply, self.fs.setxattr(ino.0, name, value, flags));
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -551,17 +505,11 @@ impl Filesystem for KcacheFuse {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.fs.removexattr(ino.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(ferr(e)),
-        }
+        reply_empty(reply, self.fs.removexattr(ino.0, name));
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        match self.fs.access(ino.0, mask.bits(), ctx(req)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(ferr(e)),
-        }
+        reply_empty(reply, self.fs.access(ino.0, mask.bits(), ctx(req)));
     }
 
     fn ioctl(
@@ -588,10 +536,7 @@ impl Filesystem for KcacheFuse {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fallocate(fh.0, offset, length, mode) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(ferr(e)),
-        }
+        reply_empty(reply, self.fs.fallocate(fh.0, offset, length, mode));
     }
 
     fn lseek(
@@ -701,6 +646,22 @@ impl crate::core::KernelCache for NotifierCache {
         // ENOENT just means the kernel had nothing cached.
         let _ = self.0.inval_entry(INodeNo(parent), name);
         let _ = self.0.inval_inode(INodeNo(ino), 0, 0);
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, r: crate::error::Result<()>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(ferr(e)),
+    }
+}
+
+impl KcacheFuse {
+    fn reply_entry(&self, reply: ReplyEntry, r: crate::error::Result<Attr>) {
+        match r {
+            Ok(a) => reply.entry(&self.fs.ttl(), &fattr(&a), Generation(0)),
+            Err(e) => reply.error(ferr(e)),
+        }
     }
 }
 

@@ -147,7 +147,7 @@ fn verify(store: &Path, json: bool) -> Result<ExitCode> {
 
 fn evict(store: &Path, to: u64) -> Result<ExitCode> {
     let s = open_unmounted(store, "eviction")?;
-    let ev = s.evict_to(to, &|_| false)?;
+    let ev = s.evict_to(to, |_| Some(()))?;
     let left = s.stored_bytes()?;
     println!(
         "evicted {} blobs ({}), {} names; {} stored",

@@ -133,6 +133,25 @@ pub struct NewNode {
     pub target: Option<Vec<u8>>,
 }
 
+/// What statvfs says about the store's filesystem (block counts in `frsize` units).
+#[derive(Clone, Copy, Debug)]
+pub struct DiskSpace {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub frsize: u32,
+}
+
+impl DiskSpace {
+    /// Bytes an unprivileged writer may still use.
+    pub fn available_bytes(&self) -> u64 {
+        self.bavail.saturating_mul(self.frsize as u64)
+    }
+}
+
 /// Options for opening a store.
 #[derive(Clone, Debug, Default)]
 pub struct OpenOptionsStore {
@@ -149,6 +168,9 @@ pub struct Store {
     read_only: bool,
     _lock: Option<File>,
     staging_seq: AtomicU64,
+    /// The store directory, held open to ask its filesystem for free space without a path
+    /// lookup on every write.
+    root_dir: File,
     access_seq: AtomicU64,
     pending_access: Mutex<Vec<(Hash, i64)>>,
 }
@@ -181,6 +203,7 @@ impl Store {
             conn.busy_timeout(std::time::Duration::from_secs(10))?;
             check_readable(&conn, &db_path)?;
             return Ok(Store {
+                root_dir: File::open(root).ctx(|| format!("opening {}", root.display()))?,
                 root: root.to_owned(),
                 db_path,
                 conn: Mutex::new(conn),
@@ -234,6 +257,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", false)?;
 
         let store = Store {
+            root_dir: File::open(root).ctx(|| format!("opening {}", root.display()))?,
             root: root.to_owned(),
             db_path,
             conn: Mutex::new(conn),
@@ -263,6 +287,27 @@ impl Store {
         // SAFETY: flock on a valid, owned descriptor; closing it releases the probe lock.
         let got = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
         Ok(got)
+    }
+
+    /// Capacity and free space of the filesystem the store lives on.
+    pub fn disk_space(&self) -> Result<DiskSpace> {
+        // SAFETY: fstatvfs fills the zeroed struct for a descriptor we own.
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstatvfs(self.root_dir.as_raw_fd(), &mut s) } != 0 {
+            return Err(Error::io(
+                format!("statvfs of {}", self.root.display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(DiskSpace {
+            blocks: s.f_blocks,
+            bfree: s.f_bfree,
+            bavail: s.f_bavail,
+            files: s.f_files,
+            ffree: s.f_ffree,
+            bsize: s.f_bsize as u32,
+            frsize: s.f_frsize as u32,
+        })
     }
 
     pub fn root(&self) -> &Path {

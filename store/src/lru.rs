@@ -82,7 +82,7 @@ impl Store {
     }
 
     /// Up to `limit` local blobs, least recently used first, skipping those in `skip`.
-    pub fn lru_candidates(&self, limit: usize, skip: &HashSet<Hash>) -> Result<Vec<Hash>> {
+    fn lru_candidates(&self, limit: usize, skip: &HashSet<Hash>) -> Result<Vec<Hash>> {
         self.flush_accesses()?;
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
@@ -97,31 +97,35 @@ impl Store {
     }
 
     /// Evicts least-recently-used blobs, with every name that refers to them, until at most
-    /// `target` bytes are stored. Blobs for which `in_use` is true (open files) are skipped.
-    pub fn evict_to(&self, target: u64, in_use: &dyn Fn(&Hash) -> bool) -> Result<Evicted> {
+    /// `target` bytes are stored. `claim` decides per blob: `None` skips it (in use), `Some`
+    /// returns a guard that is held while the blob is evicted, so the caller can keep a blob
+    /// from becoming in use between its check and the eviction.
+    pub fn evict_to<G>(&self, target: u64, claim: impl Fn(&Hash) -> Option<G>) -> Result<Evicted> {
         let mut out = Evicted::default();
         let mut skipped: HashSet<Hash> = HashSet::new();
-        while self.stored_bytes()? > target {
+        let start = self.stored_bytes()?;
+        while start.saturating_sub(out.bytes) > target {
             let candidates = self.lru_candidates(64, &skipped)?;
             if candidates.is_empty() {
                 break;
             }
             for h in candidates {
-                if self.stored_bytes()? <= target {
+                if start.saturating_sub(out.bytes) <= target {
                     break;
                 }
-                if in_use(&h) {
-                    skipped.insert(h);
-                    continue;
+                match claim(&h) {
+                    Some(_guard) => self.evict_blob(&h, &mut out)?,
+                    None => {
+                        skipped.insert(h);
+                    }
                 }
-                self.evict_blob(&h, &mut out)?;
             }
         }
         Ok(out)
     }
 
     /// Removes one blob and every inode (all their names) that holds it, in one transaction.
-    pub fn evict_blob(&self, h: &Hash, out: &mut Evicted) -> Result<()> {
+    fn evict_blob(&self, h: &Hash, out: &mut Evicted) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let Some(size) = tx

@@ -140,10 +140,10 @@ fn eviction_follows_lru_order_across_reopen_and_removes_whole_files() {
     let s = Store::open(dir.path()).unwrap();
     let root = s.volume("default", true, 0, 0).unwrap().root;
     // Oldest first: c, b, a.
-    let ev = s.evict_to(2000, &|_| false).unwrap();
+    let ev = s.evict_to(2000, |_| Some(())).unwrap();
     assert_eq!((ev.blobs, ev.bytes), (1, 1000));
     assert!(matches!(s.lookup(root, b"c"), Err(Error::NotFound)));
-    let ev = s.evict_to(1000, &|_| false).unwrap();
+    let ev = s.evict_to(1000, |_| Some(())).unwrap();
     assert_eq!(ev.blobs, 1);
     let mut gone: Vec<Vec<u8>> = ev.names.iter().map(|n| n.1.clone()).collect();
     gone.sort();
@@ -151,7 +151,7 @@ fn eviction_follows_lru_order_across_reopen_and_removes_whole_files() {
     assert_eq!(s.lookup(root, b"a").unwrap().size, 1000);
     // A blob in use is never evicted.
     let a = s.lookup(root, b"a").unwrap().blob.unwrap();
-    let ev = s.evict_to(0, &|h| *h == a).unwrap();
+    let ev = s.evict_to(0, |h| (*h != a).then_some(())).unwrap();
     assert_eq!(ev.blobs, 0);
     assert!(s.verify(|_, _| {}).unwrap().is_clean());
 }

@@ -351,3 +351,28 @@ pub fn python(code: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Runs `n` copies of a Python snippet at once, each with arguments `arg` and its index;
+/// panics if any fails. Returns their stdouts in index order.
+pub fn python_workers(code: &str, arg: &Path, n: usize) -> Vec<String> {
+    let children: Vec<_> = (0..n)
+        .map(|i| {
+            Command::new("python3")
+                .arg("-c")
+                .arg(code)
+                .arg(arg)
+                .arg(i.to_string())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("python3")
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            assert!(out.status.success(), "worker failed ({})", out.status);
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .collect()
+}

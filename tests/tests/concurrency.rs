@@ -5,7 +5,7 @@ use std::fs;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kcache_tests::{python, Mount};
+use kcache_tests::{python, python_workers, Mount};
 
 const TRY_FLOCK: &str = r#"
 import fcntl, sys
@@ -95,22 +95,14 @@ fn o_excl_race_has_exactly_one_winner() {
     let Some(m) = Mount::new() else { return };
     for round in 0..5 {
         let target = m.path(&format!("race{round}"));
-        let children: Vec<_> = (0..16)
-            .map(|_| {
-                Command::new("python3")
-                    .arg("-c")
-                    .arg("import os,sys\ntry:\n  os.close(os.open(sys.argv[1], os.O_CREAT|os.O_EXCL|os.O_WRONLY, 0o600)); print('won')\nexcept FileExistsError:\n  print('lost')")
-                    .arg(&target)
-                    .stdout(Stdio::piped())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
-        let won = children
-            .into_iter()
-            .map(|c| String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap())
-            .filter(|o| o.trim() == "won")
-            .count();
+        let won = python_workers(
+            "import os,sys\ntry:\n  os.close(os.open(sys.argv[1], os.O_CREAT|os.O_EXCL|os.O_WRONLY, 0o600)); print('won')\nexcept FileExistsError:\n  print('lost')",
+            &target,
+            16,
+        )
+        .iter()
+        .filter(|o| o.trim() == "won")
+        .count();
         assert_eq!(won, 1, "round {round}");
     }
 }
@@ -122,20 +114,11 @@ fn concurrent_append_loses_nothing() {
             return;
         };
         let log = m.path("index.log");
-        let children: Vec<_> = (0..8)
-            .map(|w| {
-                Command::new("python3")
-                    .arg("-c")
-                    .arg("import os,sys\nw=sys.argv[2]\nfd=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT|os.O_APPEND, 0o644)\nfor i in range(200):\n  os.write(fd, f'writer {w} line {i:04d} '.encode() + b'x'*50 + b'\\n')\nos.close(fd)")
-                    .arg(&log)
-                    .arg(w.to_string())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
-        for c in children {
-            assert!(c.wait_with_output().unwrap().status.success());
-        }
+        python_workers(
+            "import os,sys\nw=sys.argv[2]\nfd=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT|os.O_APPEND, 0o644)\nfor i in range(200):\n  os.write(fd, f'writer {w} line {i:04d} '.encode() + b'x'*50 + b'\\n')\nos.close(fd)",
+            &log,
+            8,
+        );
         let text = fs::read_to_string(&log).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 1600, "opts {opts:?}");
@@ -159,20 +142,7 @@ fn sqlite_database_shared_by_two_processes() {
         &[db.to_str().unwrap()],
     );
     let writer = "import sqlite3,sys\nc=sqlite3.connect(sys.argv[1], timeout=60)\nfor i in range(200):\n  c.execute('insert into t values (?,?)', (int(sys.argv[2]), i)); c.commit()";
-    let children: Vec<_> = (0..2)
-        .map(|w| {
-            Command::new("python3")
-                .arg("-c")
-                .arg(writer)
-                .arg(&db)
-                .arg(w.to_string())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for c in children {
-        assert!(c.wait_with_output().unwrap().status.success());
-    }
+    python_workers(writer, &db, 2);
     let out = python(
         "import sqlite3,sys\nc=sqlite3.connect(sys.argv[1])\nprint(c.execute('select count(*), count(distinct w*1000+i) from t').fetchone())\nprint(c.execute('pragma integrity_check').fetchone()[0])",
         &[db.to_str().unwrap()],

@@ -217,6 +217,14 @@ fn blob_paths(store: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Runs SQL statements on a database file with Python's sqlite3 (a foreign or newer store).
+fn sqlite(db: &Path, sql: &str) {
+    kcache_tests::python(
+        "import sqlite3,sys\nc=sqlite3.connect(sys.argv[1])\nc.executescript(sys.argv[2])\nc.commit()",
+        &[db.to_str().unwrap(), sql],
+    );
+}
+
 fn kcache(args: &[&str]) -> (i32, String) {
     let out = Command::new(kcache_bin()).args(args).output().unwrap();
     (
@@ -258,12 +266,7 @@ fn refuses_bad_stores_mountpoints_and_arguments() {
     // A foreign database is never touched.
     let foreign = dir.path().join("foreign");
     fs::create_dir(&foreign).unwrap();
-    Command::new("python3")
-        .arg("-c")
-        .arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('create table x(y)'); c.commit()")
-        .arg(foreign.join("kcache.db"))
-        .status()
-        .unwrap();
+    sqlite(&foreign.join("kcache.db"), "create table x(y)");
     let before = fs::read(foreign.join("kcache.db")).unwrap();
     let (code, out) = kcache(&["mount", "--store", &s(&foreign), &s(&mp)]);
     assert_eq!(code, 1);
@@ -285,12 +288,10 @@ fn refuses_bad_stores_mountpoints_and_arguments() {
     // A newer schema.
     let newer = dir.path().join("newer");
     fs::create_dir(&newer).unwrap();
-    Command::new("python3")
-        .arg("-c")
-        .arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('pragma application_id=1801675107'); c.execute('pragma user_version=999'); c.commit()")
-        .arg(newer.join("kcache.db"))
-        .status()
-        .unwrap();
+    sqlite(
+        &newer.join("kcache.db"),
+        "pragma application_id=1801675107; pragma user_version=999",
+    );
     let (code, out) = kcache(&["mount", "--store", &s(&newer), &s(&mp)]);
     assert_eq!(code, 1);
     assert!(out.contains("newer kcache"), "{out}");
