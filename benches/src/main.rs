@@ -2,10 +2,12 @@
 //! installed) in the same run on the same disk, and prints kcache/native ratios.
 //!
 //! Ratio = native_time / other_time, so 1.0 means "as fast as native" and higher is
-//! better. Missed goals are reported, not treated as errors: the exit status is
+//! better; a few rows compare with another baseline instead (a kcache mount without a
+//! quota), and say so. Missed goals are reported, not treated as errors: the exit status is
 //! non-zero only when something actually failed.
 
 mod mounts;
+mod own_stores;
 mod workloads;
 
 use std::fs;
@@ -53,6 +55,9 @@ struct Target<'a> {
 
 /// Results of one phase across targets, i.e. one table row.
 struct Row {
+    /// Who ran the phase in the `native` column: "native" except for rows that compare
+    /// kcache with kcache.
+    baseline: &'static str,
     native: Phase,
     kcache: Option<Phase>,
     bindfs: Option<Phase>,
@@ -113,6 +118,7 @@ fn run(args: &Args) -> Result<()> {
         &store_dir,
         &kcache_mnt,
         &run_dir.path().join("kcache.log"),
+        None,
     )
     .context("mounting kcache")?;
     let mut bindfs_mount = match bindfs {
@@ -145,7 +151,7 @@ fn run(args: &Args) -> Result<()> {
     }
 
     let mut rows = Vec::new();
-    let outcome = run_all(&selected, &targets, sizes, &mut rows);
+    let outcome = run_all(&selected, &targets, &kcache_bin, &run_dir, sizes, &mut rows);
     drop(targets);
 
     if !rows.is_empty() {
@@ -166,6 +172,8 @@ fn run(args: &Args) -> Result<()> {
 fn run_all(
     selected: &[Workload],
     targets: &[Target<'_>],
+    kcache_bin: &Path,
+    run_dir: &RunDir,
     sizes: Sizes,
     rows: &mut Vec<Row>,
 ) -> Result<()> {
@@ -176,6 +184,39 @@ fn run_all(
         ^ u64::from(std::process::id());
     for (wi, &workload) in selected.iter().enumerate() {
         println!("== {}", workload.name());
+        if workload.own_stores() {
+            let native = targets.first().context("no native target")?;
+            let dir = native.root.join(workload.name());
+            fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let env = own_stores::Env {
+                kcache: kcache_bin,
+                run_dir,
+                native: &dir,
+            };
+            let seed = base_seed ^ ((wi as u64) << 56);
+            let pairs = own_stores::run(workload, &env, sizes, seed)
+                .with_context(|| workload.name().to_string())?;
+            // A baseline that was the measured phase of the previous pair is printed once.
+            let mut printed: Option<&str> = None;
+            for pair in pairs {
+                if printed != Some(pair.baseline_name) {
+                    print_phase(pair.baseline_name, &pair.baseline, None);
+                }
+                print_phase(
+                    pair.name,
+                    &pair.measured,
+                    Some((pair.baseline_name, &pair.baseline)),
+                );
+                printed = Some(pair.name);
+                rows.push(Row {
+                    baseline: pair.baseline_name,
+                    native: pair.baseline,
+                    kcache: Some(pair.measured),
+                    bindfs: None,
+                });
+            }
+            continue;
+        }
         let mut per_target: Vec<Vec<Phase>> = Vec::new();
         for (ti, target) in targets.iter().enumerate() {
             let dir = target.root.join(workload.name());
@@ -185,17 +226,8 @@ fn run_all(
             let phases = workloads::run(workload, &dir, sizes, seed)
                 .with_context(|| format!("{} on {}", workload.name(), target.name))?;
             for (pi, p) in phases.iter().enumerate() {
-                let ratio = per_target
-                    .first()
-                    .map(|native| ratio_text(&native[pi], p))
-                    .unwrap_or_default();
-                println!(
-                    "  {:<7} {:<48} {:>9.3} s {:>14}{ratio}",
-                    target.name,
-                    p.label,
-                    p.secs,
-                    p.amount.throughput(p.secs)
-                );
+                let native = per_target.first().map(|native| ("native", &native[pi]));
+                print_phase(target.name, p, native);
             }
             // No cleanup between targets: a mass delete can slow the file system's inode
             // allocation for a while (seen on a journal-less ext4), which would penalise
@@ -210,6 +242,7 @@ fn run_all(
         let mut bindfs = bindfs.into_iter();
         for n in native {
             rows.push(Row {
+                baseline: "native",
                 native: n,
                 kcache: kcache.next(),
                 bindfs: bindfs.next(),
@@ -223,21 +256,38 @@ fn ratio(native: &Phase, other: &Phase) -> f64 {
     native.secs / other.secs.max(1e-9)
 }
 
-fn verdict(native: &Phase, other: &Phase) -> &'static str {
-    if ratio(native, other) >= native.goal {
+fn verdict(native: &Phase, other: &Phase, goal: f64) -> &'static str {
+    if ratio(native, other) >= goal {
         "PASS"
     } else {
         "MISS"
     }
 }
 
-fn ratio_text(native: &Phase, other: &Phase) -> String {
-    format!(
-        "  ratio {:.2} (goal >= {:.2}: {})",
-        ratio(native, other),
-        native.goal,
-        verdict(native, other)
-    )
+/// One progress line; with a baseline, the ratio against it (named unless native).
+fn print_phase(target: &str, p: &Phase, baseline: Option<(&str, &Phase)>) {
+    let ratio = match baseline {
+        None => String::new(),
+        Some((name, b)) => {
+            let vs = if name == "native" {
+                String::new()
+            } else {
+                format!(" vs {name}")
+            };
+            let goal = match b.goal {
+                Some(g) => format!(" (goal >= {g:.2}: {})", verdict(b, p, g)),
+                None => String::new(),
+            };
+            format!("  ratio {:.2}{vs}{goal}", ratio(b, p))
+        }
+    };
+    println!(
+        "  {:<8} {:<56} {:>9.3} s {:>14}{ratio}",
+        target,
+        p.label,
+        p.secs,
+        p.amount.throughput(p.secs)
+    );
 }
 
 fn cell(p: &Phase) -> String {
@@ -250,13 +300,15 @@ fn print_table(rows: &[Row], with_bindfs: bool) {
     println!("| workload | native | kcache | ratio | goal | bindfs ratio |");
     println!("| --- | ---: | ---: | ---: | --- | ---: |");
     for r in rows {
-        let (kc, rt, goal) = match &r.kcache {
-            Some(k) => (
+        let (kc, rt, goal) = match (&r.kcache, r.native.goal) {
+            (Some(k), Some(g)) => (
                 cell(k),
                 format!("{:.2}", ratio(&r.native, k)),
-                format!(">= {:.2} {}", r.native.goal, verdict(&r.native, k)),
+                format!(">= {g:.2} {}", verdict(&r.native, k, g)),
             ),
-            None => ("-".into(), "-".into(), format!(">= {:.2}", r.native.goal)),
+            (Some(k), None) => (cell(k), format!("{:.2}", ratio(&r.native, k)), "-".into()),
+            (None, Some(g)) => ("-".into(), "-".into(), format!(">= {g:.2}")),
+            (None, None) => ("-".into(), "-".into(), "-".into()),
         };
         let bf = match (&r.bindfs, with_bindfs) {
             (Some(b), _) => format!("{:.2}", ratio(&r.native, b)),
@@ -271,6 +323,17 @@ fn print_table(rows: &[Row], with_bindfs: bool) {
     }
     println!();
     println!("ratio = native time / kcache time (1.00 = as fast as native, higher is better)");
+    for baseline in rows
+        .iter()
+        .map(|r| r.baseline)
+        .filter(|&b| b != "native")
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        println!(
+            "rows \"A vs B\" compare two {baseline} setups: B's time is in the native column, \
+             ratio = B time / A time"
+        );
+    }
 }
 
 fn resolve_kcache(given: Option<&Path>) -> Result<PathBuf> {

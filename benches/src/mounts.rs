@@ -101,11 +101,21 @@ pub struct Mount {
 }
 
 impl Mount {
-    /// `kcache mount --store STORE MNT`: the CLI daemonizes and returns once the mount
-    /// answers, so we only double-check that the mountpoint changed device.
-    pub fn kcache(bin: &Path, store: &Path, mountpoint: &Path, log: &Path) -> Result<Self> {
+    /// `kcache mount --store STORE [--quota BYTES] MNT`: the CLI daemonizes and returns once
+    /// the mount answers, so we only double-check that the mountpoint changed device.
+    pub fn kcache(
+        bin: &Path,
+        store: &Path,
+        mountpoint: &Path,
+        log: &Path,
+        quota: Option<u64>,
+    ) -> Result<Self> {
         let mut cmd = Command::new(bin);
-        cmd.arg("mount").arg("--store").arg(store).arg(mountpoint);
+        cmd.arg("mount").arg("--store").arg(store);
+        if let Some(bytes) = quota {
+            cmd.arg("--quota").arg(bytes.to_string());
+        }
+        cmd.arg(mountpoint);
         let mount = Self::start(
             Kind::Kcache {
                 bin: bin.to_path_buf(),
@@ -249,6 +259,12 @@ pub fn is_mountpoint(path: &Path) -> bool {
 /// Runs a helper with its output appended to `log` rather than a pipe: a daemonizing
 /// child may keep inherited pipe ends open forever, which would block us.
 fn run_logged(cmd: &mut Command, log: &Path) -> Result<ExitStatus> {
+    run_to_file(cmd, log, COMMAND_TIMEOUT)
+}
+
+/// Runs `cmd` with stdout and stderr appended to `log`, killing it after `timeout`.
+/// Polls every millisecond, so the caller can time the command to within about that.
+pub fn run_to_file(cmd: &mut Command, log: &Path, timeout: Duration) -> Result<ExitStatus> {
     let what = describe(cmd);
     let out = OpenOptions::new()
         .create(true)
@@ -267,19 +283,19 @@ fn run_logged(cmd: &mut Command, log: &Path) -> Result<ExitStatus> {
         if let Some(status) = child.try_wait()? {
             return Ok(status);
         }
-        if start.elapsed() > COMMAND_TIMEOUT {
+        if start.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
             bail!(
-                "`{what}` did not finish within {COMMAND_TIMEOUT:?}{}",
+                "`{what}` did not finish within {timeout:?}{}",
                 log_tail(log)
             );
         }
-        sleep(Duration::from_millis(10));
+        sleep(Duration::from_millis(1));
     }
 }
 
-fn describe(cmd: &Command) -> String {
+pub fn describe(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
     for a in cmd.get_args() {
         s.push(' ');
@@ -289,7 +305,7 @@ fn describe(cmd: &Command) -> String {
 }
 
 /// The last lines a helper printed, to put into an error message.
-fn log_tail(log: &Path) -> String {
+pub fn log_tail(log: &Path) -> String {
     let mut text = String::new();
     if File::open(log)
         .and_then(|mut f| f.read_to_string(&mut text))

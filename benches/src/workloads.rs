@@ -2,7 +2,8 @@
 //! bindfs mount) using plain std::fs/libc calls, and returns one timing per phase.
 //!
 //! Data generation, setup and verification happen outside the timed sections so that
-//! only file system work is measured.
+//! only file system work is measured. The workloads that need kcache stores of their own
+//! (`quota-overhead`, `evict`) live in `own_stores.rs` and share the small-file helpers here.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -15,7 +16,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::ValueEnum;
 
 pub const MIB: usize = 1 << 20;
-const SMALL_FILE_SIZE: usize = 4096;
+pub const SMALL_FILE_SIZE: usize = 4096;
 const SMALL_FILE_DIRS: usize = 256;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -26,13 +27,19 @@ pub enum Workload {
     SmallFiles,
     /// c) large file written with 1 MiB writes, then fsync, then close
     FsyncWrite,
+    /// d) open+read of many small files on a kcache mount with a quota vs one without
+    QuotaOverhead,
+    /// e) `kcache evict --to 0` of a store full of small files vs `rm -rf` of as many files
+    Evict,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 3] = [
+    pub const ALL: [Workload; 5] = [
         Workload::SeqRead,
         Workload::SmallFiles,
         Workload::FsyncWrite,
+        Workload::QuotaOverhead,
+        Workload::Evict,
     ];
 
     pub fn name(self) -> &'static str {
@@ -40,7 +47,15 @@ impl Workload {
             Workload::SeqRead => "seq-read",
             Workload::SmallFiles => "small-files",
             Workload::FsyncWrite => "fsync-write",
+            Workload::QuotaOverhead => "quota-overhead",
+            Workload::Evict => "evict",
         }
+    }
+
+    /// Whether the workload sets up kcache stores of its own (see `own_stores.rs`) instead
+    /// of running once in each target directory.
+    pub fn own_stores(self) -> bool {
+        matches!(self, Workload::QuotaOverhead | Workload::Evict)
     }
 }
 
@@ -72,6 +87,11 @@ impl Sizes {
 pub enum Amount {
     Bytes(u64),
     Files(u64),
+    /// Blobs removed from a store, with their total size.
+    Blobs {
+        count: u64,
+        bytes: u64,
+    },
 }
 
 impl Amount {
@@ -80,6 +100,11 @@ impl Amount {
         match self {
             Amount::Bytes(b) => format!("{:.0} MiB/s", b as f64 / MIB as f64 / secs),
             Amount::Files(n) => format!("{:.0} files/s", n as f64 / secs),
+            Amount::Blobs { count, bytes } => format!(
+                "{:.0} blobs/s, {:.1} MiB/s",
+                count as f64 / secs,
+                bytes as f64 / MIB as f64 / secs
+            ),
         }
     }
 }
@@ -88,7 +113,8 @@ impl Amount {
 #[derive(Clone, Debug)]
 pub struct Phase {
     pub label: String,
-    pub goal: f64,
+    /// Minimum ratio against the baseline; `None` for phases measured only for context.
+    pub goal: Option<f64>,
     pub amount: Amount,
     pub secs: f64,
 }
@@ -98,6 +124,10 @@ pub fn run(workload: Workload, dir: &Path, sizes: Sizes, seed: u64) -> Result<Ve
         Workload::SeqRead => seq_read(dir, sizes.big_file, seed),
         Workload::SmallFiles => small_files(dir, sizes.small_files, seed),
         Workload::FsyncWrite => fsync_write(dir, sizes.big_file, seed),
+        Workload::QuotaOverhead | Workload::Evict => bail!(
+            "{} sets up its own stores and does not run in a target directory",
+            workload.name()
+        ),
     }
 }
 
@@ -159,7 +189,7 @@ fn seq_read(dir: &Path, size: usize, seed: u64) -> Result<Vec<Phase>> {
 
     Ok(vec![Phase {
         label: format!("seq read {} (warm, 1 MiB buf)", human_size(size)),
-        goal: 0.9,
+        goal: Some(0.9),
         amount: Amount::Bytes(size as u64),
         secs,
     }])
@@ -168,18 +198,10 @@ fn seq_read(dir: &Path, size: usize, seed: u64) -> Result<Vec<Phase>> {
 /// b) pip-style install: each file is written to a temp name in its final directory and
 ///    renamed into place; then every file is stat'ed, then read, in the same mount.
 fn small_files(dir: &Path, count: usize, seed: u64) -> Result<Vec<Phase>> {
-    let dirs: Vec<PathBuf> = (0..SMALL_FILE_DIRS)
-        .map(|i| dir.join(format!("d{i:02x}")))
-        .collect();
-    for d in &dirs {
-        fs::create_dir(d).with_context(|| format!("creating {}", d.display()))?;
-    }
+    let dirs = create_small_file_dirs(dir)?;
     // Precompute names and contents so the timed loop only does file system calls.
-    let mut data = vec![0u8; count * SMALL_FILE_SIZE];
-    Prng::new(seed).fill(&mut data);
-    let finals: Vec<PathBuf> = (0..count)
-        .map(|i| dirs[i % SMALL_FILE_DIRS].join(format!("f{i:06}.bin")))
-        .collect();
+    let data = small_file_data(count, seed);
+    let finals: Vec<PathBuf> = (0..count).map(|i| small_file_path(&dirs, i)).collect();
     let temps: Vec<PathBuf> = (0..count)
         .map(|i| dirs[i % SMALL_FILE_DIRS].join(format!(".f{i:06}.bin.tmp-{seed:016x}")))
         .collect();
@@ -212,10 +234,84 @@ fn small_files(dir: &Path, count: usize, seed: u64) -> Result<Vec<Phase>> {
     }
     let stat_secs = start.elapsed().as_secs_f64();
 
-    let mut buf = [0u8; 2 * SMALL_FILE_SIZE];
     let start = Instant::now();
+    read_files(&finals)?;
+    let read_secs = start.elapsed().as_secs_f64();
+
+    // Contents are checked after timing; a leftover temp file means a rename misbehaved.
+    check_small_files(&dirs, &finals, &data)?;
+
+    let amount = Amount::Files(count as u64);
+    Ok(vec![
+        Phase {
+            label: format!("small files: create {count} x 4 KiB (tmp + rename)"),
+            goal: Some(0.25),
+            amount,
+            secs: create_secs,
+        },
+        Phase {
+            label: format!("small files: stat {count}"),
+            goal: Some(0.5),
+            amount,
+            secs: stat_secs,
+        },
+        Phase {
+            label: format!("small files: read {count}"),
+            goal: Some(0.3),
+            amount,
+            secs: read_secs,
+        },
+    ])
+}
+
+/// Creates the subdirectories of `dir` that small files are spread over (as in an
+/// unpacked package, rather than one huge directory) and returns them.
+pub fn create_small_file_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let dirs: Vec<PathBuf> = (0..SMALL_FILE_DIRS)
+        .map(|i| dir.join(format!("d{i:02x}")))
+        .collect();
+    for d in &dirs {
+        fs::create_dir(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    Ok(dirs)
+}
+
+/// Where small file `i` lives among `dirs`.
+pub fn small_file_path(dirs: &[PathBuf], i: usize) -> PathBuf {
+    dirs[i % dirs.len()].join(format!("f{i:06}.bin"))
+}
+
+/// The contents of `count` small files back to back, random so that no two dedup.
+pub fn small_file_data(count: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; count * SMALL_FILE_SIZE];
+    Prng::new(seed).fill(&mut data);
+    data
+}
+
+/// Creates file `i` of `paths` with the `i`-th `SMALL_FILE_SIZE` bytes of `data`.
+pub fn write_small_files(paths: &[PathBuf], data: &[u8]) -> Result<()> {
+    ensure!(
+        data.len() == paths.len() * SMALL_FILE_SIZE,
+        "{} bytes of data for {} small files",
+        data.len(),
+        paths.len()
+    );
+    for (p, content) in paths.iter().zip(data.chunks_exact(SMALL_FILE_SIZE)) {
+        check_interrupted()?;
+        let mut f = File::create(p).with_context(|| format!("creating {}", p.display()))?;
+        f.write_all(content)
+            .with_context(|| format!("writing {}", p.display()))?;
+        close_checked(f, p)?;
+    }
+    Ok(())
+}
+
+/// Opens, reads to the end and closes every file: the timed part of the small-file read
+/// phases. Fails unless exactly `SMALL_FILE_SIZE` bytes per file were read.
+pub fn read_files(paths: &[PathBuf]) -> Result<()> {
+    let mut buf = [0u8; 2 * SMALL_FILE_SIZE];
     let mut total = 0usize;
-    for p in &finals {
+    for p in paths {
         check_interrupted()?;
         let mut f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
         loop {
@@ -228,51 +324,33 @@ fn small_files(dir: &Path, count: usize, seed: u64) -> Result<Vec<Phase>> {
             total += n;
         }
     }
-    let read_secs = start.elapsed().as_secs_f64();
+    let expected = paths.len() * SMALL_FILE_SIZE;
     ensure!(
-        total == count * SMALL_FILE_SIZE,
-        "read {total} bytes in total, expected {}",
-        count * SMALL_FILE_SIZE
+        total == expected,
+        "read {total} bytes in total, expected {expected}"
     );
+    Ok(())
+}
 
-    // Contents are checked after timing; a leftover temp file means a rename misbehaved.
-    for (i, p) in finals.iter().enumerate() {
+/// Checks, untimed, that file `i` holds the `i`-th `SMALL_FILE_SIZE` bytes of `data` and
+/// that `dirs` hold nothing else.
+pub fn check_small_files(dirs: &[PathBuf], paths: &[PathBuf], data: &[u8]) -> Result<()> {
+    for (p, expected) in paths.iter().zip(data.chunks_exact(SMALL_FILE_SIZE)) {
         check_interrupted()?;
         let got = fs::read(p).with_context(|| format!("re-reading {}", p.display()))?;
-        ensure!(
-            got == data[i * SMALL_FILE_SIZE..(i + 1) * SMALL_FILE_SIZE],
-            "{}: wrong contents",
-            p.display()
-        );
+        ensure!(got == expected, "{}: wrong contents", p.display());
     }
     let listed: usize = dirs
         .iter()
         .map(|d| fs::read_dir(d).map(|r| r.count()))
         .sum::<std::io::Result<usize>>()
         .context("listing small-file dirs")?;
-    ensure!(listed == count, "found {listed} entries, expected {count}");
-
-    let amount = Amount::Files(count as u64);
-    Ok(vec![
-        Phase {
-            label: format!("small files: create {count} x 4 KiB (tmp + rename)"),
-            goal: 0.25,
-            amount,
-            secs: create_secs,
-        },
-        Phase {
-            label: format!("small files: stat {count}"),
-            goal: 0.5,
-            amount,
-            secs: stat_secs,
-        },
-        Phase {
-            label: format!("small files: read {count}"),
-            goal: 0.3,
-            amount,
-            secs: read_secs,
-        },
-    ])
+    ensure!(
+        listed == paths.len(),
+        "found {listed} entries, expected {}",
+        paths.len()
+    );
+    Ok(())
 }
 
 /// c) Streaming write of random-ish data, fsync, close — all inside the timer.
@@ -316,7 +394,7 @@ fn fsync_write(dir: &Path, size: usize, seed: u64) -> Result<Vec<Phase>> {
 
     Ok(vec![Phase {
         label: format!("write {} (1 MiB writes) + fsync + close", human_size(size)),
-        goal: 0.5,
+        goal: Some(0.5),
         amount: Amount::Bytes(size as u64),
         secs,
     }])

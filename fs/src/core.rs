@@ -18,7 +18,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kcache_store::{
-    Hash, Ino, Inode, Kind, NewNode, SetAttr, Staged, Store, StreamHasher, VolumeInfo,
+    Counter, Hash, Ino, Inode, Kind, Limits, NewNode, SetAttr, Staged, Store, StreamHasher,
+    VolumeInfo,
 };
 
 use crate::error::{Errno, Result};
@@ -180,23 +181,24 @@ enum ModeKind {
 
 /// The filesystem over one volume of a store.
 pub struct KcacheFs {
-    store: Arc<Store>,
-    volume: VolumeInfo,
+    pub(crate) store: Arc<Store>,
+    pub(crate) volume: VolumeInfo,
     read_only: bool,
     passthrough: AtomicBool,
     next_fh: AtomicU64,
-    lookups: Mutex<HashMap<Ino, u64>>,
+    pub(crate) lookups: Mutex<HashMap<Ino, u64>>,
     open: Mutex<HashMap<Ino, Arc<Mutex<OpenInode>>>>,
     handles: Mutex<HashMap<u64, Handle>>,
     /// Blob whose pages the kernel may still cache for an inode, to set keep_cache on reopen.
     page_cache: Mutex<HashMap<Ino, Hash>>,
     /// Opens hold it shared; eviction holds it exclusively while it decides a blob is unused
     /// and removes it, so an open never finds its blob gone half-way.
-    evict_gate: std::sync::RwLock<()>,
-    kernel_cache: Mutex<Option<Arc<dyn KernelCache>>>,
+    pub(crate) evict_gate: std::sync::RwLock<()>,
+    pub(crate) kernel_cache: Mutex<Option<Arc<dyn KernelCache>>>,
+    pub(crate) quota: crate::evict::QuotaState,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves its map consistent, so a panic elsewhere does not poison
     // the filesystem for other callers.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -260,7 +262,12 @@ fn copy_content(src: &File, dst: &File) -> std::io::Result<()> {
 
 impl KcacheFs {
     pub fn new(store: Arc<Store>, volume: VolumeInfo, read_only: bool) -> KcacheFs {
+        let limits = store.limits().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "reading the store's limits failed; using defaults");
+            Limits::default()
+        });
         KcacheFs {
+            quota: crate::evict::QuotaState::new(limits),
             store,
             volume,
             read_only,
@@ -275,6 +282,10 @@ impl KcacheFs {
         }
     }
 
+    pub fn volume(&self) -> &VolumeInfo {
+        &self.volume
+    }
+
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
@@ -284,35 +295,15 @@ impl KcacheFs {
     }
 
     /// True when an open file of this mount holds blob `h`.
-    fn blob_in_use(&self, h: &Hash) -> bool {
+    /// True while the kernel or a handle holds inode `ino`.
+    pub(crate) fn is_held(&self, ino: Ino) -> bool {
+        lock(&self.open).contains_key(&ino) || lock(&self.lookups).contains_key(&ino)
+    }
+
+    pub(crate) fn blob_in_use(&self, h: &Hash) -> bool {
         let inos: Vec<Ino> = lock(&self.open).keys().copied().collect();
         inos.into_iter()
             .any(|ino| self.store.get(ino).is_ok_and(|n| n.blob == Some(*h)))
-    }
-
-    /// Evicts least-recently-used files until the store holds at most `target` bytes. Open
-    /// files are never evicted; evicted names vanish whole (ENOENT) and the kernel is told to
-    /// forget them. Returns (blobs, bytes) evicted.
-    pub fn evict_to(&self, target: u64) -> Result<(u64, u64)> {
-        // The gate is held from the in-use check through the eviction of each blob.
-        let out = self.store.evict_to(target, |h| {
-            let gate = self.evict_gate.write().unwrap_or_else(|p| p.into_inner());
-            (!self.blob_in_use(h)).then_some(gate)
-        })?;
-        let kc = lock(&self.kernel_cache).clone();
-        if let Some(kc) = kc {
-            for (parent, name, ino) in &out.names {
-                kc.name_gone(self.kino(*parent), OsStr::from_bytes(name), self.kino(*ino));
-            }
-        }
-        if out.blobs > 0 {
-            tracing::info!(
-                blobs = out.blobs,
-                bytes = out.bytes,
-                "evicted least-recently-used files"
-            );
-        }
-        Ok((out.blobs, out.bytes))
     }
 
     /// Enables kernel passthrough for opens (the adapter calls this once the kernel agreed).
@@ -334,7 +325,7 @@ impl KcacheFs {
     }
 
     /// Store inode number -> kernel inode number.
-    fn kino(&self, ino: Ino) -> u64 {
+    pub(crate) fn kino(&self, ino: Ino) -> u64 {
         if ino == self.volume.root {
             ROOT_INO
         } else {
@@ -342,7 +333,7 @@ impl KcacheFs {
         }
     }
 
-    fn writable(&self) -> Result<()> {
+    pub(crate) fn writable(&self) -> Result<()> {
         if self.read_only {
             Err(Errno::EROFS)
         } else {
@@ -405,7 +396,7 @@ impl KcacheFs {
     /// A file without names and handles is unreachable (the kernel can only open it by name),
     /// so it goes at once and its space is freed even while the kernel still caches the inode.
     /// A directory waits until the kernel forgets it: it may still be someone's cwd.
-    fn maybe_purge(&self, ino: Ino) {
+    pub(crate) fn maybe_purge(&self, ino: Ino) {
         if lock(&self.open).contains_key(&ino) {
             return;
         }
@@ -828,6 +819,7 @@ impl KcacheFs {
             IoMode::Direct => ModeKind::Direct,
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.store.count(Counter::Opens, 1);
         tracing::debug!(ino, fh, ?mode, writable, trunc, "open");
         lock(&self.handles).insert(
             fh,
@@ -1012,17 +1004,8 @@ impl KcacheFs {
             }
         }
         buf.truncate(done);
+        self.store.count(Counter::BytesRead, done as u64);
         Ok(buf)
-    }
-
-    /// Refuses (ENOSPC) a write that would eat into the headroom kept free on the store's
-    /// disk, so that the database can still record deletions when the disk is otherwise full.
-    fn check_room(&self, bytes: u64) -> Result<()> {
-        const HEADROOM: u64 = 4 << 20;
-        if self.store.disk_space()?.available_bytes() < bytes.saturating_add(HEADROOM) {
-            return Err(Errno(libc::ENOSPC));
-        }
-        Ok(())
     }
 
     /// The open per-inode state behind a writable handle.
@@ -1037,20 +1020,37 @@ impl KcacheFs {
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let (ino, oi) = self.writable_handle(fh)?;
-        offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
-        self.check_room(data.len() as u64)?;
+        let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
+        self.make_room(data.len() as u64, end)?;
         // Under the inode's lock, so a concurrent commit never hashes or renames a file that
         // is still being written. The kernel resolves O_APPEND to an offset before sending.
-        let mut g = lock(&oi);
-        let st = self.staging_mut(ino, &mut g)?;
-        if let Err(e) = st.file.write_all_at(data, offset) {
-            st.stream = None;
-            return Err(e.into());
+        let mut retried = false;
+        loop {
+            let mut g = lock(&oi);
+            let st = self.staging_mut(ino, &mut g)?;
+            match st.file.write_all_at(data, offset) {
+                Ok(()) => {
+                    match &mut st.stream {
+                        Some(h) if h.len() == offset => h.update(data),
+                        _ => st.stream = None,
+                    }
+                    break;
+                }
+                Err(e) => {
+                    st.stream = None;
+                    if e.raw_os_error() != Some(libc::ENOSPC) || retried {
+                        return Err(e.into());
+                    }
+                }
+            }
+            // The disk filled up behind our back: evict, then write again (the same bytes at
+            // the same offset, so a partial first attempt does no harm). Without the inode
+            // lock, which an open waiting on the eviction gate may need.
+            drop(g);
+            retried = true;
+            self.make_room(data.len() as u64, end)?;
         }
-        match &mut st.stream {
-            Some(h) if h.len() == offset => h.update(data),
-            _ => st.stream = None,
-        }
+        self.store.count(Counter::BytesWritten, data.len() as u64);
         Ok(data.len() as u32)
     }
 
@@ -1062,7 +1062,7 @@ impl KcacheFs {
             i64::try_from(length).map_err(|_| Errno::EFBIG)?,
         );
         if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) == 0 {
-            self.check_room(length)?;
+            self.make_room(length, off.saturating_add(len) as u64)?;
         }
         let mut g = lock(&oi);
         let file = self.staging_for_write(ino, &mut g)?;
@@ -1080,6 +1080,8 @@ impl KcacheFs {
         let mut g = lock(&oi);
         if g.staging.as_ref().is_some_and(|s| s.dirty) {
             self.commit(ino, &mut g, true)?;
+            drop(g);
+            self.after_commit();
         }
         Ok(())
     }
@@ -1154,7 +1156,8 @@ impl KcacheFs {
             ModeKind::Direct => {}
         }
         let mut res = Ok(());
-        if g.writers == 0 && g.staging.as_ref().is_some_and(|s| s.dirty) {
+        let committing = g.writers == 0 && g.staging.as_ref().is_some_and(|s| s.dirty);
+        if committing {
             res = self.commit(ino, &mut g, false);
             if let Err(e) = res {
                 tracing::error!(ino, errno = e.0, "committing a closed file failed; its new content stays staged until the next close or fsync");
@@ -1173,6 +1176,9 @@ impl KcacheFs {
         drop(g);
         self.release_open_inode(ino, &oi);
         self.maybe_purge(ino);
+        if committing {
+            self.after_commit();
+        }
         res
     }
 

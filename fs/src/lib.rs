@@ -1,8 +1,10 @@
 //! kcache's filesystem: POSIX semantics over the content-addressed store (`core`), and the
 //! thin fuser adapter that serves it to the kernel (`fuse`).
 
+pub mod admin;
 pub mod core;
 pub mod error;
+pub mod evict;
 pub mod fuse;
 
 pub use crate::core::{

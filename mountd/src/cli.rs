@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use kcache_store::MinFree;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -27,21 +28,104 @@ pub enum Command {
         #[arg(long)]
         lazy: bool,
     },
-    /// Show what the store holds and what deduplication saves
+    /// Show what the store holds, its limits, and its counters
     Stats {
-        #[arg(long)]
-        store: Option<PathBuf>,
+        #[command(flatten)]
+        at: StoreAt,
         /// Machine-readable output
         #[arg(long)]
         json: bool,
     },
-    /// Evict least-recently-used files until the store holds at most SIZE (unmounted store)
-    Evict {
+    /// Show or change the quota and watermarks (applies at once on a mounted store)
+    Quota {
         #[arg(long)]
         store: Option<PathBuf>,
+        /// Eviction brings usage down to this percentage of the quota
+        #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
+        low_watermark: Option<u8>,
+        /// Free space to keep on the store's disk: SIZE (K/M/G/T) or PERCENT% of the disk
+        #[arg(long, value_name = "SIZE|PERCENT", value_parser = parse_min_free)]
+        min_free: Option<MinFree>,
+        #[arg(long)]
+        json: bool,
+        /// [MOUNTPOINT] [SIZE|none]: the mountpoint is left out when --store is given
+        #[arg(value_name = "MOUNTPOINT SIZE")]
+        args: Vec<String>,
+    },
+    /// Evict least-recently-used files until the store holds at most SIZE
+    Evict {
+        #[command(flatten)]
+        at: StoreAt,
         /// Target size: bytes, or with a K, M, G or T suffix (powers of 1024)
         #[arg(long = "to", value_name = "SIZE", value_parser = parse_size)]
         to: u64,
+    },
+    /// Evict files not used for a while (by last access)
+    Clean {
+        #[command(flatten)]
+        at: StoreAt,
+        /// Age: a number with s, m, h, d or w (for example 30d)
+        #[arg(long, value_name = "AGE", value_parser = parse_age)]
+        older_than: u64,
+    },
+    /// Remove what nothing refers to any more and compact the database log
+    Gc {
+        #[command(flatten)]
+        at: StoreAt,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a file, or everything inside a directory (whole volume without PATH)
+    Clear {
+        #[command(flatten)]
+        vol: VolumeAt,
+        /// Do not ask for confirmation
+        #[arg(long, short = 'y')]
+        yes: bool,
+        path: Option<PathBuf>,
+    },
+    /// Keep files or whole trees from ever being evicted (at most half the quota)
+    Pin {
+        #[command(flatten)]
+        vol: VolumeAt,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Undo `kcache pin`
+    Unpin {
+        #[command(flatten)]
+        vol: VolumeAt,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// List pinned paths
+    Pins {
+        #[command(flatten)]
+        vol: VolumeAt,
+        #[arg(long)]
+        json: bool,
+        /// A path in the mount (default: the volume given with --store/--volume)
+        path: Option<PathBuf>,
+    },
+    /// Logical and stored bytes per directory: who fills the cache
+    Du {
+        #[command(flatten)]
+        vol: VolumeAt,
+        /// Show directories down to this many levels below PATH
+        #[arg(long, short = 'd', default_value_t = 1)]
+        depth: u32,
+        #[arg(long)]
+        json: bool,
+        path: Option<PathBuf>,
+    },
+    /// Copy an existing cache directory into a volume, deduplicated, keeping modes, times,
+    /// symlinks and hard links; files already there (same size and time) are skipped
+    Import {
+        #[command(flatten)]
+        vol: VolumeAt,
+        src: PathBuf,
+        /// A directory in a mount (or, with --store, a path inside the volume)
+        dest: PathBuf,
     },
     /// Rehash every blob; quarantine those that do not match; exit 1 if anything is wrong
     Verify {
@@ -50,6 +134,27 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Which store a store-wide command acts on: a mountpoint, or --store (default store if
+/// neither).
+#[derive(clap::Args, Debug, Clone)]
+pub struct StoreAt {
+    #[arg(long, conflicts_with = "mountpoint")]
+    pub store: Option<PathBuf>,
+    /// A kcache mountpoint (or any path inside one)
+    pub mountpoint: Option<PathBuf>,
+}
+
+/// Where paths are: inside a mount (the default), or with --store, inside a volume of that
+/// store (paths then start at the volume root).
+#[derive(clap::Args, Debug, Clone)]
+pub struct VolumeAt {
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// Volume, with --store
+    #[arg(long, default_value = "default", requires = "store")]
+    pub volume: String,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -66,8 +171,17 @@ pub struct MountArgs {
     /// Keep the store's size at most SIZE by evicting least-recently-used files (K/M/G/T)
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub quota: Option<u64>,
+    /// Free space to keep on the store's disk: SIZE or PERCENT% [default: 10%]
+    #[arg(long, value_name = "SIZE|PERCENT", value_parser = parse_min_free)]
+    pub min_free: Option<MinFree>,
+    /// Eviction brings usage down to this percentage of the quota [default: 90]
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub low_watermark: Option<u8>,
+    /// Serve Prometheus metrics on http://ADDR/metrics (for example 127.0.0.1:9464)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Mount options, comma separated: ro, rw, allow_other, default_permissions, nopassthrough,
-    /// quota=SIZE
+    /// quota=SIZE, min_free=SIZE|PERCENT, low_watermark=PERCENT, metrics=ADDR
     #[arg(short = 'o', value_name = "OPTS")]
     pub options: Vec<String>,
     /// Internal: file descriptor to report readiness on (set by the daemonizing parent)
@@ -83,6 +197,9 @@ pub struct MountOpts {
     pub allow_other: bool,
     pub passthrough: bool,
     pub quota: Option<u64>,
+    pub min_free: Option<MinFree>,
+    pub low_watermark: Option<u8>,
+    pub metrics: Option<String>,
 }
 
 impl MountOpts {
@@ -105,6 +222,11 @@ impl MountOpts {
                 "nopassthrough" => o.passthrough = false,
                 "passthrough" => o.passthrough = true,
                 q if q.starts_with("quota=") => o.quota = Some(parse_size(&q[6..])?),
+                m if m.starts_with("min_free=") => o.min_free = Some(parse_min_free(&m[9..])?),
+                w if w.starts_with("low_watermark=") => {
+                    o.low_watermark = Some(parse_percent(&w[14..])?)
+                }
+                m if m.starts_with("metrics=") => o.metrics = Some(m[8..].to_owned()),
                 other => return Err(format!("unknown mount option '{other}'")),
             }
         }
@@ -130,6 +252,38 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err(format!("invalid size '{s}'"));
     }
     Ok((v * mult as f64) as u64)
+}
+
+/// Parses "10%" or a size.
+pub fn parse_min_free(s: &str) -> Result<MinFree, String> {
+    match s.trim().strip_suffix('%') {
+        Some(p) => Ok(MinFree::Percent(parse_percent(p)?)),
+        None => Ok(MinFree::Bytes(parse_size(s)?)),
+    }
+}
+
+fn parse_percent(s: &str) -> Result<u8, String> {
+    match s.trim().trim_end_matches('%').parse::<u8>() {
+        Ok(p) if (1..=100).contains(&p) => Ok(p),
+        _ => Err(format!("invalid percentage '{s}': expected 1 to 100")),
+    }
+}
+
+/// Parses "30d", "12h", "90m", "45s", "2w" into seconds.
+pub fn parse_age(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let bad = || format!("invalid age '{s}': expected a number with s, m, h, d or w (e.g. 30d)");
+    let unit = t.chars().last().ok_or_else(bad)?;
+    let mult = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86400,
+        'w' => 7 * 86400,
+        _ => return Err(bad()),
+    };
+    let n: u64 = t[..t.len() - 1].parse().map_err(|_| bad())?;
+    n.checked_mul(mult).ok_or_else(bad)
 }
 
 pub fn parse() -> Cli {
@@ -169,6 +323,15 @@ mod tests {
             MountOpts::parse(&["ro,allow_other".into(), "nopassthrough,quota=2G".into()]).unwrap();
         assert!(o.read_only && o.allow_other && !o.passthrough);
         assert_eq!(o.quota, Some(2 << 30));
+        let o =
+            MountOpts::parse(&["min_free=5%,low_watermark=80,metrics=127.0.0.1:9".into()]).unwrap();
+        assert_eq!(o.min_free, Some(MinFree::Percent(5)));
+        assert_eq!(o.low_watermark, Some(80));
+        assert_eq!(o.metrics.as_deref(), Some("127.0.0.1:9"));
+        assert_eq!(parse_min_free("1G").unwrap(), MinFree::Bytes(1 << 30));
+        assert!(parse_min_free("101%").is_err());
+        assert_eq!(parse_age("30d").unwrap(), 30 * 86400);
+        assert!(parse_age("30").unwrap_err().contains("30"));
         assert!(MountOpts::parse(&["quota=lots".into()])
             .unwrap_err()
             .contains("lots"));

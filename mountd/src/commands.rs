@@ -1,12 +1,13 @@
-//! The subcommands other than `mount`: umount, stats, verify.
+//! Dispatch of the subcommands; umount and verify live here, maintenance in `admin`.
 
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use kcache_store::{OpenOptionsStore, Store};
+use kcache_store::Store;
 
+use crate::admin::{self, human};
 use crate::cli::{default_store, Cli, Command};
 use crate::{daemon, mountinfo};
 
@@ -14,9 +15,29 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Mount(args) => daemon::mount(args),
         Command::Umount { mountpoint, lazy } => umount(&mountpoint, lazy),
-        Command::Stats { store, json } => stats(&store.unwrap_or_else(default_store), json),
+        Command::Stats { at, json } => admin::stats(&at, json),
+        Command::Quota {
+            store,
+            low_watermark,
+            min_free,
+            json,
+            args,
+        } => admin::quota(store, low_watermark, min_free, json, &args),
+        Command::Evict { at, to } => admin::evict(&at, to),
+        Command::Clean { at, older_than } => admin::clean(&at, older_than),
+        Command::Gc { at, json } => admin::gc(&at, json),
+        Command::Clear { vol, yes, path } => admin::clear(&vol, path.as_deref(), yes),
+        Command::Pin { vol, paths } => admin::pin(&vol, &paths, true),
+        Command::Unpin { vol, paths } => admin::pin(&vol, &paths, false),
+        Command::Pins { vol, json, path } => admin::pins(&vol, path.as_deref(), json),
+        Command::Du {
+            vol,
+            depth,
+            json,
+            path,
+        } => admin::du(&vol, path.as_deref(), depth, json),
+        Command::Import { vol, src, dest } => crate::import::import(&vol, &src, &dest),
         Command::Verify { store, json } => verify(&store.unwrap_or_else(default_store), json),
-        Command::Evict { store, to } => evict(&store.unwrap_or_else(default_store), to),
     }
 }
 
@@ -43,55 +64,6 @@ fn umount(mp: &Path, lazy: bool) -> Result<ExitCode> {
             Err(_) => return Ok(ExitCode::SUCCESS),
         }
     }
-}
-
-fn human(n: u64) -> String {
-    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < U.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
-}
-
-fn stats(store: &Path, json: bool) -> Result<ExitCode> {
-    let s = Store::open_with(store, &OpenOptionsStore { read_only: true })
-        .with_context(|| format!("opening store {}", store.display()))?;
-    let st = s.stats()?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&st)?);
-    } else {
-        println!("store:          {}", store.display());
-        println!("files:          {}", st.files);
-        println!("directories:    {}", st.directories);
-        println!("symlinks:       {}", st.symlinks);
-        println!(
-            "logical bytes:  {} ({})",
-            st.logical_bytes,
-            human(st.logical_bytes)
-        );
-        println!(
-            "stored bytes:   {} ({})",
-            st.stored_bytes,
-            human(st.stored_bytes)
-        );
-        println!("blobs:          {}", st.blobs);
-        println!(
-            "dedup savings:  {} ({})",
-            st.dedup_saved_bytes,
-            human(st.dedup_saved_bytes)
-        );
-        if st.quarantined_blobs > 0 {
-            println!("quarantined:    {}", st.quarantined_blobs);
-        }
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Opens an existing store as its owner, for maintenance that needs it unmounted.
@@ -143,18 +115,4 @@ fn verify(store: &Path, json: bool) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
-}
-
-fn evict(store: &Path, to: u64) -> Result<ExitCode> {
-    let s = open_unmounted(store, "eviction")?;
-    let ev = s.evict_to(to, |_| Some(()))?;
-    let left = s.stored_bytes()?;
-    println!(
-        "evicted {} blobs ({}), {} names; {} stored",
-        ev.blobs,
-        human(ev.bytes),
-        ev.names.len(),
-        human(left)
-    );
-    Ok(ExitCode::SUCCESS)
 }

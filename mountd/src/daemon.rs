@@ -9,6 +9,7 @@ use std::os::unix::io::{FromRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -98,6 +99,15 @@ pub fn mount(args: MountArgs) -> Result<ExitCode> {
     if args.quota.is_some() {
         opts.quota = args.quota;
     }
+    if args.min_free.is_some() {
+        opts.min_free = args.min_free;
+    }
+    if args.low_watermark.is_some() {
+        opts.low_watermark = args.low_watermark;
+    }
+    if args.metrics.is_some() {
+        opts.metrics.clone_from(&args.metrics);
+    }
     let store_dir = args.store.clone().unwrap_or_else(default_store);
     if args.foreground {
         init_logging();
@@ -175,6 +185,15 @@ fn daemonize(args: &MountArgs, store_dir: &Path) -> Result<ExitCode> {
     if let Some(q) = args.quota {
         cmd.arg("--quota").arg(q.to_string());
     }
+    if let Some(m) = args.min_free {
+        cmd.arg("--min-free").arg(m.to_string());
+    }
+    if let Some(p) = args.low_watermark {
+        cmd.arg("--low-watermark").arg(p.to_string());
+    }
+    if let Some(a) = &args.metrics {
+        cmd.arg("--metrics").arg(a);
+    }
     cmd.arg(&mountpoint).current_dir("/");
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -236,6 +255,33 @@ fn serve(
         .with_context(|| format!("opening volume {}", args.volume))?;
     let store = Arc::new(store);
     let fs = Arc::new(KcacheFs::new(store.clone(), volume, opts.read_only));
+    // Limits given at mount time are kept in the store; the ones not given stay as they were.
+    let mut limits = fs.limits();
+    if let Some(q) = opts.quota {
+        limits.quota = (q > 0).then_some(q);
+    }
+    if let Some(m) = opts.min_free {
+        limits.min_free = m;
+    }
+    if let Some(p) = opts.low_watermark {
+        limits.low_watermark_pct = p;
+    }
+    if limits != fs.limits() {
+        fs.set_limits(limits)
+            .map_err(|e| anyhow::anyhow!("recording the limits: errno {}", e.0))?;
+    }
+    // Long read-only queries (stats, du, metrics) use a connection of their own.
+    let reader = Arc::new(
+        Store::open_with(
+            store_dir,
+            &kcache_store::OpenOptionsStore { read_only: true },
+        )
+        .with_context(|| format!("opening store {} for reading", store_dir.display()))?,
+    );
+    crate::control::serve(fs.clone(), reader.clone(), store_dir)?;
+    if let Some(addr) = &opts.metrics {
+        crate::metrics::serve(addr, fs.clone(), reader.clone())?;
+    }
 
     let mut mount_options = vec![
         MountOption::FSName(
@@ -318,26 +364,14 @@ fn serve(
             }
         })?;
 
-    // The quota is kept by a thread of its own, off the request path: above the quota it
-    // evicts least-recently-used files down to 90% of it.
-    if let Some(quota) = opts.quota {
-        let evict_fs = fs.clone();
-        std::thread::Builder::new()
-            .name("evict".into())
-            .spawn(move || loop {
-                std::thread::sleep(Duration::from_millis(200));
-                match evict_fs.store().stored_bytes() {
-                    Ok(used) if used > quota => {
-                        if let Err(e) = evict_fs.evict_to(quota / 10 * 9) {
-                            tracing::error!(errno = e.0, "eviction failed");
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(error = %e, "reading store usage failed"),
-                }
-            })?;
-        tracing::info!(quota, "quota enforced by LRU eviction");
-    }
+    // Limits (quota, free disk space) are kept by a thread of its own, off the request path.
+    static STOP_EVICTOR: AtomicBool = AtomicBool::new(false);
+    let evict_fs = fs.clone();
+    let evictor = std::thread::Builder::new()
+        .name("evict".into())
+        .spawn(move || evict_fs.run_evictor(&STOP_EVICTOR))?;
+    let l = fs.limits();
+    tracing::info!(quota = ?l.quota, low_watermark_pct = l.low_watermark_pct, min_free = %l.min_free, "limits enforced by LRU eviction");
 
     // Stop on SIGTERM/SIGINT by unmounting; the session then drains and ends.
     let mp = mountpoint.clone();
@@ -357,6 +391,9 @@ fn serve(
     let res = runner
         .join()
         .map_err(|_| anyhow::anyhow!("fuse session thread panicked"))?;
+    STOP_EVICTOR.store(true, Ordering::Relaxed);
+    let _ = evictor.join();
+    let _ = std::fs::remove_file(crate::control::socket_path(store_dir));
     fs.flush_all();
     if let Err(e) = store.flush_accesses() {
         tracing::warn!(error = %e, "recording the last accesses failed");

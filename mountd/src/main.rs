@@ -1,8 +1,12 @@
 //! The `kcache` binary: parses the command line and maps errors to exit codes.
 
+mod admin;
 mod cli;
 mod commands;
+mod control;
 mod daemon;
+mod import;
+mod metrics;
 mod mountinfo;
 
 use std::process::ExitCode;

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub struct MountEntry {
     pub mountpoint: PathBuf,
+    /// The directory of the filesystem mounted here ("/" unless a bind mount of a subtree).
+    pub root: String,
     pub fstype: String,
     pub source: String,
 }
@@ -37,12 +39,15 @@ pub fn mounts() -> Vec<MountEntry> {
     text.lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
-            let mp = left.split(' ').nth(4)?;
+            let mut l = left.split(' ');
+            let root = l.nth(3)?;
+            let mp = l.next()?;
             let mut r = right.split(' ');
             let fstype = r.next()?;
             let source = r.next()?;
             Some(MountEntry {
                 mountpoint: PathBuf::from(unescape(mp)),
+                root: unescape(root),
                 fstype: fstype.to_owned(),
                 source: unescape(source),
             })
@@ -53,4 +58,14 @@ pub fn mounts() -> Vec<MountEntry> {
 /// The last (topmost) mount at exactly `path`.
 pub fn mount_at(path: &Path) -> Option<MountEntry> {
     mounts().into_iter().rev().find(|m| m.mountpoint == path)
+}
+
+/// The kcache mount that `path` (canonical) is in: the deepest mountpoint above it.
+pub fn kcache_mount_of(path: &Path) -> Option<MountEntry> {
+    mounts()
+        .into_iter()
+        .rev()
+        .filter(|m| path.starts_with(&m.mountpoint))
+        .max_by_key(|m| m.mountpoint.components().count())
+        .filter(|m| m.fstype == "fuse.kcache")
 }

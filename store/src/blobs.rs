@@ -285,7 +285,8 @@ impl Store {
         }
     }
 
-    pub(crate) fn sweep_dead_blobs(&self) -> Result<()> {
+    /// Removes blob files of rows deleted earlier; returns how many there were.
+    pub(crate) fn sweep_dead_blobs(&self) -> Result<u64> {
         let conn = self.conn();
         let dead: Vec<Hash> = {
             let mut stmt = conn.prepare(
@@ -298,7 +299,7 @@ impl Store {
         };
         self.remove_dead_blobs(&conn, &dead);
         conn.execute("DELETE FROM dead_blobs", [])?;
-        Ok(())
+        Ok(dead.len() as u64)
     }
 
     /// Rehashes every local blob; quarantines those whose content does not match their name,

@@ -40,6 +40,8 @@ pub enum Error {
     BadBlob { hash: Hash, reason: String },
     #[error("blob {hash} is not on local disk")]
     NotLocal { hash: Hash },
+    #[error("pinning this would pin {pinned} bytes, more than half the quota ({limit} bytes)")]
+    PinLimit { pinned: u64, limit: u64 },
     #[error("no such volume: {0}")]
     NoVolume(String),
     #[error("{context}: {source}")]
@@ -65,7 +67,7 @@ impl Error {
             Error::NotPermitted(_) => libc::EPERM,
             Error::NoAttr => libc::ENODATA,
             Error::TooManyLinks => libc::EMLINK,
-            Error::NoSpace => libc::ENOSPC,
+            Error::NoSpace | Error::PinLimit { .. } => libc::ENOSPC,
             Error::Io { source, .. } => match source.raw_os_error() {
                 Some(libc::ENOSPC) | Some(libc::EDQUOT) => libc::ENOSPC,
                 Some(e) => e,

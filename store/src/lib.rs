@@ -13,6 +13,7 @@
 mod blobs;
 mod error;
 mod lru;
+mod maint;
 mod ns;
 mod schema;
 
@@ -28,7 +29,8 @@ use rusqlite::{Connection, OpenFlags};
 
 pub use blobs::{BlobState, Staged, StreamHasher, VerifyReport};
 pub use error::{Error, Result};
-pub use lru::{Evicted, ACCESS_BATCH};
+pub use lru::{EvictPolicy, Evicted, ACCESS_BATCH};
+pub use maint::{Counter, DuEntry, GcReport, Limits, MinFree, Removed};
 pub use ns::{Renamed, SetAttr, Stats, VolumeInfo};
 
 use error::IoContext;
@@ -173,6 +175,7 @@ pub struct Store {
     root_dir: File,
     access_seq: AtomicU64,
     pending_access: Mutex<Vec<(Hash, i64)>>,
+    pending_counters: [AtomicU64; 3],
 }
 
 impl fmt::Debug for Store {
@@ -212,6 +215,7 @@ impl Store {
                 staging_seq: AtomicU64::new(0),
                 access_seq: AtomicU64::new(0),
                 pending_access: Mutex::new(Vec::new()),
+                pending_counters: Default::default(),
             });
         }
 
@@ -266,6 +270,7 @@ impl Store {
             staging_seq: AtomicU64::new(0),
             access_seq: AtomicU64::new(0),
             pending_access: Mutex::new(Vec::new()),
+            pending_counters: Default::default(),
         };
         store.recover()?;
         let seq: i64 =

@@ -1,13 +1,12 @@
 //! Least-recently-used bookkeeping and eviction. Accesses are noted in memory and written in
 //! batches (never one database write per open); eviction removes whole files, never parts.
 
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
 use rusqlite::{params, OptionalExtension};
 
 use crate::error::Result;
-use crate::{Hash, Ino, Store};
+use crate::{now_ns, Hash, Ino, Store};
 
 /// Accesses noted since the last flush are written once this many have piled up.
 pub const ACCESS_BATCH: usize = 1000;
@@ -21,11 +20,28 @@ pub struct Evicted {
     pub names: Vec<(Ino, Vec<u8>, Ino)>,
 }
 
+/// Which blobs an eviction removes, least recently used first. With both limits set it stops
+/// at whichever is reached first.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EvictPolicy {
+    /// Stop once at most this many bytes of local blobs are stored.
+    pub target: Option<u64>,
+    /// Only blobs last used before this time (nanoseconds since the epoch).
+    pub used_before: Option<i64>,
+}
+
 impl Store {
-    /// The next access sequence number. Recency is an ever-growing sequence, not wall-clock
-    /// time, so clock changes cannot reorder the LRU.
+    /// The next access time. Recency is a clock in nanoseconds since the epoch that never goes
+    /// back and never repeats, so `kcache clean --older-than` can use it as a time while a
+    /// clock step cannot reorder the LRU.
     pub(crate) fn next_access_seq(&self) -> i64 {
-        self.access_seq.fetch_add(1, Ordering::Relaxed) as i64 + 1
+        let now = now_ns().max(0) as u64;
+        let next = |p: u64| p.saturating_add(1).max(now);
+        let prev = self
+            .access_seq
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| Some(next(p)))
+            .unwrap_or_else(|p| p);
+        next(prev) as i64
     }
 
     /// Notes that a blob was used. Cheap: memory only, written by `flush_accesses` (called
@@ -47,7 +63,7 @@ impl Store {
         }
     }
 
-    /// Writes pending accesses in one transaction.
+    /// Writes pending accesses and statistics counters in one transaction.
     pub fn flush_accesses(&self) -> Result<usize> {
         let pending = std::mem::take(
             &mut *self
@@ -55,69 +71,114 @@ impl Store {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()),
         );
-        if pending.is_empty() {
+        let counts = self.take_pending_counters();
+        if pending.is_empty() && counts.iter().all(|(_, n)| *n == 0) {
             return Ok(0);
         }
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        {
-            let mut stmt = tx.prepare_cached(
-                "UPDATE blobs SET last_access = max(last_access, ?2) WHERE hash = ?1",
-            )?;
-            for (h, seq) in &pending {
-                stmt.execute(params![&h.0[..], seq])?;
+        let res = (|| {
+            let tx = conn.transaction()?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "UPDATE blobs SET last_access = max(last_access, ?2) WHERE hash = ?1",
+                )?;
+                for (h, seq) in &pending {
+                    stmt.execute(params![&h.0[..], seq])?;
+                }
             }
+            for (name, n) in &counts {
+                crate::maint::add_counter(&tx, name, *n)?;
+            }
+            tx.commit()
+        })();
+        if let Err(e) = res {
+            // Keep the counts for the next try; accesses are only recency hints.
+            drop(conn);
+            for (name, n) in counts {
+                self.restore_pending_counter(name, n);
+            }
+            return Err(e.into());
         }
-        tx.commit()?;
         Ok(pending.len())
     }
 
-    /// Bytes of local blobs.
+    /// Bytes of local blobs (kept by triggers in the database: one row, no scan).
     pub fn stored_bytes(&self) -> Result<u64> {
-        Ok(self.conn().query_row(
-            "SELECT coalesce(sum(size), 0) FROM blobs WHERE state = 0",
-            [],
-            |r| r.get::<_, i64>(0),
-        )? as u64)
+        let v: Option<i64> = self
+            .conn()
+            .query_row(
+                "SELECT value FROM counters WHERE name = 'stored_bytes'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(v.unwrap_or(0).max(0) as u64)
     }
 
-    /// Up to `limit` local blobs, least recently used first, skipping those in `skip`.
-    fn lru_candidates(&self, limit: usize, skip: &HashSet<Hash>) -> Result<Vec<Hash>> {
-        self.flush_accesses()?;
+    /// Up to `limit` local blobs with their last access, least recently used first, after
+    /// the position `after` in that order.
+    fn lru_candidates(&self, limit: usize, after: &(i64, Vec<u8>)) -> Result<Vec<(Hash, i64)>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT hash FROM blobs WHERE state = 0 ORDER BY last_access, hash LIMIT ?1",
+            "SELECT hash, last_access FROM blobs
+             WHERE state = 0 AND (last_access > ?1 OR (last_access = ?1 AND hash > ?2))
+             ORDER BY last_access, hash LIMIT ?3",
         )?;
-        let rows = stmt.query_map([(skip.len() + limit) as i64], |r| r.get::<_, Vec<u8>>(0))?;
+        let rows = stmt.query_map(params![after.0, &after.1, limit as i64], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
+        })?;
         Ok(rows
-            .filter_map(|r| r.ok().and_then(crate::ns::hash_from_db))
-            .filter(|h| !skip.contains(h))
-            .take(limit)
+            .filter_map(|r| r.ok())
+            .filter_map(|(h, t)| crate::ns::hash_from_db(h).map(|h| (h, t)))
             .collect())
     }
 
     /// Evicts least-recently-used blobs, with every name that refers to them, until at most
-    /// `target` bytes are stored. `claim` decides per blob: `None` skips it (in use), `Some`
-    /// returns a guard that is held while the blob is evicted, so the caller can keep a blob
-    /// from becoming in use between its check and the eviction.
+    /// `target` bytes are stored. See `evict`.
     pub fn evict_to<G>(&self, target: u64, claim: impl Fn(&Hash) -> Option<G>) -> Result<Evicted> {
+        self.evict(
+            EvictPolicy {
+                target: Some(target),
+                used_before: None,
+            },
+            claim,
+        )
+    }
+
+    /// Evicts least-recently-used blobs, with every name that refers to them, as `policy`
+    /// says. Pinned blobs are never evicted. `claim` decides per blob: `None` skips it (in
+    /// use), `Some` returns a guard that is held while the blob is evicted, so the caller can
+    /// keep a blob from becoming in use between its check and the eviction.
+    pub fn evict<G>(
+        &self,
+        policy: EvictPolicy,
+        claim: impl Fn(&Hash) -> Option<G>,
+    ) -> Result<Evicted> {
+        self.flush_accesses()?;
         let mut out = Evicted::default();
-        let mut skipped: HashSet<Hash> = HashSet::new();
-        let start = self.stored_bytes()?;
-        while start.saturating_sub(out.bytes) > target {
-            let candidates = self.lru_candidates(64, &skipped)?;
-            if candidates.is_empty() {
+        let (pinned, _) = self.pinned_blobs()?;
+        // A cursor through the LRU order: skipped (pinned, open) blobs are never read twice.
+        let mut cursor: (i64, Vec<u8>) = (i64::MIN, Vec::new());
+        'outer: loop {
+            // Usage is reread per batch, so concurrent commits count too.
+            let mut used = self.stored_bytes()?;
+            let batch = self.lru_candidates(64, &cursor)?;
+            if batch.is_empty() {
                 break;
             }
-            for h in candidates {
-                if start.saturating_sub(out.bytes) <= target {
-                    break;
+            for (h, last) in batch {
+                if policy.target.is_some_and(|t| used <= t) {
+                    break 'outer;
                 }
-                match claim(&h) {
-                    Some(_guard) => self.evict_blob(&h, &mut out)?,
-                    None => {
-                        skipped.insert(h);
-                    }
+                if policy.used_before.is_some_and(|t| last >= t) {
+                    break 'outer;
+                }
+                cursor = (last, h.0.to_vec());
+                if pinned.contains(&h) {
+                    continue;
+                }
+                if let Some(_guard) = claim(&h) {
+                    used = used.saturating_sub(self.evict_blob(&h, &mut out)?);
                 }
             }
         }
@@ -125,16 +186,19 @@ impl Store {
     }
 
     /// Removes one blob and every inode (all their names) that holds it, in one transaction.
-    fn evict_blob(&self, h: &Hash, out: &mut Evicted) -> Result<()> {
+    /// Returns the bytes freed.
+    fn evict_blob(&self, h: &Hash, out: &mut Evicted) -> Result<u64> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let Some(size) = tx
-            .query_row("SELECT size FROM blobs WHERE hash = ?1", [&h.0[..]], |r| {
-                r.get::<_, i64>(0)
-            })
+            .query_row(
+                "SELECT size FROM blobs WHERE hash = ?1 AND state = 0",
+                [&h.0[..]],
+                |r| r.get::<_, i64>(0),
+            )
             .optional()?
         else {
-            return Ok(());
+            return Ok(0);
         };
         let inos: Vec<i64> = {
             let mut stmt = tx.prepare_cached("SELECT ino FROM inodes WHERE blob = ?1")?;
@@ -165,10 +229,12 @@ impl Store {
             "INSERT OR IGNORE INTO dead_blobs (hash) VALUES (?1)",
             [&h.0[..]],
         )?;
+        crate::maint::add_counter(&tx, "evictions", 1)?;
+        crate::maint::add_counter(&tx, "evicted_bytes", size as u64)?;
         tx.commit()?;
         self.remove_dead_blobs(&conn, &[*h]);
         out.blobs += 1;
         out.bytes += size as u64;
-        Ok(())
+        Ok(size as u64)
     }
 }

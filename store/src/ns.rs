@@ -49,6 +49,20 @@ pub struct Stats {
     pub blobs: u64,
     pub dedup_saved_bytes: u64,
     pub quarantined_blobs: u64,
+    /// Bytes of blobs on local disk: what the quota limits.
+    pub usage_bytes: u64,
+    pub quota_bytes: Option<u64>,
+    pub low_watermark_bytes: Option<u64>,
+    /// Free space kept on the store's disk, as configured ("10%" or bytes).
+    pub min_free: String,
+    pub pinned_bytes: u64,
+    pub pins: u64,
+    pub evictions: u64,
+    pub evicted_bytes: u64,
+    pub opens: u64,
+    /// Bytes read through the daemon (reads the kernel passes through are not seen).
+    pub bytes_read: u64,
+    pub bytes_written: u64,
 }
 
 pub(crate) fn hash_from_db(v: Vec<u8>) -> Option<Hash> {
@@ -86,7 +100,7 @@ fn get_inode(conn: &Connection, ino: Ino) -> Result<Option<Inode>> {
     Ok(stmt.query_row([ino as i64], row_to_inode).optional()?)
 }
 
-fn must_inode(conn: &Connection, ino: Ino) -> Result<Inode> {
+pub(crate) fn must_inode(conn: &Connection, ino: Ino) -> Result<Inode> {
     get_inode(conn, ino)?.ok_or(Error::NotFound)
 }
 
@@ -111,7 +125,7 @@ fn lookup_ino(conn: &Connection, parent: Ino, name: &[u8]) -> Result<Option<Ino>
         .map(|i| i as u64))
 }
 
-fn touch_dir(conn: &Connection, dir: Ino, now: i64) -> Result<()> {
+pub(crate) fn touch_dir(conn: &Connection, dir: Ino, now: i64) -> Result<()> {
     conn.prepare_cached("UPDATE inodes SET mtime = ?2, ctime = ?2 WHERE ino = ?1")?
         .execute(params![dir as i64, now])?;
     Ok(())
@@ -144,7 +158,13 @@ pub(crate) fn unref_blob(tx: &Transaction<'_>, hash: &Hash, dead: &mut Vec<Hash>
 }
 
 /// Removes one name; returns the inode it named and that inode's new link count.
-fn drop_link(tx: &Transaction<'_>, parent: Ino, name: &[u8], ino: Ino, now: i64) -> Result<u32> {
+pub(crate) fn drop_link(
+    tx: &Transaction<'_>,
+    parent: Ino,
+    name: &[u8],
+    ino: Ino,
+    now: i64,
+) -> Result<u32> {
     tx.prepare_cached("DELETE FROM dirents WHERE parent = ?1 AND name = ?2")?
         .execute(params![parent as i64, name])?;
     let node = must_inode(tx, ino)?;
@@ -705,6 +725,21 @@ impl Store {
             |r| r.get(0),
         )?;
         s.dedup_saved_bytes = (referenced as u64).saturating_sub(s.stored_bytes);
+        s.pins = conn.query_row("SELECT count(*) FROM pins", [], |r| r.get::<_, i64>(0))? as u64;
+        drop(conn);
+        s.usage_bytes = self.stored_bytes()?;
+        let limits = self.limits()?;
+        s.quota_bytes = limits.quota;
+        s.low_watermark_bytes = limits.low_watermark();
+        s.min_free = limits.min_free.to_string();
+        s.pinned_bytes = self.pinned_blobs()?.1;
+        let c = self.counters()?;
+        let get = |k: &str| c.get(k).copied().unwrap_or(0);
+        s.evictions = get("evictions");
+        s.evicted_bytes = get("evicted_bytes");
+        s.opens = get("opens");
+        s.bytes_read = get("bytes_read");
+        s.bytes_written = get("bytes_written");
         Ok(s)
     }
 

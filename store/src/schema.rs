@@ -82,6 +82,47 @@ const MIGRATIONS: &[&str] = &[
     r#"
     CREATE INDEX blobs_lru ON blobs(last_access);
     "#,
+    // 2 -> 3: quota bookkeeping, pins and settings.
+    r#"
+    -- Bytes of local blobs, kept exact by triggers in the same transactions that change
+    -- `blobs`, so reading usage is one row, not a scan.
+    INSERT OR REPLACE INTO counters (name, value)
+        SELECT 'stored_bytes', coalesce(sum(size), 0) FROM blobs WHERE state = 0;
+    CREATE TRIGGER blobs_usage_insert AFTER INSERT ON blobs WHEN NEW.state = 0
+    BEGIN
+        UPDATE counters SET value = value + NEW.size WHERE name = 'stored_bytes';
+    END;
+    CREATE TRIGGER blobs_usage_delete AFTER DELETE ON blobs WHEN OLD.state = 0
+    BEGIN
+        UPDATE counters SET value = value - OLD.size WHERE name = 'stored_bytes';
+    END;
+    CREATE TRIGGER blobs_usage_update AFTER UPDATE OF state, size ON blobs
+    BEGIN
+        UPDATE counters SET value = value
+            - (CASE WHEN OLD.state = 0 THEN OLD.size ELSE 0 END)
+            + (CASE WHEN NEW.state = 0 THEN NEW.size ELSE 0 END)
+        WHERE name = 'stored_bytes';
+    END;
+    -- Inodes (files or whole trees) that eviction must leave alone.
+    CREATE TABLE pins (
+        ino     INTEGER PRIMARY KEY,
+        created INTEGER NOT NULL
+    );
+    CREATE TRIGGER inodes_unpin AFTER DELETE ON inodes
+    BEGIN
+        DELETE FROM pins WHERE ino = OLD.ino;
+    END;
+    -- Persistent configuration of the store (quota, watermarks).
+    CREATE TABLE settings (
+        name  TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID;
+    -- Recency becomes a clock: nanoseconds since the epoch, kept strictly increasing (see
+    -- lru.rs). Earlier sequence numbers are moved to end now, in the same order.
+    UPDATE blobs SET last_access =
+        CAST((julianday('now') - 2440587.5) * 86400000000000.0 AS INTEGER)
+        - (SELECT coalesce(max(last_access), 0) FROM blobs) + last_access;
+    "#,
 ];
 
 pub const LATEST: i64 = MIGRATIONS.len() as i64;

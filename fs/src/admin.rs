@@ -1,0 +1,86 @@
+//! Maintenance on a live mount: pins, clearing trees, garbage collection and usage per
+//! directory, addressed by paths relative to the volume root. Whatever removes names here
+//! also tells the kernel, so a cleared file does not linger in its caches.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+
+use kcache_store::{DuEntry, GcReport, Ino, Kind};
+
+use crate::core::{lock, KcacheFs};
+use crate::error::{Errno, Result};
+
+impl KcacheFs {
+    /// The inode at `path` (relative to the volume root; symlinks are not followed).
+    pub fn resolve(&self, path: &str) -> Result<Ino> {
+        Ok(self.store.resolve(self.volume.root, path)?)
+    }
+
+    /// Pins a file or tree; returns the bytes pinned in total.
+    pub fn pin(&self, path: &str) -> Result<u64> {
+        let ino = self.resolve(path)?;
+        Ok(self.store.pin(ino)?)
+    }
+
+    /// Unpins; ENOENT when `path` was not pinned.
+    pub fn unpin(&self, path: &str) -> Result<()> {
+        let ino = self.resolve(path)?;
+        if !self.store.unpin(ino)? {
+            return Err(Errno::ENOENT);
+        }
+        Ok(())
+    }
+
+    /// Pinned paths of this volume.
+    pub fn pins(&self) -> Result<Vec<String>> {
+        Ok(self
+            .store
+            .pins(self.volume.id)?
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect())
+    }
+
+    /// Removes a file, or everything inside a directory (the directory itself stays).
+    /// Files still open keep their content until closed, as with unlink. Returns the number
+    /// of names removed.
+    pub fn clear(&self, path: &str) -> Result<u64> {
+        self.writable()?;
+        let ino = self.resolve(path)?;
+        let removed = if self.store.get(ino)?.kind == Kind::Dir {
+            self.store.clear_dir(ino)?
+        } else {
+            let (dir, name) = path
+                .trim_end_matches('/')
+                .rsplit_once('/')
+                .unwrap_or(("", path));
+            let parent = self.resolve(dir)?;
+            let (ino, nlink) = self.store.unlink(parent, name.as_bytes())?;
+            vec![(parent, name.as_bytes().to_vec(), ino, nlink)]
+        };
+        let kc = lock(&self.kernel_cache).clone();
+        for (parent, name, ino, nlink) in &removed {
+            if let Some(kc) = &kc {
+                kc.name_gone(self.kino(*parent), OsStr::from_bytes(name), self.kino(*ino));
+            }
+            if *nlink == 0 {
+                self.maybe_purge(*ino);
+            }
+        }
+        tracing::info!(path, names = removed.len(), "cleared");
+        Ok(removed.len() as u64)
+    }
+
+    /// Garbage collection; inodes the kernel or a handle still holds are left alone.
+    pub fn gc(&self) -> Result<GcReport> {
+        let report = self.store.gc(|ino| self.is_held(ino))?;
+        tracing::info!(?report, "garbage collected");
+        Ok(report)
+    }
+
+    /// Usage per directory below `path`.
+    pub fn du(&self, path: &str, depth: u32) -> Result<Vec<DuEntry>> {
+        let ino = self.resolve(path)?;
+        Ok(self.store.du(ino, depth)?)
+    }
+}

@@ -1,0 +1,408 @@
+//! Maintenance commands (stats, quota, evict, clean, gc, clear, pin, du, import). Each talks
+//! to the daemon over its control socket when the store is mounted, and otherwise opens the
+//! store itself and runs the same request handler.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use kcache_fs::KcacheFs;
+use kcache_store::{OpenOptionsStore, Store};
+use serde_json::Value;
+
+use crate::cli::{default_store, parse_size, StoreAt, VolumeAt};
+use crate::control::{self, LimitsMsg, Request};
+use crate::mountinfo;
+
+pub fn human(n: u64) -> String {
+    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < U.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+/// True when a daemon holds the store (it is mounted).
+fn is_live(store: &Path) -> bool {
+    matches!(Store::open_lock_probe(store), Ok(false))
+}
+
+/// The kcache mount holding `path`, and `path` relative to the volume root.
+fn locate_in_mount(path: &Path) -> Result<(mountinfo::MountEntry, String)> {
+    let canon = path
+        .canonicalize()
+        .with_context(|| format!("{}", path.display()))?;
+    let Some(m) = mountinfo::kcache_mount_of(&canon) else {
+        bail!(
+            "{} is not inside a kcache mount (give --store to name a store and a path inside its volume)",
+            path.display()
+        );
+    };
+    let rel = canon.strip_prefix(&m.mountpoint).unwrap_or(Path::new(""));
+    let vpath = Path::new(&m.root).join(rel).display().to_string();
+    Ok((m, vpath))
+}
+
+/// Store of a store-wide command.
+fn store_at(at: &StoreAt) -> Result<PathBuf> {
+    match (&at.store, &at.mountpoint) {
+        (Some(s), _) => Ok(s.clone()),
+        (None, Some(mp)) => Ok(PathBuf::from(locate_in_mount(mp)?.0.source)),
+        (None, None) => Ok(default_store()),
+    }
+}
+
+/// Store, volume (None: the mounted one) and volume path for a path-based command.
+fn locate(vol: &VolumeAt, path: Option<&Path>) -> Result<(PathBuf, Option<String>, String)> {
+    match &vol.store {
+        Some(s) => Ok((
+            s.clone(),
+            Some(vol.volume.clone()),
+            path.map(|p| p.display().to_string()).unwrap_or_default(),
+        )),
+        None => {
+            let p = path.unwrap_or(Path::new("."));
+            let (m, vpath) = locate_in_mount(p)?;
+            Ok((PathBuf::from(m.source), None, vpath))
+        }
+    }
+}
+
+/// Runs a request against the daemon of `store`, or against the unmounted store directly.
+fn request(store: &Path, volume: Option<&str>, req: Request) -> Result<Value> {
+    if is_live(store) {
+        return control::call(store, &req);
+    }
+    if !store.join("kcache.db").exists() {
+        bail!("{} is not a kcache store (no kcache.db)", store.display());
+    }
+    let s = Store::open(store).with_context(|| format!("opening store {}", store.display()))?;
+    let vol = match volume {
+        Some(v) => s
+            .volume(v, false, 0, 0)
+            .with_context(|| format!("store {}", store.display()))?,
+        None => match s.volumes()?.into_iter().next() {
+            Some(v) => v,
+            None => bail!("store {} has no volumes yet", store.display()),
+        },
+    };
+    let s = Arc::new(s);
+    let fs = KcacheFs::new(s.clone(), vol, false);
+    control::handle(&fs, &s, req).map_err(|e| anyhow::anyhow!(e))
+}
+
+pub fn stats(at: &StoreAt, json: bool) -> Result<ExitCode> {
+    let store = store_at(at)?;
+    let v = if is_live(&store) {
+        control::call(&store, &Request::Stats)?
+    } else {
+        let s = Store::open_with(&store, &OpenOptionsStore { read_only: true })
+            .with_context(|| format!("opening store {}", store.display()))?;
+        serde_json::to_value(s.stats()?)?
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    let bytes = |k: &str| format!("{} ({})", n(k), human(n(k)));
+    println!("store:            {}", store.display());
+    println!("files:            {}", n("files"));
+    println!("directories:      {}", n("directories"));
+    println!("symlinks:         {}", n("symlinks"));
+    println!("logical bytes:    {}", bytes("logical_bytes"));
+    println!("stored bytes:     {}", bytes("stored_bytes"));
+    println!("blobs:            {}", n("blobs"));
+    println!("dedup savings:    {}", bytes("dedup_saved_bytes"));
+    println!("usage:            {}", bytes("usage_bytes"));
+    match v["quota_bytes"].as_u64() {
+        Some(q) => {
+            println!("quota:            {q} ({})", human(q));
+            println!("low watermark:    {}", bytes("low_watermark_bytes"));
+        }
+        None => println!("quota:            none"),
+    }
+    println!(
+        "min free on disk: {}",
+        v["min_free"].as_str().unwrap_or("?")
+    );
+    if let Some(a) = v["disk_available_bytes"].as_u64() {
+        println!("disk available:   {a} ({})", human(a));
+    }
+    println!(
+        "pinned:           {} in {} pins",
+        bytes("pinned_bytes"),
+        n("pins")
+    );
+    println!(
+        "evictions:        {} ({})",
+        n("evictions"),
+        human(n("evicted_bytes"))
+    );
+    println!("opens:            {}", n("opens"));
+    println!("bytes read:       {}", bytes("bytes_read"));
+    println!("bytes written:    {}", bytes("bytes_written"));
+    if n("quarantined_blobs") > 0 {
+        println!("quarantined:      {}", n("quarantined_blobs"));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn quota(
+    store: Option<PathBuf>,
+    low_watermark: Option<u8>,
+    min_free: Option<kcache_store::MinFree>,
+    json: bool,
+    args: &[String],
+) -> Result<ExitCode> {
+    let (store, size) = match (store, args) {
+        (Some(s), [size]) => (s, Some(size.as_str())),
+        (Some(s), []) => (s, None),
+        (None, [mp]) => (
+            PathBuf::from(locate_in_mount(Path::new(mp))?.0.source),
+            None,
+        ),
+        (None, [mp, size]) => (
+            PathBuf::from(locate_in_mount(Path::new(mp))?.0.source),
+            Some(size.as_str()),
+        ),
+        (None, []) => (default_store(), None),
+        _ => bail!("usage: kcache quota MOUNTPOINT [SIZE|none] (or --store DIR [SIZE|none])"),
+    };
+    let current: LimitsMsg =
+        serde_json::from_value(request(&store, None, Request::Limits { set: None })?)?;
+    let mut new = current.clone();
+    if let Some(s) = size {
+        new.quota = match s {
+            "none" | "off" | "0" => None,
+            s => Some(parse_size(s).map_err(|e| anyhow::anyhow!(e))?),
+        };
+    }
+    if let Some(p) = low_watermark {
+        new.low_watermark_pct = p;
+    }
+    if let Some(m) = min_free {
+        new.min_free = m.to_string();
+    }
+    let shown: LimitsMsg = if size.is_some() || low_watermark.is_some() || min_free.is_some() {
+        serde_json::from_value(request(&store, None, Request::Limits { set: Some(new) })?)?
+    } else {
+        current
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+    } else {
+        match shown.quota {
+            Some(q) => println!(
+                "quota {} ({q} bytes), evicting down to {}%; keeping {} free on disk",
+                human(q),
+                shown.low_watermark_pct,
+                min_free_text(&shown.min_free)
+            ),
+            None => println!(
+                "no quota; keeping {} free on disk",
+                min_free_text(&shown.min_free)
+            ),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn min_free_text(m: &str) -> String {
+    match m.parse::<u64>() {
+        Ok(b) => human(b),
+        Err(_) => m.to_owned(),
+    }
+}
+
+fn print_evicted(v: &Value) {
+    println!(
+        "evicted {} blobs ({}), {} names; {} stored",
+        v["blobs"],
+        human(v["bytes"].as_u64().unwrap_or(0)),
+        v["names"],
+        human(v["usage_bytes"].as_u64().unwrap_or(0))
+    );
+}
+
+pub fn evict(at: &StoreAt, to: u64) -> Result<ExitCode> {
+    let store = store_at(at)?;
+    let v = request(
+        &store,
+        None,
+        Request::Evict {
+            to: Some(to),
+            older_than_secs: None,
+        },
+    )?;
+    print_evicted(&v);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn clean(at: &StoreAt, older_than: u64) -> Result<ExitCode> {
+    let store = store_at(at)?;
+    let v = request(
+        &store,
+        None,
+        Request::Evict {
+            to: None,
+            older_than_secs: Some(older_than),
+        },
+    )?;
+    print_evicted(&v);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn gc(at: &StoreAt, json: bool) -> Result<ExitCode> {
+    let store = store_at(at)?;
+    let v = request(&store, None, Request::Gc)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "purged {} unlinked inodes, removed {} dead and {} stray blob files ({}); database log {} -> {}",
+            v["purged_inodes"],
+            v["dead_blobs_removed"],
+            v["stray_files_removed"],
+            human(v["stray_bytes"].as_u64().unwrap_or(0)),
+            human(v["wal_bytes_before"].as_u64().unwrap_or(0)),
+            human(v["wal_bytes_after"].as_u64().unwrap_or(0)),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn clear(vol: &VolumeAt, path: Option<&Path>, yes: bool) -> Result<ExitCode> {
+    let (store, volume, vpath) = locate(vol, path)?;
+    if !yes {
+        let what = match path {
+            Some(p) => format!("everything in {}", p.display()),
+            None => format!("the whole volume '{}' of {}", vol.volume, store.display()),
+        };
+        if !std::io::stdin().is_terminal() {
+            bail!("refusing to remove {what} without --yes (no terminal to ask on)");
+        }
+        eprint!("Remove {what}? [y/N] ");
+        let _ = std::io::stderr().flush();
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            eprintln!("nothing removed");
+            return Ok(ExitCode::from(1));
+        }
+    }
+    let v = request(
+        &store,
+        volume.as_deref(),
+        Request::Clear {
+            volume: volume.clone(),
+            path: vpath,
+        },
+    )?;
+    println!("removed {} names", v["removed"]);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Volume paths of several paths, all in one store.
+fn locate_all(vol: &VolumeAt, paths: &[PathBuf]) -> Result<(PathBuf, Option<String>, Vec<String>)> {
+    let mut out = Vec::new();
+    let mut store_vol: Option<(PathBuf, Option<String>)> = None;
+    for p in paths {
+        let (s, v, vp) = locate(vol, Some(p))?;
+        match &store_vol {
+            Some((s0, _)) if *s0 != s => {
+                bail!("{} is in another store than the other paths", p.display())
+            }
+            _ => store_vol = Some((s, v)),
+        }
+        out.push(vp);
+    }
+    let (s, v) = store_vol.context("no paths given")?;
+    Ok((s, v, out))
+}
+
+pub fn pin(vol: &VolumeAt, paths: &[PathBuf], on: bool) -> Result<ExitCode> {
+    let (store, volume, vpaths) = locate_all(vol, paths)?;
+    let req = if on {
+        Request::Pin {
+            volume: volume.clone(),
+            paths: vpaths,
+        }
+    } else {
+        Request::Unpin {
+            volume: volume.clone(),
+            paths: vpaths,
+        }
+    };
+    let v = request(&store, volume.as_deref(), req)?;
+    if on {
+        println!(
+            "pinned; {} pinned in total",
+            human(v["pinned_bytes"].as_u64().unwrap_or(0))
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn pins(vol: &VolumeAt, path: Option<&Path>, json: bool) -> Result<ExitCode> {
+    let (store, volume, _) = locate(vol, path)?;
+    let v = request(
+        &store,
+        volume.as_deref(),
+        Request::Pins {
+            volume: volume.clone(),
+        },
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for p in v["pins"].as_array().into_iter().flatten() {
+            println!("{}", p.as_str().unwrap_or("?"));
+        }
+        println!("pinned: {}", human(v["pinned_bytes"].as_u64().unwrap_or(0)));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn du(vol: &VolumeAt, path: Option<&Path>, depth: u32, json: bool) -> Result<ExitCode> {
+    let (store, volume, vpath) = locate(vol, path)?;
+    let v = request(
+        &store,
+        volume.as_deref(),
+        Request::Du {
+            volume: volume.clone(),
+            path: vpath.clone(),
+            depth,
+        },
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let base = path.map(|p| p.display().to_string()).unwrap_or(vpath);
+    println!("{:>12} {:>12} {:>9}  path", "logical", "stored", "files");
+    for e in v.as_array().into_iter().flatten() {
+        let rel = e["path"].as_str().unwrap_or("");
+        let shown = if rel.is_empty() {
+            base.clone()
+        } else {
+            format!("{}/{rel}", base.trim_end_matches('/'))
+        };
+        println!(
+            "{:>12} {:>12} {:>9}  {shown}",
+            human(e["logical_bytes"].as_u64().unwrap_or(0)),
+            human(e["stored_bytes"].as_u64().unwrap_or(0)),
+            e["files"].as_u64().unwrap_or(0)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

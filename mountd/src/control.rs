@@ -1,0 +1,272 @@
+//! The daemon's control socket (`<store>/control.sock`): maintenance commands on a live
+//! mount, one JSON request and one JSON answer per connection. The same `handle` serves an
+//! unmounted store in the command's own process, so both paths behave the same.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use kcache_fs::KcacheFs;
+use kcache_store::{EvictPolicy, Limits, MinFree, Store};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// Requests larger than this are refused (paths and a few numbers fit easily).
+const MAX_REQUEST: u64 = 1 << 20;
+
+pub fn socket_path(store: &Path) -> PathBuf {
+    store.join("control.sock")
+}
+
+/// The store's limits on the wire.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LimitsMsg {
+    pub quota: Option<u64>,
+    pub low_watermark_pct: u8,
+    /// "10%" or a byte count.
+    pub min_free: String,
+}
+
+impl From<Limits> for LimitsMsg {
+    fn from(l: Limits) -> LimitsMsg {
+        LimitsMsg {
+            quota: l.quota,
+            low_watermark_pct: l.low_watermark_pct,
+            min_free: l.min_free.to_string(),
+        }
+    }
+}
+
+impl TryFrom<LimitsMsg> for Limits {
+    type Error = String;
+    fn try_from(m: LimitsMsg) -> Result<Limits, String> {
+        if !(1..=100).contains(&m.low_watermark_pct) {
+            return Err(format!(
+                "invalid low watermark {}% (1-100)",
+                m.low_watermark_pct
+            ));
+        }
+        Ok(Limits {
+            quota: m.quota.filter(|q| *q > 0),
+            low_watermark_pct: m.low_watermark_pct,
+            min_free: m.min_free.parse::<MinFree>()?,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Stats,
+    /// Show the limits, or replace them.
+    Limits {
+        set: Option<LimitsMsg>,
+    },
+    Evict {
+        to: Option<u64>,
+        older_than_secs: Option<u64>,
+    },
+    Gc,
+    /// `volume`: None means the mounted one.
+    Clear {
+        volume: Option<String>,
+        path: String,
+    },
+    Pin {
+        volume: Option<String>,
+        paths: Vec<String>,
+    },
+    Unpin {
+        volume: Option<String>,
+        paths: Vec<String>,
+    },
+    Pins {
+        volume: Option<String>,
+    },
+    Du {
+        volume: Option<String>,
+        path: String,
+        depth: u32,
+    },
+}
+
+fn errno_msg(path: &str, e: kcache_fs::Errno) -> String {
+    format!("{path}: {}", std::io::Error::from_raw_os_error(e.0))
+}
+
+/// Carries out one request. `reader` is a connection for long read-only queries, so they do
+/// not hold up the filesystem's own connection (the daemon passes a read-only store; an
+/// unmounted store passes itself).
+pub fn handle(fs: &KcacheFs, reader: &Store, req: Request) -> Result<Value, String> {
+    let check_volume = |v: &Option<String>| -> Result<(), String> {
+        match v {
+            Some(v) if *v != fs.volume().name => Err(format!(
+                "this store is mounted with volume '{}', not '{v}'; use its mountpoint or that volume",
+                fs.volume().name
+            )),
+            _ => Ok(()),
+        }
+    };
+    let store = fs.store();
+    match req {
+        Request::Stats => {
+            store.flush_accesses().map_err(|e| e.to_string())?;
+            let st = reader.stats().map_err(|e| e.to_string())?;
+            let usage = fs.usage().map_err(|e| errno_msg("usage", e))?;
+            let mut v = serde_json::to_value(st).map_err(|e| e.to_string())?;
+            v["disk_available_bytes"] = json!(usage.disk_available);
+            v["min_free_bytes"] = json!(usage.min_free);
+            v["volume"] = json!(fs.volume().name);
+            Ok(v)
+        }
+        Request::Limits { set } => {
+            if let Some(m) = set {
+                let l = Limits::try_from(m)?;
+                fs.set_limits(l).map_err(|e| errno_msg("limits", e))?;
+            }
+            Ok(serde_json::to_value(LimitsMsg::from(fs.limits())).map_err(|e| e.to_string())?)
+        }
+        Request::Evict {
+            to,
+            older_than_secs,
+        } => {
+            if to.is_none() && older_than_secs.is_none() {
+                return Err("nothing to evict by: give a target size or an age".into());
+            }
+            let used_before = older_than_secs.map(|s| {
+                kcache_store::now_ns().saturating_sub((s as i64).saturating_mul(1_000_000_000))
+            });
+            let ev = fs
+                .evict(EvictPolicy {
+                    target: to,
+                    used_before,
+                })
+                .map_err(|e| errno_msg("evict", e))?;
+            let left = store.stored_bytes().map_err(|e| e.to_string())?;
+            Ok(
+                json!({"blobs": ev.blobs, "bytes": ev.bytes, "names": ev.names.len(), "usage_bytes": left}),
+            )
+        }
+        Request::Gc => {
+            let r = fs.gc().map_err(|e| errno_msg("gc", e))?;
+            Ok(serde_json::to_value(r).map_err(|e| e.to_string())?)
+        }
+        Request::Clear { volume, path } => {
+            check_volume(&volume)?;
+            let n = fs.clear(&path).map_err(|e| errno_msg(&path, e))?;
+            Ok(json!({"removed": n}))
+        }
+        Request::Pin { volume, paths } => {
+            check_volume(&volume)?;
+            let mut pinned = 0;
+            for p in &paths {
+                let ino = fs.resolve(p).map_err(|e| errno_msg(p, e))?;
+                pinned = store.pin(ino).map_err(|e| format!("{p}: {e}"))?;
+            }
+            Ok(json!({"pinned_bytes": pinned}))
+        }
+        Request::Unpin { volume, paths } => {
+            check_volume(&volume)?;
+            for p in &paths {
+                fs.unpin(p).map_err(|e| match e.0 {
+                    libc::ENOENT => format!("{p}: not pinned (or no such path)"),
+                    _ => errno_msg(p, e),
+                })?;
+            }
+            Ok(json!({"unpinned": paths.len()}))
+        }
+        Request::Pins { volume } => {
+            check_volume(&volume)?;
+            let pins = fs.pins().map_err(|e| errno_msg("pins", e))?;
+            let bytes = reader.pinned_blobs().map_err(|e| e.to_string())?.1;
+            Ok(json!({"pins": pins, "pinned_bytes": bytes}))
+        }
+        Request::Du {
+            volume,
+            path,
+            depth,
+        } => {
+            check_volume(&volume)?;
+            let ino = reader
+                .resolve(fs.volume().root, &path)
+                .map_err(|e| format!("{path}: {e}"))?;
+            let rows = reader.du(ino, depth).map_err(|e| e.to_string())?;
+            Ok(serde_json::to_value(rows).map_err(|e| e.to_string())?)
+        }
+    }
+}
+
+/// Serves the control socket on threads of its own. Only the daemon's user may connect
+/// (the socket is mode 0600).
+pub fn serve(fs: Arc<KcacheFs>, reader: Arc<Store>, store_dir: &Path) -> Result<()> {
+    let path = socket_path(store_dir);
+    // We hold the store's lock, so a socket file left here belongs to a dead daemon.
+    let _ = std::fs::remove_file(&path);
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (fs, reader) = (fs.clone(), reader.clone());
+                let _ = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || serve_one(&fs, &reader, conn));
+            }
+        })?;
+    Ok(())
+}
+
+fn serve_one(fs: &KcacheFs, reader: &Store, conn: UnixStream) {
+    let mut line = String::new();
+    let mut r = BufReader::new((&conn).take(MAX_REQUEST));
+    let answer = match r.read_line(&mut line) {
+        Ok(_) => match serde_json::from_str::<Request>(&line) {
+            Ok(req) => {
+                tracing::info!(?req, "control request");
+                match handle(fs, reader, req) {
+                    Ok(v) => json!({"ok": true, "result": v}),
+                    Err(e) => json!({"ok": false, "error": e}),
+                }
+            }
+            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+        },
+        Err(e) => json!({"ok": false, "error": format!("reading request: {e}")}),
+    };
+    let mut w = &conn;
+    let _ = writeln!(w, "{answer}");
+}
+
+/// Sends one request to the daemon of `store` and returns its result.
+pub fn call(store: &Path, req: &Request) -> Result<Value> {
+    let path = socket_path(store);
+    let conn = UnixStream::connect(&path).with_context(|| {
+        format!(
+            "connecting to the daemon at {} (is the store mounted?)",
+            path.display()
+        )
+    })?;
+    let mut w = &conn;
+    writeln!(w, "{}", serde_json::to_string(req)?)?;
+    let mut line = String::new();
+    BufReader::new(&conn)
+        .read_line(&mut line)
+        .context("reading the daemon's answer")?;
+    let v: Value = serde_json::from_str(&line)
+        .with_context(|| format!("the daemon answered something unreadable: {line:?}"))?;
+    if v["ok"] == json!(true) {
+        return Ok(v["result"].clone());
+    }
+    bail!(
+        "{}",
+        v["error"]
+            .as_str()
+            .unwrap_or("the daemon reported an unknown error")
+    )
+}

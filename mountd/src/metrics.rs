@@ -1,0 +1,125 @@
+//! `kcache mount --metrics ADDR`: Prometheus metrics over HTTP on `/metrics`, built at each
+//! scrape from the store's counters (prometheus-client does the exposition format).
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, Result};
+use kcache_fs::KcacheFs;
+use kcache_store::Store;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+/// Starts the HTTP server on a thread of its own.
+pub fn serve(addr: &str, fs: Arc<KcacheFs>, reader: Arc<Store>) -> Result<()> {
+    let server =
+        tiny_http::Server::http(addr).map_err(|e| anyhow!("serving metrics on {addr}: {e}"))?;
+    tracing::info!(addr, "serving metrics on /metrics");
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for req in server.incoming_requests() {
+                let resp = if req.url() == "/metrics" {
+                    match render(&fs, &reader) {
+                        Ok(body) => tiny_http::Response::from_string(body).with_header(
+                            tiny_http::Header::from_bytes(
+                                &b"Content-Type"[..],
+                                &b"application/openmetrics-text; version=1.0.0; charset=utf-8"[..],
+                            )
+                            .expect("static header is valid"),
+                        ),
+                        Err(e) => {
+                            tracing::error!(error = %e, "collecting metrics failed");
+                            tiny_http::Response::from_string(format!("error: {e}\n"))
+                                .with_status_code(500)
+                        }
+                    }
+                } else {
+                    tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
+                };
+                let _ = req.respond(resp);
+            }
+        })?;
+    Ok(())
+}
+
+/// The metrics text. Reads go through `reader` (a read-only connection), so a scrape never
+/// holds up the filesystem's database connection.
+pub fn render(fs: &KcacheFs, reader: &Store) -> Result<String> {
+    fs.store().flush_accesses()?;
+    let st = reader.stats()?;
+    let usage = fs
+        .usage()
+        .map_err(|e| anyhow!("reading usage: errno {}", e.0))?;
+    let mut reg = Registry::with_prefix("kcache");
+    let gauge = |reg: &mut Registry, name: &str, help: &str, v: u64| {
+        reg.register(name, help, ConstGauge::new(v as i64));
+    };
+    gauge(
+        &mut reg,
+        "usage_bytes",
+        "Bytes of blobs stored on local disk",
+        st.usage_bytes,
+    );
+    gauge(
+        &mut reg,
+        "quota_bytes",
+        "Quota on stored bytes (0: none)",
+        st.quota_bytes.unwrap_or(0),
+    );
+    gauge(
+        &mut reg,
+        "low_watermark_bytes",
+        "Eviction stops at this many stored bytes (0: no quota)",
+        st.low_watermark_bytes.unwrap_or(0),
+    );
+    gauge(
+        &mut reg,
+        "disk_available_bytes",
+        "Free space on the store's disk",
+        usage.disk_available,
+    );
+    gauge(
+        &mut reg,
+        "min_free_bytes",
+        "Free space kept on the store's disk",
+        usage.min_free,
+    );
+    gauge(
+        &mut reg,
+        "pinned_bytes",
+        "Bytes of pinned blobs",
+        st.pinned_bytes,
+    );
+    gauge(&mut reg, "files", "Files in all volumes", st.files);
+    gauge(&mut reg, "blobs", "Distinct contents stored", st.blobs);
+    gauge(
+        &mut reg,
+        "logical_bytes",
+        "Sum of file sizes",
+        st.logical_bytes,
+    );
+    gauge(
+        &mut reg,
+        "dedup_saved_bytes",
+        "Bytes deduplication saves",
+        st.dedup_saved_bytes,
+    );
+    let counter = |reg: &mut Registry, name: &str, help: &str, v: u64| {
+        reg.register(name, help, ConstCounter::new(v));
+    };
+    counter(&mut reg, "evictions", "Blobs evicted", st.evictions);
+    counter(&mut reg, "evicted_bytes", "Bytes evicted", st.evicted_bytes);
+    counter(&mut reg, "opens", "Files opened", st.opens);
+    counter(
+        &mut reg,
+        "read_bytes",
+        "Bytes read through the daemon (not passthrough reads)",
+        st.bytes_read,
+    );
+    counter(&mut reg, "written_bytes", "Bytes written", st.bytes_written);
+    let mut out = String::new();
+    encode(&mut out, &reg)?;
+    Ok(out)
+}
