@@ -3,10 +3,13 @@
 
 Usage: hf_check.py CACHE_DIR [--no-mmap-write]
        hf_check.py CACHE_DIR --offline-only
+       hf_check.py CACHE_DIR --evicted
 
 The first form needs a CACHE_DIR without the test repos. --offline-only re-checks a
 CACHE_DIR filled by an earlier run (e.g. after kcache was unmounted and mounted again):
 no server is started, only the layout, mmap and HF_HUB_OFFLINE=1 checks run.
+--evicted checks a CACHE_DIR whose files were evicted: offline downloads must fail with
+huggingface_hub's normal LocalEntryNotFoundError, and every blob left must be whole.
 
 kcache's integration tests run this against a kcache mount; it must also pass on a
 plain local directory. No internet is used: a fake Hub is served on 127.0.0.1 and
@@ -528,6 +531,48 @@ def expected_results(cache_dir: Path, repos: dict[str, dict[str, bytes]]) -> dic
     }
 
 
+def evicted_child() -> int:
+    """Offline, after the cache was evicted: every call must fail with huggingface_hub's
+    normal "not in the local cache" error, never with a damaged file."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    calls = {
+        "snapshot_download(org/model-a)": lambda: snapshot_download("org/model-a"),
+        "hf_hub_download(org/model-b, shared.bin)": lambda: hf_hub_download("org/model-b", "shared.bin"),
+        "snapshot_download(org/model-b)": lambda: snapshot_download("org/model-b"),
+    }
+    for name, call in calls.items():
+        try:
+            got = call()
+        except LocalEntryNotFoundError as e:
+            print(f"{name}: not found ({type(e).__name__})")
+            continue
+        except Exception as e:
+            print(f"{name}: unexpected {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        print(f"{name}: returned {got} although the cache was evicted", file=sys.stderr)
+        return 1
+    return 0
+
+
+def check_no_damaged_files(cache_dir: Path) -> int:
+    """Every blob still in the cache has exactly the content its name (etag) promises."""
+    checked = 0
+    for p in cache_dir.rglob("*"):
+        if p.is_symlink() or not p.is_file() or p.parent.name != "blobs":
+            continue
+        data = p.read_bytes()
+        if len(p.name) == 64:
+            ok = hashlib.sha256(data).hexdigest() == p.name
+        else:
+            ok = git_blob_sha1(data) == p.name
+        if not ok:
+            fail(f"{p} does not match its name: damaged or short ({len(data)} bytes)")
+        checked += 1
+    return checked
+
+
 def run_offline_phase(cache_dir: Path, env: dict[str, str], expected: dict) -> None:
     try:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--offline-child", str(cache_dir)],
@@ -548,9 +593,31 @@ def run_offline_phase(cache_dir: Path, env: dict[str, str], expected: dict) -> N
 def main(argv: list[str]) -> int:
     args = [a for a in argv[1:] if not a.startswith("--")]
     flags = {a for a in argv[1:] if a.startswith("--")}
-    if flags - {"--no-mmap-write", "--offline-child", "--offline-only"} or len(args) != 1:
+    if flags - {"--no-mmap-write", "--offline-child", "--offline-only", "--evicted", "--evicted-child"} \
+            or len(args) != 1:
         print(__doc__, file=sys.stderr)
         return 2
+    if "--evicted-child" in flags:
+        return evicted_child()
+    if "--evicted" in flags:
+        cache_dir = Path(args[0]).resolve()
+        hf_home = Path(tempfile.mkdtemp(prefix="kcache-hf-home-"))
+        env = hf_env(cache_dir, hf_home, "http://127.0.0.1:9", offline=True)
+        try:
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--evicted-child", str(cache_dir)],
+                                  env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=CHILD_TIMEOUT_S)
+            if proc.returncode != 0:
+                fail(f"after eviction (exit {proc.returncode}):\n{proc.stderr}{proc.stdout}")
+            print(proc.stdout, end="")
+            print(f"intact blobs left: {check_no_damaged_files(cache_dir)}")
+            print("hf check: ok")
+            return 0
+        except CheckFailed as e:
+            print(f"hf check: FAILED: {e}", file=sys.stderr)
+            return 1
+        finally:
+            shutil.rmtree(hf_home, ignore_errors=True)
     if "--offline-child" in flags:
         # Dump the child's stacks before the parent's timeout kills it silently.
         faulthandler.dump_traceback_later(CHILD_TIMEOUT_S - 5, exit=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """End-to-end check that pip's HTTP cache works when PIP_CACHE_DIR is on a given directory.
 
-Usage: pip_cache_check.py CACHE_DIR WORKDIR
+Usage: pip_cache_check.py CACHE_DIR WORKDIR [--evict-between SHELL_CMD]
 
 kcache's integration tests run this against a kcache mount; it must also pass on a
 plain local directory. Everything happens offline:
@@ -23,6 +23,10 @@ the index port is random, so each run starts cold for its own URLs.
 Note for filesystems: running as root, pip disables its cache unless CACHE_DIR (or its
 nearest existing parent), opened with O_NOFOLLOW, reports st_uid 0; as another user it
 needs os.access(W_OK). Cache writes are O_CREAT|O_EXCL temp files + fsync + rename.
+
+With --evict-between, SHELL_CMD runs between the two installs (it empties the cache,
+e.g. `kcache evict --to 0`), and run 2 must then download every wheel exactly once
+again and succeed: a cache that lost entries costs a download, never a failure.
 
 Prints `pip cache check: ok` and exits 0 on success; otherwise explains the failure
 on stderr and exits 1.
@@ -312,6 +316,10 @@ def leftover_tmp_files(cache_dir: Path) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    evict_cmd = None
+    if len(argv) == 5 and argv[3] == "--evict-between":
+        evict_cmd = argv[4]
+        argv = argv[:3]
     if len(argv) != 3:
         print(__doc__, file=sys.stderr)
         return 2
@@ -358,6 +366,11 @@ def main(argv: list[str]) -> int:
         if http_dir.name == "http-v2" and body < len(gets1):
             fail(f"{http_dir} holds {body} .body files, expected at least {len(gets1)} (one per wheel)")
 
+        if evict_cmd:
+            proc = subprocess.run(evict_cmd, shell=True, capture_output=True, text=True, timeout=60)
+            if proc.returncode != 0:
+                fail(f"{evict_cmd!r} failed: {proc.stdout}{proc.stderr}")
+            print(f"between the runs: {proc.stdout.strip()}")
         out2 = run_pip(index_url, workdir / "t2", env)
         t2 = time.monotonic()
         with state.lock:
@@ -365,6 +378,13 @@ def main(argv: list[str]) -> int:
             page_304s = state.page_304s
         check_output_clean("run 2", out2)
         check_installed(workdir / "t2")
+        if evict_cmd:
+            if any(n != 1 for n in gets2.values()):
+                fail(f"after eviction run 2 should download every wheel exactly once, server saw {gets2}\n"
+                     f"--- pip output ---\n{out2}")
+            print(f"pip: run 2 after eviction downloaded {sum(gets2.values())} wheels again")
+            print("pip cache check: ok")
+            return 0
         if any(n != 0 for n in gets2.values()):
             fail(f"run 2 downloaded wheels again instead of using the HTTP cache in {cache_dir}: {gets2}\n"
                  f"(pip ignores cache write/read errors silently; check {http_dir})\n--- pip output ---\n{out2}")

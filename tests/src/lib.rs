@@ -376,3 +376,26 @@ pub fn python_workers(code: &str, arg: &Path, n: usize) -> Vec<String> {
         })
         .collect()
 }
+
+/// Runs the kcache binary; returns its exit code and stdout+stderr.
+pub fn kcache(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(kcache_bin())
+        .args(args)
+        .output()
+        .expect("running kcache");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Runs the kcache binary and requires success; returns its output.
+pub fn kcache_ok(args: &[&str]) -> String {
+    let (code, out) = kcache(args);
+    assert_eq!(code, 0, "kcache {args:?} failed:\n{out}");
+    out
+}

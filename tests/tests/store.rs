@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
 
-use kcache_tests::{kcache_bin, pseudo_random, Mount};
+use kcache_tests::{kcache, kcache_bin, pseudo_random, Mount};
 
 #[test]
 fn identical_content_is_stored_once_and_freed_with_its_last_name() {
@@ -225,18 +225,6 @@ fn sqlite(db: &Path, sql: &str) {
     );
 }
 
-fn kcache(args: &[&str]) -> (i32, String) {
-    let out = Command::new(kcache_bin()).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 #[test]
 fn refuses_bad_stores_mountpoints_and_arguments() {
     let Some(m) = Mount::new() else { return };
@@ -381,43 +369,6 @@ fn daemon_pids(mp: &Path) -> Vec<i32> {
 }
 
 #[test]
-fn full_disk_gives_enospc_and_leaves_the_store_sound() {
-    let Some(mut m) = Mount::on_small_disk(32 << 20) else {
-        return;
-    };
-    fs::write(m.path("keep"), pseudo_random(9, 1 << 20)).unwrap();
-    // Fill the store's disk through the mount until the writer is refused.
-    let mut f = fs::File::create(m.path("filler")).unwrap();
-    let chunk = pseudo_random(10, 1 << 20);
-    let mut err = None;
-    for _ in 0..64 {
-        use std::io::Write;
-        if let Err(e) = f.write_all(&chunk) {
-            err = Some(e);
-            break;
-        }
-    }
-    let err = err
-        .or_else(|| f.sync_all().err())
-        .expect("a 64 MiB write to a 32 MiB disk must fail");
-    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
-    drop(f);
-    // close() returns before the kernel's asynchronous release reaches the daemon.
-    m.settle();
-    // Everything else is intact, and once space is freed the mount works again.
-    assert_eq!(fs::read(m.path("keep")).unwrap(), pseudo_random(9, 1 << 20));
-    // Deleting must work on the full disk: the daemon keeps headroom for its database.
-    fs::remove_file(m.path("filler")).unwrap();
-    fs::write(m.path("after"), b"space again").unwrap();
-    m.remount();
-    assert_eq!(fs::read(m.path("after")).unwrap(), b"space again");
-    assert_eq!(fs::read(m.path("keep")).unwrap(), pseudo_random(9, 1 << 20));
-    m.unmount();
-    let (ok, out) = m.verify();
-    assert!(ok, "{out}");
-}
-
-#[test]
 fn missing_dev_fuse_is_a_clear_error() {
     if !kcache_tests::fuse_available() {
         return;
@@ -437,89 +388,4 @@ fn missing_dev_fuse_is_a_clear_error() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("/dev/fuse does not exist"), "{text}");
-}
-
-#[test]
-fn evict_removes_least_recently_used_files_whole() {
-    let Some(mut m) = Mount::new() else { return };
-    for (i, name) in ["a", "b", "c"].iter().enumerate() {
-        fs::write(m.path(name), pseudo_random(100 + i as u64, 1 << 20)).unwrap();
-        m.settle();
-    }
-    // Reading a makes it the most recently used; b is now the oldest.
-    assert_eq!(fs::read(m.path("a")).unwrap(), pseudo_random(100, 1 << 20));
-    let store = m.store.to_str().unwrap().to_owned();
-    let (code, out) = kcache(&["evict", "--store", &store, "--to", "2M"]);
-    assert_eq!(code, 1, "a mounted store must be refused: {out}");
-    assert!(out.contains("unmount it first"), "{out}");
-    m.unmount();
-    let (code, out) = kcache(&["evict", "--store", &store, "--to", "2M"]);
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("evicted 1 blobs"), "{out}");
-    m.restart_after_crash();
-    assert_eq!(
-        fs::read(m.path("b")).unwrap_err().raw_os_error(),
-        Some(libc::ENOENT)
-    );
-    assert_eq!(fs::read(m.path("a")).unwrap(), pseudo_random(100, 1 << 20));
-    assert_eq!(fs::read(m.path("c")).unwrap(), pseudo_random(102, 1 << 20));
-}
-
-#[test]
-fn quota_evicts_least_recently_used_files_whole_and_never_open_ones() {
-    let Some(m) = Mount::with_opts(&["quota=8M"]) else {
-        return;
-    };
-    // Held open from the start: the oldest file, but never evicted while open.
-    fs::write(m.path("held"), pseudo_random(500, 1 << 20)).unwrap();
-    m.settle();
-    let held = fs::File::open(m.path("held")).unwrap();
-    for i in 0..40u64 {
-        fs::write(m.path(&format!("f{i:02}")), pseudo_random(i, 1 << 20)).unwrap();
-        m.settle();
-        // Usage never runs far past the quota: the evictor looks every 200 ms, so what arrived
-        // since its last look may be on top (bounded generously for loaded machines).
-        let used = m.stats()["stored_bytes"].as_u64().unwrap();
-        assert!(
-            used <= (8 << 20) + (8 << 20),
-            "stored {used} bytes after file {i}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let used = m.stats()["stored_bytes"].as_u64().unwrap();
-        if used <= 8 << 20 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "stored {used} bytes");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    // The newest files survive; evicted ones are gone whole, also from the kernel's caches.
-    for i in 37..40u64 {
-        assert_eq!(
-            fs::read(m.path(&format!("f{i:02}"))).unwrap(),
-            pseudo_random(i, 1 << 20)
-        );
-    }
-    let e = fs::metadata(m.path("f00")).unwrap_err();
-    assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
-    let listed: Vec<String> = fs::read_dir(&m.mnt)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    for name in &listed {
-        let p = m.path(name);
-        let want = if name == "held" {
-            pseudo_random(500, 1 << 20)
-        } else {
-            pseudo_random(name[1..].parse().unwrap(), 1 << 20)
-        };
-        assert_eq!(fs::read(&p).unwrap(), want, "{name} must be whole");
-    }
-    assert!(
-        listed.contains(&"held".to_string()),
-        "an open file was evicted"
-    );
-    drop(held);
 }

@@ -1,0 +1,318 @@
+//! Quota, LRU eviction, pins, a full disk, and the maintenance commands, on real mounts.
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use kcache_tests::{kcache, kcache_ok, pseudo_random, Mount};
+
+const MIB: u64 = 1 << 20;
+
+fn usage(m: &Mount) -> u64 {
+    m.stats()["usage_bytes"].as_u64().unwrap()
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn enoent(p: &Path) -> bool {
+    fs::metadata(p).is_err_and(|e| e.raw_os_error() == Some(libc::ENOENT))
+}
+
+/// Sizes between 256 KiB and 2 MiB, from a fixed seed.
+fn size_of(i: u64) -> usize {
+    let r = u64::from_le_bytes(pseudo_random(7000 + i, 8).try_into().unwrap());
+    (256 << 10) + (r % (7 << 18)) as usize
+}
+
+#[test]
+fn quota_holds_while_writing_five_times_it_and_spares_open_and_pinned_files() {
+    let quota = 8 * MIB;
+    let Some(m) = Mount::with_opts(&["quota=8M"]) else {
+        return;
+    };
+    let mnt = m.mnt.to_str().unwrap().to_owned();
+    // A pinned tree (under half the quota) and a file held open: both older than everything
+    // else, neither may go.
+    fs::create_dir_all(m.path("pinned/sub")).unwrap();
+    fs::write(m.path("pinned/a"), pseudo_random(1, 768 << 10)).unwrap();
+    fs::write(m.path("pinned/sub/b"), pseudo_random(2, 768 << 10)).unwrap();
+    let out = kcache_ok(&["pin", m.path("pinned").to_str().unwrap()]);
+    assert!(out.contains("1.5 MiB pinned"), "{out}");
+    fs::write(m.path("held"), pseudo_random(3, MIB as usize)).unwrap();
+    m.settle();
+    let held = fs::File::open(m.path("held")).unwrap();
+
+    let largest = 2 * MIB;
+    let mut written = 0u64;
+    let mut n = 0u64;
+    while written < 5 * quota {
+        let data = pseudo_random(n, size_of(n));
+        fs::write(m.path(&format!("f{n:03}")), &data).unwrap();
+        written += data.len() as u64;
+        m.settle();
+        let used = usage(&m);
+        assert!(
+            used <= quota + largest,
+            "stored {used} bytes after file {n} (quota {quota})"
+        );
+        n += 1;
+    }
+    wait_until("usage is within the quota", || usage(&m) <= quota);
+    // The newest files survive whole; evicted ones are gone from the kernel's caches too.
+    for i in n - 2..n {
+        assert_eq!(
+            fs::read(m.path(&format!("f{i:03}"))).unwrap(),
+            pseudo_random(i, size_of(i))
+        );
+    }
+    assert!(enoent(&m.path("f000")));
+    let mut names: Vec<String> = fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    for name in names.iter().filter(|n| n.starts_with('f')) {
+        let i: u64 = name[1..].parse().unwrap();
+        assert_eq!(
+            fs::read(m.path(name)).unwrap(),
+            pseudo_random(i, size_of(i)),
+            "{name} must be whole"
+        );
+    }
+    assert!(names.contains(&"held".into()), "an open file was evicted");
+    assert_eq!(
+        fs::read(m.path("held")).unwrap(),
+        pseudo_random(3, MIB as usize)
+    );
+    assert_eq!(
+        fs::read(m.path("pinned/sub/b")).unwrap(),
+        pseudo_random(2, 768 << 10)
+    );
+    let s = m.stats();
+    assert!(s["evictions"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["pinned_bytes"].as_u64().unwrap(), 1536 << 10, "{s}");
+
+    // Pinning more than half the quota is refused with a clear error.
+    let (code, out) = kcache(&["pin", &mnt]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("more than half the quota"), "{out}");
+
+    // The quota changes on the live mount; pinned and open files still stay.
+    let out = kcache_ok(&["quota", &mnt, "3M", "--low-watermark", "80"]);
+    assert!(out.contains("quota 3.0 MiB"), "{out}");
+    wait_until("usage is within the new quota", || usage(&m) <= 3 * MIB);
+    assert!(m.path("pinned/a").exists() && m.path("held").exists());
+    let s = m.stats();
+    assert_eq!(s["quota_bytes"].as_u64(), Some(3 * MIB), "{s}");
+    drop(held);
+}
+
+#[test]
+fn lru_order_survives_a_crash_and_decides_what_goes() {
+    let Some(mut m) = Mount::new() else { return };
+    let mnt = m.mnt.to_str().unwrap().to_owned();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        fs::write(m.path(name), pseudo_random(100 + i as u64, MIB as usize)).unwrap();
+        m.settle();
+    }
+    // Reading a makes it the most recently used; b is now the oldest.
+    assert_eq!(
+        fs::read(m.path("a")).unwrap(),
+        pseudo_random(100, MIB as usize)
+    );
+    // Accesses reach the database about once a second; after that a kill -9 keeps them.
+    std::thread::sleep(Duration::from_millis(1500));
+    m.kill9();
+    m.restart_after_crash();
+    let out = kcache_ok(&["evict", &mnt, "--to", "2M"]);
+    assert!(out.contains("evicted 1 blobs"), "{out}");
+    assert!(enoent(&m.path("b")), "b was the least recently used");
+    assert_eq!(
+        fs::read(m.path("c")).unwrap(),
+        pseudo_random(102, MIB as usize)
+    );
+    assert_eq!(
+        fs::read(m.path("a")).unwrap(),
+        pseudo_random(100, MIB as usize)
+    );
+    // The same on an unmounted store: c was read before a, so c goes next.
+    m.unmount();
+    let store = m.store.to_str().unwrap().to_owned();
+    let out = kcache_ok(&["evict", "--store", &store, "--to", "1M"]);
+    assert!(out.contains("evicted 1 blobs"), "{out}");
+    m.remount();
+    assert!(enoent(&m.path("c")));
+    assert_eq!(
+        fs::read(m.path("a")).unwrap(),
+        pseudo_random(100, MIB as usize)
+    );
+}
+
+#[test]
+fn full_disk_evicts_then_gives_enospc_and_every_file_stays_whole() {
+    let Some(mut m) = Mount::on_small_disk(32 << 20) else {
+        return;
+    };
+    for i in 0..10u64 {
+        fs::write(m.path(&format!("old{i}")), pseudo_random(i, MIB as usize)).unwrap();
+        m.settle();
+    }
+    fs::write(m.path("pinned"), pseudo_random(20, MIB as usize)).unwrap();
+    fs::write(m.path("held"), pseudo_random(21, MIB as usize)).unwrap();
+    m.settle();
+    kcache_ok(&["pin", m.path("pinned").to_str().unwrap()]);
+    let held = fs::File::open(m.path("held")).unwrap();
+    let free_at_start = nix_free(&m.store);
+
+    // Fill the disk through the mount: old files are evicted to make room, and only once
+    // nothing is left to evict does the writer get ENOSPC.
+    let mut f = fs::File::create(m.path("filler")).unwrap();
+    let chunk = pseudo_random(30, MIB as usize);
+    let mut err = None;
+    let mut wrote = 0u64;
+    for _ in 0..64 {
+        use std::io::Write;
+        match f.write_all(&chunk) {
+            Ok(()) => wrote += MIB,
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    let err = err
+        .or_else(|| f.sync_all().err())
+        .expect("a 64 MiB write to a 32 MiB disk must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert!(
+        wrote > free_at_start + 4 * MIB,
+        "wrote {wrote} bytes with {free_at_start} free: eviction did not make room"
+    );
+    drop(f);
+    m.settle();
+    let s = m.stats();
+    assert!(s["evictions"].as_u64().unwrap() >= 8, "{s}");
+    // Every name left is whole; the pinned and the open file are still there.
+    for i in 0..10u64 {
+        let p = m.path(&format!("old{i}"));
+        if !enoent(&p) {
+            assert_eq!(fs::read(&p).unwrap(), pseudo_random(i, MIB as usize));
+        }
+    }
+    assert_eq!(
+        fs::read(m.path("pinned")).unwrap(),
+        pseudo_random(20, MIB as usize)
+    );
+    assert_eq!(
+        fs::read(m.path("held")).unwrap(),
+        pseudo_random(21, MIB as usize)
+    );
+    drop(held);
+    // Deleting works on the full disk (the daemon keeps headroom for its database), and
+    // the mount works again afterwards.
+    fs::remove_file(m.path("filler")).unwrap();
+    fs::write(m.path("after"), b"space again").unwrap();
+    m.remount();
+    assert_eq!(fs::read(m.path("after")).unwrap(), b"space again");
+    assert_eq!(
+        fs::read(m.path("pinned")).unwrap(),
+        pseudo_random(20, MIB as usize)
+    );
+    m.unmount();
+    let (ok, out) = m.verify();
+    assert!(ok, "{out}");
+}
+
+/// Free bytes on the filesystem holding `p`.
+fn nix_free(p: &Path) -> u64 {
+    let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    // SAFETY: statvfs fills the zeroed struct.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
+    s.f_bavail * s.f_frsize
+}
+
+#[test]
+fn maintenance_commands_work_live_and_on_an_unmounted_store() {
+    let Some(mut m) = Mount::new() else { return };
+    let store = m.store.to_str().unwrap().to_owned();
+    fs::create_dir_all(m.path("pip/http")).unwrap();
+    fs::create_dir_all(m.path("hf/blobs")).unwrap();
+    fs::write(m.path("pip/http/x"), pseudo_random(1, 300 << 10)).unwrap();
+    fs::write(m.path("hf/blobs/y"), pseudo_random(2, 700 << 10)).unwrap();
+    // Same content twice: stored once, its share split between the two trees.
+    fs::write(m.path("hf/blobs/z"), pseudo_random(1, 300 << 10)).unwrap();
+    m.settle();
+
+    let du: serde_json::Value =
+        serde_json::from_str(&kcache_ok(&["du", "--json", m.mnt.to_str().unwrap()])).unwrap();
+    let row = |p: &str| {
+        du.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["path"] == p)
+            .unwrap_or_else(|| panic!("no du row {p}: {du}"))
+            .clone()
+    };
+    assert_eq!(row("")["logical_bytes"], 1300 << 10);
+    assert_eq!(row("")["stored_bytes"], 1000 << 10);
+    assert_eq!(row("hf")["logical_bytes"], 1000 << 10);
+    assert_eq!(row("hf")["stored_bytes"], 850 << 10);
+    assert_eq!(row("pip")["stored_bytes"], 150 << 10);
+
+    let out = kcache_ok(&["pins", m.mnt.to_str().unwrap()]);
+    assert!(out.contains("pinned: 0 B"), "{out}");
+    kcache_ok(&["pin", m.path("hf").to_str().unwrap()]);
+    let out = kcache_ok(&["pins", m.mnt.to_str().unwrap()]);
+    assert!(out.contains("/hf"), "{out}");
+
+    // clean by age: nothing is older than an hour; everything unpinned is older than 0 s.
+    let out = kcache_ok(&["clean", m.mnt.to_str().unwrap(), "--older-than", "1h"]);
+    assert!(out.contains("evicted 0 blobs"), "{out}");
+    std::thread::sleep(Duration::from_millis(1100));
+    let out = kcache_ok(&["clean", m.mnt.to_str().unwrap(), "--older-than", "1s"]);
+    // pip/http/x shares its blob with the pinned hf/blobs/z, so it stays too.
+    assert!(out.contains("evicted 0 blobs"), "{out}");
+    kcache_ok(&["unpin", m.path("hf").to_str().unwrap()]);
+    let out = kcache_ok(&["clean", m.mnt.to_str().unwrap(), "--older-than", "1s"]);
+    assert!(out.contains("evicted 2 blobs"), "{out}");
+    assert!(enoent(&m.path("hf/blobs/y")) && enoent(&m.path("pip/http/x")));
+
+    // clear needs --yes without a terminal, then empties the tree (the directory stays).
+    fs::write(m.path("pip/http/new"), b"new").unwrap();
+    let (code, out) = kcache(&["clear", m.path("pip").to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("without --yes"), "{out}");
+    assert!(m.path("pip/http/new").exists());
+    let out = kcache_ok(&["clear", "--yes", m.path("pip").to_str().unwrap()]);
+    assert!(out.contains("removed 2 names"), "{out}");
+    assert!(m.path("pip").is_dir() && enoent(&m.path("pip/http")));
+    kcache_ok(&["gc", m.mnt.to_str().unwrap()]);
+
+    // The same commands on the unmounted store, with paths inside the volume.
+    fs::write(m.path("hf/blobs/w"), b"w").unwrap();
+    m.unmount();
+    kcache_ok(&["pin", "--store", &store, "/hf"]);
+    let out = kcache_ok(&["pins", "--store", &store]);
+    assert!(out.contains("/hf"), "{out}");
+    let out = kcache_ok(&["du", "--store", &store, "/hf"]);
+    assert!(out.contains("/hf"), "{out}");
+    let out = kcache_ok(&["clear", "--yes", "--store", &store, "/hf"]);
+    assert!(out.contains("removed 2 names"), "{out}");
+    let out = kcache_ok(&["gc", "--store", &store, "--json"]);
+    assert!(out.contains("wal_bytes_after"), "{out}");
+    let (code, out) = kcache(&["du", "--store", &store, "/nope"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("/nope"), "{out}");
+    m.remount();
+    assert!(m.path("hf").is_dir() && enoent(&m.path("hf/blobs")));
+    m.unmount();
+    let (ok, out) = m.verify();
+    assert!(ok, "{out}");
+}
