@@ -155,3 +155,58 @@ fn eviction_follows_lru_order_across_reopen_and_removes_whole_files() {
     assert_eq!(ev.blobs, 0);
     assert!(s.verify(|_, _| {}).unwrap().is_clean());
 }
+
+/// The usage counter the triggers keep equals a full count of local blobs after every kind
+/// of change, and pins and limits behave as documented.
+#[test]
+fn usage_counter_pins_limits_and_clear_stay_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let root = s.volume("default", true, 0, 0).unwrap().root;
+    let sum = |s: &Store| -> u64 { s.stats().unwrap().stored_bytes };
+    let d = s.create(root, b"d", &node(Kind::Dir)).unwrap();
+    let mut files = Vec::new();
+    for i in 0..6u8 {
+        let n = s
+            .create(d.ino, &[b'f', b'0' + i], &node(Kind::File))
+            .unwrap();
+        // Two files share content: stored once.
+        commit(&s, n.ino, &vec![i.min(4); 1000 + i.min(4) as usize]);
+        files.push(n.ino);
+        assert_eq!(s.stored_bytes().unwrap(), sum(&s));
+    }
+    // Overwrite, unlink + purge, evict: the counter follows each.
+    commit(&s, files[0], &[9u8; 3000]);
+    assert_eq!(s.stored_bytes().unwrap(), sum(&s));
+    let (ino, nlink) = s.unlink(d.ino, b"f1").unwrap();
+    assert_eq!(nlink, 0);
+    s.purge(ino).unwrap();
+    assert_eq!(s.stored_bytes().unwrap(), sum(&s));
+
+    // Pins: over half the quota is refused; pinned blobs are never evicted.
+    let mut l = kcache_store::Limits {
+        quota: Some(4000),
+        ..Default::default()
+    };
+    s.set_limits(&l).unwrap();
+    assert_eq!(s.limits().unwrap(), l);
+    assert!(matches!(s.pin(d.ino), Err(Error::PinLimit { .. })));
+    assert_eq!(s.pin(files[2]).unwrap(), 1002);
+    l.quota = None;
+    s.set_limits(&l).unwrap();
+    let ev = s.evict_to(0, |_| Some(())).unwrap();
+    assert_eq!(s.stored_bytes().unwrap(), 1002, "{ev:?}");
+    assert_eq!(s.stored_bytes().unwrap(), sum(&s));
+    assert_eq!(s.lookup(d.ino, b"f2").unwrap().size, 1002);
+    assert_eq!(s.pins(1).unwrap(), vec![(files[2], "/d/f2".to_string())]);
+
+    // Clearing a tree leaves unlinked inodes for the caller to purge; gc purges them.
+    let removed = s.clear_dir(root).unwrap();
+    assert_eq!(removed.len(), 2, "{removed:?}"); // d/f2 and d
+    let r = s.gc(|_| false).unwrap();
+    assert_eq!(r.purged_inodes, 2);
+    assert_eq!(s.stored_bytes().unwrap(), 0);
+    assert_eq!(sum(&s), 0);
+    assert!(s.pins(1).unwrap().is_empty(), "pins die with their inode");
+    assert!(s.verify(|_, _| {}).unwrap().is_clean());
+}

@@ -310,8 +310,24 @@ fn maintenance_commands_work_live_and_on_an_unmounted_store() {
     let (code, out) = kcache(&["du", "--store", &store, "/nope"]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("/nope"), "{out}");
+    // Import into the unmounted store (it is mounted privately for the copy).
+    let src = tempfile::tempdir().unwrap();
+    fs::create_dir(src.path().join("d")).unwrap();
+    fs::write(src.path().join("d/file"), b"imported offline").unwrap();
+    let out = kcache_ok(&[
+        "import",
+        "--store",
+        &store,
+        src.path().to_str().unwrap(),
+        "/offline",
+    ]);
+    assert!(out.contains("imported 1 files"), "{out}");
     m.remount();
     assert!(m.path("hf").is_dir() && enoent(&m.path("hf/blobs")));
+    assert_eq!(
+        fs::read(m.path("offline/d/file")).unwrap(),
+        b"imported offline"
+    );
     m.unmount();
     let (ok, out) = m.verify();
     assert!(ok, "{out}");

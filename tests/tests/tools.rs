@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use kcache_tests::{venv_python, workspace, Mount};
+use kcache_tests::{kcache_bin, kcache_ok, venv_python, workspace, Mount};
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("spawning test tool");
@@ -69,6 +69,188 @@ fn huggingface_hub_cache_with_symlinks_locks_and_dedup() {
         .arg(&cache)
         .arg("--offline-only"));
     assert!(out.contains("hf check: ok"), "{out}");
+}
+
+#[test]
+fn after_eviction_pip_downloads_again_and_huggingface_hub_reports_not_found() {
+    let Some(py) = venv_python() else { return };
+    let Some(m) = Mount::new() else { return };
+    let mnt = m.mnt.to_str().unwrap().to_owned();
+    // huggingface_hub fills its cache, then everything is evicted.
+    let hf = m.path("hf");
+    std::fs::create_dir(&hf).unwrap();
+    let out = run(Command::new(&py)
+        .arg(workspace().join("tests/py/hf_check.py"))
+        .arg(&hf));
+    assert!(out.contains("hf check: ok"), "{out}");
+    m.settle();
+    kcache_ok(&["evict", &mnt, "--to", "0"]);
+    let out = run(Command::new(&py)
+        .arg(workspace().join("tests/py/hf_check.py"))
+        .arg(&hf)
+        .arg("--evicted"));
+    assert!(out.contains("hf check: ok"), "{out}");
+    assert_eq!(
+        out.matches(": not found (LocalEntryNotFoundError)").count(),
+        3,
+        "{out}"
+    );
+
+    // pip's cache is evicted between two installs: the second one downloads again.
+    let cache = m.path("pip");
+    std::fs::create_dir(&cache).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let evict = format!("'{}' evict '{mnt}' --to 0", kcache_bin().display());
+    let out = run(Command::new(&py)
+        .arg(workspace().join("tests/py/pip_cache_check.py"))
+        .arg(&cache)
+        .arg(work.path())
+        .arg("--evict-between")
+        .arg(&evict));
+    assert!(out.contains("downloaded 3 wheels again"), "{out}");
+    assert!(out.contains("pip cache check: ok"), "{out}");
+}
+
+/// A GET of http://addr/path with a bare std TCP client.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Every file, symlink and directory under `root` with its mode, mtime and content hash.
+fn tree(root: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let what = if m.file_type().is_symlink() {
+                format!("-> {}", std::fs::read_link(&p).unwrap().display())
+            } else if m.is_dir() {
+                stack.push(p.clone());
+                "dir".into()
+            } else {
+                kcache_tests::hash_file(&p).to_string()
+            };
+            out.push(format!("{rel} {:o} {} {what}", m.mode(), m.mtime()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn import_of_a_real_pip_cache_dedups_and_metrics_count_it() {
+    let Some(py) = venv_python() else { return };
+    // A real pip cache, made by real pip installs into a plain directory.
+    let src = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let pip_cache = src.path().join("pip");
+    let out = run(Command::new(&py)
+        .arg(workspace().join("tests/py/pip_cache_check.py"))
+        .arg(&pip_cache)
+        .arg(work.path()));
+    assert!(out.contains("pip cache check: ok"), "{out}");
+    // A symlink and a hard link, as other caches have them.
+    std::os::unix::fs::symlink("http-v2", pip_cache.join("link-to-http")).unwrap();
+    let some_file = walk_first_file(&pip_cache.join("http-v2"));
+    std::fs::hard_link(&some_file, pip_cache.join("hard-link")).unwrap();
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    drop(listener);
+    let Some(m) = Mount::with_opts(&[&format!("metrics={addr}")]) else {
+        return;
+    };
+    let dest = m.path("imported/pip");
+    let out = kcache_ok(&[
+        "import",
+        pip_cache.to_str().unwrap(),
+        dest.to_str().unwrap(),
+    ]);
+    assert!(out.contains("1 hard links"), "{out}");
+    assert_eq!(tree(&pip_cache), tree(&dest));
+    m.settle();
+    let first = m.stats();
+    let out = kcache_ok(&[
+        "import",
+        pip_cache.to_str().unwrap(),
+        dest.to_str().unwrap(),
+    ]);
+    assert!(out.contains("imported 0 files (0 B)"), "{out}");
+    m.settle();
+    let second = m.stats();
+    assert_eq!(first["usage_bytes"], second["usage_bytes"], "{second}");
+    assert_eq!(first["blobs"], second["blobs"], "{second}");
+    // Imported twice into another directory: stored once.
+    kcache_ok(&[
+        "import",
+        pip_cache.to_str().unwrap(),
+        m.path("again").to_str().unwrap(),
+    ]);
+    m.settle();
+    let third = m.stats();
+    assert_eq!(first["usage_bytes"], third["usage_bytes"], "{third}");
+    assert!(
+        third["dedup_saved_bytes"].as_u64().unwrap() >= first["logical_bytes"].as_u64().unwrap()
+    );
+    // Reading an imported file shows in the counters and in the metrics.
+    std::fs::read(walk_first_file(&dest.join("http-v2"))).unwrap();
+    let s = m.stats();
+    let text = http_get(&addr, "/metrics");
+    assert!(
+        text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200"),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "kcache_usage_bytes"),
+        s["usage_bytes"].as_u64().unwrap()
+    );
+    assert_eq!(metric(&text, "kcache_blobs"), s["blobs"].as_u64().unwrap());
+    assert!(metric(&text, "kcache_opens_total") >= 1);
+    assert!(
+        metric(&text, "kcache_written_bytes_total") >= first["logical_bytes"].as_u64().unwrap()
+    );
+    assert!(
+        s["opens"].as_u64().unwrap() >= 1 && s["bytes_written"].as_u64().unwrap() > 0,
+        "{s}"
+    );
+    assert!(http_get(&addr, "/other").contains(" 404 "));
+}
+
+fn walk_first_file(dir: &Path) -> std::path::PathBuf {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.is_file() {
+                return p;
+            }
+        }
+    }
+    panic!("no file under {}", dir.display());
 }
 
 /// The runner scripts install their tool on first use and write to one output directory, so
