@@ -290,6 +290,11 @@ impl KcacheFs {
         &self.store
     }
 
+    /// True once a kernel mount serves this filesystem.
+    pub fn is_mounted(&self) -> bool {
+        lock(&self.kernel_cache).is_some()
+    }
+
     pub fn set_kernel_cache(&self, kc: Arc<dyn KernelCache>) {
         *lock(&self.kernel_cache) = Some(kc);
     }

@@ -12,7 +12,7 @@ use kcache_fs::KcacheFs;
 use kcache_store::{OpenOptionsStore, Store};
 use serde_json::Value;
 
-use crate::cli::{default_store, parse_size, StoreAt, VolumeAt};
+use crate::cli::{default_store, parse_size, StoreAt, VolumeAt, VolumeCmd};
 use crate::control::{self, LimitsMsg, Request};
 use crate::mountinfo;
 
@@ -281,6 +281,67 @@ pub fn gc(at: &StoreAt, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Asks on the terminal; refuses without one.
+fn confirm(what: &str) -> Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        bail!("refusing to remove {what} without --yes (no terminal to ask on)");
+    }
+    eprint!("Remove {what}? [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+}
+
+pub fn volume(store: Option<PathBuf>, cmd: VolumeCmd) -> Result<ExitCode> {
+    let store = store.unwrap_or_else(default_store);
+    match cmd {
+        VolumeCmd::Create { name } => {
+            request(&store, None, Request::VolumeCreate { name: name.clone() })?;
+            println!("created volume {name}");
+        }
+        VolumeCmd::List { json } => {
+            let v = request(&store, None, Request::VolumeList)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<24} {:>10} {:>12}", "volume", "files", "logical");
+                for e in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<24} {:>10} {:>12}",
+                        e["name"].as_str().unwrap_or("?"),
+                        e["files"].as_u64().unwrap_or(0),
+                        human(e["logical_bytes"].as_u64().unwrap_or(0))
+                    );
+                }
+            }
+        }
+        VolumeCmd::Rm { yes, name } => {
+            if !yes && !confirm(&format!("volume '{name}' and everything in it"))? {
+                eprintln!("nothing removed");
+                return Ok(ExitCode::from(1));
+            }
+            let v = request(&store, None, Request::VolumeRm { name: name.clone() })?;
+            println!("removed volume {name} ({} files)", v["files"]);
+        }
+        VolumeCmd::Clone { src, dst } => {
+            let v = request(
+                &store,
+                None,
+                Request::VolumeClone {
+                    src: src.clone(),
+                    dst: dst.clone(),
+                },
+            )?;
+            println!(
+                "cloned volume {src} to {dst} in {:.3} s",
+                v["seconds"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn clear(vol: &VolumeAt, path: Option<&Path>, yes: bool) -> Result<ExitCode> {
     let (store, volume, vpath) = locate(vol, path)?;
     if !yes {
@@ -288,14 +349,7 @@ pub fn clear(vol: &VolumeAt, path: Option<&Path>, yes: bool) -> Result<ExitCode>
             Some(p) => format!("everything in {}", p.display()),
             None => format!("the whole volume '{}' of {}", vol.volume, store.display()),
         };
-        if !std::io::stdin().is_terminal() {
-            bail!("refusing to remove {what} without --yes (no terminal to ask on)");
-        }
-        eprint!("Remove {what}? [y/N] ");
-        let _ = std::io::stderr().flush();
-        let mut answer = String::new();
-        std::io::stdin().lock().read_line(&mut answer)?;
-        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+        if !confirm(&what)? {
             eprintln!("nothing removed");
             return Ok(ExitCode::from(1));
         }

@@ -127,6 +127,13 @@ pub enum Command {
         /// A directory in a mount (or, with --store, a path inside the volume)
         dest: PathBuf,
     },
+    /// Create, list, remove and clone volumes (independent trees sharing the store's blobs)
+    Volume {
+        #[arg(long, global = true)]
+        store: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: VolumeCmd,
+    },
     /// Rehash every blob; quarantine those that do not match; exit 1 if anything is wrong
     Verify {
         #[arg(long)]
@@ -134,6 +141,26 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum VolumeCmd {
+    /// Create an empty volume
+    Create { name: String },
+    /// List volumes with their file counts and sizes
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a volume and everything in it (it must not be mounted)
+    Rm {
+        /// Do not ask for confirmation
+        #[arg(long, short = 'y')]
+        yes: bool,
+        name: String,
+    },
+    /// Copy a volume: metadata only, no file data is copied; the two are independent after
+    Clone { src: String, dst: String },
 }
 
 /// Which store a store-wide command acts on: a mountpoint, or --store (default store if

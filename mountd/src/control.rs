@@ -91,6 +91,17 @@ pub enum Request {
         path: String,
         depth: u32,
     },
+    VolumeCreate {
+        name: String,
+    },
+    VolumeList,
+    VolumeRm {
+        name: String,
+    },
+    VolumeClone {
+        src: String,
+        dst: String,
+    },
 }
 
 fn errno_msg(path: &str, e: kcache_fs::Errno) -> String {
@@ -195,6 +206,39 @@ pub fn handle(fs: &KcacheFs, reader: &Store, req: Request) -> Result<Value, Stri
                 .map_err(|e| format!("{path}: {e}"))?;
             let rows = reader.du(ino, depth).map_err(|e| e.to_string())?;
             Ok(serde_json::to_value(rows).map_err(|e| e.to_string())?)
+        }
+        Request::VolumeCreate { name } => {
+            if store.volume(&name, false, 0, 0).is_ok() {
+                return Err(format!("volume '{name}' already exists"));
+            }
+            // The new volume's root belongs to whoever asked (root, through the socket).
+            store
+                .volume(&name, true, 0, 0)
+                .map_err(|e| format!("creating volume '{name}': {e}"))?;
+            Ok(json!({"created": name}))
+        }
+        Request::VolumeList => {
+            let v = reader.volume_summaries().map_err(|e| e.to_string())?;
+            Ok(serde_json::to_value(v).map_err(|e| e.to_string())?)
+        }
+        Request::VolumeRm { name } => {
+            if name == fs.volume().name && fs.is_mounted() {
+                return Err(format!(
+                    "volume '{name}' is mounted; unmount it before removing it"
+                ));
+            }
+            let files = store
+                .remove_volume(&name)
+                .map_err(|e| format!("removing volume '{name}': {e}"))?;
+            Ok(json!({"removed": name, "files": files}))
+        }
+        Request::VolumeClone { src, dst } => {
+            let t = std::time::Instant::now();
+            store.clone_volume(&src, &dst).map_err(|e| match e {
+                kcache_store::Error::Exists => format!("volume '{dst}' already exists"),
+                e => format!("cloning volume '{src}' to '{dst}': {e}"),
+            })?;
+            Ok(json!({"cloned": src, "to": dst, "seconds": t.elapsed().as_secs_f64()}))
         }
     }
 }

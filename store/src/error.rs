@@ -34,6 +34,12 @@ pub enum Error {
         found: i64,
         known: i64,
     },
+    #[error("store database {path} has schema {found} and this kcache needs {known}; mount the store once (or run `kcache gc --store`) to upgrade it", path = .path.display())]
+    OlderSchema {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
     #[error("{path} is not a kcache store database: {reason}", path = .path.display())]
     Foreign { path: PathBuf, reason: String },
     #[error("blob {hash} is damaged: {reason}")]

@@ -16,6 +16,7 @@ mod lru;
 mod maint;
 mod ns;
 mod schema;
+mod volumes;
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -32,6 +33,7 @@ pub use error::{Error, Result};
 pub use lru::{EvictPolicy, Evicted, ACCESS_BATCH};
 pub use maint::{Counter, DuEntry, GcReport, Limits, MinFree, Removed};
 pub use ns::{Renamed, SetAttr, Stats, VolumeInfo};
+pub use volumes::VolumeSummary;
 
 use error::IoContext;
 
@@ -386,6 +388,14 @@ fn check_readable(conn: &Connection, path: &Path) -> Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version > schema::LATEST {
         return Err(Error::NewerSchema {
+            path: path.to_owned(),
+            found: version,
+            known: schema::LATEST,
+        });
+    }
+    // A read-only opener cannot migrate; a store nobody opened since an upgrade says so.
+    if version < schema::LATEST {
+        return Err(Error::OlderSchema {
             path: path.to_owned(),
             found: version,
             known: schema::LATEST,

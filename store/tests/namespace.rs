@@ -210,3 +210,78 @@ fn usage_counter_pins_limits_and_clear_stay_exact() {
     assert!(s.pins(1).unwrap().is_empty(), "pins die with their inode");
     assert!(s.verify(|_, _| {}).unwrap().is_clean());
 }
+
+#[test]
+fn clone_copies_metadata_only_and_volumes_stay_independent() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let a = s.volume("a", true, 0, 0).unwrap();
+    let d = s.create(a.root, b"d", &node(Kind::Dir)).unwrap();
+    let f = s.create(d.ino, b"f", &node(Kind::File)).unwrap();
+    commit(&s, f.ino, b"shared content");
+    s.link(f.ino, a.root, b"hard").unwrap();
+    s.setxattr(f.ino, b"user.k", b"v", false, false).unwrap();
+    let mut sym = node(Kind::Symlink);
+    sym.target = Some(b"d/f".to_vec());
+    s.create(a.root, b"sym", &sym).unwrap();
+    let blob_files = || walk_count(&dir.path().join("blobs"));
+    let before = (s.stored_bytes().unwrap(), blob_files());
+
+    let b = s.clone_volume("a", "b").unwrap();
+    assert!(matches!(s.clone_volume("a", "b"), Err(Error::Exists)));
+    assert_eq!(
+        (s.stored_bytes().unwrap(), blob_files()),
+        before,
+        "no data copied"
+    );
+    let bd = s.lookup(b.root, b"d").unwrap();
+    let bf = s.lookup(bd.ino, b"f").unwrap();
+    assert_ne!(bf.ino, f.ino);
+    assert_eq!(bf.nlink, 2);
+    assert_eq!(s.lookup(b.root, b"hard").unwrap().ino, bf.ino);
+    assert_eq!(s.getxattr(bf.ino, b"user.k").unwrap(), b"v");
+    assert_eq!(s.get(bd.ino).unwrap().parent, Some(b.root));
+    assert_eq!(
+        s.lookup(b.root, b"sym").unwrap().target.as_deref(),
+        Some(&b"d/f"[..])
+    );
+    assert!(s.verify(|_, _| {}).unwrap().is_clean(), "refcounts exact");
+
+    // Independent: new content and deletes in b never show in a.
+    commit(&s, bf.ino, b"changed in b");
+    s.unlink(b.root, b"sym").unwrap();
+    assert_eq!(
+        s.lookup(d.ino, b"f").unwrap().blob,
+        s.get(f.ino).unwrap().blob
+    );
+    assert_ne!(s.get(f.ino).unwrap().blob, s.get(bf.ino).unwrap().blob);
+    assert!(s.lookup(a.root, b"sym").is_ok());
+    // A new inode in either volume gets a fresh number.
+    let n = s.create(a.root, b"new", &node(Kind::File)).unwrap();
+    assert!(n.ino > bf.ino);
+
+    // Removing b frees only what a does not use.
+    s.remove_volume("b").unwrap();
+    assert!(matches!(
+        s.volume("b", false, 0, 0),
+        Err(Error::NoVolume(_))
+    ));
+    assert_eq!(s.stored_bytes().unwrap(), before.0);
+    assert!(s.verify(|_, _| {}).unwrap().is_clean());
+}
+
+fn walk_count(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    if e.path().is_dir() {
+                        walk_count(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
