@@ -98,11 +98,6 @@ fn quota_holds_while_writing_five_times_it_and_spares_open_and_pinned_files() {
     assert!(s["evictions"].as_u64().unwrap() > 0, "{s}");
     assert_eq!(s["pinned_bytes"].as_u64().unwrap(), 1536 << 10, "{s}");
 
-    // A file larger than the quota can never be stored: its writer gets ENOSPC.
-    let err = fs::write(m.path("huge"), pseudo_random(9, 9 * MIB as usize)).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
-    let _ = fs::remove_file(m.path("huge"));
-
     // Pinning more than half the quota is refused with a clear error.
     let (code, out) = kcache(&["pin", &mnt]);
     assert_eq!(code, 1, "{out}");
@@ -115,6 +110,18 @@ fn quota_holds_while_writing_five_times_it_and_spares_open_and_pinned_files() {
     assert!(m.path("pinned/a").exists() && m.path("held").exists());
     let s = m.stats();
     assert_eq!(s["quota_bytes"].as_u64(), Some(3 * MIB), "{s}");
+
+    // A file larger than the quota can never be stored: its writer gets ENOSPC. (What it
+    // wrote before that is committed at close, as after any failed write, and evicted.)
+    let err = fs::write(m.path("huge"), pseudo_random(9, 4 * MIB as usize)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    m.settle();
+    wait_until("usage is back within the quota", || usage(&m) <= 3 * MIB);
+    assert_eq!(
+        fs::read(m.path("held")).unwrap(),
+        pseudo_random(3, MIB as usize)
+    );
+    assert!(m.path("pinned/sub/b").exists());
     drop(held);
 }
 
