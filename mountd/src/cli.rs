@@ -127,6 +127,15 @@ pub enum Command {
         /// A directory in a mount (or, with --store, a path inside the volume)
         dest: PathBuf,
     },
+    /// Install mount.kcache (a symlink to this binary) so `mount -t kcache` and fstab work
+    Install {
+        /// Where mount(8) looks for helpers
+        #[arg(long, default_value = "/sbin")]
+        dir: PathBuf,
+        /// Replace an existing mount.kcache that is not a symlink
+        #[arg(long)]
+        force: bool,
+    },
     /// Create, list, remove and clone volumes (independent trees sharing the store's blobs)
     Volume {
         #[arg(long, global = true)]
@@ -208,7 +217,8 @@ pub struct MountArgs {
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
     /// Mount options, comma separated: ro, rw, allow_other, default_permissions, nopassthrough,
-    /// quota=SIZE, min_free=SIZE|PERCENT, low_watermark=PERCENT, metrics=ADDR
+    /// quota=SIZE, min_free=SIZE|PERCENT, low_watermark=PERCENT, metrics=ADDR, volume=NAME,
+    /// uid=N, gid=N, umask=OCTAL (owner and mode of the root), nosuid, nodev, noexec
     #[arg(short = 'o', value_name = "OPTS")]
     pub options: Vec<String>,
     /// Internal: file descriptor to report readiness on (set by the daemonizing parent)
@@ -227,10 +237,24 @@ pub struct MountOpts {
     pub min_free: Option<MinFree>,
     pub low_watermark: Option<u8>,
     pub metrics: Option<String>,
+    pub volume: Option<String>,
+    /// Owner and permissions of the volume's root directory, set at mount.
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub umask: Option<u32>,
+    pub nosuid: bool,
+    pub nodev: bool,
+    pub noexec: bool,
 }
 
 impl MountOpts {
     pub fn parse(raw: &[String]) -> Result<MountOpts, String> {
+        MountOpts::parse_with(raw, false)
+    }
+
+    /// Parses comma-separated options. `sloppy` (mount -s) ignores unknown ones instead of
+    /// refusing them.
+    pub fn parse_with(raw: &[String], sloppy: bool) -> Result<MountOpts, String> {
         let mut o = MountOpts {
             passthrough: true,
             ..MountOpts::default()
@@ -240,25 +264,68 @@ impl MountOpts {
             .flat_map(|s| s.split(','))
             .filter(|s| !s.is_empty())
         {
-            match opt {
-                "ro" => o.read_only = true,
-                "rw" => o.read_only = false,
-                "allow_other" => o.allow_other = true,
+            let (key, val) = match opt.split_once('=') {
+                Some((k, v)) => (k.replace('-', "_"), Some(v)),
+                None => (opt.replace('-', "_"), None),
+            };
+            let need = |what: &str| {
+                val.filter(|v| !v.is_empty())
+                    .ok_or_else(|| format!("mount option '{opt}' needs a value ({what})"))
+            };
+            match (key.as_str(), val) {
+                ("ro", None) => o.read_only = true,
+                ("rw", None) => o.read_only = false,
+                ("allow_other", None) => o.allow_other = true,
                 // Always on: the kernel checks mode bits (see ARCHITECTURE.md).
-                "default_permissions" => {}
-                "nopassthrough" => o.passthrough = false,
-                "passthrough" => o.passthrough = true,
-                q if q.starts_with("quota=") => o.quota = Some(parse_size(&q[6..])?),
-                m if m.starts_with("min_free=") => o.min_free = Some(parse_min_free(&m[9..])?),
-                w if w.starts_with("low_watermark=") => {
-                    o.low_watermark = Some(parse_percent(&w[14..])?)
+                ("default_permissions", None) => {}
+                ("nopassthrough", None) => o.passthrough = false,
+                ("passthrough", None) => o.passthrough = true,
+                ("quota", _) => o.quota = Some(parse_size(need("a size")?)?),
+                ("min_free", _) => {
+                    o.min_free = Some(parse_min_free(need("a size or percentage")?)?)
                 }
-                m if m.starts_with("metrics=") => o.metrics = Some(m[8..].to_owned()),
-                other => return Err(format!("unknown mount option '{other}'")),
+                ("low_watermark", _) => {
+                    o.low_watermark = Some(parse_percent(need("a percentage")?)?)
+                }
+                ("metrics", _) => o.metrics = Some(need("an address")?.to_owned()),
+                ("volume", _) => o.volume = Some(need("a volume name")?.to_owned()),
+                ("uid", _) => o.uid = Some(parse_id(opt, need("a user id")?)?),
+                ("gid", _) => o.gid = Some(parse_id(opt, need("a group id")?)?),
+                ("umask", _) => {
+                    o.umask = Some(
+                        u32::from_str_radix(need("an octal mask")?, 8)
+                            .ok()
+                            .filter(|m| *m <= 0o777)
+                            .ok_or_else(|| format!("invalid umask in '{opt}' (octal, e.g. 022)"))?,
+                    )
+                }
+                ("nosuid", None) => o.nosuid = true,
+                ("nodev", None) => o.nodev = true,
+                ("noexec", None) => o.noexec = true,
+                // Kernel defaults, or atime handling kcache decides itself (always noatime).
+                (
+                    "suid" | "dev" | "exec" | "atime" | "noatime" | "relatime" | "strictatime"
+                    | "nodiratime" | "async",
+                    None,
+                ) => {}
+                // Options for mount(8), fstab and systemd, not for the filesystem.
+                (
+                    "defaults" | "auto" | "noauto" | "user" | "nouser" | "users" | "owner"
+                    | "group" | "_netdev" | "nofail" | "nosymfollow",
+                    None,
+                ) => {}
+                (k, _) if k.starts_with("x_") || k == "comment" => {}
+                _ if sloppy => eprintln!("kcache: ignoring unknown mount option '{opt}'"),
+                _ => return Err(format!("unknown mount option '{opt}'")),
             }
         }
         Ok(o)
     }
+}
+
+fn parse_id(opt: &str, v: &str) -> Result<u32, String> {
+    v.parse()
+        .map_err(|_| format!("invalid id in '{opt}' (a number)"))
 }
 
 /// Parses "512", "64K", "1.5G", "20T" (powers of 1024).
@@ -359,6 +426,24 @@ mod tests {
         assert!(parse_min_free("101%").is_err());
         assert_eq!(parse_age("30d").unwrap(), 30 * 86400);
         assert!(parse_age("30").unwrap_err().contains("30"));
+        // fstab and mount(8) options are accepted; the ones for kcache are applied.
+        let o = MountOpts::parse(&[
+            "rw,quota=20G,allow_other,_netdev,nofail,x-systemd.automount,defaults".into(),
+            "volume=ci,uid=1000,gid=100,umask=027,min-free=5%,nosuid".into(),
+        ])
+        .unwrap();
+        assert_eq!(o.volume.as_deref(), Some("ci"));
+        assert_eq!(
+            (o.uid, o.gid, o.umask),
+            (Some(1000), Some(100), Some(0o027))
+        );
+        assert_eq!(o.min_free, Some(MinFree::Percent(5)));
+        assert!(o.nosuid && o.allow_other);
+        assert!(MountOpts::parse(&["umask=999".into()]).is_err());
+        assert!(MountOpts::parse(&["quota".into()])
+            .unwrap_err()
+            .contains("needs a value"));
+        assert!(MountOpts::parse_with(&["bogus".into()], true).is_ok());
         assert!(MountOpts::parse(&["quota=lots".into()])
             .unwrap_err()
             .contains("lots"));

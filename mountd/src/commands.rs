@@ -37,6 +37,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             path,
         } => admin::du(&vol, path.as_deref(), depth, json),
         Command::Import { vol, src, dest } => crate::import::import(&vol, &src, &dest),
+        Command::Install { dir, force } => crate::helper::install(&dir, force),
         Command::Volume { store, cmd } => admin::volume(store, cmd),
         Command::Verify { store, json } => verify(&store.unwrap_or_else(default_store), json),
     }

@@ -95,7 +95,11 @@ fn check_fuse_device() -> Result<()> {
 
 /// Entry point of `kcache mount`.
 pub fn mount(args: MountArgs) -> Result<ExitCode> {
+    let mut args = args;
     let mut opts = MountOpts::parse(&args.options).map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(v) = opts.volume.take() {
+        args.volume = v;
+    }
     if args.quota.is_some() {
         opts.quota = args.quota;
     }
@@ -253,6 +257,21 @@ fn serve(
     let volume = store
         .volume(&args.volume, true, uid, gid)
         .with_context(|| format!("opening volume {}", args.volume))?;
+    // uid=, gid=, umask=: who owns the volume's root, and its permissions.
+    if opts.uid.is_some() || opts.gid.is_some() || opts.umask.is_some() {
+        store
+            .setattr(
+                volume.root,
+                &kcache_store::SetAttr {
+                    uid: opts.uid,
+                    gid: opts.gid,
+                    mode: opts.umask.map(|m| 0o777 & !m),
+                    ctime: Some(kcache_store::now_ns()),
+                    ..Default::default()
+                },
+            )
+            .context("setting the owner and mode of the volume root")?;
+    }
     let store = Arc::new(store);
     let fs = Arc::new(KcacheFs::new(store.clone(), volume, opts.read_only));
     // Limits given at mount time are kept in the store; the ones not given stay as they were.
@@ -298,6 +317,15 @@ fn serve(
     ];
     if opts.read_only {
         mount_options.push(MountOption::RO);
+    }
+    for (on, o) in [
+        (opts.nosuid, MountOption::NoSuid),
+        (opts.nodev, MountOption::NoDev),
+        (opts.noexec, MountOption::NoExec),
+    ] {
+        if on {
+            mount_options.push(o);
+        }
     }
     let mut config = Config::default();
     config.mount_options = mount_options;

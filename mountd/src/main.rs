@@ -5,6 +5,7 @@ mod cli;
 mod commands;
 mod control;
 mod daemon;
+mod helper;
 mod import;
 mod metrics;
 mod mountinfo;
@@ -12,6 +13,9 @@ mod mountinfo;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    if helper::invoked_as_helper() {
+        return helper::run();
+    }
     let args = cli::parse();
     match commands::run(args) {
         Ok(code) => code,

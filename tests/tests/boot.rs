@@ -1,0 +1,87 @@
+//! Boot and container integration: mount(8) with the mount.kcache helper and fstab, in a
+//! private mount namespace so the host's /sbin and mount table are left alone.
+
+use std::process::Command;
+
+use kcache_tests::{fuse_available, kcache_bin};
+
+/// Runs a bash script in a new private mount namespace; returns (exit code, output).
+fn in_mount_namespace(script: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new("unshare")
+        .args([
+            "-m",
+            "--propagation",
+            "private",
+            "bash",
+            "-c",
+            script,
+            "boot-test",
+        ])
+        .args(args)
+        .output()
+        .expect("running unshare");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn mount_t_kcache_and_fstab_with_mount_a() {
+    if !fuse_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // /usr/sbin gets a private overlay so that `kcache install` can add mount.kcache to the
+    // directory mount(8) searches without touching the host.
+    let script = r#"
+set -eu
+K=$1; T=$2
+mkdir -p $T/u $T/w $T/mp1 $T/mp2 $T/mp3
+sbin=$(readlink -f /sbin)
+mount -t overlay overlay -o lowerdir=$sbin,upperdir=$T/u,workdir=$T/w $sbin
+$K install --dir $sbin
+mount -t kcache -o quota=64M,volume=v1,allow_other,uid=1000,umask=022 $T/store $T/mp1
+grep -q " $T/mp1 .* - fuse.kcache $T/store " /proc/self/mountinfo && echo "MOUNTED-BY-HELPER"
+echo hello > $T/mp1/x
+stat -c 'ROOT %u %a' $T/mp1
+# Plain umount(8) ends the daemon: it lets go of the store's lock.
+umount $T/mp1
+for i in $(seq 200); do flock -n $T/store/lock true && break; sleep 0.05; done
+flock -n $T/store/lock true && echo "DAEMON-ENDED"
+printf '%s\n' "$T/store $T/mp2 kcache quota=20G,allow_other,_netdev,nofail,volume=v1,x-systemd.automount 0 0" > $T/fstab
+mount -a -T $T/fstab
+echo "FSTAB-READ $(cat $T/mp2/x)"
+set +e
+mount -t kcache -o bogus=1 $T/store2 $T/mp3
+echo "BAD-OPTION-EXIT $?"
+mount -t kcache $T/store $T/mp3
+echo "LOCKED-EXIT $?"
+mount -f -t kcache -o quota=1G $T/store2 $T/mp3
+echo "FAKE-EXIT $? $(test -e $T/store2 && echo created || echo untouched)"
+$K umount $T/mp2 && echo "KCACHE-UMOUNT-OK"
+"#;
+    let (code, out) = in_mount_namespace(
+        script,
+        &[kcache_bin().to_str().unwrap(), dir.path().to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{out}");
+    for want in [
+        "MOUNTED-BY-HELPER",
+        "ROOT 1000 755",
+        "DAEMON-ENDED",
+        "FSTAB-READ hello",
+        "BAD-OPTION-EXIT 32",
+        "unknown mount option 'bogus=1'",
+        "LOCKED-EXIT 32",
+        "in use by another kcache process",
+        "FAKE-EXIT 0 untouched",
+        "KCACHE-UMOUNT-OK",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+}
