@@ -379,6 +379,17 @@ fn serve(
     if let Some(fd) = ready_fd {
         report(fd, "ready");
     }
+    // Under systemd (Type=notify) the service is up only now that the mount answers.
+    let status = format!("mounted at {}", mountpoint.display());
+    if let Err(e) = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
+        ],
+    ) {
+        tracing::warn!(error = %e, "telling systemd we are ready failed");
+    }
 
     // Accesses are noted in memory; write them about once a second so that a crash loses at
     // most the last second of LRU order.
@@ -410,6 +421,7 @@ fn serve(
             // SAFETY: sigwait on the blocked set.
             unsafe { libc::sigwait(&sigs, &mut sig) };
             tracing::info!(signal = sig, mountpoint = %mp.display(), "unmounting on signal");
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
             if let Err(e) = unmount_path(&mp, false) {
                 tracing::warn!("clean unmount failed ({e}); detaching lazily");
                 let _ = unmount_path(&mp, true);

@@ -56,6 +56,15 @@ flock -n $T/store/lock true && echo "DAEMON-ENDED"
 printf '%s\n' "$T/store $T/mp2 kcache quota=20G,allow_other,_netdev,nofail,volume=v1,x-systemd.automount 0 0" > $T/fstab
 mount -a -T $T/fstab
 echo "FSTAB-READ $(cat $T/mp2/x)"
+echo committed > $T/mp2/y
+for i in $(seq 200); do [ -z "$(ls $T/store/staging)" ] && break; sleep 0.05; done
+# The daemon dies by SIGKILL: the mount is dead; unmounting it and mount -a bring it back.
+pkill -KILL -f "kcache mount --foreground .*$T/mp2" && echo "KILLED"
+for i in $(seq 200); do flock -n $T/store/lock true && break; sleep 0.05; done
+cat $T/mp2/y 2>/dev/null || echo "DEAD-MOUNT"
+umount $T/mp2
+mount -a -T $T/fstab
+echo "AFTER-RESTART $(cat $T/mp2/x) $(cat $T/mp2/y)"
 set +e
 mount -t kcache -o bogus=1 $T/store2 $T/mp3
 echo "BAD-OPTION-EXIT $?"
@@ -75,6 +84,9 @@ $K umount $T/mp2 && echo "KCACHE-UMOUNT-OK"
         "ROOT 1000 755",
         "DAEMON-ENDED",
         "FSTAB-READ hello",
+        "KILLED",
+        "DEAD-MOUNT",
+        "AFTER-RESTART hello committed",
         "BAD-OPTION-EXIT 32",
         "unknown mount option 'bogus=1'",
         "LOCKED-EXIT 32",
@@ -84,4 +96,74 @@ $K umount $T/mp2 && echo "KCACHE-UMOUNT-OK"
     ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
+}
+
+#[test]
+fn systemd_units_verify_and_the_daemon_speaks_sd_notify() {
+    use std::os::unix::net::UnixDatagram;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    // The shipped units, with the binary path of this build.
+    let units = kcache_tests::workspace().join("systemd");
+    let service = std::fs::read_to_string(units.join("kcache@.service"))
+        .unwrap()
+        .replace("/usr/local/bin/kcache", kcache_bin().to_str().unwrap());
+    std::fs::write(dir.path().join("kcache@var-cache-kcache.service"), service).unwrap();
+    std::fs::copy(
+        units.join("var-cache-kcache.mount"),
+        dir.path().join("var-cache-kcache.mount"),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .args([
+            "verify",
+            "kcache@var-cache-kcache.service",
+            "var-cache-kcache.mount",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .expect("systemd-analyze (apt install systemd)");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    if !fuse_available() {
+        return;
+    }
+    // Type=notify: READY=1 only once the mount answers, STOPPING=1 on SIGTERM.
+    let sock_path = dir.path().join("notify");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut child = Command::new(kcache_bin())
+        .args(["mount", "--foreground", "--store"])
+        .arg(dir.path().join("store"))
+        .arg(&mnt)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).expect("no READY=1 from the daemon");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.contains("READY=1"), "{msg}");
+    // Ready means the mount answers now.
+    std::fs::write(mnt.join("f"), b"x").unwrap();
+    let fstype = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains(mnt.to_str().unwrap()) && l.contains("fuse.kcache"));
+    assert!(fstype, "not mounted when READY=1 came");
+    // SAFETY: kill with a valid pid of our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let n = sock.recv(&mut buf).expect("no STOPPING=1 from the daemon");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    let st = child.wait().unwrap();
+    assert!(st.success(), "{st}");
 }
