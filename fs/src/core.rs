@@ -191,11 +191,19 @@ pub struct KcacheFs {
     handles: Mutex<HashMap<u64, Handle>>,
     /// Blob whose pages the kernel may still cache for an inode, to set keep_cache on reopen.
     page_cache: Mutex<HashMap<Ino, Hash>>,
+    pub(crate) kernel_cache: Mutex<Option<Arc<dyn KernelCache>>>,
+    /// What all mounts of one store share: the eviction gate, the limits and the evictor's
+    /// state, and the list of mounted filesystems (to check open files across all of them).
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// State shared by every `KcacheFs` of one store (one per mounted volume).
+pub struct Shared {
     /// Opens hold it shared; eviction holds it exclusively while it decides a blob is unused
     /// and removes it, so an open never finds its blob gone half-way.
     pub(crate) evict_gate: std::sync::RwLock<()>,
-    pub(crate) kernel_cache: Mutex<Option<Arc<dyn KernelCache>>>,
     pub(crate) quota: crate::evict::QuotaState,
+    pub(crate) peers: Mutex<Vec<std::sync::Weak<KcacheFs>>>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -266,8 +274,27 @@ impl KcacheFs {
             tracing::error!(error = %e, "reading the store's limits failed; using defaults");
             Limits::default()
         });
-        KcacheFs {
+        let shared = Arc::new(Shared {
+            evict_gate: std::sync::RwLock::new(()),
             quota: crate::evict::QuotaState::new(limits),
+            peers: Mutex::new(Vec::new()),
+        });
+        KcacheFs::with_shared(store, volume, read_only, shared)
+    }
+
+    /// Another volume of the same store, sharing eviction and limits with `self`.
+    pub fn sibling(&self, volume: VolumeInfo, read_only: bool) -> KcacheFs {
+        KcacheFs::with_shared(self.store.clone(), volume, read_only, self.shared.clone())
+    }
+
+    fn with_shared(
+        store: Arc<Store>,
+        volume: VolumeInfo,
+        read_only: bool,
+        shared: Arc<Shared>,
+    ) -> KcacheFs {
+        KcacheFs {
+            shared,
             store,
             volume,
             read_only,
@@ -277,7 +304,6 @@ impl KcacheFs {
             open: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             page_cache: Mutex::new(HashMap::new()),
-            evict_gate: std::sync::RwLock::new(()),
             kernel_cache: Mutex::new(None),
         }
     }
@@ -299,12 +325,37 @@ impl KcacheFs {
         *lock(&self.kernel_cache) = Some(kc);
     }
 
-    /// True when an open file of this mount holds blob `h`.
     /// True while the kernel or a handle holds inode `ino`.
     pub(crate) fn is_held(&self, ino: Ino) -> bool {
         lock(&self.open).contains_key(&ino) || lock(&self.lookups).contains_key(&ino)
     }
 
+    /// Makes this filesystem one of the mounted set: eviction checks its open files and
+    /// tells its kernel mount about evicted names.
+    pub fn register(self: &Arc<Self>) {
+        let mut peers = lock(&self.shared.peers);
+        peers.retain(|p| p.strong_count() > 0);
+        peers.push(Arc::downgrade(self));
+    }
+
+    /// Every registered filesystem of this store.
+    pub(crate) fn peers(&self) -> Vec<Arc<KcacheFs>> {
+        lock(&self.shared.peers)
+            .iter()
+            .filter_map(|p| p.upgrade())
+            .collect()
+    }
+
+    /// True when an open file of any mount of this store holds blob `h`.
+    pub(crate) fn blob_in_use_anywhere(&self, h: &Hash) -> bool {
+        let peers = self.peers();
+        if peers.is_empty() {
+            return self.blob_in_use(h);
+        }
+        peers.iter().any(|p| p.blob_in_use(h))
+    }
+
+    /// True when an open file of this filesystem holds blob `h`.
     pub(crate) fn blob_in_use(&self, h: &Hash) -> bool {
         let inos: Vec<Ino> = lock(&self.open).keys().copied().collect();
         inos.into_iter()
@@ -806,7 +857,11 @@ impl KcacheFs {
         if writable {
             self.writable()?;
         }
-        let _gate = self.evict_gate.read().unwrap_or_else(|p| p.into_inner());
+        let _gate = self
+            .shared
+            .evict_gate
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         // Read the inode under the per-inode lock: a concurrent release may be committing new
         // content for it right now, and a copy read before the lock could be stale.
         let mode = self.with_open_inode(ino, |g| {

@@ -69,13 +69,13 @@ pub struct Usage {
 
 impl KcacheFs {
     pub fn limits(&self) -> Limits {
-        *lock(&self.quota.limits)
+        *lock(&self.shared.quota.limits)
     }
 
     /// Changes the limits (persisted in the store) and lets the evictor act on them.
     pub fn set_limits(&self, l: Limits) -> Result<()> {
         self.store.set_limits(&l)?;
-        *lock(&self.quota.limits) = l;
+        *lock(&self.shared.quota.limits) = l;
         tracing::info!(quota = ?l.quota, low_watermark_pct = l.low_watermark_pct, min_free = %l.min_free, "limits changed");
         self.kick_evictor(0);
         Ok(())
@@ -110,13 +110,14 @@ impl KcacheFs {
     /// Runs the evictor until `stop` is set: one pass when woken, and at least once a second
     /// (the disk can fill up from outside the store).
     pub fn run_evictor(&self, stop: &AtomicBool) {
-        self.quota.running.store(true, Ordering::SeqCst);
+        self.shared.quota.running.store(true, Ordering::SeqCst);
         let mut seen = 0;
         while !stop.load(Ordering::Relaxed) {
             let room = {
-                let mut p = lock(&self.quota.passes);
+                let mut p = lock(&self.shared.quota.passes);
                 if p.requested == seen {
                     p = self
+                        .shared
                         .quota
                         .wake
                         .wait_timeout(p, Duration::from_secs(1))
@@ -134,15 +135,15 @@ impl KcacheFs {
                 }
             };
             {
-                let mut p = lock(&self.quota.passes);
+                let mut p = lock(&self.shared.quota.passes);
                 p.served = seen;
                 p.progress = evicted.blobs > 0;
             }
-            self.quota.done.notify_all();
+            self.shared.quota.done.notify_all();
             self.forget_names(&evicted);
         }
-        self.quota.running.store(false, Ordering::SeqCst);
-        self.quota.done.notify_all();
+        self.shared.quota.running.store(false, Ordering::SeqCst);
+        self.shared.quota.done.notify_all();
     }
 
     fn evict_for_limits(&self, room: u64) -> Result<Evicted> {
@@ -177,13 +178,28 @@ impl KcacheFs {
     pub(crate) fn evict_claimed(&self, policy: EvictPolicy) -> Result<Evicted> {
         // The gate is held from the in-use check through the eviction of each blob.
         Ok(self.store.evict(policy, |h| {
-            let gate = self.evict_gate.write().unwrap_or_else(|p| p.into_inner());
-            (!self.blob_in_use(h)).then_some(gate)
+            let gate = self
+                .shared
+                .evict_gate
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            (!self.blob_in_use_anywhere(h)).then_some(gate)
         })?)
     }
 
-    /// Tells the kernel that evicted names are gone.
+    /// Tells the kernel that evicted names are gone, in every mount: names of other volumes
+    /// are unknown to a mount, which the kernel answers with ENOENT, ignored.
     pub(crate) fn forget_names(&self, ev: &Evicted) {
+        let mut peers = self.peers();
+        if peers.is_empty() {
+            self.forget_own_names(ev);
+        }
+        for p in peers.drain(..) {
+            p.forget_own_names(ev);
+        }
+    }
+
+    fn forget_own_names(&self, ev: &Evicted) {
         let kc = lock(&self.kernel_cache).clone();
         if let Some(kc) = kc {
             for (parent, name, ino) in &ev.names {
@@ -213,31 +229,32 @@ impl KcacheFs {
     }
 
     fn kick_evictor(&self, room: u64) -> u64 {
-        let mut p = lock(&self.quota.passes);
+        let mut p = lock(&self.shared.quota.passes);
         p.requested += 1;
         p.room = p.room.max(room);
-        self.quota.wake.notify_one();
+        self.shared.quota.wake.notify_one();
         p.requested
     }
 
     /// Wakes the evictor and waits until a pass that started after this call has finished.
     /// Returns whether that pass freed anything (false at once when no evictor runs).
     fn wait_for_pass(&self, room: u64) -> bool {
-        if !self.quota.running.load(Ordering::SeqCst) {
+        if !self.shared.quota.running.load(Ordering::SeqCst) {
             return false;
         }
         let ticket = self.kick_evictor(room);
         let deadline = std::time::Instant::now() + WAIT;
-        let mut p = lock(&self.quota.passes);
+        let mut p = lock(&self.shared.quota.passes);
         loop {
             let now = std::time::Instant::now();
-            if !self.quota.running.load(Ordering::SeqCst) || now >= deadline {
+            if !self.shared.quota.running.load(Ordering::SeqCst) || now >= deadline {
                 return false;
             }
             if p.served >= ticket {
                 return p.progress;
             }
             p = self
+                .shared
                 .quota
                 .done
                 .wait_timeout(p, deadline - now)

@@ -8,8 +8,8 @@ pub mod evict;
 pub mod fuse;
 
 pub use crate::core::{
-    Attr, Backing, BackingToken, Ctx, IoMode, KcacheFs, KernelCache, Opened, SetAttrIn, TimeSet,
-    ROOT_INO,
+    Attr, Backing, BackingToken, Ctx, IoMode, KcacheFs, KernelCache, Opened, SetAttrIn, Shared,
+    TimeSet, ROOT_INO,
 };
 pub use crate::error::{Errno, Result};
 pub use crate::fuse::{KcacheFuse, NotifierCache};

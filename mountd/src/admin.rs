@@ -72,7 +72,18 @@ fn locate(vol: &VolumeAt, path: Option<&Path>) -> Result<(PathBuf, Option<String
         None => {
             let p = path.unwrap_or(Path::new("."));
             let (m, vpath) = locate_in_mount(p)?;
-            Ok((PathBuf::from(m.source), None, vpath))
+            let store = PathBuf::from(m.source);
+            // Which volume: the daemon knows each of its mounts by device number, which a
+            // bind mount (a container's view) keeps.
+            let dev = std::fs::metadata(p)
+                .map(|md| std::os::unix::fs::MetadataExt::dev(&md))
+                .ok();
+            let volume = control::call(&store, &Request::Mounts)
+                .ok()
+                .and_then(|v| serde_json::from_value::<Vec<control::MountInfo>>(v).ok())
+                .and_then(|list| list.into_iter().find(|mi| Some(mi.dev) == dev))
+                .map(|mi| mi.volume);
+            Ok((store, volume, vpath))
         }
     }
 }
@@ -97,7 +108,7 @@ fn request(store: &Path, volume: Option<&str>, req: Request) -> Result<Value> {
     };
     let s = Arc::new(s);
     let fs = KcacheFs::new(s.clone(), vol, false);
-    control::handle(&fs, &s, req).map_err(|e| anyhow::anyhow!(e))
+    control::handle(&fs, &s, &[], req).map_err(|e| anyhow::anyhow!(e))
 }
 
 pub fn stats(at: &StoreAt, json: bool) -> Result<ExitCode> {

@@ -55,16 +55,28 @@ fn umount(mp: &Path, lazy: bool) -> Result<ExitCode> {
     if lazy {
         return Ok(ExitCode::SUCCESS);
     }
-    // The daemon holds the store lock until its last commit is done; wait for it to let go.
+    // The daemon commits what this mount left open, then drops it from its list; when it was
+    // the last mount, the daemon exits and lets go of the store lock. Wait for either.
     let store = Path::new(&entry.source);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        match Store::open_lock_probe(store) {
-            Ok(true) => return Ok(ExitCode::SUCCESS),
-            Ok(false) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Ok(false) => bail!("daemon for {} still running after 120 s", mp.display()),
-            Err(_) => return Ok(ExitCode::SUCCESS),
+        let listed = crate::control::call(store, &crate::control::Request::Mounts)
+            .ok()
+            .and_then(|v| serde_json::from_value::<Vec<crate::control::MountInfo>>(v).ok());
+        match listed {
+            Some(list) if !list.iter().any(|m| m.mountpoint == mp) && !list.is_empty() => {
+                return Ok(ExitCode::SUCCESS)
+            }
+            Some(_) => {}
+            None => match Store::open_lock_probe(store) {
+                Ok(true) | Err(_) => return Ok(ExitCode::SUCCESS),
+                Ok(false) => {}
+            },
         }
+        if Instant::now() > deadline {
+            bail!("daemon for {} still busy after 120 s", mp.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

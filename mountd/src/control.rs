@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use kcache_fs::KcacheFs;
+
+use crate::daemon::Daemon;
 use kcache_store::{EvictPolicy, Limits, MinFree, Store};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -102,6 +104,34 @@ pub enum Request {
         src: String,
         dst: String,
     },
+    /// Mount one more volume (daemon only).
+    Mount {
+        volume: String,
+        mountpoint: PathBuf,
+        options: Vec<String>,
+    },
+    /// The daemon's mounts.
+    Mounts,
+}
+
+/// A mount as the daemon reports it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MountInfo {
+    pub mountpoint: PathBuf,
+    pub volume: String,
+    pub dev: u64,
+}
+
+/// The volume a request names, if any.
+fn volume_of(req: &Request) -> Option<&str> {
+    match req {
+        Request::Clear { volume, .. }
+        | Request::Pin { volume, .. }
+        | Request::Unpin { volume, .. }
+        | Request::Pins { volume }
+        | Request::Du { volume, .. } => volume.as_deref(),
+        _ => None,
+    }
 }
 
 fn errno_msg(path: &str, e: kcache_fs::Errno) -> String {
@@ -111,7 +141,12 @@ fn errno_msg(path: &str, e: kcache_fs::Errno) -> String {
 /// Carries out one request. `reader` is a connection for long read-only queries, so they do
 /// not hold up the filesystem's own connection (the daemon passes a read-only store; an
 /// unmounted store passes itself).
-pub fn handle(fs: &KcacheFs, reader: &Store, req: Request) -> Result<Value, String> {
+pub fn handle(
+    fs: &KcacheFs,
+    reader: &Store,
+    mounted: &[String],
+    req: Request,
+) -> Result<Value, String> {
     let check_volume = |v: &Option<String>| -> Result<(), String> {
         match v {
             Some(v) if *v != fs.volume().name => Err(format!(
@@ -222,7 +257,7 @@ pub fn handle(fs: &KcacheFs, reader: &Store, req: Request) -> Result<Value, Stri
             Ok(serde_json::to_value(v).map_err(|e| e.to_string())?)
         }
         Request::VolumeRm { name } => {
-            if name == fs.volume().name && fs.is_mounted() {
+            if mounted.contains(&name) {
                 return Err(format!(
                     "volume '{name}' is mounted; unmount it before removing it"
                 ));
@@ -240,12 +275,15 @@ pub fn handle(fs: &KcacheFs, reader: &Store, req: Request) -> Result<Value, Stri
             })?;
             Ok(json!({"cloned": src, "to": dst, "seconds": t.elapsed().as_secs_f64()}))
         }
+        Request::Mount { .. } | Request::Mounts => {
+            Err("the store is not mounted (no daemon to ask)".into())
+        }
     }
 }
 
 /// Serves the control socket on threads of its own. Only the daemon's user may connect
 /// (the socket is mode 0600).
-pub fn serve(fs: Arc<KcacheFs>, reader: Arc<Store>, store_dir: &Path) -> Result<()> {
+pub fn serve(daemon: Arc<Daemon>, reader: Arc<Store>, store_dir: &Path) -> Result<()> {
     let path = socket_path(store_dir);
     // We hold the store's lock, so a socket file left here belongs to a dead daemon.
     let _ = std::fs::remove_file(&path);
@@ -258,23 +296,64 @@ pub fn serve(fs: Arc<KcacheFs>, reader: Arc<Store>, store_dir: &Path) -> Result<
         .spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (fs, reader) = (fs.clone(), reader.clone());
+                let (daemon, reader) = (daemon.clone(), reader.clone());
                 let _ = std::thread::Builder::new()
                     .name("control-conn".into())
-                    .spawn(move || serve_one(&fs, &reader, conn));
+                    .spawn(move || serve_one(&daemon, &reader, conn));
             }
         })?;
     Ok(())
 }
 
-fn serve_one(fs: &KcacheFs, reader: &Store, conn: UnixStream) {
+fn daemon_request(daemon: &Arc<Daemon>, reader: &Store, req: Request) -> Result<Value, String> {
+    match req {
+        Request::Mount {
+            volume,
+            mountpoint,
+            options,
+        } => {
+            daemon
+                .add_mount(&volume, &mountpoint, &options)
+                .map_err(|e| format!("{e:#}"))?;
+            Ok(json!({"mounted": mountpoint, "volume": volume}))
+        }
+        Request::Mounts => {
+            let list: Vec<MountInfo> = daemon
+                .list()
+                .into_iter()
+                .map(|(mountpoint, volume, dev)| MountInfo {
+                    mountpoint,
+                    volume,
+                    dev,
+                })
+                .collect();
+            Ok(serde_json::to_value(list).map_err(|e| e.to_string())?)
+        }
+        req => {
+            let fs = daemon.fs_for(volume_of(&req))?;
+            let mounted: Vec<String> = daemon.list().into_iter().map(|m| m.1).collect();
+            handle(&fs, reader, &mounted, req)
+        }
+    }
+}
+
+fn serve_one(daemon: &Arc<Daemon>, reader: &Store, conn: UnixStream) {
     let mut line = String::new();
     let mut r = BufReader::new((&conn).take(MAX_REQUEST));
     let answer = match r.read_line(&mut line) {
         Ok(_) => match serde_json::from_str::<Request>(&line) {
             Ok(req) => {
-                tracing::info!(?req, "control request");
-                match handle(fs, reader, req) {
+                // Changes are logged; questions (polled by `kcache umount`) only at debug.
+                match req {
+                    Request::Stats
+                    | Request::Mounts
+                    | Request::VolumeList
+                    | Request::Pins { .. }
+                    | Request::Du { .. }
+                    | Request::Limits { set: None } => tracing::debug!(?req, "control request"),
+                    _ => tracing::info!(?req, "control request"),
+                }
+                match daemon_request(daemon, reader, req) {
                     Ok(v) => json!({"ok": true, "result": v}),
                     Err(e) => json!({"ok": false, "error": e}),
                 }

@@ -10,7 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -113,6 +113,21 @@ pub fn mount(args: MountArgs) -> Result<ExitCode> {
         opts.metrics.clone_from(&args.metrics);
     }
     let store_dir = args.store.clone().unwrap_or_else(default_store);
+    // A store has one daemon; a second mount of it (another volume, or another place) is
+    // added to the running daemon.
+    if store_dir.join("kcache.db").exists()
+        && matches!(Store::open_lock_probe(&store_dir), Ok(false))
+        && crate::control::socket_path(&store_dir).exists()
+    {
+        if args.foreground {
+            bail!(
+                "store {} is already served by a running kcache daemon; mount without \
+                 --foreground to add this mount to it",
+                store_dir.display()
+            );
+        }
+        return add_to_running(&args, &opts, &store_dir);
+    }
     if args.foreground {
         init_logging();
         let ready_fd = args.ready_fd;
@@ -126,6 +141,36 @@ pub fn mount(args: MountArgs) -> Result<ExitCode> {
         return res.map(|_| ExitCode::SUCCESS);
     }
     daemonize(&args, &store_dir)
+}
+
+/// Asks the store's running daemon to mount one more volume; returns once it answers.
+fn add_to_running(args: &MountArgs, opts: &MountOpts, store_dir: &Path) -> Result<ExitCode> {
+    if opts.metrics.is_some() {
+        bail!("--metrics belongs to the store's first mount; the running daemon serves the store's metrics");
+    }
+    let mp = args
+        .mountpoint
+        .canonicalize()
+        .with_context(|| format!("mountpoint {}", args.mountpoint.display()))?;
+    let mut options = args.options.clone();
+    if let Some(q) = args.quota {
+        options.push(format!("quota={q}"));
+    }
+    if let Some(m) = args.min_free {
+        options.push(format!("min_free={m}"));
+    }
+    if let Some(p) = args.low_watermark {
+        options.push(format!("low_watermark={p}"));
+    }
+    crate::control::call(
+        store_dir,
+        &crate::control::Request::Mount {
+            volume: args.volume.clone(),
+            mountpoint: mp,
+            options,
+        },
+    )?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_logging() {
@@ -236,7 +281,219 @@ fn daemonize(args: &MountArgs, store_dir: &Path) -> Result<ExitCode> {
     )
 }
 
-/// Runs the filesystem until it is unmounted or a signal asks us to stop.
+/// Owner and mode of a volume's root from uid=, gid=, umask=.
+fn apply_root_owner(store: &Store, root: kcache_store::Ino, opts: &MountOpts) -> Result<()> {
+    if opts.uid.is_some() || opts.gid.is_some() || opts.umask.is_some() {
+        store
+            .setattr(
+                root,
+                &kcache_store::SetAttr {
+                    uid: opts.uid,
+                    gid: opts.gid,
+                    mode: opts.umask.map(|m| 0o777 & !m),
+                    ctime: Some(kcache_store::now_ns()),
+                    ..Default::default()
+                },
+            )
+            .context("setting the owner and mode of the volume root")?;
+    }
+    Ok(())
+}
+
+/// Applies the store-wide limits given as mount options (they are kept in the store).
+fn apply_limits(fs: &KcacheFs, opts: &MountOpts) -> Result<()> {
+    let mut limits = fs.limits();
+    if let Some(q) = opts.quota {
+        limits.quota = (q > 0).then_some(q);
+    }
+    if let Some(m) = opts.min_free {
+        limits.min_free = m;
+    }
+    if let Some(p) = opts.low_watermark {
+        limits.low_watermark_pct = p;
+    }
+    if limits != fs.limits() {
+        fs.set_limits(limits)
+            .map_err(|e| anyhow::anyhow!("recording the limits: errno {}", e.0))?;
+    }
+    Ok(())
+}
+
+/// One mounted volume.
+struct MountRec {
+    mountpoint: PathBuf,
+    volume: String,
+    /// Device number of the mount (st_dev), which identifies it through bind mounts.
+    dev: u64,
+    fs: Arc<KcacheFs>,
+}
+
+/// The daemon of one store: every mounted volume of it, served by this one process. One
+/// process per store keeps one owner of the database and one evictor that sees every open
+/// file; more mounts are added over the control socket.
+pub struct Daemon {
+    store_dir: PathBuf,
+    primary: Arc<KcacheFs>,
+    mounts: Mutex<Vec<MountRec>>,
+    /// Sessions still running; the daemon ends when it drops to zero.
+    live: Mutex<usize>,
+    ended: Condvar,
+}
+
+impl Daemon {
+    /// Mounts `fs` at `mountpoint` and serves it on threads of its own; returns once the
+    /// mount answers.
+    fn start_session(
+        self: &Arc<Self>,
+        fs: Arc<KcacheFs>,
+        mountpoint: &Path,
+        opts: &MountOpts,
+    ) -> Result<()> {
+        let mut mount_options = vec![
+            MountOption::FSName(self.store_dir.display().to_string()),
+            // The kernel takes subtype as a mount option, so /proc/mounts says "fuse.kcache".
+            MountOption::CUSTOM("subtype=kcache".into()),
+            MountOption::DefaultPermissions,
+            MountOption::NoAtime,
+        ];
+        if opts.read_only {
+            mount_options.push(MountOption::RO);
+        }
+        for (on, o) in [
+            (opts.nosuid, MountOption::NoSuid),
+            (opts.nodev, MountOption::NoDev),
+            (opts.noexec, MountOption::NoExec),
+        ] {
+            if on {
+                mount_options.push(o);
+            }
+        }
+        let mut config = Config::default();
+        config.mount_options = mount_options;
+        config.acl = if opts.allow_other {
+            SessionACL::All
+        } else {
+            SessionACL::Owner
+        };
+        // Request threads: KCACHE_THREADS overrides (for tuning); default one per core, at
+        // least 2.
+        config.n_threads = Some(
+            std::env::var("KCACHE_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|n: &usize| *n > 0)
+                .unwrap_or_else(|| {
+                    std::thread::available_parallelism()
+                        .map_or(2, |n| n.get())
+                        .max(2)
+                }),
+        );
+        config.clone_fd = true;
+
+        let session = Session::new(
+            KcacheFuse::new(fs.clone(), opts.passthrough),
+            mountpoint,
+            &config,
+        )
+        .with_context(|| format!("mounting at {}", mountpoint.display()))?;
+        fs.set_kernel_cache(Arc::new(kcache_fs::NotifierCache(session.notifier())));
+        fs.register();
+        *lock(&self.live) += 1;
+        let me = self.clone();
+        let run_fs = fs.clone();
+        let mp = mountpoint.to_owned();
+        std::thread::Builder::new()
+            .name("fuse-session".into())
+            .spawn(move || {
+                if let Err(e) = session.run() {
+                    tracing::error!(mountpoint = %mp.display(), error = %e, "fuse session failed");
+                }
+                // Commit what is still staged before the mount counts as gone.
+                run_fs.flush_all();
+                lock(&me.mounts).retain(|m| m.mountpoint != mp);
+                tracing::info!(mountpoint = %mp.display(), "unmounted");
+                *lock(&me.live) -= 1;
+                me.ended.notify_all();
+            })?;
+
+        // The mount answers once a stat of the root goes through the new session.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let dev = loop {
+            match std::fs::metadata(mountpoint) {
+                Ok(m) => break std::os::unix::fs::MetadataExt::dev(&m),
+                Err(e) if Instant::now() > deadline => {
+                    bail!("mount at {} does not answer: {e}", mountpoint.display())
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        tracing::info!(
+            mountpoint = %mountpoint.display(),
+            store = %self.store_dir.display(),
+            volume = %fs.volume().name,
+            "mounted"
+        );
+        lock(&self.mounts).push(MountRec {
+            mountpoint: mountpoint.to_owned(),
+            volume: fs.volume().name.clone(),
+            dev,
+            fs,
+        });
+        Ok(())
+    }
+
+    /// Another volume (or the same one again) at another mountpoint, asked for over the
+    /// control socket by `kcache mount`.
+    pub fn add_mount(
+        self: &Arc<Self>,
+        volume: &str,
+        mountpoint: &Path,
+        options: &[String],
+    ) -> Result<()> {
+        let opts = MountOpts::parse(options).map_err(|e| anyhow::anyhow!(e))?;
+        let mountpoint = prepare_mountpoint(mountpoint)?;
+        let store = self.primary.store();
+        let info = store
+            .volume(volume, true, 0, 0)
+            .with_context(|| format!("opening volume {volume}"))?;
+        apply_root_owner(store, info.root, &opts)?;
+        apply_limits(&self.primary, &opts)?;
+        let fs = Arc::new(self.primary.sibling(info, opts.read_only));
+        self.start_session(fs, &mountpoint, &opts)
+    }
+
+    /// (mountpoint, volume, device) of every mount.
+    pub fn list(&self) -> Vec<(PathBuf, String, u64)> {
+        lock(&self.mounts)
+            .iter()
+            .map(|m| (m.mountpoint.clone(), m.volume.clone(), m.dev))
+            .collect()
+    }
+
+    /// The filesystem for `volume`: a mounted one, or (for a volume not mounted here) one
+    /// that serves only maintenance requests. `None` means the first mount's volume.
+    pub fn fs_for(&self, volume: Option<&str>) -> Result<Arc<KcacheFs>, String> {
+        let Some(v) = volume else {
+            return Ok(self.primary.clone());
+        };
+        if let Some(m) = lock(&self.mounts).iter().find(|m| m.volume == v) {
+            return Ok(m.fs.clone());
+        }
+        let info = self
+            .primary
+            .store()
+            .volume(v, false, 0, 0)
+            .map_err(|e| format!("{e}"))?;
+        Ok(Arc::new(self.primary.sibling(info, false)))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs the filesystem until every mount of the store is unmounted or a signal asks us to
+/// stop.
 fn serve(
     args: &MountArgs,
     opts: &MountOpts,
@@ -257,38 +514,10 @@ fn serve(
     let volume = store
         .volume(&args.volume, true, uid, gid)
         .with_context(|| format!("opening volume {}", args.volume))?;
-    // uid=, gid=, umask=: who owns the volume's root, and its permissions.
-    if opts.uid.is_some() || opts.gid.is_some() || opts.umask.is_some() {
-        store
-            .setattr(
-                volume.root,
-                &kcache_store::SetAttr {
-                    uid: opts.uid,
-                    gid: opts.gid,
-                    mode: opts.umask.map(|m| 0o777 & !m),
-                    ctime: Some(kcache_store::now_ns()),
-                    ..Default::default()
-                },
-            )
-            .context("setting the owner and mode of the volume root")?;
-    }
+    apply_root_owner(&store, volume.root, opts)?;
     let store = Arc::new(store);
     let fs = Arc::new(KcacheFs::new(store.clone(), volume, opts.read_only));
-    // Limits given at mount time are kept in the store; the ones not given stay as they were.
-    let mut limits = fs.limits();
-    if let Some(q) = opts.quota {
-        limits.quota = (q > 0).then_some(q);
-    }
-    if let Some(m) = opts.min_free {
-        limits.min_free = m;
-    }
-    if let Some(p) = opts.low_watermark {
-        limits.low_watermark_pct = p;
-    }
-    if limits != fs.limits() {
-        fs.set_limits(limits)
-            .map_err(|e| anyhow::anyhow!("recording the limits: errno {}", e.0))?;
-    }
+    apply_limits(&fs, opts)?;
     // Long read-only queries (stats, du, metrics) use a connection of their own.
     let reader = Arc::new(
         Store::open_with(
@@ -297,85 +526,20 @@ fn serve(
         )
         .with_context(|| format!("opening store {} for reading", store_dir.display()))?,
     );
-    crate::control::serve(fs.clone(), reader.clone(), store_dir)?;
+    let daemon = Arc::new(Daemon {
+        store_dir: store_dir
+            .canonicalize()
+            .unwrap_or_else(|_| store_dir.to_owned()),
+        primary: fs.clone(),
+        mounts: Mutex::new(Vec::new()),
+        live: Mutex::new(0),
+        ended: Condvar::new(),
+    });
+    crate::control::serve(daemon.clone(), reader.clone(), store_dir)?;
     if let Some(addr) = &opts.metrics {
         crate::metrics::serve(addr, fs.clone(), reader.clone())?;
     }
-
-    let mut mount_options = vec![
-        MountOption::FSName(
-            store_dir
-                .canonicalize()
-                .unwrap_or(store_dir.to_owned())
-                .display()
-                .to_string(),
-        ),
-        // The kernel takes subtype as a mount option, so /proc/mounts says "fuse.kcache".
-        MountOption::CUSTOM("subtype=kcache".into()),
-        MountOption::DefaultPermissions,
-        MountOption::NoAtime,
-    ];
-    if opts.read_only {
-        mount_options.push(MountOption::RO);
-    }
-    for (on, o) in [
-        (opts.nosuid, MountOption::NoSuid),
-        (opts.nodev, MountOption::NoDev),
-        (opts.noexec, MountOption::NoExec),
-    ] {
-        if on {
-            mount_options.push(o);
-        }
-    }
-    let mut config = Config::default();
-    config.mount_options = mount_options;
-    config.acl = if opts.allow_other {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
-    };
-    // Request threads: KCACHE_THREADS overrides (for tuning); default one per core, at least 2.
-    config.n_threads = Some(
-        std::env::var("KCACHE_THREADS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|n: &usize| *n > 0)
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map_or(2, |n| n.get())
-                    .max(2)
-            }),
-    );
-    config.clone_fd = true;
-
-    let session = Session::new(
-        KcacheFuse::new(fs.clone(), opts.passthrough),
-        &mountpoint,
-        &config,
-    )
-    .with_context(|| format!("mounting at {}", mountpoint.display()))?;
-    tracing::info!(
-        mountpoint = %mountpoint.display(),
-        store = %store_dir.display(),
-        volume = %args.volume,
-        "mounted"
-    );
-    fs.set_kernel_cache(Arc::new(kcache_fs::NotifierCache(session.notifier())));
-    let runner = std::thread::Builder::new()
-        .name("fuse-session".into())
-        .spawn(move || session.run())?;
-
-    // The mount answers once a stat of the root goes through the new session.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match std::fs::metadata(&mountpoint) {
-            Ok(_) => break,
-            Err(e) if Instant::now() > deadline => {
-                bail!("mount at {} does not answer: {e}", mountpoint.display())
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    }
+    daemon.start_session(fs.clone(), &mountpoint, opts)?;
     if let Some(fd) = ready_fd {
         report(fd, "ready");
     }
@@ -403,7 +567,8 @@ fn serve(
             }
         })?;
 
-    // Limits (quota, free disk space) are kept by a thread of its own, off the request path.
+    // Limits (quota, free disk space) are kept by a thread of its own, off the request path,
+    // for every mount of the store.
     static STOP_EVICTOR: AtomicBool = AtomicBool::new(false);
     let evict_fs = fs.clone();
     let evictor = std::thread::Builder::new()
@@ -412,34 +577,40 @@ fn serve(
     let l = fs.limits();
     tracing::info!(quota = ?l.quota, low_watermark_pct = l.low_watermark_pct, min_free = %l.min_free, "limits enforced by LRU eviction");
 
-    // Stop on SIGTERM/SIGINT by unmounting; the session then drains and ends.
-    let mp = mountpoint.clone();
+    // Stop on SIGTERM/SIGINT by unmounting everything; the sessions then drain and end.
+    let sig_daemon = daemon.clone();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             let mut sig: libc::c_int = 0;
             // SAFETY: sigwait on the blocked set.
             unsafe { libc::sigwait(&sigs, &mut sig) };
-            tracing::info!(signal = sig, mountpoint = %mp.display(), "unmounting on signal");
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-            if let Err(e) = unmount_path(&mp, false) {
-                tracing::warn!("clean unmount failed ({e}); detaching lazily");
-                let _ = unmount_path(&mp, true);
+            for (mp, _, _) in sig_daemon.list() {
+                tracing::info!(signal = sig, mountpoint = %mp.display(), "unmounting on signal");
+                if let Err(e) = unmount_path(&mp, false) {
+                    tracing::warn!("clean unmount failed ({e}); detaching lazily");
+                    let _ = unmount_path(&mp, true);
+                }
             }
         })?;
 
-    let res = runner
-        .join()
-        .map_err(|_| anyhow::anyhow!("fuse session thread panicked"))?;
+    {
+        let mut live = lock(&daemon.live);
+        while *live > 0 {
+            live = daemon.ended.wait(live).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+    // No mount is left: refuse further requests before the last commits.
+    let _ = std::fs::remove_file(crate::control::socket_path(store_dir));
     STOP_EVICTOR.store(true, Ordering::Relaxed);
     let _ = evictor.join();
-    let _ = std::fs::remove_file(crate::control::socket_path(store_dir));
     fs.flush_all();
     if let Err(e) = store.flush_accesses() {
         tracing::warn!(error = %e, "recording the last accesses failed");
     }
-    tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
-    res.context("fuse session")
+    tracing::info!(store = %store_dir.display(), "daemon done");
+    Ok(())
 }
 
 fn stop_signals() -> libc::sigset_t {
