@@ -154,7 +154,7 @@ fn two_containers_install_the_same_wheels_at_once_through_one_directory() {
     assert!(bodies >= 3, "pip cached {bodies} bodies");
     assert_eq!(
         s["usage_bytes"].as_u64().unwrap(),
-        distinct_bytes(&[shared.clone()]),
+        distinct_bytes(std::slice::from_ref(&shared)),
         "{s}"
     );
 
