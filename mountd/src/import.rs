@@ -37,26 +37,18 @@ pub fn import(vol: &VolumeAt, src: &Path, dest: &Path) -> Result<ExitCode> {
     let Some(store) = &vol.store else {
         return import_into(src, &in_mount(dest)?);
     };
-    // --store: the destination is a path inside the volume. Use the store's mount if it is
-    // mounted, else mount it privately for the import.
+    // --store: the destination is a path inside the volume. Use a mount of that volume if
+    // the daemon has one, else mount it privately for the import (a running daemon adds the
+    // mount; otherwise one starts for it).
     let canon = store
         .canonicalize()
         .with_context(|| format!("{}", store.display()))?;
     let rel = dest.strip_prefix("/").unwrap_or(dest);
-    if let Some(m) = mountinfo::mounts()
-        .into_iter()
-        .find(|m| m.fstype == "fuse.kcache" && Path::new(&m.source) == canon && m.root == "/")
-    {
-        let v = crate::control::call(&canon, &crate::control::Request::Stats)?;
-        if v["volume"].as_str() != Some(vol.volume.as_str()) {
-            bail!(
-                "{} is mounted at {} with volume {}, not {}",
-                canon.display(),
-                m.mountpoint.display(),
-                v["volume"],
-                vol.volume
-            );
-        }
+    let mounted = crate::control::call(&canon, &crate::control::Request::Mounts)
+        .ok()
+        .and_then(|v| serde_json::from_value::<Vec<crate::control::MountInfo>>(v).ok())
+        .and_then(|list| list.into_iter().find(|m| m.volume == vol.volume));
+    if let Some(m) = mounted {
         return import_into(src, &m.mountpoint.join(rel));
     }
     let tmp = std::env::temp_dir().join(format!("kcache-import-{}", std::process::id()));

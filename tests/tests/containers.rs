@@ -295,6 +295,25 @@ fn a_volume_clone_copies_no_data_and_diverges_independently() {
     assert_eq!(after["files"].as_u64().unwrap(), 2000);
 
     let work = tempfile::tempdir().unwrap();
+    // Import into the clone while only the original is mounted: the running daemon mounts
+    // the clone for the import and unmounts it again.
+    let src = work.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("imported"), b"into the copy").unwrap();
+    let out = kcache_ok(&[
+        "import",
+        "--store",
+        &store,
+        "--volume",
+        "copy",
+        src.to_str().unwrap(),
+        "/imp",
+    ]);
+    assert!(out.contains("imported 1 files"), "{out}");
+    assert!(
+        !m.path("imp").exists(),
+        "the import went to the wrong volume"
+    );
     let mnt_c = work.path().join("copy");
     std::fs::create_dir(&mnt_c).unwrap();
     kcache_ok(&[
@@ -305,6 +324,10 @@ fn a_volume_clone_copies_no_data_and_diverges_independently() {
         "copy",
         mnt_c.to_str().unwrap(),
     ]);
+    assert_eq!(
+        std::fs::read(mnt_c.join("imp/imported")).unwrap(),
+        b"into the copy"
+    );
     for i in [0u64, 500, 999] {
         assert_eq!(
             std::fs::read(mnt_c.join(format!("d/f{i:04}"))).unwrap(),
