@@ -133,13 +133,27 @@ fn lru_order_survives_a_crash_and_decides_what_goes() {
         fs::write(m.path(name), pseudo_random(100 + i as u64, MIB as usize)).unwrap();
         m.settle();
     }
+    // The daemon writes its batch of accesses (and the open counter with it) about once a
+    // second; read the database itself, as a crash would leave it.
+    let db = m.store.join("kcache.db");
+    let opens = || -> u64 {
+        kcache_tests::python(
+            "import sqlite3,sys\nc=sqlite3.connect('file:'+sys.argv[1]+'?mode=ro',uri=True)\n\
+             r=c.execute(\"SELECT value FROM counters WHERE name='opens'\").fetchone()\n\
+             print(r[0] if r else 0)",
+            &[db.to_str().unwrap()],
+        )
+        .trim()
+        .parse()
+        .unwrap()
+    };
+    let before = opens();
     // Reading a makes it the most recently used; b is now the oldest.
     assert_eq!(
         fs::read(m.path("a")).unwrap(),
         pseudo_random(100, MIB as usize)
     );
-    // Accesses reach the database about once a second; after that a kill -9 keeps them.
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_until("the access batch is written", || opens() > before);
     m.kill9();
     m.restart_after_crash();
     let out = kcache_ok(&["evict", &mnt, "--to", "2M"]);
