@@ -233,10 +233,18 @@ fn refuses_bad_stores_mountpoints_and_arguments() {
     fs::create_dir(&mp).unwrap();
     let s = |p: &Path| p.to_str().unwrap().to_owned();
 
-    // A second daemon on the same store.
-    let (code, out) = kcache(&["mount", "--store", &s(&m.store), &s(&mp)]);
+    // A second daemon on the same store is refused; a second mount goes to the running one.
+    let (code, out) = kcache(&["mount", "--foreground", "--store", &s(&m.store), &s(&mp)]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("in use by another kcache"), "{out}");
+    assert!(
+        out.contains("already served by a running kcache daemon"),
+        "{out}"
+    );
+    let (code, out) = kcache(&["mount", "--store", &s(&m.store), &s(&mp)]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = kcache(&["umount", &s(&mp)]);
+    assert_eq!(code, 0, "{out}");
+    assert!(m.path("").exists(), "the first mount must stay");
 
     // Mountpoint missing, or busy.
     let (code, out) = kcache(&[
