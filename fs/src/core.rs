@@ -857,6 +857,38 @@ impl KcacheFs {
         if writable {
             self.writable()?;
         }
+        // Content only an upstream has is fetched first, without any lock held: a download
+        // must not hold up eviction or other opens. Eviction may drop it again before the
+        // open below takes the gate; then fetch again.
+        let mut attempt = 0;
+        loop {
+            let blob = self.store.get(ino)?.blob.filter(|_| !trunc);
+            if let Some(h) = &blob {
+                if let Err(e) = self.store.ensure_local(h) {
+                    tracing::error!(ino, error = %e, "open failed");
+                    return Err(Errno::EIO);
+                }
+            }
+            match self.open_gated(ino, writable, trunc, backing) {
+                Err(e)
+                    if e == Errno::EIO
+                        && attempt < 2
+                        && blob.is_some_and(|h| self.store.is_remote_only(&h)) =>
+                {
+                    attempt += 1;
+                }
+                res => return res,
+            }
+        }
+    }
+
+    fn open_gated(
+        &self,
+        ino: Ino,
+        writable: bool,
+        trunc: bool,
+        backing: Option<&dyn Backing>,
+    ) -> Result<Opened> {
         let _gate = self
             .shared
             .evict_gate

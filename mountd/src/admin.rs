@@ -103,7 +103,7 @@ fn request(store: &Path, volume: Option<&str>, req: Request) -> Result<Value> {
             .with_context(|| format!("store {}", store.display()))?,
         None => match s.volumes()?.into_iter().next() {
             Some(v) => v,
-            None => bail!("store {} has no volumes yet", store.display()),
+            None => s.volume("default", true, 0, 0)?,
         },
     };
     let s = Arc::new(s);
@@ -469,5 +469,59 @@ pub fn du(vol: &VolumeAt, path: Option<&Path>, depth: u32, json: bool) -> Result
             e["files"].as_u64().unwrap_or(0)
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn push(
+    store: Option<PathBuf>,
+    volume: String,
+    tag: Option<String>,
+    upstream: String,
+) -> Result<ExitCode> {
+    let store = store.unwrap_or_else(default_store);
+    let tag = tag.unwrap_or_else(|| volume.clone());
+    let v = request(
+        &store,
+        Some(&volume),
+        Request::Push {
+            volume: volume.clone(),
+            upstream: upstream.clone(),
+            tag: tag.clone(),
+        },
+    )?;
+    println!(
+        "pushed volume {volume} to {upstream} as {tag}: {} blobs uploaded ({}), {} already there; manifest {}",
+        v["blobs_uploaded"],
+        human(v["bytes_uploaded"].as_u64().unwrap_or(0)),
+        v["blobs_present"],
+        v["manifest"].as_str().unwrap_or("?")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn pull(store: Option<PathBuf>, volume: String, source: String) -> Result<ExitCode> {
+    let store = store.unwrap_or_else(default_store);
+    let (upstream, tag) = crate::cli::split_source(&source);
+    let tag = tag.unwrap_or_else(|| volume.clone());
+    if !store.join("kcache.db").exists() {
+        // A fresh machine: create the store, with the volume's first use.
+        Store::open(&store).with_context(|| format!("creating store {}", store.display()))?;
+    }
+    let v = request(
+        &store,
+        None,
+        Request::Pull {
+            volume: volume.clone(),
+            upstream: upstream.clone(),
+            tag: tag.clone(),
+        },
+    )?;
+    println!(
+        "pulled {upstream}:{tag} into volume {volume}: {} files, {} blobs ({} to fetch on first open); manifest {}",
+        v["files"],
+        v["blobs"],
+        v["blobs_remote"],
+        v["manifest"].as_str().unwrap_or("?")
+    );
     Ok(ExitCode::SUCCESS)
 }

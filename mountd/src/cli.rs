@@ -127,6 +127,28 @@ pub enum Command {
         /// A directory in a mount (or, with --store, a path inside the volume)
         dest: PathBuf,
     },
+    /// Upload a volume to an upstream: the blobs it lacks, a snapshot manifest, then a tag
+    Push {
+        #[arg(long)]
+        store: Option<PathBuf>,
+        #[arg(long, default_value = "default")]
+        volume: String,
+        /// Tag to publish under [default: the volume's name]
+        #[arg(long)]
+        tag: Option<String>,
+        /// file:///path (s3:// is not supported by this build yet)
+        upstream: String,
+    },
+    /// Make a volume the snapshot an upstream tag names (metadata only; content is fetched
+    /// on first open)
+    Pull {
+        #[arg(long)]
+        store: Option<PathBuf>,
+        #[arg(long, default_value = "default")]
+        volume: String,
+        /// UPSTREAM[:TAG] (the tag defaults to the volume's name)
+        source: String,
+    },
     /// Install mount.kcache (a symlink to this binary) so `mount -t kcache` and fstab work
     Install {
         /// Where mount(8) looks for helpers
@@ -245,6 +267,10 @@ pub struct MountOpts {
     pub nosuid: bool,
     pub nodev: bool,
     pub noexec: bool,
+    /// Where blobs only an upstream has are fetched from, in order.
+    pub upstreams: Vec<String>,
+    /// Seconds an open may wait for a fetch before EIO.
+    pub fetch_timeout: Option<u64>,
 }
 
 impl MountOpts {
@@ -297,6 +323,20 @@ impl MountOpts {
                             .ok()
                             .filter(|m| *m <= 0o777)
                             .ok_or_else(|| format!("invalid umask in '{opt}' (octal, e.g. 022)"))?,
+                    )
+                }
+                ("upstream", _) => {
+                    let u = need("a URL")?;
+                    kcache_store::Upstream::parse(u)?;
+                    o.upstreams.push(u.to_owned());
+                }
+                ("fetch_timeout", _) => {
+                    o.fetch_timeout = Some(
+                        need("seconds")?
+                            .parse()
+                            .ok()
+                            .filter(|s| *s > 0)
+                            .ok_or_else(|| format!("invalid seconds in '{opt}'"))?,
                     )
                 }
                 ("nosuid", None) => o.nosuid = true,
@@ -444,10 +484,51 @@ mod tests {
             .unwrap_err()
             .contains("needs a value"));
         assert!(MountOpts::parse_with(&["bogus".into()], true).is_ok());
+        let o = MountOpts::parse(&[
+            "upstream=http://127.0.0.1:9/c,upstream=file:///srv/c,fetch_timeout=5".into(),
+        ])
+        .unwrap();
+        assert_eq!(o.upstreams.len(), 2);
+        assert_eq!(o.fetch_timeout, Some(5));
+        assert!(MountOpts::parse(&["upstream=ftp://x".into()])
+            .unwrap_err()
+            .contains("ftp://x"));
         assert!(MountOpts::parse(&["quota=lots".into()])
             .unwrap_err()
             .contains("lots"));
         let e = MountOpts::parse(&["ro,bogus=1".into()]).unwrap_err();
         assert!(e.contains("bogus=1"), "{e}");
+    }
+}
+
+/// Splits "UPSTREAM[:TAG]": a tag is a ':' suffix after the URL's last '/'.
+pub fn split_source(s: &str) -> (String, Option<String>) {
+    let slash = s.rfind('/').unwrap_or(0);
+    match s[slash..].rfind(':') {
+        Some(i) => (
+            s[..slash + i].to_owned(),
+            Some(s[slash + i + 1..].to_owned()),
+        ),
+        None => (s.to_owned(), None),
+    }
+}
+
+#[cfg(test)]
+mod source_tests {
+    #[test]
+    fn splits_tags_off_urls() {
+        use super::split_source;
+        assert_eq!(
+            split_source("file:///srv/c"),
+            ("file:///srv/c".into(), None)
+        );
+        assert_eq!(
+            split_source("http://h:8080/c:ci-main"),
+            ("http://h:8080/c".into(), Some("ci-main".into()))
+        );
+        assert_eq!(
+            split_source("http://h:8080"),
+            ("http://h:8080".into(), None)
+        );
     }
 }

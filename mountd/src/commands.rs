@@ -37,6 +37,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             path,
         } => admin::du(&vol, path.as_deref(), depth, json),
         Command::Import { vol, src, dest } => crate::import::import(&vol, &src, &dest),
+        Command::Push {
+            store,
+            volume,
+            tag,
+            upstream,
+        } => admin::push(store, volume, tag, upstream),
+        Command::Pull {
+            store,
+            volume,
+            source,
+        } => admin::pull(store, volume, source),
         Command::Install { dir, force } => crate::helper::install(&dir, force),
         Command::Volume { store, cmd } => admin::volume(store, cmd),
         Command::Verify { store, json } => verify(&store.unwrap_or_else(default_store), json),

@@ -104,6 +104,16 @@ pub enum Request {
         src: String,
         dst: String,
     },
+    Push {
+        volume: String,
+        upstream: String,
+        tag: String,
+    },
+    Pull {
+        volume: String,
+        upstream: String,
+        tag: String,
+    },
     /// Mount one more volume (daemon only).
     Mount {
         volume: String,
@@ -274,6 +284,40 @@ pub fn handle(
                 e => format!("cloning volume '{src}' to '{dst}': {e}"),
             })?;
             Ok(json!({"cloned": src, "to": dst, "seconds": t.elapsed().as_secs_f64()}))
+        }
+        Request::Push {
+            volume,
+            upstream,
+            tag,
+        } => {
+            let up = kcache_store::Upstream::parse(&upstream)?;
+            let remote = kcache_store::Remote::new(vec![up.clone()], Default::default())
+                .map_err(|e| e.to_string())?;
+            let r = store
+                .push(&remote, &up, &volume, &tag)
+                .map_err(|e| format!("pushing volume '{volume}' to {upstream}: {e}"))?;
+            Ok(serde_json::to_value(r).map_err(|e| e.to_string())?)
+        }
+        Request::Pull {
+            volume,
+            upstream,
+            tag,
+        } => {
+            if mounted.contains(&volume) {
+                return Err(format!(
+                    "volume '{volume}' is mounted; unmount it (or pull into another volume)"
+                ));
+            }
+            let up = kcache_store::Upstream::parse(&upstream)?;
+            let remote = kcache_store::Remote::new(vec![up], Default::default())
+                .map_err(|e| e.to_string())?;
+            let r = store
+                .pull(&remote, &tag, &volume)
+                .map_err(|e| format!("pulling {upstream}:{tag} into volume '{volume}': {e}"))?;
+            store
+                .add_upstream_setting(&upstream)
+                .map_err(|e| e.to_string())?;
+            Ok(serde_json::to_value(r).map_err(|e| e.to_string())?)
         }
         Request::Mount { .. } | Request::Mounts => {
             Err("the store is not mounted (no daemon to ask)".into())

@@ -300,6 +300,30 @@ fn apply_root_owner(store: &Store, root: kcache_store::Ino, opts: &MountOpts) ->
     Ok(())
 }
 
+/// Sets where remote-only blobs come from: the mount's upstream= options, else the upstreams
+/// remembered from pulls.
+fn apply_upstreams(store: &Store, opts: &MountOpts) -> Result<()> {
+    let urls = if opts.upstreams.is_empty() {
+        store.upstream_settings()?
+    } else {
+        opts.upstreams.clone()
+    };
+    if urls.is_empty() {
+        return Ok(());
+    }
+    let ups = urls
+        .iter()
+        .map(|u| kcache_store::Upstream::parse(u).map_err(|e| anyhow::anyhow!(e)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut config = kcache_store::FetchConfig::default();
+    if let Some(s) = opts.fetch_timeout {
+        config.timeout = Duration::from_secs(s);
+    }
+    tracing::info!(upstreams = ?urls, timeout_s = config.timeout.as_secs(), "fetching remote blobs");
+    store.set_remote(kcache_store::Remote::new(ups, config)?);
+    Ok(())
+}
+
 /// Applies the store-wide limits given as mount options (they are kept in the store).
 fn apply_limits(fs: &KcacheFs, opts: &MountOpts) -> Result<()> {
     let mut limits = fs.limits();
@@ -458,6 +482,9 @@ impl Daemon {
             .with_context(|| format!("opening volume {volume}"))?;
         apply_root_owner(store, info.root, &opts)?;
         apply_limits(&self.primary, &opts)?;
+        if !opts.upstreams.is_empty() {
+            apply_upstreams(store, &opts)?;
+        }
         let fs = Arc::new(self.primary.sibling(info, opts.read_only));
         self.start_session(fs, &mountpoint, &opts)
     }
@@ -515,6 +542,7 @@ fn serve(
         .volume(&args.volume, true, uid, gid)
         .with_context(|| format!("opening volume {}", args.volume))?;
     apply_root_owner(&store, volume.root, opts)?;
+    apply_upstreams(&store, opts)?;
     let store = Arc::new(store);
     let fs = Arc::new(KcacheFs::new(store.clone(), volume, opts.read_only));
     apply_limits(&fs, opts)?;

@@ -48,6 +48,10 @@ pub enum Error {
     NotLocal { hash: Hash },
     #[error("pinning this would pin {pinned} bytes, more than half the quota ({limit} bytes)")]
     PinLimit { pinned: u64, limit: u64 },
+    #[error("fetching blob {hash}: {reason}")]
+    Fetch { hash: Hash, reason: String },
+    #[error("remote: {0}")]
+    Remote(String),
     #[error("no such volume: {0}")]
     NoVolume(String),
     #[error("{context}: {source}")]

@@ -15,7 +15,9 @@ mod error;
 mod lru;
 mod maint;
 mod ns;
+mod remote;
 mod schema;
+mod snapshot;
 mod volumes;
 
 use std::fmt;
@@ -33,6 +35,8 @@ pub use error::{Error, Result};
 pub use lru::{EvictPolicy, Evicted, ACCESS_BATCH};
 pub use maint::{Counter, DuEntry, GcReport, Limits, MinFree, Removed};
 pub use ns::{Renamed, SetAttr, Stats, VolumeInfo};
+pub use remote::{FetchConfig, Remote, Upstream};
+pub use snapshot::{PullReport, PushReport};
 pub use volumes::VolumeSummary;
 
 use error::IoContext;
@@ -178,6 +182,7 @@ pub struct Store {
     access_seq: AtomicU64,
     pending_access: Mutex<Vec<(Hash, i64)>>,
     pending_counters: [AtomicU64; 3],
+    remote: Mutex<Option<std::sync::Arc<remote::Remote>>>,
 }
 
 impl fmt::Debug for Store {
@@ -218,6 +223,7 @@ impl Store {
                 access_seq: AtomicU64::new(0),
                 pending_access: Mutex::new(Vec::new()),
                 pending_counters: Default::default(),
+                remote: Mutex::new(None),
             });
         }
 
@@ -273,6 +279,7 @@ impl Store {
             access_seq: AtomicU64::new(0),
             pending_access: Mutex::new(Vec::new()),
             pending_counters: Default::default(),
+            remote: Mutex::new(None),
         };
         store.recover()?;
         let seq: i64 =

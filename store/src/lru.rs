@@ -190,16 +190,31 @@ impl Store {
     fn evict_blob(&self, h: &Hash, out: &mut Evicted) -> Result<u64> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let Some(size) = tx
+        let Some((size, remote)) = tx
             .query_row(
-                "SELECT size FROM blobs WHERE hash = ?1 AND state = 0",
+                "SELECT size, remote FROM blobs WHERE hash = ?1 AND state = 0",
                 [&h.0[..]],
-                |r| r.get::<_, i64>(0),
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
             )
             .optional()?
         else {
             return Ok(0);
         };
+        if remote != 0 {
+            // An upstream has it: drop only the local bytes. Every name stays, and the next
+            // open fetches the content again.
+            tx.execute(
+                "UPDATE blobs SET state = 1, file_ino = 0 WHERE hash = ?1",
+                [&h.0[..]],
+            )?;
+            crate::maint::add_counter(&tx, "evictions", 1)?;
+            crate::maint::add_counter(&tx, "evicted_bytes", size as u64)?;
+            tx.commit()?;
+            let _ = std::fs::remove_file(self.blob_path(h));
+            out.blobs += 1;
+            out.bytes += size as u64;
+            return Ok(size as u64);
+        }
         let inos: Vec<i64> = {
             let mut stmt = tx.prepare_cached("SELECT ino FROM inodes WHERE blob = ?1")?;
             let rows = stmt.query_map([&h.0[..]], |r| r.get(0))?;

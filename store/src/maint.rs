@@ -239,6 +239,27 @@ impl Store {
         Ok(())
     }
 
+    /// Upstreams remembered from pulls, used by mounts that name none.
+    pub fn upstream_settings(&self) -> Result<Vec<String>> {
+        Ok(self
+            .setting("upstreams")?
+            .map(|s| s.lines().map(str::to_owned).collect())
+            .unwrap_or_default())
+    }
+
+    pub fn add_upstream_setting(&self, url: &str) -> Result<()> {
+        let mut list = self.upstream_settings()?;
+        if !list.iter().any(|u| u == url) {
+            list.push(url.to_owned());
+        }
+        self.conn().execute(
+            "INSERT INTO settings (name, value) VALUES ('upstreams', ?1)
+             ON CONFLICT (name) DO UPDATE SET value = ?1",
+            [list.join("\n")],
+        )?;
+        Ok(())
+    }
+
     /// Resolves a path inside a volume (components separated by '/', no symlinks followed)
     /// to an inode.
     pub fn resolve(&self, root: Ino, path: &str) -> Result<Ino> {

@@ -123,6 +123,11 @@ const MIGRATIONS: &[&str] = &[
         CAST((julianday('now') - 2440587.5) * 86400000000000.0 AS INTEGER)
         - (SELECT coalesce(max(last_access), 0) FROM blobs) + last_access;
     "#,
+    // 3 -> 4: the remote tier.
+    r#"
+    -- 1 when an upstream holds a copy: eviction then drops only the local bytes.
+    ALTER TABLE blobs ADD COLUMN remote INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 pub const LATEST: i64 = MIGRATIONS.len() as i64;

@@ -1,0 +1,353 @@
+//! Volume snapshots on an upstream: `push` uploads the blobs an upstream lacks, then a
+//! content-addressed manifest of the volume's namespace, then a tag; `pull` turns a manifest
+//! into a volume in one transaction, metadata only, with blobs marked remote (fetched on open).
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+
+use rusqlite::params;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::remote::{blob_key, Remote, Upstream};
+use crate::{now_ns, Hash, Store};
+
+const MANIFEST_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Manifest {
+    version: u32,
+    volume: String,
+    created: i64,
+    root: i64,
+    /// (hash hex, size) of every blob the volume uses.
+    blobs: Vec<(String, u64)>,
+    inodes: Vec<MInode>,
+    dirents: Vec<(i64, Vec<u8>, i64)>,
+    xattrs: Vec<(i64, Vec<u8>, Vec<u8>)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct MInode {
+    id: i64,
+    kind: i64,
+    mode: i64,
+    uid: i64,
+    gid: i64,
+    size: i64,
+    atime: i64,
+    mtime: i64,
+    ctime: i64,
+    nlink: i64,
+    rdev: i64,
+    blob: Option<String>,
+    target: Option<Vec<u8>>,
+}
+
+/// What a push did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PushReport {
+    pub blobs_uploaded: u64,
+    pub bytes_uploaded: u64,
+    pub blobs_present: u64,
+    pub manifest: String,
+    pub tag: String,
+}
+
+/// What a pull did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PullReport {
+    pub manifest: String,
+    pub files: u64,
+    pub blobs: u64,
+    pub blobs_remote: u64,
+}
+
+fn valid_tag(tag: &str) -> Result<()> {
+    if tag.is_empty()
+        || tag.len() > 128
+        || !tag
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || tag.starts_with('.')
+    {
+        return Err(Error::Invalid(
+            "tags are 1-128 characters of letters, digits, '-', '_' and '.'",
+        ));
+    }
+    Ok(())
+}
+
+impl Store {
+    fn snapshot(&self, volume: &str) -> Result<Manifest> {
+        let v = self.volume(volume, false, 0, 0)?;
+        let mut conn = self.conn();
+        // One read transaction: a consistent view even while the volume is in use.
+        let tx = conn.transaction()?;
+        let inodes: Vec<MInode> = {
+            let mut stmt = tx.prepare(
+                "SELECT ino, kind, mode, uid, gid, size, atime, mtime, ctime, nlink, rdev, blob, target
+                 FROM inodes WHERE volume = ?1 AND nlink > 0",
+            )?;
+            let rows = stmt.query_map([v.id], |r| {
+                Ok(MInode {
+                    id: r.get(0)?,
+                    kind: r.get(1)?,
+                    mode: r.get(2)?,
+                    uid: r.get(3)?,
+                    gid: r.get(4)?,
+                    size: r.get(5)?,
+                    atime: r.get(6)?,
+                    mtime: r.get(7)?,
+                    ctime: r.get(8)?,
+                    nlink: r.get(9)?,
+                    rdev: r.get(10)?,
+                    blob: r
+                        .get::<_, Option<Vec<u8>>>(11)?
+                        .and_then(crate::ns::hash_from_db)
+                        .map(|h| h.to_hex()),
+                    target: r.get(12)?,
+                })
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let dirents: Vec<(i64, Vec<u8>, i64)> = {
+            let mut stmt = tx.prepare(
+                "SELECT d.parent, d.name, d.ino FROM dirents d JOIN inodes i ON i.ino = d.ino
+                 WHERE i.volume = ?1 ORDER BY d.id",
+            )?;
+            let rows = stmt.query_map([v.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let xattrs: Vec<(i64, Vec<u8>, Vec<u8>)> = {
+            let mut stmt = tx.prepare(
+                "SELECT x.ino, x.name, x.value FROM xattrs x JOIN inodes i ON i.ino = x.ino
+                 WHERE i.volume = ?1",
+            )?;
+            let rows = stmt.query_map([v.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let blobs: Vec<(String, u64)> = {
+            let mut stmt = tx.prepare(
+                "SELECT DISTINCT b.hash, b.size FROM blobs b JOIN inodes i ON i.blob = b.hash
+                 WHERE i.volume = ?1 AND i.nlink > 0",
+            )?;
+            let rows = stmt.query_map([v.id], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
+            })?;
+            rows.filter_map(|r| r.ok())
+                .filter_map(|(h, s)| crate::ns::hash_from_db(h).map(|h| (h.to_hex(), s as u64)))
+                .collect()
+        };
+        tx.commit()?;
+        Ok(Manifest {
+            version: MANIFEST_VERSION,
+            volume: volume.to_owned(),
+            created: now_ns(),
+            root: v.root as i64,
+            blobs,
+            inodes,
+            dirents,
+            xattrs,
+        })
+    }
+
+    /// Uploads volume `volume` to `up` under `tag`. Only blobs the upstream lacks are sent.
+    pub fn push(
+        &self,
+        remote: &Remote,
+        up: &Upstream,
+        volume: &str,
+        tag: &str,
+    ) -> Result<PushReport> {
+        valid_tag(tag)?;
+        let m = self.snapshot(volume)?;
+        let mut report = PushReport {
+            tag: tag.to_owned(),
+            ..Default::default()
+        };
+        let mut pushed = Vec::new();
+        for (hex, size) in &m.blobs {
+            let h = Hash::from_hex(hex).ok_or(Error::Invalid("bad hash in snapshot"))?;
+            let key = blob_key(&h);
+            if Store::has_object(remote, up, &key)? {
+                report.blobs_present += 1;
+            } else {
+                // The blob file itself is the source: checked (size, inode) like any read.
+                let _f = self.open_blob(&h)?;
+                Store::put_object(up, &key, Some(&self.blob_path(&h)), &[])?;
+                report.blobs_uploaded += 1;
+                report.bytes_uploaded += size;
+            }
+            pushed.push(h);
+        }
+        let json = serde_json::to_vec(&m)
+            .map_err(|e| Error::Remote(format!("encoding the manifest: {e}")))?;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&json)
+            .and_then(|_| gz.try_finish())
+            .map_err(|e| Error::Remote(format!("compressing the manifest: {e}")))?;
+        let bytes = gz.finish().map_err(|e| Error::Remote(e.to_string()))?;
+        let mhash = blake3::hash(&bytes).to_hex().to_string();
+        Store::put_object(up, &format!("manifests/{mhash}"), None, &bytes)?;
+        // Blobs and the manifest first, the tag last: a reader following the tag finds
+        // everything it names.
+        Store::put_object(
+            up,
+            &format!("tags/{tag}"),
+            None,
+            format!("{mhash}\n").as_bytes(),
+        )?;
+        self.mark_remote(&pushed)?;
+        report.manifest = mhash;
+        Ok(report)
+    }
+
+    /// Makes volume `volume` the snapshot tagged `tag` on the upstreams (replacing what the
+    /// volume held), metadata only. The volume must not be mounted (the caller checks).
+    pub fn pull(&self, remote: &Remote, tag: &str, volume: &str) -> Result<PullReport> {
+        valid_tag(tag)?;
+        let pointer = Store::get_object(remote, &format!("tags/{tag}"))?;
+        let mhash = String::from_utf8_lossy(&pointer).trim().to_owned();
+        if Hash::from_hex(&mhash).is_none() {
+            return Err(Error::Remote(format!(
+                "tag {tag} does not name a manifest: {mhash:?}"
+            )));
+        }
+        let bytes = Store::get_object(remote, &format!("manifests/{mhash}"))?;
+        if blake3::hash(&bytes).to_hex().as_str() != mhash {
+            return Err(Error::Remote(format!(
+                "manifest {mhash} does not match its hash (damaged upstream?)"
+            )));
+        }
+        let mut json = Vec::new();
+        flate2::read::GzDecoder::new(&bytes[..])
+            .read_to_end(&mut json)
+            .map_err(|e| Error::Remote(format!("manifest {mhash}: {e}")))?;
+        let m: Manifest = serde_json::from_slice(&json)
+            .map_err(|e| Error::Remote(format!("manifest {mhash}: {e}")))?;
+        if m.version != MANIFEST_VERSION {
+            return Err(Error::Remote(format!(
+                "manifest {mhash} has version {}, this kcache reads {MANIFEST_VERSION}",
+                m.version
+            )));
+        }
+        if self.volume(volume, false, 0, 0).is_ok() {
+            self.remove_volume(volume)?;
+        }
+        self.install_manifest(&m, volume, &mhash)
+    }
+
+    fn install_manifest(&self, m: &Manifest, volume: &str, mhash: &str) -> Result<PullReport> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO volumes (name, root, created) VALUES (?1, 0, ?2)",
+            params![volume, now_ns()],
+        )?;
+        let vid = tx.last_insert_rowid();
+        let base: i64 = tx.query_row(
+            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'inodes'), 0),
+                        (SELECT coalesce(max(ino), 0) FROM inodes))",
+            [],
+            |r| r.get(0),
+        )?;
+        let mut ids: HashMap<i64, i64> = HashMap::new();
+        for (i, n) in m.inodes.iter().enumerate() {
+            ids.insert(n.id, base + 1 + i as i64);
+        }
+        let map = |id: i64| -> Result<i64> {
+            ids.get(&id)
+                .copied()
+                .ok_or_else(|| Error::Remote(format!("manifest names unknown inode {id}")))
+        };
+        let mut refs: HashMap<String, i64> = HashMap::new();
+        let mut files = 0;
+        {
+            let mut ins = tx.prepare(
+                "INSERT INTO inodes (ino, volume, kind, mode, uid, gid, size, atime, mtime, ctime,
+                                     nlink, rdev, parent, blob, target)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, NULL, ?13, ?14)",
+            )?;
+            for n in &m.inodes {
+                let blob = match &n.blob {
+                    Some(hex) => {
+                        let h = Hash::from_hex(hex)
+                            .ok_or_else(|| Error::Remote(format!("bad blob hash {hex}")))?;
+                        *refs.entry(hex.clone()).or_default() += 1;
+                        Some(h.0.to_vec())
+                    }
+                    None => None,
+                };
+                if n.kind == 1 {
+                    files += 1;
+                }
+                ins.execute(params![
+                    map(n.id)?,
+                    vid,
+                    n.kind,
+                    n.mode,
+                    n.uid,
+                    n.gid,
+                    n.size,
+                    n.atime,
+                    n.mtime,
+                    n.ctime,
+                    n.nlink,
+                    n.rdev,
+                    blob,
+                    n.target
+                ])?;
+            }
+            let mut dir =
+                tx.prepare("INSERT INTO dirents (parent, name, ino) VALUES (?1, ?2, ?3)")?;
+            let mut parent =
+                tx.prepare("UPDATE inodes SET parent = ?2 WHERE ino = ?1 AND kind = 2")?;
+            for (p, name, ino) in &m.dirents {
+                dir.execute(params![map(*p)?, name, map(*ino)?])?;
+                parent.execute(params![map(*ino)?, map(*p)?])?;
+            }
+            let mut x = tx.prepare("INSERT INTO xattrs (ino, name, value) VALUES (?1, ?2, ?3)")?;
+            for (ino, name, value) in &m.xattrs {
+                x.execute(params![map(*ino)?, name, value])?;
+            }
+        }
+        let sizes: HashMap<&String, u64> = m.blobs.iter().map(|(h, s)| (h, *s)).collect();
+        let mut remote_only = 0;
+        {
+            let mut up = tx.prepare(
+                "INSERT INTO blobs (hash, size, refs, state, file_ino, last_access, remote)
+                 VALUES (?1, ?2, ?3, 1, 0, 0, 1)
+                 ON CONFLICT (hash) DO UPDATE SET refs = refs + ?3, remote = 1",
+            )?;
+            let mut state = tx.prepare("SELECT state FROM blobs WHERE hash = ?1")?;
+            for (hex, n) in &refs {
+                let size = *sizes.get(hex).ok_or_else(|| {
+                    Error::Remote(format!("manifest lacks the size of blob {hex}"))
+                })?;
+                let h = Hash::from_hex(hex).expect("checked above");
+                up.execute(params![&h.0[..], size as i64, n])?;
+                let st: i64 = state.query_row([&h.0[..]], |r| r.get(0))?;
+                if st == 1 {
+                    remote_only += 1;
+                }
+            }
+        }
+        let root = map(m.root)?;
+        tx.execute(
+            "UPDATE volumes SET root = ?2 WHERE id = ?1",
+            params![vid, root],
+        )?;
+        tx.execute(
+            "UPDATE sqlite_sequence SET seq = (SELECT max(ino) FROM inodes) WHERE name = 'inodes'",
+            [],
+        )?;
+        tx.commit()?;
+        Ok(PullReport {
+            manifest: mhash.to_owned(),
+            files,
+            blobs: refs.len() as u64,
+            blobs_remote: remote_only,
+        })
+    }
+}

@@ -1,0 +1,235 @@
+//! The remote tier on real mounts: push to a shared directory, pull on another store, lazy
+//! fetch over file:// and HTTP (a static server on loopback), eviction that keeps names,
+//! upstreams that lie or hang.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kcache_tests::{hash_file, kcache, kcache_ok, pseudo_random, venv_python, workspace, Mount};
+
+/// Every file and symlink under `root`, with content hashes.
+fn tree(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            if m.file_type().is_symlink() {
+                out.push(format!("{rel} -> {}", fs::read_link(&p).unwrap().display()));
+            } else if m.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(format!("{rel} {}", hash_file(&p)));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A static HTTP server over `dir` on loopback (python's http.server).
+struct Static {
+    child: Child,
+    url: String,
+}
+
+impl Static {
+    fn start(dir: &Path) -> Static {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+            ])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "http.server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Static {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for Static {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn blob_files(up: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for d in fs::read_dir(up.join("blobs")).unwrap() {
+        for f in fs::read_dir(d.unwrap().path()).unwrap() {
+            v.push(f.unwrap().path());
+        }
+    }
+    v
+}
+
+#[test]
+fn push_a_pip_cache_pull_it_elsewhere_and_fetch_lazily_over_file_and_http() {
+    let Some(py) = venv_python() else { return };
+    let Some(a) = Mount::new() else { return };
+    let up = tempfile::tempdir().unwrap();
+    let up_url = format!("file://{}", up.path().display());
+    // Store A: a real pip cache, pushed to a shared directory.
+    let cache = a.path("pip");
+    fs::create_dir(&cache).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let out = Command::new(&py)
+        .arg(workspace().join("tests/py/pip_cache_check.py"))
+        .arg(&cache)
+        .arg(work.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    a.settle();
+    let store_a = a.store.to_str().unwrap().to_owned();
+    let out = kcache_ok(&["push", "--store", &store_a, &up_url, "--tag", "ci"]);
+    assert!(out.contains("0 already there"), "{out}");
+    let again = kcache_ok(&["push", "--store", &store_a, &up_url, "--tag", "ci"]);
+    assert!(
+        again.contains(" 0 blobs uploaded"),
+        "a second push uploads nothing: {again}"
+    );
+    let want = tree(&cache);
+
+    // Store B (file://) and store C (HTTP): pull is metadata only; content comes on open.
+    let http = Static::start(up.path());
+    for source in [format!("{up_url}:ci"), format!("{}:ci", http.url)] {
+        let dir = tempfile::tempdir().unwrap();
+        let store_b = dir.path().join("store");
+        let out = kcache_ok(&["pull", "--store", store_b.to_str().unwrap(), &source]);
+        assert!(out.contains("to fetch on first open"), "{out}");
+        let mnt = dir.path().join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        kcache_ok(&[
+            "mount",
+            "--store",
+            store_b.to_str().unwrap(),
+            mnt.to_str().unwrap(),
+        ]);
+        let stats = |k: &str| {
+            let (_, out) = kcache(&["stats", "--json", mnt.to_str().unwrap()]);
+            serde_json::from_str::<serde_json::Value>(&out).unwrap()[k]
+                .as_u64()
+                .unwrap()
+        };
+        assert_eq!(stats("usage_bytes"), 0, "nothing is fetched before an open");
+        assert_eq!(tree(&mnt.join("pip")), want, "pulled from {source}");
+        assert!(stats("usage_bytes") > 0);
+        // Evicting keeps every name: the content has a remote copy and comes back on open.
+        kcache_ok(&["evict", mnt.to_str().unwrap(), "--to", "0"]);
+        assert_eq!(stats("usage_bytes"), 0);
+        assert_eq!(
+            tree(&mnt.join("pip")),
+            want,
+            "after eviction, from {source}"
+        );
+        kcache_ok(&["umount", mnt.to_str().unwrap()]);
+    }
+}
+
+#[test]
+fn wrong_bytes_fail_over_or_give_eio_and_a_hung_upstream_gives_eio_in_time() {
+    let Some(a) = Mount::new() else { return };
+    let good = tempfile::tempdir().unwrap();
+    let bad = tempfile::tempdir().unwrap();
+    fs::write(a.path("f"), pseudo_random(1, 300_000)).unwrap();
+    a.settle();
+    let store_a = a.store.to_str().unwrap().to_owned();
+    for up in [good.path(), bad.path()] {
+        kcache_ok(&[
+            "push",
+            "--store",
+            &store_a,
+            &format!("file://{}", up.display()),
+        ]);
+    }
+    // The bad upstream flips a byte in every blob.
+    for b in blob_files(bad.path()) {
+        let mut data = fs::read(&b).unwrap();
+        data[0] ^= 1;
+        fs::write(&b, data).unwrap();
+    }
+    // A hung upstream: accepts connections, never answers.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_url = format!("http://{}", hung.local_addr().unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap().to_owned();
+    kcache_ok(&[
+        "pull",
+        "--store",
+        &s,
+        &format!("file://{}", good.path().display()),
+    ]);
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let m = mnt.to_str().unwrap().to_owned();
+    let mount = |opts: &str| kcache_ok(&["mount", "--store", &s, "-o", opts, &m]);
+    let bad_url = format!("file://{}", bad.path().display());
+    let good_url = format!("file://{}", good.path().display());
+
+    // Bad only: EIO, and nothing wrong is cached.
+    mount(&format!("upstream={bad_url}"));
+    let e = fs::read(mnt.join("f")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    kcache_ok(&["umount", &m]);
+    let log = fs::read_to_string(store.join("kcache.log")).unwrap();
+    assert!(log.contains("upstream sent wrong bytes"), "{log}");
+    // Bad first, good second: fails over, correct bytes.
+    mount(&format!("upstream={bad_url},upstream={good_url}"));
+    assert_eq!(fs::read(mnt.join("f")).unwrap(), pseudo_random(1, 300_000));
+    kcache_ok(&["evict", &m, "--to", "0"]);
+    kcache_ok(&["umount", &m]);
+
+    // Hung only, with a 3 s bound: EIO within the bound, and local files stay readable.
+    mount(&format!("upstream={hung_url},fetch_timeout=3"));
+    fs::write(mnt.join("local-only"), b"stays readable").unwrap();
+    let t = Instant::now();
+    let reader = std::thread::spawn({
+        let p = mnt.join("f");
+        move || fs::read(p).unwrap_err().raw_os_error()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let t_local = Instant::now();
+    assert_eq!(fs::read(mnt.join("local-only")).unwrap(), b"stays readable");
+    assert!(
+        t_local.elapsed() < Duration::from_secs(1),
+        "local reads were held up"
+    );
+    assert_eq!(reader.join().unwrap(), Some(libc::EIO));
+    let waited = t.elapsed();
+    assert!(
+        waited < Duration::from_secs(20),
+        "the open took {waited:?} with a 3 s bound"
+    );
+    kcache_ok(&["umount", &m]);
+    drop(hung);
+}
