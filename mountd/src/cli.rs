@@ -503,7 +503,14 @@ mod tests {
 
 /// Splits "UPSTREAM[:TAG]": a tag is a ':' suffix after the URL's last '/'.
 pub fn split_source(s: &str) -> (String, Option<String>) {
-    let slash = s.rfind('/').unwrap_or(0);
+    // Only after the host: "http://host:8080" has a port, not a tag.
+    let host_start = s.find("://").map_or(0, |i| i + 3);
+    let Some(path_start) = s[host_start..].find('/').map(|i| host_start + i) else {
+        return (s.to_owned(), None);
+    };
+    let slash = s[path_start..]
+        .rfind('/')
+        .map_or(path_start, |i| path_start + i);
     match s[slash..].rfind(':') {
         Some(i) => (
             s[..slash + i].to_owned(),
