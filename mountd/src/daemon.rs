@@ -475,6 +475,16 @@ impl Daemon {
         options: &[String],
     ) -> Result<()> {
         let opts = MountOpts::parse(options).map_err(|e| anyhow::anyhow!(e))?;
+        // Each mounted volume has one filesystem: its per-file locks and staged writes must
+        // not be split between two. A second place gets a bind mount of the first.
+        if let Some(m) = lock(&self.mounts).iter().find(|m| m.volume == volume) {
+            bail!(
+                "volume '{volume}' is already mounted at {}; bind-mount that (mount --bind {} {})",
+                m.mountpoint.display(),
+                m.mountpoint.display(),
+                mountpoint.display()
+            );
+        }
         let mountpoint = prepare_mountpoint(mountpoint)?;
         let store = self.primary.store();
         let info = store

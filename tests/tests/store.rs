@@ -241,6 +241,16 @@ fn refuses_bad_stores_mountpoints_and_arguments() {
         "{out}"
     );
     let (code, out) = kcache(&["mount", "--store", &s(&m.store), &s(&mp)]);
+    assert_eq!(code, 1, "the same volume twice must be refused: {out}");
+    assert!(out.contains("already mounted at"), "{out}");
+    let (code, out) = kcache(&[
+        "mount",
+        "--store",
+        &s(&m.store),
+        "--volume",
+        "other",
+        &s(&mp),
+    ]);
     assert_eq!(code, 0, "{out}");
     let (code, out) = kcache(&["umount", &s(&mp)]);
     assert_eq!(code, 0, "{out}");
