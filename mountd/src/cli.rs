@@ -149,6 +149,14 @@ pub enum Command {
         /// UPSTREAM[:TAG] (the tag defaults to the volume's name)
         source: String,
     },
+    /// Serve this store's blobs and volume snapshots over HTTP (read-only), as an upstream
+    /// for other machines: they pull http://ADDR:VOLUME
+    Serve {
+        #[arg(long)]
+        store: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1:8370")]
+        listen: String,
+    },
     /// Install mount.kcache (a symlink to this binary) so `mount -t kcache` and fstab work
     Install {
         /// Where mount(8) looks for helpers
@@ -506,6 +514,14 @@ pub fn split_source(s: &str) -> (String, Option<String>) {
     // Only after the host: "http://host:8080" has a port, not a tag.
     let host_start = s.find("://").map_or(0, |i| i + 3);
     let Some(path_start) = s[host_start..].find('/').map(|i| host_start + i) else {
+        // No path: "host:port:tag" (a second colon after the host starts the tag).
+        let authority = &s[host_start..];
+        let after_brackets = authority.rfind(']').map_or(0, |i| i + 1);
+        if authority[after_brackets..].matches(':').count() >= 2 {
+            let i =
+                host_start + after_brackets + authority[after_brackets..].rfind(':').unwrap_or(0);
+            return (s[..i].to_owned(), Some(s[i + 1..].to_owned()));
+        }
         return (s.to_owned(), None);
     };
     let slash = s[path_start..]

@@ -48,6 +48,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             volume,
             source,
         } => admin::pull(store, volume, source),
+        Command::Serve { store, listen } => {
+            crate::serve::serve(&store.unwrap_or_else(default_store), &listen)
+        }
         Command::Install { dir, force } => crate::helper::install(&dir, force),
         Command::Volume { store, cmd } => admin::volume(store, cmd),
         Command::Verify { store, json } => verify(&store.unwrap_or_else(default_store), json),

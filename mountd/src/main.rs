@@ -9,6 +9,7 @@ mod helper;
 mod import;
 mod metrics;
 mod mountinfo;
+mod serve;
 
 use std::process::ExitCode;
 

@@ -78,7 +78,25 @@ fn valid_tag(tag: &str) -> Result<()> {
     Ok(())
 }
 
+/// The compressed manifest and its name (BLAKE3 of the compressed bytes).
+fn encode(m: &Manifest) -> Result<(String, Vec<u8>)> {
+    let json =
+        serde_json::to_vec(m).map_err(|e| Error::Remote(format!("encoding the manifest: {e}")))?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&json)
+        .map_err(|e| Error::Remote(format!("compressing the manifest: {e}")))?;
+    let bytes = gz
+        .finish()
+        .map_err(|e| Error::Remote(format!("compressing the manifest: {e}")))?;
+    Ok((blake3::hash(&bytes).to_hex().to_string(), bytes))
+}
+
 impl Store {
+    /// A snapshot of volume `volume` now, encoded as a manifest: (hash, bytes).
+    pub fn snapshot_bytes(&self, volume: &str) -> Result<(String, Vec<u8>)> {
+        encode(&self.snapshot(volume)?)
+    }
+
     fn snapshot(&self, volume: &str) -> Result<Manifest> {
         let v = self.volume(volume, false, 0, 0)?;
         let mut conn = self.conn();
@@ -181,14 +199,7 @@ impl Store {
             }
             pushed.push(h);
         }
-        let json = serde_json::to_vec(&m)
-            .map_err(|e| Error::Remote(format!("encoding the manifest: {e}")))?;
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        gz.write_all(&json)
-            .and_then(|_| gz.try_finish())
-            .map_err(|e| Error::Remote(format!("compressing the manifest: {e}")))?;
-        let bytes = gz.finish().map_err(|e| Error::Remote(e.to_string()))?;
-        let mhash = blake3::hash(&bytes).to_hex().to_string();
+        let (mhash, bytes) = encode(&m)?;
         Store::put_object(up, &format!("manifests/{mhash}"), None, &bytes)?;
         // Blobs and the manifest first, the tag last: a reader following the tag finds
         // everything it names.

@@ -233,3 +233,188 @@ fn wrong_bytes_fail_over_or_give_eio_and_a_hung_upstream_gives_eio_in_time() {
     kcache_ok(&["umount", &m]);
     drop(hung);
 }
+
+/// tests/py/static_server.py: a static server that counts what it sends.
+struct Counting {
+    child: Child,
+    url: String,
+}
+
+impl Counting {
+    fn start(dir: &Path) -> Counting {
+        use std::io::BufRead;
+        let mut child = Command::new("python3")
+            .arg(workspace().join("tests/py/static_server.py"))
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .strip_prefix("url: ")
+            .expect("server url")
+            .trim()
+            .to_owned();
+        Counting { child, url }
+    }
+
+    /// Stops the server; returns bytes sent per path.
+    fn stop(mut self) -> serde_json::Value {
+        use std::io::Read;
+        drop(self.child.stdin.take());
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let _ = self.child.wait();
+        let line = out
+            .lines()
+            .find_map(|l| l.strip_prefix("sent: "))
+            .expect("sent line");
+        serde_json::from_str(line).unwrap()
+    }
+}
+
+#[test]
+fn twenty_readers_on_two_mounts_cause_one_download() {
+    let Some(a) = Mount::new() else { return };
+    let up = tempfile::tempdir().unwrap();
+    let size = 8 << 20;
+    fs::write(a.path("big"), pseudo_random(5, size)).unwrap();
+    a.settle();
+    let store_a = a.store.to_str().unwrap().to_owned();
+    kcache_ok(&[
+        "push",
+        "--store",
+        &store_a,
+        &format!("file://{}", up.path().display()),
+    ]);
+    let server = Counting::start(up.path());
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("store").to_str().unwrap().to_owned();
+    // The same snapshot in two volumes, mounted at two places: one blob, two mounts.
+    let mut mnts = Vec::new();
+    for v in ["one", "two"] {
+        kcache_ok(&[
+            "pull",
+            "--store",
+            &s,
+            "--volume",
+            v,
+            &format!("{}:default", server.url),
+        ]);
+        let mnt = dir.path().join(v);
+        fs::create_dir(&mnt).unwrap();
+        mnts.push(mnt);
+    }
+    kcache_ok(&[
+        "mount",
+        "--store",
+        &s,
+        "--volume",
+        "one",
+        mnts[0].to_str().unwrap(),
+    ]);
+    kcache_ok(&[
+        "mount",
+        "--store",
+        &s,
+        "--volume",
+        "two",
+        mnts[1].to_str().unwrap(),
+    ]);
+    let want = pseudo_random(5, size);
+    let readers: Vec<_> = (0..20)
+        .map(|i| {
+            let p = mnts[i % 2].join("big");
+            std::thread::spawn(move || fs::read(p).unwrap())
+        })
+        .collect();
+    for r in readers {
+        assert!(r.join().unwrap() == want, "a reader got wrong bytes");
+    }
+    kcache_ok(&["umount", mnts[1].to_str().unwrap()]);
+    kcache_ok(&["umount", mnts[0].to_str().unwrap()]);
+    let sent = server.stop();
+    let blob_bytes: u64 = sent
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("/blobs/"))
+        .map(|(_, v)| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(blob_bytes, size as u64, "the server sent {sent}");
+}
+
+#[test]
+fn kcache_serve_is_an_upstream_with_ranges() {
+    let Some(a) = Mount::new() else { return };
+    fs::create_dir(a.path("d")).unwrap();
+    fs::write(a.path("d/f"), pseudo_random(9, 200_000)).unwrap();
+    std::os::unix::fs::symlink("d/f", a.path("link")).unwrap();
+    a.settle();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut serve = Command::new(kcache_tests::kcache_bin())
+        .args([
+            "serve",
+            "--store",
+            a.store.to_str().unwrap(),
+            "--listen",
+            &listen,
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(&listen).is_err() {
+        assert!(Instant::now() < deadline, "kcache serve did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A byte range of a blob.
+    let h = hash_file(&a.path("d/f")).to_hex().to_string();
+    let raw = |req: &str| -> Vec<u8> {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(&listen).unwrap();
+        c.write_all(req.as_bytes()).unwrap();
+        let mut v = Vec::new();
+        c.read_to_end(&mut v).unwrap();
+        v
+    };
+    let resp = raw(&format!(
+        "GET /blobs/{}/{h} HTTP/1.0\r\nRange: bytes=1000-1999\r\n\r\n",
+        &h[..2]
+    ));
+    let text = String::from_utf8_lossy(&resp);
+    assert!(
+        text.starts_with("HTTP/1.1 206") || text.starts_with("HTTP/1.0 206"),
+        "{text:.200}"
+    );
+    assert!(text.contains("bytes 1000-1999/200000"), "{text:.300}");
+    let body = &resp[resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+    assert_eq!(body, &pseudo_random(9, 200_000)[1000..2000]);
+
+    // Another store pulls the volume straight from it.
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("store").to_str().unwrap().to_owned();
+    kcache_ok(&["pull", "--store", &s, &format!("http://{listen}:default")]);
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    kcache_ok(&["mount", "--store", &s, mnt.to_str().unwrap()]);
+    assert_eq!(tree(&mnt), tree(&a.mnt));
+    kcache_ok(&["umount", mnt.to_str().unwrap()]);
+    let _ = serve.kill();
+    let _ = serve.wait();
+}
