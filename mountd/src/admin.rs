@@ -472,14 +472,57 @@ pub fn du(vol: &VolumeAt, path: Option<&Path>, depth: u32, json: bool) -> Result
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn keygen(out: &Path) -> Result<ExitCode> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (secret, public) = kcache_store::generate_key()?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("creating {} (it must not exist yet)", out.display()))?;
+    writeln!(f, "{secret}")?;
+    std::fs::write(out.with_extension("pub"), format!("{public}\n"))
+        .with_context(|| format!("writing {}", out.with_extension("pub").display()))?;
+    println!("{public}");
+    eprintln!(
+        "secret key in {} (keep it private); public key above and in {}",
+        out.display(),
+        out.with_extension("pub").display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A key given on the command line: the hex itself, or a file holding it.
+fn read_key(k: &str) -> Result<String> {
+    let p = Path::new(k);
+    if p.exists() {
+        return Ok(std::fs::read_to_string(p)
+            .with_context(|| format!("reading key {}", p.display()))?
+            .trim()
+            .to_owned());
+    }
+    Ok(k.trim().to_owned())
+}
+
 pub fn push(
     store: Option<PathBuf>,
     volume: String,
     tag: Option<String>,
+    sign: Option<PathBuf>,
     upstream: String,
 ) -> Result<ExitCode> {
     let store = store.unwrap_or_else(default_store);
     let tag = tag.unwrap_or_else(|| volume.clone());
+    let sign = match sign {
+        Some(p) => {
+            let k = read_key(&p.display().to_string())?;
+            kcache_store::public_key_of(&k)
+                .with_context(|| format!("signing key {}", p.display()))?;
+            Some(k)
+        }
+        None => None,
+    };
     let v = request(
         &store,
         Some(&volume),
@@ -487,6 +530,7 @@ pub fn push(
             volume: volume.clone(),
             upstream: upstream.clone(),
             tag: tag.clone(),
+            sign,
         },
     )?;
     println!(
@@ -499,7 +543,16 @@ pub fn push(
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn pull(store: Option<PathBuf>, volume: String, source: String) -> Result<ExitCode> {
+pub fn pull(
+    store: Option<PathBuf>,
+    volume: String,
+    trusted_keys: Vec<String>,
+    source: String,
+) -> Result<ExitCode> {
+    let trusted_keys = trusted_keys
+        .iter()
+        .map(|k| read_key(k))
+        .collect::<Result<Vec<_>>>()?;
     let store = store.unwrap_or_else(default_store);
     let (upstream, tag) = crate::cli::split_source(&source);
     let tag = tag.unwrap_or_else(|| volume.clone());
@@ -514,6 +567,7 @@ pub fn pull(store: Option<PathBuf>, volume: String, source: String) -> Result<Ex
             volume: volume.clone(),
             upstream: upstream.clone(),
             tag: tag.clone(),
+            trusted_keys,
         },
     )?;
     println!(

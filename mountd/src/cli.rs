@@ -136,8 +136,17 @@ pub enum Command {
         /// Tag to publish under [default: the volume's name]
         #[arg(long)]
         tag: Option<String>,
+        /// Sign the snapshot with this secret key file (from `kcache keygen`)
+        #[arg(long, value_name = "KEYFILE")]
+        sign: Option<PathBuf>,
         /// file:///path (s3:// is not supported by this build yet)
         upstream: String,
+    },
+    /// Make an ed25519 key pair for signing snapshots
+    Keygen {
+        /// Where to write the secret key (mode 0600); the public key is printed
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
     /// Make a volume the snapshot an upstream tag names (metadata only; content is fetched
     /// on first open)
@@ -146,6 +155,10 @@ pub enum Command {
         store: Option<PathBuf>,
         #[arg(long, default_value = "default")]
         volume: String,
+        /// Accept only snapshots signed by this public key (hex, or a file holding it);
+        /// remembered by the store, so later pulls require a trusted signature too
+        #[arg(long = "trusted-key", value_name = "KEY")]
+        trusted_keys: Vec<String>,
         /// UPSTREAM[:TAG] (the tag defaults to the volume's name)
         source: String,
     },

@@ -41,13 +41,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             store,
             volume,
             tag,
+            sign,
             upstream,
-        } => admin::push(store, volume, tag, upstream),
+        } => admin::push(store, volume, tag, sign, upstream),
         Command::Pull {
             store,
             volume,
+            trusted_keys,
             source,
-        } => admin::pull(store, volume, source),
+        } => admin::pull(store, volume, trusted_keys, source),
+        Command::Keygen { out } => admin::keygen(&out),
         Command::Serve { store, listen } => {
             crate::serve::serve(&store.unwrap_or_else(default_store), &listen)
         }

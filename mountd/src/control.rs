@@ -108,11 +108,14 @@ pub enum Request {
         volume: String,
         upstream: String,
         tag: String,
+        /// Secret signing key, hex (the socket is the daemon user's only).
+        sign: Option<String>,
     },
     Pull {
         volume: String,
         upstream: String,
         tag: String,
+        trusted_keys: Vec<String>,
     },
     /// Mount one more volume (daemon only).
     Mount {
@@ -289,12 +292,13 @@ pub fn handle(
             volume,
             upstream,
             tag,
+            sign,
         } => {
             let up = kcache_store::Upstream::parse(&upstream)?;
             let remote = kcache_store::Remote::new(vec![up.clone()], Default::default())
                 .map_err(|e| e.to_string())?;
             let r = store
-                .push(&remote, &up, &volume, &tag)
+                .push(&remote, &up, &volume, &tag, sign.as_deref())
                 .map_err(|e| format!("pushing volume '{volume}' to {upstream}: {e}"))?;
             Ok(serde_json::to_value(r).map_err(|e| e.to_string())?)
         }
@@ -302,6 +306,7 @@ pub fn handle(
             volume,
             upstream,
             tag,
+            trusted_keys,
         } => {
             if mounted.contains(&volume) {
                 return Err(format!(
@@ -311,8 +316,14 @@ pub fn handle(
             let up = kcache_store::Upstream::parse(&upstream)?;
             let remote = kcache_store::Remote::new(vec![up], Default::default())
                 .map_err(|e| e.to_string())?;
+            // Keys given now are remembered: once a store trusts a key, it never again takes
+            // an unsigned snapshot.
+            for k in &trusted_keys {
+                store.add_trusted_key(k).map_err(|e| e.to_string())?;
+            }
+            let trusted = store.trusted_keys().map_err(|e| e.to_string())?;
             let r = store
-                .pull(&remote, &tag, &volume)
+                .pull(&remote, &tag, &volume, &trusted)
                 .map_err(|e| format!("pulling {upstream}:{tag} into volume '{volume}': {e}"))?;
             store
                 .add_upstream_setting(&upstream)

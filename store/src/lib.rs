@@ -36,7 +36,7 @@ pub use lru::{EvictPolicy, Evicted, ACCESS_BATCH};
 pub use maint::{Counter, DuEntry, GcReport, Limits, MinFree, Removed};
 pub use ns::{Renamed, SetAttr, Stats, VolumeInfo};
 pub use remote::{FetchConfig, Remote, Upstream};
-pub use snapshot::{PullReport, PushReport};
+pub use snapshot::{generate_key, public_key_of, PullReport, PushReport};
 pub use volumes::VolumeSummary;
 
 use error::IoContext;

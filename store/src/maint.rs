@@ -260,6 +260,31 @@ impl Store {
         Ok(())
     }
 
+    /// Public keys (hex) whose signatures `pull` requires.
+    pub fn trusted_keys(&self) -> Result<Vec<String>> {
+        Ok(self
+            .setting("trusted_keys")?
+            .map(|s| s.lines().map(str::to_owned).collect())
+            .unwrap_or_default())
+    }
+
+    pub fn add_trusted_key(&self, key: &str) -> Result<()> {
+        let key = key.trim().to_ascii_lowercase();
+        if key.len() != 64 || !key.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(Error::Invalid("a public key is 64 hex digits"));
+        }
+        let mut list = self.trusted_keys()?;
+        if !list.contains(&key) {
+            list.push(key);
+        }
+        self.conn().execute(
+            "INSERT INTO settings (name, value) VALUES ('trusted_keys', ?1)
+             ON CONFLICT (name) DO UPDATE SET value = ?1",
+            [list.join("\n")],
+        )?;
+        Ok(())
+    }
+
     /// Resolves a path inside a volume (components separated by '/', no symlinks followed)
     /// to an inode.
     pub fn resolve(&self, root: Ino, path: &str) -> Result<Ino> {

@@ -14,6 +14,102 @@ use crate::{now_ns, Hash, Store};
 
 const MANIFEST_VERSION: u32 = 1;
 
+/// What a signature covers: the manifest's hash, with a context prefix so a signature can
+/// never be replayed as anything else.
+fn signed_message(manifest_hash: &str) -> Vec<u8> {
+    format!("kcache-manifest-v1:{manifest_hash}").into_bytes()
+}
+
+fn to_hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn from_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let s = s.trim();
+    if s.len() != N * 2 {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A new ed25519 key pair: (secret, public), hex.
+pub fn generate_key() -> Result<(String, String)> {
+    let mut seed = [0u8; 32];
+    // SAFETY: getrandom writes at most len bytes into the buffer.
+    let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+    if n != 32 {
+        return Err(Error::Remote(
+            "no randomness for a new key (getrandom failed)".into(),
+        ));
+    }
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    Ok((to_hex(&seed), to_hex(key.verifying_key().as_bytes())))
+}
+
+/// The public key (hex) of a secret key (hex).
+pub fn public_key_of(secret_hex: &str) -> Result<String> {
+    let seed = from_hex::<32>(secret_hex).ok_or(Error::Invalid("a secret key is 64 hex digits"))?;
+    Ok(to_hex(
+        ed25519_dalek::SigningKey::from_bytes(&seed)
+            .verifying_key()
+            .as_bytes(),
+    ))
+}
+
+/// Checks the tag's signature lines against the trusted keys: fine when no key is trusted
+/// (signatures are then not required) or when a trusted key signed `manifest_hash`.
+fn check_signature(
+    tag: &str,
+    lines: &[&str],
+    manifest_hash: &str,
+    trusted: &[String],
+) -> Result<()> {
+    if trusted.is_empty() {
+        return Ok(());
+    }
+    let msg = signed_message(manifest_hash);
+    let mut seen = Vec::new();
+    for l in lines {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let ["sig", "ed25519", key, sig] = f.as_slice() else {
+            continue;
+        };
+        seen.push(key.to_string());
+        if !trusted.iter().any(|t| t.eq_ignore_ascii_case(key)) {
+            continue;
+        }
+        let (Some(k), Some(sg)) = (from_hex::<32>(key), from_hex::<64>(sig)) else {
+            return Err(Error::Remote(format!(
+                "tag {tag}: malformed signature line"
+            )));
+        };
+        let vk = ed25519_dalek::VerifyingKey::from_bytes(&k)
+            .map_err(|_| Error::Remote(format!("tag {tag}: bad public key {key}")))?;
+        return vk
+            .verify_strict(&msg, &ed25519_dalek::Signature::from_bytes(&sg))
+            .map_err(|_| {
+                Error::Remote(format!(
+                    "tag {tag}: the signature by trusted key {key} does not verify; refusing the manifest"
+                ))
+            });
+    }
+    if seen.is_empty() {
+        return Err(Error::Remote(format!(
+            "tag {tag} is unsigned, and this store only accepts manifests signed by {}",
+            trusted.join(", ")
+        )));
+    }
+    Err(Error::Remote(format!(
+        "tag {tag} is signed by {}, which is not a trusted key (trusted: {})",
+        seen.join(", "),
+        trusted.join(", ")
+    )))
+}
+
 #[derive(Serialize, Deserialize)]
 struct Manifest {
     version: u32,
@@ -177,6 +273,7 @@ impl Store {
         up: &Upstream,
         volume: &str,
         tag: &str,
+        sign: Option<&str>,
     ) -> Result<PushReport> {
         valid_tag(tag)?;
         let m = self.snapshot(volume)?;
@@ -203,12 +300,19 @@ impl Store {
         Store::put_object(up, &format!("manifests/{mhash}"), None, &bytes)?;
         // Blobs and the manifest first, the tag last: a reader following the tag finds
         // everything it names.
-        Store::put_object(
-            up,
-            &format!("tags/{tag}"),
-            None,
-            format!("{mhash}\n").as_bytes(),
-        )?;
+        let mut pointer = format!("{mhash}\n");
+        if let Some(secret) = sign {
+            let seed =
+                from_hex::<32>(secret).ok_or(Error::Invalid("a secret key is 64 hex digits"))?;
+            let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+            let sig = ed25519_dalek::Signer::sign(&key, &signed_message(&mhash));
+            pointer.push_str(&format!(
+                "sig ed25519 {} {}\n",
+                to_hex(key.verifying_key().as_bytes()),
+                to_hex(&sig.to_bytes())
+            ));
+        }
+        Store::put_object(up, &format!("tags/{tag}"), None, pointer.as_bytes())?;
         self.mark_remote(&pushed)?;
         report.manifest = mhash;
         Ok(report)
@@ -216,16 +320,26 @@ impl Store {
 
     /// Makes volume `volume` the snapshot tagged `tag` on the upstreams (replacing what the
     /// volume held), metadata only. The volume must not be mounted (the caller checks).
-    pub fn pull(&self, remote: &Remote, tag: &str, volume: &str) -> Result<PullReport> {
+    pub fn pull(
+        &self,
+        remote: &Remote,
+        tag: &str,
+        volume: &str,
+        trusted: &[String],
+    ) -> Result<PullReport> {
         valid_tag(tag)?;
         let pointer = Store::get_object(remote, &format!("tags/{tag}"))?;
-        let mhash = String::from_utf8_lossy(&pointer).trim().to_owned();
+        let pointer = String::from_utf8_lossy(&pointer).into_owned();
+        let mut lines = pointer.lines();
+        let mhash = lines.next().unwrap_or("").trim().to_owned();
+        let rest: Vec<&str> = lines.collect();
         if Hash::from_hex(&mhash).is_none() {
             return Err(Error::Remote(format!(
                 "tag {tag} does not name a manifest: {mhash:?}"
             )));
         }
         let bytes = Store::get_object(remote, &format!("manifests/{mhash}"))?;
+        check_signature(tag, &rest, &mhash, trusted)?;
         if blake3::hash(&bytes).to_hex().as_str() != mhash {
             return Err(Error::Remote(format!(
                 "manifest {mhash} does not match its hash (damaged upstream?)"

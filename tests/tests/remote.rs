@@ -418,3 +418,107 @@ fn kcache_serve_is_an_upstream_with_ranges() {
     let _ = serve.kill();
     let _ = serve.wait();
 }
+
+#[test]
+fn signed_snapshots_pull_only_with_the_trusted_key() {
+    let Some(a) = Mount::new() else { return };
+    fs::write(a.path("f"), b"signed content").unwrap();
+    a.settle();
+    let keys = tempfile::tempdir().unwrap();
+    let k1 = keys.path().join("k1");
+    let k2 = keys.path().join("k2");
+    // The public key is the first line printed (stdout; the note about the files follows).
+    let keygen = |k: &Path| {
+        kcache_ok(&["keygen", "--out", k.to_str().unwrap()])
+            .lines()
+            .next()
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let (pub1, pub2) = (keygen(&k1), keygen(&k2));
+    assert_eq!(pub1.len(), 64, "{pub1}");
+    assert_ne!(pub1, pub2);
+    let up = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", up.path().display());
+    let sa = a.store.to_str().unwrap().to_owned();
+    kcache_ok(&[
+        "push",
+        "--store",
+        &sa,
+        &url,
+        "--tag",
+        "signed",
+        "--sign",
+        k1.to_str().unwrap(),
+    ]);
+    kcache_ok(&["push", "--store", &sa, &url, "--tag", "plain"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("store").to_str().unwrap().to_owned();
+    // The wrong key is refused, naming the key that signed.
+    let (code, out) = kcache(&[
+        "pull",
+        "--store",
+        &s,
+        "--trusted-key",
+        &pub2,
+        &format!("{url}:signed"),
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("not a trusted key") && out.contains(&pub1),
+        "{out}"
+    );
+    // The right key (given as its .pub file) works.
+    let out = kcache_ok(&[
+        "pull",
+        "--store",
+        &s,
+        "--trusted-key",
+        k1.with_extension("pub").to_str().unwrap(),
+        &format!("{url}:signed"),
+    ]);
+    assert!(out.contains("1 files"), "{out}");
+    // Once keys are trusted, an unsigned snapshot is refused even without --trusted-key.
+    let (code, out) = kcache(&[
+        "pull",
+        "--store",
+        &s,
+        "--volume",
+        "other",
+        &format!("{url}:plain"),
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("is unsigned"), "{out}");
+    // A tampered signature does not verify.
+    let tag = up.path().join("tags/signed");
+    let text = fs::read_to_string(&tag).unwrap();
+    let (head, sig) = text.trim_end().rsplit_once(' ').unwrap();
+    let flipped: String = sig
+        .chars()
+        .enumerate()
+        .map(|(i, c)| {
+            if i == 0 {
+                if c == '0' {
+                    '1'
+                } else {
+                    '0'
+                }
+            } else {
+                c
+            }
+        })
+        .collect();
+    fs::write(&tag, format!("{head} {flipped}\n")).unwrap();
+    let (code, out) = kcache(&[
+        "pull",
+        "--store",
+        &s,
+        "--volume",
+        "third",
+        &format!("{url}:signed"),
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("does not verify"), "{out}");
+}
