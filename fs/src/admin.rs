@@ -73,7 +73,11 @@ impl KcacheFs {
 
     /// Garbage collection; inodes the kernel or a handle still holds are left alone.
     pub fn gc(&self) -> Result<GcReport> {
-        let report = self.store.gc(|ino| self.is_held(ino))?;
+        // Held by any mount of the store, not only this one.
+        let peers = self.peers();
+        let report = self
+            .store
+            .gc(|ino| self.is_held(ino) || peers.iter().any(|p| p.is_held(ino)))?;
         tracing::info!(?report, "garbage collected");
         Ok(report)
     }

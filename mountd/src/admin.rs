@@ -384,9 +384,10 @@ fn locate_all(vol: &VolumeAt, paths: &[PathBuf]) -> Result<(PathBuf, Option<Stri
     for p in paths {
         let (s, v, vp) = locate(vol, Some(p))?;
         match &store_vol {
-            Some((s0, _)) if *s0 != s => {
-                bail!("{} is in another store than the other paths", p.display())
-            }
+            Some((s0, v0)) if *s0 != s || *v0 != v => bail!(
+                "{} is in another store or volume than the other paths; give them one at a time",
+                p.display()
+            ),
             _ => store_vol = Some((s, v)),
         }
         out.push(vp);

@@ -259,9 +259,11 @@ pub fn handle(
             if store.volume(&name, false, 0, 0).is_ok() {
                 return Err(format!("volume '{name}' already exists"));
             }
-            // The new volume's root belongs to whoever asked (root, through the socket).
+            // The new volume's root belongs to the store's owner (the daemon's user).
+            // SAFETY: getuid/getgid have no preconditions.
+            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
             store
-                .volume(&name, true, 0, 0)
+                .volume(&name, true, uid, gid)
                 .map_err(|e| format!("creating volume '{name}': {e}"))?;
             Ok(json!({"created": name}))
         }

@@ -345,6 +345,7 @@ fn apply_limits(fs: &KcacheFs, opts: &MountOpts) -> Result<()> {
 
 /// One mounted volume.
 struct MountRec {
+    id: u64,
     mountpoint: PathBuf,
     volume: String,
     /// Device number of the mount (st_dev), which identifies it through bind mounts.
@@ -422,11 +423,23 @@ impl Daemon {
         .with_context(|| format!("mounting at {}", mountpoint.display()))?;
         fs.set_kernel_cache(Arc::new(kcache_fs::NotifierCache(session.notifier())));
         fs.register();
+        // Recorded before the session runs (so a volume being mounted counts as mounted) and
+        // removed by its own id when the session ends (a lazily detached old session at the
+        // same path must not remove a newer mount's record).
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        lock(&self.mounts).push(MountRec {
+            id,
+            mountpoint: mountpoint.to_owned(),
+            volume: fs.volume().name.clone(),
+            dev: 0,
+            fs: fs.clone(),
+        });
         *lock(&self.live) += 1;
         let me = self.clone();
         let run_fs = fs.clone();
         let mp = mountpoint.to_owned();
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("fuse-session".into())
             .spawn(move || {
                 if let Err(e) = session.run() {
@@ -434,11 +447,17 @@ impl Daemon {
                 }
                 // Commit what is still staged before the mount counts as gone.
                 run_fs.flush_all();
-                lock(&me.mounts).retain(|m| m.mountpoint != mp);
+                lock(&me.mounts).retain(|m| m.id != id);
                 tracing::info!(mountpoint = %mp.display(), "unmounted");
                 *lock(&me.live) -= 1;
                 me.ended.notify_all();
-            })?;
+            });
+        if let Err(e) = spawned {
+            lock(&self.mounts).retain(|m| m.id != id);
+            *lock(&self.live) -= 1;
+            self.ended.notify_all();
+            return Err(e.into());
+        }
 
         // The mount answers once a stat of the root goes through the new session.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -446,6 +465,8 @@ impl Daemon {
             match std::fs::metadata(mountpoint) {
                 Ok(m) => break std::os::unix::fs::MetadataExt::dev(&m),
                 Err(e) if Instant::now() > deadline => {
+                    // Detach it: the session then ends and cleans up after itself.
+                    let _ = unmount_path(mountpoint, true);
                     bail!("mount at {} does not answer: {e}", mountpoint.display())
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -457,12 +478,9 @@ impl Daemon {
             volume = %fs.volume().name,
             "mounted"
         );
-        lock(&self.mounts).push(MountRec {
-            mountpoint: mountpoint.to_owned(),
-            volume: fs.volume().name.clone(),
-            dev,
-            fs,
-        });
+        if let Some(m) = lock(&self.mounts).iter_mut().find(|m| m.id == id) {
+            m.dev = dev;
+        }
         Ok(())
     }
 
@@ -487,8 +505,10 @@ impl Daemon {
         }
         let mountpoint = prepare_mountpoint(mountpoint)?;
         let store = self.primary.store();
+        // SAFETY: getuid/getgid have no preconditions.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         let info = store
-            .volume(volume, true, 0, 0)
+            .volume(volume, true, uid, gid)
             .with_context(|| format!("opening volume {volume}"))?;
         apply_root_owner(store, info.root, &opts)?;
         apply_limits(&self.primary, &opts)?;

@@ -34,6 +34,12 @@ pub fn import(vol: &VolumeAt, src: &Path, dest: &Path) -> Result<ExitCode> {
     if !meta.is_dir() {
         bail!("{} is not a directory", src.display());
     }
+    if dest
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        bail!("{}: '..' is not allowed in the destination", dest.display());
+    }
     let Some(store) = &vol.store else {
         return import_into(src, &in_mount(dest)?);
     };

@@ -178,7 +178,7 @@ impl Store {
                     continue;
                 }
                 if let Some(_guard) = claim(&h) {
-                    used = used.saturating_sub(self.evict_blob(&h, &mut out)?);
+                    used = used.saturating_sub(self.evict_blob(&h, last, &mut out)?);
                 }
             }
         }
@@ -187,13 +187,15 @@ impl Store {
 
     /// Removes one blob and every inode (all their names) that holds it, in one transaction.
     /// Returns the bytes freed.
-    fn evict_blob(&self, h: &Hash, out: &mut Evicted) -> Result<u64> {
+    /// `last` is the access time the candidate was chosen with: a blob used since (a commit
+    /// that just deduplicated onto it, say) is not evicted.
+    fn evict_blob(&self, h: &Hash, last: i64, out: &mut Evicted) -> Result<u64> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let Some((size, remote)) = tx
             .query_row(
-                "SELECT size, remote FROM blobs WHERE hash = ?1 AND state = 0",
-                [&h.0[..]],
+                "SELECT size, remote FROM blobs WHERE hash = ?1 AND state = 0 AND last_access = ?2",
+                params![&h.0[..], last],
                 |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
             )
             .optional()?

@@ -516,6 +516,17 @@ impl Store {
         let tx = conn.transaction()?;
         let now = now_ns();
         for (name, ino, _) in entries {
+            // Renamed or replaced since it was listed: leave it alone.
+            let still: Option<i64> = tx
+                .query_row(
+                    "SELECT ino FROM dirents WHERE parent = ?1 AND name = ?2",
+                    params![dir as i64, &name],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if still != Some(ino as i64) {
+                continue;
+            }
             let nlink = crate::ns::drop_link(&tx, dir, &name, ino, now)?;
             removed.push((dir, name, ino, nlink));
         }
