@@ -142,6 +142,11 @@ pub enum Command {
         /// file:///path (s3:// is not supported by this build yet)
         upstream: String,
     },
+    /// Fetch the content of files (or whole trees) in a mount now, instead of on first open
+    Prefetch {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Make an ed25519 key pair for signing snapshots
     Keygen {
         /// Where to write the secret key (mode 0600); the public key is printed

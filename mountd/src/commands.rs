@@ -50,6 +50,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             trusted_keys,
             source,
         } => admin::pull(store, volume, trusted_keys, source),
+        Command::Prefetch { paths } => crate::import::prefetch(&paths),
         Command::Keygen { out } => admin::keygen(&out),
         Command::Serve { store, listen } => {
             crate::serve::serve(&store.unwrap_or_else(default_store), &listen)

@@ -343,3 +343,66 @@ fn copy_file(
     t.bytes_copied += n;
     Ok(())
 }
+
+/// `kcache prefetch`: opens every file under `paths` in a mount, which fetches content that
+/// only an upstream has (the first open downloads and verifies the whole file).
+pub fn prefetch(paths: &[PathBuf]) -> Result<ExitCode> {
+    let mut files = Vec::new();
+    let mut stack: Vec<PathBuf> = paths.to_vec();
+    while let Some(p) = stack.pop() {
+        let m = fs::symlink_metadata(&p).with_context(|| format!("{}", p.display()))?;
+        if m.is_dir() {
+            for e in fs::read_dir(&p).with_context(|| format!("reading {}", p.display()))? {
+                stack.push(
+                    e.with_context(|| format!("reading {}", p.display()))?
+                        .path(),
+                );
+            }
+        } else if m.is_file() {
+            files.push((p, m.len()));
+        }
+    }
+    let total: u64 = files.iter().map(|f| f.1).sum();
+    let bar = ProgressBar::with_draw_target(
+        Some(total),
+        if std::io::stderr().is_terminal() {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut failed = 0;
+    for (p, len) in &files {
+        let res = File::open(p).and_then(|f| {
+            let mut b = [0u8; 1];
+            std::io::Read::read(&mut &f, &mut b).map(|_| ())
+        });
+        if let Err(e) = res {
+            bar.suspend(|| eprintln!("kcache: {}: {e}", p.display()));
+            failed += 1;
+        }
+        bar.inc(*len);
+    }
+    bar.finish_and_clear();
+    println!(
+        "prefetched {} files ({}){}",
+        files.len() - failed,
+        human(total),
+        if failed > 0 {
+            format!(", {failed} failed")
+        } else {
+            String::new()
+        }
+    );
+    Ok(if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

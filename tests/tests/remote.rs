@@ -145,6 +145,14 @@ fn push_a_pip_cache_pull_it_elsewhere_and_fetch_lazily_over_file_and_http() {
         // Evicting keeps every name: the content has a remote copy and comes back on open.
         kcache_ok(&["evict", mnt.to_str().unwrap(), "--to", "0"]);
         assert_eq!(stats("usage_bytes"), 0);
+        // prefetch brings it all back without reading it.
+        let out = kcache_ok(&["prefetch", mnt.join("pip").to_str().unwrap()]);
+        assert!(
+            out.contains("prefetched") && !out.contains("failed"),
+            "{out}"
+        );
+        assert!(stats("usage_bytes") > 0);
+        kcache_ok(&["evict", mnt.to_str().unwrap(), "--to", "0"]);
         assert_eq!(
             tree(&mnt.join("pip")),
             want,
