@@ -3,11 +3,12 @@
 //!
 //! Ratio = native_time / other_time, so 1.0 means "as fast as native" and higher is
 //! better; a few rows compare with another baseline instead (a kcache mount without a
-//! quota), and say so. Missed goals are reported, not treated as errors: the exit status is
-//! non-zero only when something actually failed.
+//! quota, curl), and say so, and a few have goals in seconds. Missed goals are reported,
+//! not treated as errors: the exit status is non-zero only when something actually failed.
 
 mod mounts;
 mod own_stores;
+mod remote;
 mod workloads;
 
 use std::fs;
@@ -18,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 use mounts::{Mount, RunDir};
-use workloads::{Phase, Sizes, Workload};
+use workloads::{Amount, Phase, Sizes, Workload};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -34,7 +35,8 @@ struct Args {
     #[arg(long, value_name = "BASE", default_value = "target/bench-tmp")]
     dir: PathBuf,
 
-    /// Small sizes (64 MiB, 2,000 files) for a smoke run
+    /// Small sizes (64 MiB, 2,000 files; remote workloads 256 MiB, 1 GiB, 10,000 files) for
+    /// a smoke run
     #[arg(long)]
     quick: bool,
 
@@ -55,12 +57,21 @@ struct Target<'a> {
 
 /// Results of one phase across targets, i.e. one table row.
 struct Row {
-    /// Who ran the phase in the `native` column: "native" except for rows that compare
-    /// kcache with kcache.
-    baseline: &'static str,
-    native: Phase,
+    /// Who ran the phase in the `native` column ("native" except for rows that compare
+    /// kcache with kcache or with a tool) and its result; `None` for rows judged by time.
+    native: Option<(&'static str, Phase)>,
     kcache: Option<Phase>,
     bindfs: Option<Phase>,
+}
+
+impl Row {
+    fn label(&self) -> &str {
+        self.native
+            .as_ref()
+            .map(|(_, p)| p)
+            .or(self.kcache.as_ref())
+            .map_or("?", |p| p.label.as_str())
+    }
 }
 
 fn main() {
@@ -199,17 +210,18 @@ fn run_all(
             // A baseline that was the measured phase of the previous pair is printed once.
             let mut printed: Option<&str> = None;
             for pair in pairs {
-                if printed != Some(pair.baseline_name) {
-                    print_phase(pair.baseline_name, &pair.baseline, None);
+                if let Some((name, baseline)) = &pair.baseline {
+                    if printed != Some(*name) {
+                        print_phase(name, baseline, None);
+                    }
                 }
                 print_phase(
                     pair.name,
                     &pair.measured,
-                    Some((pair.baseline_name, &pair.baseline)),
+                    pair.baseline.as_ref().map(|(name, b)| (*name, b)),
                 );
                 printed = Some(pair.name);
                 rows.push(Row {
-                    baseline: pair.baseline_name,
                     native: pair.baseline,
                     kcache: Some(pair.measured),
                     bindfs: None,
@@ -242,8 +254,7 @@ fn run_all(
         let mut bindfs = bindfs.into_iter();
         for n in native {
             rows.push(Row {
-                baseline: "native",
-                native: n,
+                native: Some(("native", n)),
                 kcache: kcache.next(),
                 bindfs: bindfs.next(),
             });
@@ -256,6 +267,15 @@ fn ratio(native: &Phase, other: &Phase) -> f64 {
     native.secs / other.secs.max(1e-9)
 }
 
+/// Two decimals, unless that would show a ratio far below 1 as zero.
+fn fmt_ratio(r: f64) -> String {
+    if r >= 0.01 {
+        format!("{r:.2}")
+    } else {
+        format!("{r:.1e}")
+    }
+}
+
 fn verdict(native: &Phase, other: &Phase, goal: f64) -> &'static str {
     if ratio(native, other) >= goal {
         "PASS"
@@ -264,9 +284,18 @@ fn verdict(native: &Phase, other: &Phase, goal: f64) -> &'static str {
     }
 }
 
+/// For goals in seconds, kept by the measured phase.
+fn verdict_secs(p: &Phase, max_secs: f64) -> &'static str {
+    if p.secs <= max_secs {
+        "PASS"
+    } else {
+        "MISS"
+    }
+}
+
 /// One progress line; with a baseline, the ratio against it (named unless native).
 fn print_phase(target: &str, p: &Phase, baseline: Option<(&str, &Phase)>) {
-    let ratio = match baseline {
+    let mut ratio = match baseline {
         None => String::new(),
         Some((name, b)) => {
             let vs = if name == "native" {
@@ -278,9 +307,13 @@ fn print_phase(target: &str, p: &Phase, baseline: Option<(&str, &Phase)>) {
                 Some(g) => format!(" (goal >= {g:.2}: {})", verdict(b, p, g)),
                 None => String::new(),
             };
-            format!("  ratio {:.2}{vs}{goal}", ratio(b, p))
+            format!("  ratio {}{vs}{goal}", fmt_ratio(ratio(b, p)))
         }
     };
+    if let Some(max) = p.max_secs {
+        let sep = if ratio.is_empty() { "  " } else { " " };
+        ratio.push_str(&format!("{sep}(goal <= {max} s: {})", verdict_secs(p, max)));
+    }
     println!(
         "  {:<8} {:<56} {:>9.3} s {:>14}{ratio}",
         target,
@@ -291,7 +324,10 @@ fn print_phase(target: &str, p: &Phase, baseline: Option<(&str, &Phase)>) {
 }
 
 fn cell(p: &Phase) -> String {
-    format!("{:.3} s ({})", p.secs, p.amount.throughput(p.secs))
+    match p.amount {
+        Amount::Latency => format!("{:.3} s", p.secs),
+        amount => format!("{:.3} s ({})", p.secs, amount.throughput(p.secs)),
+    }
 }
 
 /// Markdown, so it can be pasted into the README as is.
@@ -300,39 +336,60 @@ fn print_table(rows: &[Row], with_bindfs: bool) {
     println!("| workload | native | kcache | ratio | goal | bindfs ratio |");
     println!("| --- | ---: | ---: | ---: | --- | ---: |");
     for r in rows {
-        let (kc, rt, goal) = match (&r.kcache, r.native.goal) {
-            (Some(k), Some(g)) => (
-                cell(k),
-                format!("{:.2}", ratio(&r.native, k)),
-                format!(">= {g:.2} {}", verdict(&r.native, k, g)),
-            ),
-            (Some(k), None) => (cell(k), format!("{:.2}", ratio(&r.native, k)), "-".into()),
-            (None, Some(g)) => ("-".into(), "-".into(), format!(">= {g:.2}")),
-            (None, None) => ("-".into(), "-".into(), "-".into()),
+        let native = r.native.as_ref().map(|(_, p)| p);
+        let mut goals = Vec::new();
+        if let Some(g) = native.and_then(|n| n.goal) {
+            goals.push(match (native, &r.kcache) {
+                (Some(n), Some(k)) => format!(">= {g:.2} {}", verdict(n, k, g)),
+                _ => format!(">= {g:.2}"),
+            });
+        }
+        if let Some(k) = &r.kcache {
+            if let Some(max) = k.max_secs {
+                goals.push(format!("<= {max} s {}", verdict_secs(k, max)));
+            }
+        }
+        let goal = if goals.is_empty() {
+            "-".to_string()
+        } else {
+            goals.join("; ")
         };
-        let bf = match (&r.bindfs, with_bindfs) {
-            (Some(b), _) => format!("{:.2}", ratio(&r.native, b)),
-            (None, true) => "-".into(),
-            (None, false) => "n/a".into(),
+        let kc = r.kcache.as_ref().map_or("-".into(), cell);
+        let rt = match (native, &r.kcache) {
+            (Some(n), Some(k)) => fmt_ratio(ratio(n, k)),
+            _ => "-".into(),
         };
-        println!(
-            "| {} | {} | {kc} | {rt} | {goal} | {bf} |",
-            r.native.label,
-            cell(&r.native)
-        );
+        let bf = match (native, &r.bindfs, with_bindfs) {
+            (Some(n), Some(b), _) => fmt_ratio(ratio(n, b)),
+            (_, None, false) => "n/a".into(),
+            _ => "-".into(),
+        };
+        let nat = match &r.native {
+            Some((name, p)) if *name == "native" || *name == "kcache" => cell(p),
+            Some((name, p)) => format!("{} ({name})", cell(p)),
+            None => "-".into(),
+        };
+        println!("| {} | {nat} | {kc} | {rt} | {goal} | {bf} |", r.label());
     }
     println!();
     println!("ratio = native time / kcache time (1.00 = as fast as native, higher is better)");
     for baseline in rows
         .iter()
-        .map(|r| r.baseline)
+        .filter_map(|r| r.native.as_ref().map(|(name, _)| *name))
         .filter(|&b| b != "native")
         .collect::<std::collections::BTreeSet<_>>()
     {
-        println!(
-            "rows \"A vs B\" compare two {baseline} setups: B's time is in the native column, \
-             ratio = B time / A time"
-        );
+        if baseline == "kcache" {
+            println!(
+                "rows \"A vs B\" compare two {baseline} setups: B's time is in the native \
+                 column, ratio = B time / A time"
+            );
+        } else {
+            println!(
+                "rows with \"({baseline})\" in the native column compare kcache with \
+                 {baseline}: ratio = {baseline} time / kcache time"
+            );
+        }
     }
 }
 

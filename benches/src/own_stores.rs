@@ -1,7 +1,9 @@
 //! Workloads that need kcache stores of their own instead of a directory on the shared
 //! mount: `quota-overhead` compares two kcache mounts with each other, and `evict` runs the
-//! CLI on an unmounted store. Each yields pairs of phases, a baseline and what is measured
-//! against it (ratio = baseline time / measured time, as for every other row).
+//! CLI on an unmounted store; the remote-tier workloads (in `remote.rs`) push to and pull
+//! from upstreams. Each yields pairs of phases, a baseline and what is measured against it
+//! (ratio = baseline time / measured time, as for every other row), or a measured phase
+//! alone when its goal is a time.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::mounts::{self, Mount, RunDir};
+use crate::remote;
 use crate::workloads::{
     check_small_files, create_small_file_dirs, human_size, read_files, small_file_data,
     small_file_path, sync_all_filesystems, write_small_files, Amount, Phase, Sizes, Workload,
@@ -40,9 +43,9 @@ pub struct Env<'a> {
 
 /// A measured phase and the baseline its ratio is computed against.
 pub struct Pair {
-    /// Who ran the baseline: "native", or another target such as "kcache".
-    pub baseline_name: &'static str,
-    pub baseline: Phase,
+    /// Who ran the baseline ("native", another target such as "kcache", or a tool such as
+    /// "curl") and its phase; `None` for a phase judged by its time alone.
+    pub baseline: Option<(&'static str, Phase)>,
     pub name: &'static str,
     pub measured: Phase,
 }
@@ -51,6 +54,9 @@ pub fn run(workload: Workload, env: &Env<'_>, sizes: Sizes, seed: u64) -> Result
     match workload {
         Workload::QuotaOverhead => quota_overhead(env, sizes.small_files, seed),
         Workload::Evict => evict(env, sizes.small_files, seed),
+        Workload::RemoteFetch => remote::fetch(env, sizes.remote_file, seed),
+        Workload::RemoteTtfb => remote::ttfb(env, sizes.remote_big_file, seed),
+        Workload::RemotePull => remote::pull(env, sizes.remote_files, seed),
         Workload::SeqRead | Workload::SmallFiles | Workload::FsyncWrite => bail!(
             "{} runs in each target directory, not with stores of its own",
             workload.name()
@@ -60,15 +66,15 @@ pub fn run(workload: Workload, env: &Env<'_>, sizes: Sizes, seed: u64) -> Result
 
 /// A store and mountpoint of one workload. Both go directly under the run dir: that is
 /// where `RunDir` looks for mounts left behind before it deletes anything.
-struct OwnStore {
-    store: PathBuf,
-    mountpoint: PathBuf,
+pub(crate) struct OwnStore {
+    pub(crate) store: PathBuf,
+    pub(crate) mountpoint: PathBuf,
     log: PathBuf,
     quota: Option<u64>,
 }
 
 impl OwnStore {
-    fn create(run_dir: &RunDir, name: &str, quota: Option<u64>) -> Result<Self> {
+    pub(crate) fn create(run_dir: &RunDir, name: &str, quota: Option<u64>) -> Result<Self> {
         Ok(Self {
             store: run_dir.subdir(&format!("{name}-store"))?,
             mountpoint: run_dir.subdir(&format!("{name}-mnt"))?,
@@ -77,7 +83,7 @@ impl OwnStore {
         })
     }
 
-    fn mount(&self, kcache: &Path) -> Result<Mount> {
+    pub(crate) fn mount(&self, kcache: &Path) -> Result<Mount> {
         Mount::kcache(kcache, &self.store, &self.mountpoint, &self.log, self.quota)
             .with_context(|| format!("mounting {}", self.store.display()))
     }
@@ -165,6 +171,7 @@ fn quota_overhead(env: &Env<'_>, count: usize, seed: u64) -> Result<Vec<Pair>> {
     let phase = |label: &str, goal: Option<f64>, secs: &[f64]| Phase {
         label: label.to_string(),
         goal,
+        max_secs: None,
         amount,
         secs: median(secs),
     };
@@ -175,14 +182,12 @@ fn quota_overhead(env: &Env<'_>, count: usize, seed: u64) -> Result<Vec<Pair>> {
     );
     Ok(vec![
         Pair {
-            baseline_name: "native",
-            baseline: phase(&fresh, None, &native_secs),
+            baseline: Some(("native", phase(&fresh, None, &native_secs))),
             name: "kcache",
             measured: phase(&fresh, None, &kcache_secs[0]),
         },
         Pair {
-            baseline_name: "kcache",
-            baseline: phase(&quota, Some(0.95), &kcache_secs[0]),
+            baseline: Some(("kcache", phase(&quota, Some(0.95), &kcache_secs[0]))),
             name: "kc+quota",
             measured: phase(&quota, Some(0.95), &kcache_secs[1]),
         },
@@ -234,17 +239,21 @@ fn evict(env: &Env<'_>, count: usize, seed: u64) -> Result<Vec<Pair>> {
 
     let label = format!("evict {count} x 4 KiB: `kcache evict --to 0` vs `rm -rf`");
     Ok(vec![Pair {
-        baseline_name: "native",
-        baseline: Phase {
-            label: label.clone(),
-            goal: None,
-            amount: Amount::Files(count as u64),
-            secs: rm_secs,
-        },
+        baseline: Some((
+            "native",
+            Phase {
+                label: label.clone(),
+                goal: None,
+                max_secs: None,
+                amount: Amount::Files(count as u64),
+                secs: rm_secs,
+            },
+        )),
         name: "kcache",
         measured: Phase {
             label,
             goal: None,
+            max_secs: None,
             amount: Amount::Blobs {
                 count: blobs,
                 bytes: blobs * SMALL_FILE_SIZE as u64,
@@ -255,7 +264,7 @@ fn evict(env: &Env<'_>, count: usize, seed: u64) -> Result<Vec<Pair>> {
 }
 
 /// Runs `cmd` to completion with its output in `out`; returns the wall-clock seconds.
-fn time_command(cmd: &mut Command, out: &Path, timeout: Duration) -> Result<f64> {
+pub(crate) fn time_command(cmd: &mut Command, out: &Path, timeout: Duration) -> Result<f64> {
     let what = mounts::describe(cmd);
     let start = Instant::now();
     let status = mounts::run_to_file(cmd, out, timeout)?;
@@ -291,7 +300,7 @@ fn parse_evicted(output: &str) -> Result<(u64, u64)> {
     Ok((count_before("blobs")?, count_before("names")?))
 }
 
-fn median(secs: &[f64]) -> f64 {
+pub(crate) fn median(secs: &[f64]) -> f64 {
     let mut sorted = secs.to_vec();
     sorted.sort_by(f64::total_cmp);
     match sorted.len() {

@@ -3,7 +3,8 @@
 //!
 //! Data generation, setup and verification happen outside the timed sections so that
 //! only file system work is measured. The workloads that need kcache stores of their own
-//! (`quota-overhead`, `evict`) live in `own_stores.rs` and share the small-file helpers here.
+//! (`quota-overhead`, `evict`) live in `own_stores.rs`, those of the remote tier
+//! (`remote-*`) in `remote.rs`; both share the helpers here.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -31,15 +32,24 @@ pub enum Workload {
     QuotaOverhead,
     /// e) `kcache evict --to 0` of a store full of small files vs `rm -rf` of as many files
     Evict,
+    /// f) a large file pulled from an HTTP upstream, read through a fresh mount, vs curl
+    RemoteFetch,
+    /// g) time to the first 4 KiB of a cold, larger file from an HTTP upstream
+    RemoteTtfb,
+    /// h) `kcache pull` of a snapshot with many small files from a file:// upstream
+    RemotePull,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 5] = [
+    pub const ALL: [Workload; 8] = [
         Workload::SeqRead,
         Workload::SmallFiles,
         Workload::FsyncWrite,
         Workload::QuotaOverhead,
         Workload::Evict,
+        Workload::RemoteFetch,
+        Workload::RemoteTtfb,
+        Workload::RemotePull,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,13 +59,23 @@ impl Workload {
             Workload::FsyncWrite => "fsync-write",
             Workload::QuotaOverhead => "quota-overhead",
             Workload::Evict => "evict",
+            Workload::RemoteFetch => "remote-fetch",
+            Workload::RemoteTtfb => "remote-ttfb",
+            Workload::RemotePull => "remote-pull",
         }
     }
 
-    /// Whether the workload sets up kcache stores of its own (see `own_stores.rs`) instead
-    /// of running once in each target directory.
+    /// Whether the workload sets up kcache stores of its own (see `own_stores.rs` and
+    /// `remote.rs`) instead of running once in each target directory.
     pub fn own_stores(self) -> bool {
-        matches!(self, Workload::QuotaOverhead | Workload::Evict)
+        matches!(
+            self,
+            Workload::QuotaOverhead
+                | Workload::Evict
+                | Workload::RemoteFetch
+                | Workload::RemoteTtfb
+                | Workload::RemotePull
+        )
     }
 }
 
@@ -64,6 +84,12 @@ impl Workload {
 pub struct Sizes {
     pub big_file: usize,
     pub small_files: usize,
+    /// The file `remote-fetch` downloads.
+    pub remote_file: usize,
+    /// The cold file `remote-ttfb` reads the start of.
+    pub remote_big_file: usize,
+    /// Files in the snapshot `remote-pull` pulls.
+    pub remote_files: usize,
 }
 
 impl Sizes {
@@ -72,11 +98,17 @@ impl Sizes {
             Self {
                 big_file: 64 * MIB,
                 small_files: 2_000,
+                remote_file: 256 * MIB,
+                remote_big_file: 1024 * MIB,
+                remote_files: 10_000,
             }
         } else {
             Self {
                 big_file: 1024 * MIB,
                 small_files: 20_000,
+                remote_file: 1024 * MIB,
+                remote_big_file: 4096 * MIB,
+                remote_files: 100_000,
             }
         }
     }
@@ -92,6 +124,8 @@ pub enum Amount {
         count: u64,
         bytes: u64,
     },
+    /// Nothing a throughput means anything for (a latency).
+    Latency,
 }
 
 impl Amount {
@@ -105,6 +139,7 @@ impl Amount {
                 count as f64 / secs,
                 bytes as f64 / MIB as f64 / secs
             ),
+            Amount::Latency => "-".to_string(),
         }
     }
 }
@@ -115,6 +150,8 @@ pub struct Phase {
     pub label: String,
     /// Minimum ratio against the baseline; `None` for phases measured only for context.
     pub goal: Option<f64>,
+    /// Longest acceptable time, for goals stated in seconds rather than as a ratio.
+    pub max_secs: Option<f64>,
     pub amount: Amount,
     pub secs: f64,
 }
@@ -124,7 +161,11 @@ pub fn run(workload: Workload, dir: &Path, sizes: Sizes, seed: u64) -> Result<Ve
         Workload::SeqRead => seq_read(dir, sizes.big_file, seed),
         Workload::SmallFiles => small_files(dir, sizes.small_files, seed),
         Workload::FsyncWrite => fsync_write(dir, sizes.big_file, seed),
-        Workload::QuotaOverhead | Workload::Evict => bail!(
+        Workload::QuotaOverhead
+        | Workload::Evict
+        | Workload::RemoteFetch
+        | Workload::RemoteTtfb
+        | Workload::RemotePull => bail!(
             "{} sets up its own stores and does not run in a target directory",
             workload.name()
         ),
@@ -190,6 +231,7 @@ fn seq_read(dir: &Path, size: usize, seed: u64) -> Result<Vec<Phase>> {
     Ok(vec![Phase {
         label: format!("seq read {} (warm, 1 MiB buf)", human_size(size)),
         goal: Some(0.9),
+        max_secs: None,
         amount: Amount::Bytes(size as u64),
         secs,
     }])
@@ -246,18 +288,21 @@ fn small_files(dir: &Path, count: usize, seed: u64) -> Result<Vec<Phase>> {
         Phase {
             label: format!("small files: create {count} x 4 KiB (tmp + rename)"),
             goal: Some(0.25),
+            max_secs: None,
             amount,
             secs: create_secs,
         },
         Phase {
             label: format!("small files: stat {count}"),
             goal: Some(0.5),
+            max_secs: None,
             amount,
             secs: stat_secs,
         },
         Phase {
             label: format!("small files: read {count}"),
             goal: Some(0.3),
+            max_secs: None,
             amount,
             secs: read_secs,
         },
@@ -395,6 +440,7 @@ fn fsync_write(dir: &Path, size: usize, seed: u64) -> Result<Vec<Phase>> {
     Ok(vec![Phase {
         label: format!("write {} (1 MiB writes) + fsync + close", human_size(size)),
         goal: Some(0.5),
+        max_secs: None,
         amount: Amount::Bytes(size as u64),
         secs,
     }])
@@ -402,7 +448,7 @@ fn fsync_write(dir: &Path, size: usize, seed: u64) -> Result<Vec<Phase>> {
 
 /// Closes explicitly because on FUSE `close` (FLUSH) can report write errors, which
 /// dropping a `File` would silently ignore.
-fn close_checked(f: File, path: &Path) -> Result<()> {
+pub fn close_checked(f: File, path: &Path) -> Result<()> {
     let fd = f.into_raw_fd();
     // SAFETY: `fd` was just released by `File`, so we own it and close it exactly once.
     if unsafe { libc::close(fd) } != 0 {
