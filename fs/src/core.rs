@@ -858,11 +858,18 @@ impl KcacheFs {
             self.writable()?;
         }
         // Content only an upstream has is fetched first, without any lock held: a download
-        // must not hold up eviction or other opens. Eviction may drop it again before the
-        // open below takes the gate; then fetch again.
+        // must not hold up eviction or other opens. (Fetched here rather than on a failed
+        // open, because daemon-served reads and copy-on-write open the blob only later.)
+        // Stores without upstreams skip the lookup. Eviction may drop the content again
+        // before the open below takes the gate; then fetch again.
+        let fetching = self.store.remote().is_some();
         let mut attempt = 0;
         loop {
-            let blob = self.store.get(ino)?.blob.filter(|_| !trunc);
+            let blob = if fetching && !trunc {
+                self.store.get(ino)?.blob
+            } else {
+                None
+            };
             if let Some(h) = &blob {
                 if let Err(e) = self.store.ensure_local(h) {
                     tracing::error!(ino, error = %e, "open failed");

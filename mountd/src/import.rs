@@ -108,22 +108,26 @@ fn in_mount(dest: &Path) -> Result<PathBuf> {
     Ok(canon.join(dest.strip_prefix(&existing).unwrap_or(Path::new(""))))
 }
 
-fn import_into(src: &Path, dest: &Path) -> Result<ExitCode> {
-    let total = scan_bytes(src)?;
-    let bar = ProgressBar::with_draw_target(
-        Some(total),
-        if std::io::stderr().is_terminal() {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        },
-    );
+/// A byte progress bar on a terminal; hidden otherwise.
+fn progress_bar(total: u64) -> ProgressBar {
+    let target = if std::io::stderr().is_terminal() {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    };
+    let bar = ProgressBar::with_draw_target(Some(total), target);
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    bar
+}
+
+fn import_into(src: &Path, dest: &Path) -> Result<ExitCode> {
+    let total = scan_bytes(src)?;
+    let bar = progress_bar(total);
     let mut t = Tally::default();
     let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
     fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
@@ -363,20 +367,7 @@ pub fn prefetch(paths: &[PathBuf]) -> Result<ExitCode> {
         }
     }
     let total: u64 = files.iter().map(|f| f.1).sum();
-    let bar = ProgressBar::with_draw_target(
-        Some(total),
-        if std::io::stderr().is_terminal() {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        },
-    );
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec})",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = progress_bar(total);
     let mut failed = 0;
     for (p, len) in &files {
         let res = File::open(p).and_then(|f| {

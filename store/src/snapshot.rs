@@ -366,20 +366,10 @@ impl Store {
     fn install_manifest(&self, m: &Manifest, volume: &str, mhash: &str) -> Result<PullReport> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO volumes (name, root, created) VALUES (?1, 0, ?2)",
-            params![volume, now_ns()],
-        )?;
-        let vid = tx.last_insert_rowid();
-        let base: i64 = tx.query_row(
-            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'inodes'), 0),
-                        (SELECT coalesce(max(ino), 0) FROM inodes))",
-            [],
-            |r| r.get(0),
-        )?;
+        let (vid, first) = crate::volumes::new_volume_row(&tx, volume)?;
         let mut ids: HashMap<i64, i64> = HashMap::new();
         for (i, n) in m.inodes.iter().enumerate() {
-            ids.insert(n.id, base + 1 + i as i64);
+            ids.insert(n.id, first + i as i64);
         }
         let map = |id: i64| -> Result<i64> {
             ids.get(&id)
@@ -463,10 +453,7 @@ impl Store {
             "UPDATE volumes SET root = ?2 WHERE id = ?1",
             params![vid, root],
         )?;
-        tx.execute(
-            "UPDATE sqlite_sequence SET seq = (SELECT max(ino) FROM inodes) WHERE name = 'inodes'",
-            [],
-        )?;
+        crate::volumes::bump_inode_sequence(&tx)?;
         tx.commit()?;
         Ok(PullReport {
             manifest: mhash.to_owned(),

@@ -8,6 +8,33 @@ use rusqlite::params;
 use crate::error::{Error, Result};
 use crate::{now_ns, Store, VolumeInfo};
 
+/// Inserts the row of a new volume (its root is set by the caller once it exists) and returns
+/// its id with the first free inode number: new inodes are numbered above every number ever
+/// used (AUTOINCREMENT never reuses them). Callers finish with `bump_inode_sequence`.
+pub(crate) fn new_volume_row(tx: &rusqlite::Transaction<'_>, name: &str) -> Result<(i64, i64)> {
+    tx.execute(
+        "INSERT INTO volumes (name, root, created) VALUES (?1, 0, ?2)",
+        params![name, now_ns()],
+    )?;
+    let id = tx.last_insert_rowid();
+    let base: i64 = tx.query_row(
+        "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'inodes'), 0),
+                    (SELECT coalesce(max(ino), 0) FROM inodes))",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok((id, base + 1))
+}
+
+/// Records explicitly numbered inodes in AUTOINCREMENT's counter.
+pub(crate) fn bump_inode_sequence(tx: &rusqlite::Transaction<'_>) -> Result<()> {
+    tx.execute(
+        "UPDATE sqlite_sequence SET seq = (SELECT max(ino) FROM inodes) WHERE name = 'inodes'",
+        [],
+    )?;
+    Ok(())
+}
+
 impl Store {
     /// Deletes volume `name` with everything in it; blobs nothing else uses are freed.
     pub fn remove_volume(&self, name: &str) -> Result<u64> {
@@ -66,18 +93,7 @@ impl Store {
         }
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO volumes (name, root, created) VALUES (?1, 0, ?2)",
-            params![dst, now_ns()],
-        )?;
-        let id = tx.last_insert_rowid();
-        // New inode numbers above every number ever used (AUTOINCREMENT never reuses them).
-        let base: i64 = tx.query_row(
-            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'inodes'), 0),
-                        (SELECT coalesce(max(ino), 0) FROM inodes))",
-            [],
-            |r| r.get(0),
-        )?;
+        let (id, first) = new_volume_row(&tx, dst)?;
         tx.execute_batch(
             "DROP TABLE IF EXISTS temp.clone_map;
              CREATE TEMP TABLE clone_map (old INTEGER PRIMARY KEY, new INTEGER NOT NULL);",
@@ -85,9 +101,9 @@ impl Store {
         // Only inodes with names: an unlinked file still open in the source is not copied.
         tx.execute(
             "INSERT INTO temp.clone_map (old, new)
-             SELECT ino, ?2 + row_number() OVER (ORDER BY ino) FROM inodes
+             SELECT ino, ?2 - 1 + row_number() OVER (ORDER BY ino) FROM inodes
              WHERE volume = ?1 AND nlink > 0",
-            params![s.id, base],
+            params![s.id, first],
         )?;
         tx.execute(
             "INSERT INTO inodes (ino, volume, kind, mode, uid, gid, size, atime, mtime, ctime,
@@ -126,10 +142,7 @@ impl Store {
             "UPDATE volumes SET root = ?2 WHERE id = ?1",
             params![id, root],
         )?;
-        tx.execute(
-            "UPDATE sqlite_sequence SET seq = (SELECT max(ino) FROM inodes) WHERE name = 'inodes'",
-            [],
-        )?;
+        bump_inode_sequence(&tx)?;
         tx.execute_batch("DROP TABLE temp.clone_map;")?;
         tx.commit()?;
         Ok(VolumeInfo {

@@ -399,3 +399,32 @@ pub fn kcache_ok(args: &[&str]) -> String {
     assert_eq!(code, 0, "kcache {args:?} failed:\n{out}");
     out
 }
+
+/// Starts a helper process (`python` running one of `tests/py/`'s servers) that prints
+/// `PREFIX VALUE` as its first line once ready, and runs until its stdin closes. Returns the
+/// child (stdin and stdout piped) and VALUE.
+pub fn start_announcing(
+    python: &Path,
+    script: &str,
+    arg: &Path,
+    prefix: &str,
+) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(python)
+        .arg(workspace().join("tests/py").join(script))
+        .arg(arg)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting a test server");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let value = line
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("{script} did not start: {line:?}"))
+        .trim()
+        .to_owned();
+    (child, value)
+}

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use kcache_tests::{hash_file, kcache_ok, venv_python, workspace, Mount};
+use kcache_tests::{hash_file, kcache_ok, venv_python, Mount};
 
 /// A local package index shared by the containers (tests/py/wheel_index.py).
 struct Index {
@@ -17,22 +17,7 @@ struct Index {
 
 impl Index {
     fn start(py: &Path, dir: &Path) -> Index {
-        let mut child = Command::new(py)
-            .arg(workspace().join("tests/py/wheel_index.py"))
-            .arg(dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .strip_prefix("index: ")
-            .unwrap_or_else(|| panic!("index did not start: {line}"))
-            .trim()
-            .to_owned();
+        let (child, url) = kcache_tests::start_announcing(py, "wheel_index.py", dir, "index: ");
         Index { child, url }
     }
 }

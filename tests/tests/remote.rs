@@ -250,23 +250,8 @@ struct Counting {
 
 impl Counting {
     fn start(dir: &Path) -> Counting {
-        use std::io::BufRead;
-        let mut child = Command::new("python3")
-            .arg(workspace().join("tests/py/static_server.py"))
-            .arg(dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .strip_prefix("url: ")
-            .expect("server url")
-            .trim()
-            .to_owned();
+        let (child, url) =
+            kcache_tests::start_announcing(Path::new("python3"), "static_server.py", dir, "url: ");
         Counting { child, url }
     }
 
