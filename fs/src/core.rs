@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kcache_store::{
-    Counter, Hash, Ino, Inode, Kind, Limits, NewNode, SetAttr, Staged, Store, StreamHasher,
+    Counter, Hash, Ino, Inode, Kind, Lease, Limits, NewNode, SetAttr, Staged, Store, StreamHasher,
     VolumeInfo,
 };
 
@@ -61,6 +61,22 @@ pub struct Attr {
     pub ctime: i64,
     pub nlink: u32,
     pub rdev: u32,
+}
+
+/// Whether process `pid` (in the daemon's pid namespace, as the kernel reports it) still
+/// lives; 0 means no process to watch. A zombie counts as gone: it reads nothing any more.
+fn pid_alive(pid: u32) -> bool {
+    if pid == 0 {
+        return true;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself hold ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
 /// An opaque kernel passthrough registration of a backing file. Dropping it unregisters.
@@ -170,6 +186,9 @@ struct Handle {
     ino: Ino,
     writable: bool,
     mode_kind: ModeKind,
+    /// The download this read-only handle reads through while its content arrives. Held
+    /// here, so the last handle's release cancels a download nobody else wants.
+    lease: Option<Arc<Lease>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -842,16 +861,47 @@ impl KcacheFs {
         if inode.kind == Kind::Dir {
             return Err(Errno::EISDIR);
         }
-        let opened = self.open_sino(inode.ino, flags, backing)?;
+        let opened = self.open_sino(inode.ino, flags, backing, Some(0))?;
         let inode = self.store.get(inode.ino)?;
         Ok((self.entry(&inode), opened))
     }
 
+    /// Opens a file, waiting for a download of its content if one is needed.
     pub fn open(&self, ino: u64, flags: i32, backing: Option<&dyn Backing>) -> Result<Opened> {
-        self.open_sino(self.sino(ino), flags, backing)
+        self.open_sino(self.sino(ino), flags, backing, Some(0))
     }
 
-    fn open_sino(&self, ino: Ino, flags: i32, backing: Option<&dyn Backing>) -> Result<Opened> {
+    /// Like `open`, but answers `Errno::WOULD_BLOCK` instead of waiting for a download.
+    pub fn open_nowait(
+        &self,
+        ino: u64,
+        flags: i32,
+        backing: Option<&dyn Backing>,
+    ) -> Result<Opened> {
+        self.open_sino(self.sino(ino), flags, backing, None)
+    }
+
+    /// Like `open`, on behalf of process `pid`: a download it waits for is given up (and
+    /// cancelled, if nobody else wants it) once that process is gone.
+    pub fn open_for(
+        &self,
+        ino: u64,
+        flags: i32,
+        backing: Option<&dyn Backing>,
+        pid: u32,
+    ) -> Result<Opened> {
+        self.open_sino(self.sino(ino), flags, backing, Some(pid))
+    }
+
+    /// `wait`: None = answer WOULD_BLOCK rather than wait for a download; Some(pid) = wait
+    /// while process `pid` lives (0: no process to watch).
+    fn open_sino(
+        &self,
+        ino: Ino,
+        flags: i32,
+        backing: Option<&dyn Backing>,
+        wait: Option<u32>,
+    ) -> Result<Opened> {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let trunc = flags & libc::O_TRUNC != 0 && writable;
         if writable {
@@ -860,8 +910,10 @@ impl KcacheFs {
         // Content only an upstream has is fetched first, without any lock held: a download
         // must not hold up eviction or other opens. (Fetched here rather than on a failed
         // open, because daemon-served reads and copy-on-write open the blob only later.)
-        // Stores without upstreams skip the lookup. Eviction may drop the content again
-        // before the open below takes the gate; then fetch again.
+        // Stores without upstreams skip the lookup. A reader of a blob with an outboard gets
+        // its handle at once and reads while the download goes on; anyone else waits for the
+        // whole blob. Eviction may drop the content again before the open below takes the
+        // gate; then fetch again.
         let fetching = self.store.remote().is_some();
         let mut attempt = 0;
         loop {
@@ -870,13 +922,28 @@ impl KcacheFs {
             } else {
                 None
             };
+            let mut lease = None;
             if let Some(h) = &blob {
-                if let Err(e) = self.store.ensure_local(h) {
-                    tracing::error!(ino, error = %e, "open failed");
-                    return Err(Errno::EIO);
+                let Some(pid) = wait else {
+                    if self.store.is_remote_only(h) {
+                        return Err(Errno::WOULD_BLOCK);
+                    }
+                    return self.open_gated(ino, writable, trunc, backing, None);
+                };
+                let fetched = self.store.fetch(h).and_then(|l| match l {
+                    Some(l) if !writable && l.streamable() => Ok(Some(Arc::new(l))),
+                    Some(l) => l.wait(&|| pid_alive(pid)).map(|()| None),
+                    None => Ok(None),
+                });
+                match fetched {
+                    Ok(l) => lease = l,
+                    Err(e) => {
+                        tracing::error!(ino, error = %e, "open failed");
+                        return Err(Errno::EIO);
+                    }
                 }
             }
-            match self.open_gated(ino, writable, trunc, backing) {
+            match self.open_gated(ino, writable, trunc, backing, lease) {
                 Err(e)
                     if e == Errno::EIO
                         && attempt < 2
@@ -895,6 +962,7 @@ impl KcacheFs {
         writable: bool,
         trunc: bool,
         backing: Option<&dyn Backing>,
+        lease: Option<Arc<Lease>>,
     ) -> Result<Opened> {
         let _gate = self
             .shared
@@ -910,8 +978,12 @@ impl KcacheFs {
                 Kind::Dir => return Err(Errno::EISDIR),
                 _ => return Err(Errno(libc::ENXIO)),
             }
-            self.open_locked(&inode, g, writable, trunc, backing)
+            // A download still under way: reads go through it.
+            let lease = lease.filter(|l| inode.blob == Some(l.hash()) && !l.is_done());
+            let mode = self.open_locked(&inode, g, writable, trunc, backing, lease.is_some())?;
+            Ok((mode, lease))
         })?;
+        let (mode, lease) = mode;
         let mode_kind = match &mode {
             IoMode::Passthrough(_) => ModeKind::Passthrough,
             IoMode::Cached { .. } => ModeKind::Cached,
@@ -926,6 +998,7 @@ impl KcacheFs {
                 ino,
                 writable,
                 mode_kind,
+                lease,
             },
         );
         Ok(Opened { fh, mode })
@@ -938,6 +1011,7 @@ impl KcacheFs {
         writable: bool,
         trunc: bool,
         backing: Option<&dyn Backing>,
+        streaming: bool,
     ) -> Result<IoMode> {
         if trunc {
             // O_TRUNC on an existing file updates its mtime and ctime, even if it was empty.
@@ -962,7 +1036,10 @@ impl KcacheFs {
         // page-cached handles, so while older passthrough readers pin the blob, anything that
         // writes or must see staged content is served with direct I/O.
         let quiet = !writable && g.writers == 0 && g.staging.is_none();
-        let mode = match (&mut g.pt, backing.filter(|_| self.passthrough())) {
+        let mode = match (
+            &mut g.pt,
+            backing.filter(|_| self.passthrough() && !streaming),
+        ) {
             (Some(pt), _) if quiet => {
                 pt.handles += 1;
                 IoMode::Passthrough(pt.token.clone())
@@ -988,7 +1065,7 @@ impl KcacheFs {
             (None, _) => {
                 g.cached_handles += 1;
                 let keep_cache = match (&g.staging, inode.blob) {
-                    (None, Some(h)) if g.writers == 0 => {
+                    (None, Some(h)) if g.writers == 0 && !streaming => {
                         lock(&self.page_cache).insert(inode.ino, h) == Some(h)
                     }
                     _ => {
@@ -1080,6 +1157,18 @@ impl KcacheFs {
         }
     }
 
+    /// Whether reads of `ino` still go through download `l`: nothing is staged and the file
+    /// still has the content being downloaded.
+    fn reads_through(&self, ino: Ino, l: &Lease) -> bool {
+        let Some(oi) = lock(&self.open).get(&ino).cloned() else {
+            return false;
+        };
+        if lock(&oi).staging.is_some() {
+            return false;
+        }
+        self.store.get(ino).is_ok_and(|n| n.blob == Some(l.hash()))
+    }
+
     fn handle_ino(&self, fh: u64) -> Result<(Ino, bool)> {
         lock(&self.handles)
             .get(&fh)
@@ -1088,7 +1177,32 @@ impl KcacheFs {
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let (ino, _) = self.handle_ino(fh)?;
+        self.read_inner(fh, offset, size, true)
+    }
+
+    /// Like `read`, but answers `Errno::WOULD_BLOCK` instead of waiting for a download.
+    pub fn read_nowait(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        self.read_inner(fh, offset, size, false)
+    }
+
+    fn read_inner(&self, fh: u64, offset: u64, size: u32, wait: bool) -> Result<Vec<u8>> {
+        let (ino, lease) = lock(&self.handles)
+            .get(&fh)
+            .map(|h| (h.ino, h.lease.clone()))
+            .ok_or(Errno::EBADF)?;
+        if let Some(l) = lease.filter(|l| self.reads_through(ino, l)) {
+            if !wait && !l.ready(offset, size as u64) {
+                return Err(Errno::WOULD_BLOCK);
+            }
+            let mut buf = vec![0u8; size as usize];
+            let n = l.read_at(&mut buf, offset).map_err(|e| {
+                tracing::error!(ino, error = %e, "read failed");
+                Errno::EIO
+            })?;
+            buf.truncate(n);
+            self.store.count(Counter::BytesRead, n as u64);
+            return Ok(buf);
+        }
         let Some(file) = self.source(ino)? else {
             return Ok(Vec::new());
         };

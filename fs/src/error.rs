@@ -21,6 +21,9 @@ impl Errno {
     pub const EROFS: Errno = Errno(libc::EROFS);
     pub const EFBIG: Errno = Errno(libc::EFBIG);
     pub const ENOSYS: Errno = Errno(libc::ENOSYS);
+    /// Not for the kernel: the `*_nowait` calls answer this when the operation would wait
+    /// for a download; the adapter then repeats it on a thread of its own.
+    pub const WOULD_BLOCK: Errno = Errno(libc::EWOULDBLOCK);
 }
 
 impl From<StoreError> for Errno {

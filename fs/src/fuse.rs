@@ -135,6 +135,40 @@ impl Backing for CreateReg<'_> {
     }
 }
 
+fn reply_open(reply: ReplyOpen, res: crate::error::Result<crate::core::Opened>) {
+    match res {
+        Ok(o) => match &o.mode {
+            IoMode::Passthrough(token) => match backing_id(token) {
+                Some(id) => reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), id),
+                None => reply.error(FErrno::EIO),
+            },
+            m => reply.opened(FileHandle(o.fh), open_flags(m)),
+        },
+        Err(e) => reply.error(ferr(e)),
+    }
+}
+
+/// Runs `f` (which replies to a request) on a thread of its own; if no thread can be made,
+/// runs it here rather than leave the request unanswered.
+fn spawn_waiter(name: &str, f: impl FnOnce() + Send + 'static) {
+    let f = std::sync::Mutex::new(Some(f));
+    let f = Arc::new(f);
+    let g = f.clone();
+    let spawned = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if let Some(f) = g.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                f()
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no thread for a waiting request; waiting on a request thread");
+        if let Some(f) = f.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            f()
+        }
+    }
+}
+
 fn open_flags(mode: &IoMode) -> FopenFlags {
     match mode {
         IoMode::Passthrough(_) => FopenFlags::empty(),
@@ -326,17 +360,18 @@ impl Filesystem for KcacheFuse {
         self.reply_entry(reply, self.fs.link(ino.0, newparent.0, newname));
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let res = self.fs.open(ino.0, flags.0, Some(&OpenReg(&reply)));
-        match res {
-            Ok(o) => match &o.mode {
-                IoMode::Passthrough(token) => match backing_id(token) {
-                    Some(id) => reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), id),
-                    None => reply.error(FErrno::EIO),
-                },
-                m => reply.opened(FileHandle(o.fh), open_flags(m)),
-            },
-            Err(e) => reply.error(ferr(e)),
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.open_nowait(ino.0, flags.0, Some(&OpenReg(&reply))) {
+            Err(e) if e == Errno::WOULD_BLOCK => {
+                // The content must be downloaded first: wait on a thread of our own, so the
+                // request threads stay free for everything else (local files stay fast).
+                let (fs, pid) = (self.fs.clone(), req.pid());
+                spawn_waiter("kcache-open", move || {
+                    let res = fs.open_for(ino.0, flags.0, Some(&OpenReg(&reply)), pid);
+                    reply_open(reply, res);
+                });
+            }
+            res => reply_open(reply, res),
         }
     }
 
@@ -351,7 +386,15 @@ impl Filesystem for KcacheFuse {
         _lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(fh.0, offset, size) {
+        match self.fs.read_nowait(fh.0, offset, size) {
+            Err(e) if e == Errno::WOULD_BLOCK => {
+                // Part of a file still downloading: wait for it off the request threads.
+                let fs = self.fs.clone();
+                spawn_waiter("kcache-read", move || match fs.read(fh.0, offset, size) {
+                    Ok(d) => reply.data(&d),
+                    Err(e) => reply.error(ferr(e)),
+                });
+            }
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(ferr(e)),
         }

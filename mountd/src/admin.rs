@@ -90,8 +90,18 @@ fn locate(vol: &VolumeAt, path: Option<&Path>) -> Result<(PathBuf, Option<String
 
 /// Runs a request against the daemon of `store`, or against the unmounted store directly.
 fn request(store: &Path, volume: Option<&str>, req: Request) -> Result<Value> {
+    request_with_progress(store, volume, req, &mut |_| {})
+}
+
+/// Like `request`, passing progress reports of long requests to `progress`.
+fn request_with_progress(
+    store: &Path,
+    volume: Option<&str>,
+    req: Request,
+    progress: &mut dyn FnMut(&Value),
+) -> Result<Value> {
     if is_live(store) {
-        return control::call(store, &req);
+        return control::call_with_progress(store, &req, progress);
     }
     if !store.join("kcache.db").exists() {
         bail!("{} is not a kcache store (no kcache.db)", store.display());
@@ -108,7 +118,7 @@ fn request(store: &Path, volume: Option<&str>, req: Request) -> Result<Value> {
     };
     let s = Arc::new(s);
     let fs = KcacheFs::new(s.clone(), vol, false);
-    control::handle(&fs, &s, &[], req).map_err(|e| anyhow::anyhow!(e))
+    control::handle(&fs, &s, &[], req, &mut |v| progress(&v)).map_err(|e| anyhow::anyhow!(e))
 }
 
 pub fn stats(at: &StoreAt, json: bool) -> Result<ExitCode> {
@@ -524,7 +534,9 @@ pub fn push(
         }
         None => None,
     };
-    let v = request(
+    // The bar counts the bytes to upload, once the upstream's listing says which.
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let v = request_with_progress(
         &store,
         Some(&volume),
         Request::Push {
@@ -533,7 +545,17 @@ pub fn push(
             tag: tag.clone(),
             sign,
         },
-    )?;
+        &mut |p| {
+            let n = |k: &str| p[k].as_u64().unwrap_or(0);
+            let b = bar.get_or_insert_with(|| crate::import::progress_bar(n("bytes_total")));
+            b.set_position(n("bytes_done"));
+            b.set_message(format!("{}/{} blobs", n("blobs_done"), n("blobs_total")));
+        },
+    );
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let v = v?;
     println!(
         "pushed volume {volume} to {upstream} as {tag}: {} blobs uploaded ({}), {} already there; manifest {}",
         v["blobs_uploaded"],

@@ -153,12 +153,13 @@ fn errno_msg(path: &str, e: kcache_fs::Errno) -> String {
 
 /// Carries out one request. `reader` is a connection for long read-only queries, so they do
 /// not hold up the filesystem's own connection (the daemon passes a read-only store; an
-/// unmounted store passes itself).
+/// unmounted store passes itself). Long requests report how far they are to `progress`.
 pub fn handle(
     fs: &KcacheFs,
     reader: &Store,
     mounted: &[String],
     req: Request,
+    progress: &mut dyn FnMut(Value),
 ) -> Result<Value, String> {
     let check_volume = |v: &Option<String>| -> Result<(), String> {
         match v {
@@ -297,10 +298,11 @@ pub fn handle(
             sign,
         } => {
             let up = kcache_store::Upstream::parse(&upstream)?;
-            let remote = kcache_store::Remote::new(vec![up.clone()], Default::default())
-                .map_err(|e| e.to_string())?;
+            let mut report = |p: &kcache_store::PushProgress| {
+                progress(serde_json::to_value(p).unwrap_or(Value::Null))
+            };
             let r = store
-                .push(&remote, &up, &volume, &tag, sign.as_deref())
+                .push(&up, &volume, &tag, sign.as_deref(), &mut report)
                 .map_err(|e| format!("pushing volume '{volume}' to {upstream}: {e}"))?;
             Ok(serde_json::to_value(r).map_err(|e| e.to_string())?)
         }
@@ -362,7 +364,12 @@ pub fn serve(daemon: Arc<Daemon>, reader: Arc<Store>, store_dir: &Path) -> Resul
     Ok(())
 }
 
-fn daemon_request(daemon: &Arc<Daemon>, reader: &Store, req: Request) -> Result<Value, String> {
+fn daemon_request(
+    daemon: &Arc<Daemon>,
+    reader: &Store,
+    req: Request,
+    progress: &mut dyn FnMut(Value),
+) -> Result<Value, String> {
     match req {
         Request::Mount {
             volume,
@@ -389,7 +396,7 @@ fn daemon_request(daemon: &Arc<Daemon>, reader: &Store, req: Request) -> Result<
         req => {
             let fs = daemon.fs_for(volume_of(&req))?;
             let mounted: Vec<String> = daemon.list().into_iter().map(|m| m.1).collect();
-            handle(&fs, reader, &mounted, req)
+            handle(&fs, reader, &mounted, req, progress)
         }
     }
 }
@@ -410,7 +417,12 @@ fn serve_one(daemon: &Arc<Daemon>, reader: &Store, conn: UnixStream) {
                     | Request::Limits { set: None } => tracing::debug!(?req, "control request"),
                     _ => tracing::info!(?req, "control request"),
                 }
-                match daemon_request(daemon, reader, req) {
+                // Progress lines go out as they come; a client that left just stops them.
+                let mut w = &conn;
+                let mut progress = |v: Value| {
+                    let _ = writeln!(w, "{}", json!({ "progress": v }));
+                };
+                match daemon_request(daemon, reader, req, &mut progress) {
                     Ok(v) => json!({"ok": true, "result": v}),
                     Err(e) => json!({"ok": false, "error": e}),
                 }
@@ -425,6 +437,15 @@ fn serve_one(daemon: &Arc<Daemon>, reader: &Store, conn: UnixStream) {
 
 /// Sends one request to the daemon of `store` and returns its result.
 pub fn call(store: &Path, req: &Request) -> Result<Value> {
+    call_with_progress(store, req, &mut |_| {})
+}
+
+/// Like `call`, passing the daemon's progress reports to `progress` as they arrive.
+pub fn call_with_progress(
+    store: &Path,
+    req: &Request,
+    progress: &mut dyn FnMut(&Value),
+) -> Result<Value> {
     let path = socket_path(store);
     let conn = UnixStream::connect(&path).with_context(|| {
         format!(
@@ -434,12 +455,18 @@ pub fn call(store: &Path, req: &Request) -> Result<Value> {
     })?;
     let mut w = &conn;
     writeln!(w, "{}", serde_json::to_string(req)?)?;
-    let mut line = String::new();
-    BufReader::new(&conn)
-        .read_line(&mut line)
-        .context("reading the daemon's answer")?;
-    let v: Value = serde_json::from_str(&line)
-        .with_context(|| format!("the daemon answered something unreadable: {line:?}"))?;
+    let mut r = BufReader::new(&conn);
+    let v = loop {
+        let mut line = String::new();
+        r.read_line(&mut line)
+            .context("reading the daemon's answer")?;
+        let v: Value = serde_json::from_str(&line)
+            .with_context(|| format!("the daemon answered something unreadable: {line:?}"))?;
+        match v.get("progress") {
+            Some(p) => progress(p),
+            None => break v,
+        }
+    };
     if v["ok"] == json!(true) {
         return Ok(v["result"].clone());
     }

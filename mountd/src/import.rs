@@ -109,7 +109,9 @@ fn in_mount(dest: &Path) -> Result<PathBuf> {
 }
 
 /// A byte progress bar on a terminal; hidden otherwise.
-fn progress_bar(total: u64) -> ProgressBar {
+/// A byte-counting progress bar on a terminal's stderr (hidden otherwise), with a message
+/// slot for counts.
+pub(crate) fn progress_bar(total: u64) -> ProgressBar {
     let target = if std::io::stderr().is_terminal() {
         ProgressDrawTarget::stderr()
     } else {
@@ -118,7 +120,7 @@ fn progress_bar(total: u64) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(total), target);
     bar.set_style(
         ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta}) {msg}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );

@@ -1,6 +1,8 @@
 //! `kcache serve`: read-only HTTP for a store's blobs and snapshots, in the remote layout
 //! (see the README), so peers on a LAN can use each other as upstreams. `GET /tags/<volume>`
-//! snapshots that volume at that moment; blobs support HEAD and single byte ranges.
+//! snapshots that volume at that moment; blobs support HEAD and single byte ranges, and
+//! `GET /outboards/..` computes a local blob's outboard (kept for the next asker), so peers can
+//! read large files while they download.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -24,7 +26,8 @@ pub fn serve(store_dir: &Path, listen: &str) -> Result<ExitCode> {
         server.server_addr()
     );
     let store = Arc::new(store);
-    // Manifests made for GET /tags/<volume>, by hash, for the GET that follows.
+    // Manifests made for GET /tags/<volume>, by hash, for the GET that follows; outboards
+    // computed on demand.
     let manifests: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();
     let server = Arc::new(server);
     let workers: Vec<_> = (0..4)
@@ -59,6 +62,13 @@ fn answer(store: &Store, manifests: &Mutex<HashMap<String, Vec<u8>>>, req: tiny_
             Some(h) => return blob(store, &h, req),
             None => text(404, "no such blob\n"),
         },
+        ["outboards", _, hex] => match Hash::from_hex(hex) {
+            Some(h) => match outboard(store, manifests, &h) {
+                Some(b) => Response::from_data(b).with_status_code(StatusCode(200)),
+                None => text(404, "no outboard here\n"),
+            },
+            None => text(404, "no such outboard\n"),
+        },
         ["manifests", hex] => match manifests
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -81,6 +91,35 @@ fn answer(store: &Store, manifests: &Mutex<HashMap<String, Vec<u8>>>, req: tiny_
         _ => text(404, "not found\n"),
     };
     let _ = req.respond(res);
+}
+
+/// The outboard of local blob `h` (if it is big enough to have one), from `cache` or computed.
+/// Outboards share the manifests' map under an "outboard:" key; at most `CACHED` are kept.
+fn outboard(store: &Store, cache: &Mutex<HashMap<String, Vec<u8>>>, h: &Hash) -> Option<Vec<u8>> {
+    const CACHED: usize = 256;
+    let key = format!("outboard:{h}");
+    if let Some(b) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Some(b.clone());
+    }
+    let mut file = store.open_blob(h).ok()?;
+    let size = file.metadata().ok()?.len();
+    if !kcache_store::outboard::needed(size) {
+        return None;
+    }
+    let b = kcache_store::outboard::compute(&mut file, size).ok()?;
+    let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if c.len() >= CACHED {
+        let old: Vec<String> = c
+            .keys()
+            .filter(|k| k.starts_with("outboard:"))
+            .cloned()
+            .collect();
+        for k in old {
+            c.remove(&k);
+        }
+    }
+    c.insert(key, b.clone());
+    Some(b)
 }
 
 /// A local blob, whole or one byte range.

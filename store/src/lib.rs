@@ -12,9 +12,11 @@
 
 mod blobs;
 mod error;
+mod fetch;
 mod lru;
 mod maint;
 mod ns;
+pub mod outboard;
 mod remote;
 mod schema;
 mod snapshot;
@@ -32,11 +34,12 @@ use rusqlite::{Connection, OpenFlags};
 
 pub use blobs::{BlobState, Staged, StreamHasher, VerifyReport};
 pub use error::{Error, Result};
+pub use fetch::Lease;
 pub use lru::{EvictPolicy, Evicted, ACCESS_BATCH};
 pub use maint::{Counter, DuEntry, GcReport, Limits, MinFree, Removed};
 pub use ns::{Renamed, SetAttr, Stats, VolumeInfo};
 pub use remote::{FetchConfig, Remote, Upstream};
-pub use snapshot::{generate_key, public_key_of, PullReport, PushReport};
+pub use snapshot::{generate_key, public_key_of, PullReport, PushProgress, PushReport};
 pub use volumes::VolumeSummary;
 
 use error::IoContext;

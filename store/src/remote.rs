@@ -8,18 +8,16 @@
 //!   BLAKE3 hash of the compressed bytes;
 //! - `tags/<name>`: the hash of a manifest (text), the mutable pointer that `pull` follows.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::Write;
-use std::os::unix::fs::MetadataExt;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use rusqlite::{params, OptionalExtension};
-
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
+use crate::fetch::Flight;
 use crate::{Hash, Store};
 
 /// One place blobs and manifests can come from (and, for `file://`, go to).
@@ -41,13 +39,16 @@ impl std::fmt::Display for Upstream {
 }
 
 /// Why a read from an upstream did not produce the object.
-enum GetError {
+#[derive(Debug)]
+pub(crate) enum GetError {
     /// The upstream answered that it does not have it.
     Missing,
     /// Worth another try (network, 5xx, timeout).
     Transient(String),
     /// Not worth retrying here (4xx other than 404, local I/O).
     Fatal(String),
+    /// A ranged read was answered with the whole object.
+    NoRange,
 }
 
 impl Upstream {
@@ -71,20 +72,24 @@ impl Upstream {
         ))
     }
 
-    fn url_of(&self, key: &str) -> String {
+    pub(crate) fn url_of(&self, key: &str) -> String {
         match self {
             Upstream::File(p) => p.join(key).display().to_string(),
             Upstream::Http(base) => format!("{base}/{key}"),
         }
     }
 
-    /// Streams object `key` into `out`; returns the bytes written.
-    fn get_to(
+    /// Object `key` from byte `start` (to `end`, exclusive, or to its end) as a stream. A
+    /// server that ignores the range sends the whole object: with `allow_skip` its first
+    /// `start` bytes are read and dropped, otherwise that is `GetError::NoRange`.
+    pub(crate) fn open_read(
         &self,
         client: &reqwest::blocking::Client,
         key: &str,
-        out: &mut dyn Write,
-    ) -> Result<u64, GetError> {
+        start: u64,
+        end: Option<u64>,
+        allow_skip: bool,
+    ) -> Result<Box<dyn Read + Send>, GetError> {
         match self {
             Upstream::File(root) => {
                 let path = root.join(key);
@@ -95,13 +100,24 @@ impl Upstream {
                     }
                     Err(e) => return Err(GetError::Transient(format!("{}: {e}", path.display()))),
                 };
-                std::io::copy(&mut f, out)
-                    .map_err(|e| GetError::Transient(format!("{}: {e}", path.display())))
+                if start > 0 {
+                    f.seek(SeekFrom::Start(start))
+                        .map_err(|e| GetError::Transient(format!("{}: {e}", path.display())))?;
+                }
+                Ok(match end {
+                    Some(end) => Box::new(f.take(end.saturating_sub(start))),
+                    None => Box::new(f),
+                })
             }
             Upstream::Http(_) => {
                 let url = self.url_of(key);
-                let mut resp = client
-                    .get(&url)
+                let mut req = client.get(&url);
+                let ranged = start > 0 || end.is_some();
+                if ranged {
+                    let last = end.map(|e| (e - 1).to_string()).unwrap_or_default();
+                    req = req.header(reqwest::header::RANGE, format!("bytes={start}-{last}"));
+                }
+                let resp = req
                     .send()
                     .map_err(|e| GetError::Transient(format!("{url}: {e}")))?;
                 let status = resp.status();
@@ -114,13 +130,42 @@ impl Upstream {
                 if !status.is_success() {
                     return Err(GetError::Fatal(format!("{url}: HTTP {status}")));
                 }
-                resp.copy_to(out)
-                    .map_err(|e| GetError::Transient(format!("{url}: {e}")))
+                let mut body: Box<dyn Read + Send> = Box::new(resp);
+                if ranged && status != reqwest::StatusCode::PARTIAL_CONTENT {
+                    // The whole object came back.
+                    if start > 0 {
+                        if !allow_skip {
+                            return Err(GetError::NoRange);
+                        }
+                        let skipped =
+                            std::io::copy(&mut (&mut body).take(start), &mut std::io::sink())
+                                .map_err(|e| GetError::Transient(format!("{url}: {e}")))?;
+                        if skipped < start {
+                            return Err(GetError::Transient(format!("{url}: body ended early")));
+                        }
+                    }
+                    if let Some(end) = end {
+                        body = Box::new(body.take(end - start));
+                    }
+                }
+                Ok(body)
             }
         }
     }
 
-    fn get_bytes(
+    /// Streams object `key` into `out`; returns the bytes written.
+    fn get_to(
+        &self,
+        client: &reqwest::blocking::Client,
+        key: &str,
+        out: &mut dyn Write,
+    ) -> Result<u64, GetError> {
+        let mut r = self.open_read(client, key, 0, None, true)?;
+        std::io::copy(&mut r, out)
+            .map_err(|e| GetError::Transient(format!("{}: {e}", self.url_of(key))))
+    }
+
+    pub(crate) fn get_bytes(
         &self,
         client: &reqwest::blocking::Client,
         key: &str,
@@ -130,20 +175,42 @@ impl Upstream {
             Ok(_) => Ok(Some(buf)),
             Err(GetError::Missing) => Ok(None),
             Err(GetError::Transient(e) | GetError::Fatal(e)) => Err(e),
+            Err(GetError::NoRange) => Err(format!("{}: range ignored", self.url_of(key))),
         }
     }
 
-    fn has(&self, client: &reqwest::blocking::Client, key: &str) -> Result<bool, String> {
+    /// Every key under `prefix` (which ends in '/').
+    fn list(&self, prefix: &str) -> Result<HashSet<String>, String> {
         match self {
-            Upstream::File(root) => Ok(root.join(key).exists()),
-            Upstream::Http(_) => {
-                let url = self.url_of(key);
-                let resp = client
-                    .head(&url)
-                    .send()
-                    .map_err(|e| format!("{url}: {e}"))?;
-                Ok(resp.status().is_success())
+            Upstream::File(root) => {
+                let mut out = HashSet::new();
+                let mut stack = vec![prefix.trim_end_matches('/').to_owned()];
+                while let Some(rel) = stack.pop() {
+                    let dir = root.join(&rel);
+                    let rd = match fs::read_dir(&dir) {
+                        Ok(rd) => rd,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(format!("{}: {e}", dir.display())),
+                    };
+                    for ent in rd {
+                        let ent = ent.map_err(|e| format!("{}: {e}", dir.display()))?;
+                        let name = ent.file_name().to_string_lossy().into_owned();
+                        if name.starts_with(".tmp-") {
+                            continue;
+                        }
+                        let key = format!("{rel}/{name}");
+                        if ent.file_type().is_ok_and(|t| t.is_dir()) {
+                            stack.push(key);
+                        } else {
+                            out.insert(key);
+                        }
+                    }
+                }
+                Ok(out)
             }
+            Upstream::Http(base) => Err(format!(
+                "{base} is read-only (http upstreams cannot be pushed to)"
+            )),
         }
     }
 
@@ -178,7 +245,7 @@ impl Upstream {
     }
 }
 
-fn rand_u64() -> u64 {
+pub(crate) fn rand_u64() -> u64 {
     let mut b = [0u8; 8];
     // SAFETY: getrandom writes at most len bytes into the buffer.
     unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
@@ -205,19 +272,12 @@ impl Default for FetchConfig {
     }
 }
 
-/// One download in progress; everyone who wants the same blob waits for it.
-#[derive(Default)]
-struct Flight {
-    done: Mutex<Option<Result<(), String>>>,
-    cv: Condvar,
-}
-
 /// The upstreams of a store and the downloads in flight.
 pub struct Remote {
     pub upstreams: Vec<Upstream>,
     pub config: FetchConfig,
-    client: reqwest::blocking::Client,
-    inflight: Mutex<HashMap<Hash, Arc<Flight>>>,
+    pub(crate) client: reqwest::blocking::Client,
+    pub(crate) inflight: Mutex<HashMap<Hash, Arc<Flight>>>,
 }
 
 impl Remote {
@@ -241,33 +301,8 @@ fn http_client(config: &FetchConfig) -> Result<reqwest::blocking::Client> {
         .map_err(|e| Error::Remote(format!("building the HTTP client: {e}")))
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Writes to a file while hashing.
-struct HashingWriter<'a> {
-    file: &'a mut File,
-    hasher: blake3::Hasher,
-    len: u64,
-    limit: u64,
-}
-
-impl Write for HashingWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.len + buf.len() as u64 > self.limit {
-            return Err(std::io::Error::other(
-                "upstream sent more bytes than the blob has",
-            ));
-        }
-        let n = self.file.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.len += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush()
-    }
 }
 
 impl Store {
@@ -278,150 +313,6 @@ impl Store {
 
     pub fn remote(&self) -> Option<Arc<Remote>> {
         lock(&self.remote).clone()
-    }
-
-    /// Makes blob `h` local, downloading it if only a remote copy exists. Concurrent callers
-    /// for the same blob share one download. Returns whether this call downloaded it.
-    pub fn ensure_local(&self, h: &Hash) -> Result<bool> {
-        let row: Option<(i64, i64)> = self
-            .conn()
-            .query_row(
-                "SELECT size, state FROM blobs WHERE hash = ?1",
-                [&h.0[..]],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let Some((size, state)) = row else {
-            return Ok(false);
-        };
-        if state != 1 {
-            return Ok(false);
-        }
-        let Some(remote) = self.remote() else {
-            return Err(Error::Fetch {
-                hash: *h,
-                reason: "only a remote copy exists and this mount has no upstream".into(),
-            });
-        };
-        let (flight, leader) = {
-            let mut m = lock(&remote.inflight);
-            match m.get(h) {
-                Some(f) => (f.clone(), false),
-                None => {
-                    let f = Arc::new(Flight::default());
-                    m.insert(*h, f.clone());
-                    (f, true)
-                }
-            }
-        };
-        if !leader {
-            let mut done = lock(&flight.done);
-            while done.is_none() {
-                done = flight.cv.wait(done).unwrap_or_else(|p| p.into_inner());
-            }
-            return match done.as_ref().expect("set before notify") {
-                Ok(()) => Ok(false),
-                Err(e) => Err(Error::Fetch {
-                    hash: *h,
-                    reason: e.clone(),
-                }),
-            };
-        }
-        let res = self.download(&remote, h, size as u64);
-        *lock(&flight.done) = Some(res.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-        lock(&remote.inflight).remove(h);
-        flight.cv.notify_all();
-        res.map(|_| true)
-    }
-
-    /// Tries every upstream in order, with retries and jittered backoff for transient errors,
-    /// within the configured time bound.
-    fn download(&self, remote: &Remote, h: &Hash, size: u64) -> Result<()> {
-        let deadline = Instant::now() + remote.config.timeout;
-        let key = blob_key(h);
-        let mut errors = Vec::new();
-        for up in &remote.upstreams {
-            let mut delay = Duration::from_millis(100);
-            for attempt in 0..4 {
-                if Instant::now() >= deadline {
-                    break;
-                }
-                let (mut file, path) = self.new_staging()?;
-                let mut w = HashingWriter {
-                    file: &mut file,
-                    hasher: blake3::Hasher::new(),
-                    len: 0,
-                    limit: size,
-                };
-                let got = up.get_to(&remote.client, &key, &mut w);
-                let (got_hash, len) = (Hash(*w.hasher.finalize().as_bytes()), w.len);
-                match got {
-                    Ok(_) if got_hash == *h && len == size => {
-                        self.adopt_fetched(h, &path, &file)?;
-                        tracing::info!(hash = %h, bytes = size, upstream = %up, "fetched blob");
-                        return Ok(());
-                    }
-                    Ok(_) => {
-                        let _ = fs::remove_file(&path);
-                        tracing::error!(hash = %h, url = %up.url_of(&key), got = %got_hash, bytes = len, "upstream sent wrong bytes; not cached");
-                        errors.push(format!("{}: wrong content", up.url_of(&key)));
-                        break;
-                    }
-                    Err(GetError::Missing) => {
-                        let _ = fs::remove_file(&path);
-                        errors.push(format!("{}: not found", up.url_of(&key)));
-                        break;
-                    }
-                    Err(GetError::Fatal(e)) => {
-                        let _ = fs::remove_file(&path);
-                        errors.push(e);
-                        break;
-                    }
-                    Err(GetError::Transient(e)) => {
-                        let _ = fs::remove_file(&path);
-                        tracing::warn!(hash = %h, attempt, error = %e, "fetch failed; retrying");
-                        errors.push(e);
-                        let jitter =
-                            Duration::from_millis(rand_u64() % (delay.as_millis() as u64 + 1));
-                        let now = Instant::now();
-                        if now + delay + jitter >= deadline {
-                            break;
-                        }
-                        std::thread::sleep(delay + jitter);
-                        delay *= 2;
-                    }
-                }
-            }
-        }
-        if errors.is_empty() {
-            errors.push(format!(
-                "no upstream answered within {:?}",
-                remote.config.timeout
-            ));
-        }
-        Err(Error::Fetch {
-            hash: *h,
-            reason: errors.join("; "),
-        })
-    }
-
-    /// Moves a downloaded, verified blob into place and marks it local.
-    fn adopt_fetched(&self, h: &Hash, path: &Path, file: &File) -> Result<()> {
-        let blob_path = self.blob_path(h);
-        let dir = blob_path.parent().expect("blob path has a parent");
-        fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
-        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444))
-            .ctx(|| format!("sealing {}", path.display()))?;
-        let conn = self.conn();
-        fs::rename(path, &blob_path).ctx(|| format!("renaming {} to blob {h}", path.display()))?;
-        let ino = fs::metadata(&blob_path)
-            .ctx(|| format!("stat of {}", blob_path.display()))?
-            .ino() as i64;
-        conn.execute(
-            "UPDATE blobs SET state = 0, file_ino = ?2, last_access = ?3 WHERE hash = ?1",
-            params![&h.0[..], ino, self.next_access_seq()],
-        )?;
-        Ok(())
     }
 
     /// True when blob `h` exists only on an upstream right now.
@@ -466,7 +357,8 @@ impl Store {
         up.put(key, src, data).map_err(Error::Remote)
     }
 
-    pub(crate) fn has_object(remote: &Remote, up: &Upstream, key: &str) -> Result<bool> {
-        up.has(&remote.client, key).map_err(Error::Remote)
+    /// Every key under `prefix` on `up` (for existence checks in bulk).
+    pub(crate) fn list_objects(up: &Upstream, prefix: &str) -> Result<HashSet<String>> {
+        up.list(prefix).map_err(Error::Remote)
     }
 }

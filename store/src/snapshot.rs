@@ -9,6 +9,8 @@ use rusqlite::params;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::fetch::outboard_key;
+use crate::outboard;
 use crate::remote::{blob_key, Remote, Upstream};
 use crate::{now_ns, Hash, Store};
 
@@ -150,6 +152,15 @@ pub struct PushReport {
     pub tag: String,
 }
 
+/// How far a push is: blobs (with outboards) and bytes still to upload.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PushProgress {
+    pub blobs_done: u64,
+    pub blobs_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
 /// What a pull did.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PullReport {
@@ -269,11 +280,11 @@ impl Store {
     /// Uploads volume `volume` to `up` under `tag`. Only blobs the upstream lacks are sent.
     pub fn push(
         &self,
-        remote: &Remote,
         up: &Upstream,
         volume: &str,
         tag: &str,
         sign: Option<&str>,
+        progress: &mut dyn FnMut(&PushProgress),
     ) -> Result<PushReport> {
         valid_tag(tag)?;
         let m = self.snapshot(volume)?;
@@ -281,20 +292,48 @@ impl Store {
             tag: tag.to_owned(),
             ..Default::default()
         };
+        // One listing per kind instead of one existence check per blob.
+        let have_blobs = Store::list_objects(up, "blobs/")?;
+        let have_outboards = Store::list_objects(up, "outboards/")?;
+        let mut todo = Vec::new();
         let mut pushed = Vec::new();
         for (hex, size) in &m.blobs {
             let h = Hash::from_hex(hex).ok_or(Error::Invalid("bad hash in snapshot"))?;
             let key = blob_key(&h);
-            if Store::has_object(remote, up, &key)? {
+            let ob_missing = outboard::needed(*size) && !have_outboards.contains(&outboard_key(&h));
+            if have_blobs.contains(&key) && !ob_missing {
                 report.blobs_present += 1;
             } else {
-                // The blob file itself is the source: checked (size, inode) like any read.
-                let _f = self.open_blob(&h)?;
-                Store::put_object(up, &key, Some(&self.blob_path(&h)), &[])?;
-                report.blobs_uploaded += 1;
-                report.bytes_uploaded += size;
+                todo.push((h, *size, !have_blobs.contains(&key), ob_missing));
             }
             pushed.push(h);
+        }
+        let mut prog = PushProgress {
+            blobs_total: todo.len() as u64,
+            bytes_total: todo.iter().filter(|t| t.2).map(|t| t.1).sum(),
+            ..Default::default()
+        };
+        progress(&prog);
+        for (h, size, blob_missing, ob_missing) in todo {
+            // The blob file itself is the source: checked (size, inode) like any read.
+            let mut f = self.open_blob(&h)?;
+            if ob_missing {
+                // Before the blob: a reader that finds the blob finds its outboard too, so it
+                // can read the blob while it downloads.
+                let ob = outboard::compute(&mut f, size)
+                    .map_err(|e| Error::Remote(format!("computing the outboard of {h}: {e}")))?;
+                Store::put_object(up, &outboard_key(&h), None, &ob)?;
+            }
+            if blob_missing {
+                Store::put_object(up, &blob_key(&h), Some(&self.blob_path(&h)), &[])?;
+                report.blobs_uploaded += 1;
+                report.bytes_uploaded += size;
+                prog.bytes_done += size;
+            } else {
+                report.blobs_present += 1;
+            }
+            prog.blobs_done += 1;
+            progress(&prog);
         }
         let (mhash, bytes) = encode(&m)?;
         Store::put_object(up, &format!("manifests/{mhash}"), None, &bytes)?;

@@ -1,0 +1,664 @@
+//! Fetching blobs that only an upstream has (state `remote`): one download per blob however
+//! many want it, streamed into a staging file and verified before anything is served, readable
+//! while it arrives, and cancelled once nobody wants it any more.
+//!
+//! A download is a `Flight`; everyone who wants the blob holds a `Lease` on it. A background
+//! thread streams the blob from the first upstream that has it. Blobs larger than one group
+//! (see `outboard`) are verified group by group against their outboard, so a reader waits
+//! only for the groups it reads, and a read far ahead of the stream fetches its group with a
+//! ranged request first. Blobs without an outboard (small ones, or an upstream that has none)
+//! are verified whole, and readers wait for the end. The staging file only ever holds verified
+//! groups where a reader can see them; it becomes the local blob once every group is there.
+//!
+//! Time bound: a download that makes no progress for the configured fetch timeout fails, and
+//! so do its readers. Progress (a verified group) restarts the clock, so a large file on a slow
+//! but working link is not cut off.
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use blake3::hazmat::ChainingValue;
+use rusqlite::{params, OptionalExtension};
+
+use crate::error::{Error, IoContext, Result};
+use crate::outboard::{self, group_range, groups, GROUP};
+use crate::remote::{blob_key, lock, rand_u64, GetError, Remote, Upstream};
+use crate::{Hash, Store};
+
+/// A read this many groups beyond the stream's position fetches its group by range rather
+/// than waiting: the stream reaches nearer groups about as soon.
+const AHEAD: u64 = 4;
+
+/// After this many failed ranged fetches, readers of a download just wait for its stream.
+const RANGE_FAILURES: u32 = 3;
+
+/// How often waiting readers look again at the clock and at whether they are still wanted.
+const POLL: Duration = Duration::from_millis(200);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Have {
+    Missing,
+    /// A reader is fetching it by range.
+    Fetching,
+    Done,
+}
+
+/// One download in progress.
+pub struct Flight {
+    hash: Hash,
+    size: u64,
+    file: File,
+    path: PathBuf,
+    /// The verified outboard; set (to `None` for whole-blob verification) before streaming.
+    cvs: OnceLock<Option<Vec<ChainingValue>>>,
+    timeout: Duration,
+    st: Mutex<FState>,
+    cv: Condvar,
+}
+
+struct FState {
+    have: Vec<Have>,
+    /// The group the stream reads next.
+    frontier: u64,
+    /// Set once: Ok when the blob is local, Err with the reason otherwise.
+    done: Option<std::result::Result<(), String>>,
+    /// Leases held: open handles and waiting opens.
+    interest: usize,
+    cancelled: bool,
+    range_failures: u32,
+    /// Last verified progress (or the start).
+    progress: Instant,
+}
+
+/// A claim on a download: while any lease is held the download goes on; reads go through it.
+pub struct Lease {
+    flight: Arc<Flight>,
+    remote: Arc<Remote>,
+}
+
+/// What a pass over an upstream's stream ended with.
+enum Pass {
+    Complete,
+    /// Groups ahead are already there (fetched by range): skip to the next missing one.
+    Skip,
+}
+
+/// Why a pass stopped early.
+enum PassError {
+    Get(GetError),
+    /// The upstream sent bytes that do not match the hash.
+    Wrong(String),
+    /// A local failure (staging file): no upstream can help.
+    Local(String),
+}
+
+impl Store {
+    /// Starts, or joins, the download of blob `h` if only an upstream has it; `None` if the
+    /// blob is local (or unknown). The download goes on while the lease is held.
+    pub fn fetch(self: &Arc<Self>, h: &Hash) -> Result<Option<Lease>> {
+        let row: Option<(i64, i64)> = self
+            .conn()
+            .query_row(
+                "SELECT size, state FROM blobs WHERE hash = ?1",
+                [&h.0[..]],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((size, 1)) = row else {
+            return Ok(None);
+        };
+        let Some(remote) = self.remote() else {
+            return Err(Error::Fetch {
+                hash: *h,
+                reason: "only a remote copy exists and this mount has no upstream".into(),
+            });
+        };
+        let size = size as u64;
+        let mut map = lock(&remote.inflight);
+        if let Some(f) = map.get(h) {
+            let mut st = lock(&f.st);
+            if !st.cancelled && !matches!(st.done, Some(Err(_))) {
+                st.interest += 1;
+                return Ok(Some(Lease {
+                    flight: f.clone(),
+                    remote: remote.clone(),
+                }));
+            }
+        }
+        let (file, path) = self.new_staging()?;
+        if let Err(e) = file.set_len(size) {
+            let _ = fs::remove_file(&path);
+            return Err(Error::Io {
+                context: format!("sizing {}", path.display()),
+                source: e,
+            });
+        }
+        let flight = Arc::new(Flight {
+            hash: *h,
+            size,
+            file,
+            path,
+            cvs: OnceLock::new(),
+            timeout: remote.config.timeout,
+            st: Mutex::new(FState {
+                have: vec![Have::Missing; groups(size) as usize],
+                frontier: 0,
+                done: None,
+                interest: 1,
+                cancelled: false,
+                range_failures: 0,
+                progress: Instant::now(),
+            }),
+            cv: Condvar::new(),
+        });
+        map.insert(*h, flight.clone());
+        drop(map);
+        let (store, remote2, f) = (self.clone(), remote.clone(), flight.clone());
+        let spawned = std::thread::Builder::new()
+            .name("kcache-fetch".into())
+            .spawn(move || f.run(&store, &remote2));
+        if let Err(e) = spawned {
+            flight.finish(&remote, Err(format!("starting the download: {e}")));
+        }
+        Ok(Some(Lease { flight, remote }))
+    }
+
+    /// Makes blob `h` local, downloading it if only a remote copy exists (concurrent callers
+    /// share one download), and waits for it. `alive` is asked now and then whether the
+    /// caller still wants it. Returns whether the blob had to be fetched.
+    pub fn ensure_local(self: &Arc<Self>, h: &Hash, alive: &dyn Fn() -> bool) -> Result<bool> {
+        match self.fetch(h)? {
+            Some(lease) => lease.wait(alive).map(|_| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Moves a downloaded, verified blob into place and marks it local.
+    fn adopt_fetched(&self, f: &Flight) -> Result<()> {
+        f.file
+            .set_permissions(PermissionsExt::from_mode(0o444))
+            .ctx(|| format!("sealing {}", f.path.display()))?;
+        // On disk before the index says it is there: a crash must not leave a local blob
+        // with missing bytes.
+        f.file
+            .sync_data()
+            .ctx(|| format!("syncing {}", f.path.display()))?;
+        let blob_path = self.blob_path(&f.hash);
+        let dir = blob_path.parent().expect("blob path has a parent");
+        fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+        let conn = self.conn();
+        fs::rename(&f.path, &blob_path)
+            .ctx(|| format!("renaming {} to blob {}", f.path.display(), f.hash))?;
+        let ino = fs::metadata(&blob_path)
+            .ctx(|| format!("stat of {}", blob_path.display()))?
+            .ino() as i64;
+        let n = conn.execute(
+            "UPDATE blobs SET state = 0, file_ino = ?2, last_access = ?3 WHERE hash = ?1 AND state = 1",
+            params![&f.hash.0[..], ino, self.next_access_seq()],
+        )?;
+        if n == 0 {
+            // The blob went away meanwhile (every name removed), or another download of it
+            // finished first: this file is not the one the index records.
+            let still_ours: bool = conn
+                .query_row(
+                    "SELECT file_ino = ?2 FROM blobs WHERE hash = ?1",
+                    params![&f.hash.0[..], ino],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .unwrap_or(false);
+            if !still_ours {
+                let _ = fs::remove_file(&blob_path);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Flight {
+    /// The download thread.
+    fn run(self: Arc<Self>, store: &Store, remote: &Arc<Remote>) {
+        let cvs = if outboard::needed(self.size) {
+            fetch_outboard(remote, &self.hash, self.size)
+        } else {
+            None
+        };
+        let _ = self.cvs.set(cvs);
+        self.cv.notify_all();
+        let res = self.stream(remote).and_then(|()| {
+            store
+                .adopt_fetched(&self)
+                .map_err(|e| format!("keeping the download: {e}"))
+        });
+        match &res {
+            Ok(()) => {
+                tracing::info!(hash = %self.hash, bytes = self.size, "fetched blob")
+            }
+            Err(e) => tracing::warn!(hash = %self.hash, error = %e, "fetch failed"),
+        }
+        self.finish(remote, res);
+    }
+
+    /// Records the outcome, wakes everyone, and lets a later open start afresh.
+    fn finish(&self, remote: &Remote, res: std::result::Result<(), String>) {
+        if res.is_err() {
+            let _ = fs::remove_file(&self.path);
+        }
+        let mut map = lock(&remote.inflight);
+        let mut st = lock(&self.st);
+        if res.is_ok() {
+            st.have.fill(Have::Done);
+        }
+        st.done = Some(res);
+        if map
+            .get(&self.hash)
+            .is_some_and(|f| std::ptr::eq(&**f, self))
+        {
+            map.remove(&self.hash);
+        }
+        self.cv.notify_all();
+    }
+
+    fn cvs(&self) -> Option<&[ChainingValue]> {
+        self.cvs.get().and_then(|c| c.as_deref())
+    }
+
+    /// Streams the blob from the upstreams in order: retries with jittered exponential
+    /// backoff on transient errors, the next upstream on a missing blob, wrong bytes or a
+    /// refusal, and gives up when nothing verified arrived for the timeout.
+    fn stream(&self, remote: &Remote) -> std::result::Result<(), String> {
+        let key = blob_key(&self.hash);
+        let mut errors: Vec<String> = Vec::new();
+        let (mut ui, mut attempt) = (0, 0);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let (start, progress) = {
+                let st = lock(&self.st);
+                if st.cancelled {
+                    return Err("cancelled: nobody wants it any more".into());
+                }
+                let start = match self.cvs() {
+                    Some(_) => match st.have.iter().position(|h| *h != Have::Done) {
+                        Some(g) => g as u64,
+                        None => return Ok(()),
+                    },
+                    None => 0,
+                };
+                (start, st.progress)
+            };
+            let Some(up) = remote.upstreams.get(ui) else {
+                return Err(give_up(errors, self.timeout));
+            };
+            if progress.elapsed() >= self.timeout {
+                return Err(give_up(errors, self.timeout));
+            }
+            match self.pass(remote, up, &key, start) {
+                Ok(Pass::Complete) => return Ok(()),
+                Ok(Pass::Skip) => {}
+                Err(PassError::Local(e)) => return Err(e),
+                Err(PassError::Wrong(e)) => {
+                    errors.push(e);
+                    (ui, attempt) = (ui + 1, 0);
+                }
+                Err(PassError::Get(GetError::Missing)) => {
+                    errors.push(format!("{}: not found", up.url_of(&key)));
+                    (ui, attempt) = (ui + 1, 0);
+                }
+                Err(PassError::Get(GetError::Fatal(e))) => {
+                    errors.push(e);
+                    (ui, attempt) = (ui + 1, 0);
+                }
+                Err(PassError::Get(GetError::Transient(e))) => {
+                    tracing::warn!(hash = %self.hash, attempt, error = %e, "fetch failed; retrying");
+                    errors.push(e);
+                    if lock(&self.st).progress != progress {
+                        // It got somewhere: count retries afresh.
+                        (attempt, delay) = (0, Duration::from_millis(100));
+                    }
+                    attempt += 1;
+                    if attempt >= 4 {
+                        (ui, attempt, delay) = (ui + 1, 0, Duration::from_millis(100));
+                        continue;
+                    }
+                    let jitter = Duration::from_millis(rand_u64() % (delay.as_millis() as u64 + 1));
+                    let left = self
+                        .timeout
+                        .saturating_sub(lock(&self.st).progress.elapsed());
+                    if delay + jitter >= left {
+                        return Err(give_up(errors, self.timeout));
+                    }
+                    std::thread::sleep(delay + jitter);
+                    delay *= 2;
+                }
+                Err(PassError::Get(GetError::NoRange)) => {
+                    // Not asked for (the stream accepts whole answers); treat as a refusal.
+                    errors.push(format!("{}: unusable answer to a range", up.url_of(&key)));
+                    (ui, attempt) = (ui + 1, 0);
+                }
+            }
+        }
+    }
+
+    /// One GET from group `start` on: verifies and stores group after group.
+    fn pass(
+        &self,
+        remote: &Remote,
+        up: &Upstream,
+        key: &str,
+        start: u64,
+    ) -> std::result::Result<Pass, PassError> {
+        let url = up.url_of(key);
+        let mut r = up
+            .open_read(&remote.client, key, start * GROUP, None, true)
+            .map_err(PassError::Get)?;
+        let cvs = self.cvs();
+        let mut whole = cvs.is_none().then(blake3::Hasher::new);
+        let mut buf = vec![0u8; GROUP.min(self.size) as usize];
+        let n = groups(self.size);
+        for g in start..n {
+            {
+                let st = lock(&self.st);
+                if st.cancelled {
+                    return Ok(Pass::Skip);
+                }
+                if cvs.is_some()
+                    && g > start
+                    && st.have[g as usize] == Have::Done
+                    && st.have.get(g as usize + 1) == Some(&Have::Done)
+                {
+                    return Ok(Pass::Skip);
+                }
+            }
+            let (s, e) = group_range(self.size, g);
+            let data = &mut buf[..(e - s) as usize];
+            read_full(&mut r, data).map_err(|e| {
+                PassError::Get(GetError::Transient(format!("{url}: {e} (at byte {s})")))
+            })?;
+            match (cvs, &mut whole) {
+                (Some(cvs), _) => {
+                    if outboard::group_cv(g, data) != cvs[g as usize] {
+                        tracing::error!(hash = %self.hash, url = %url, offset = s, "upstream sent wrong bytes; not cached");
+                        return Err(PassError::Wrong(format!(
+                            "{url}: wrong content at byte {s}"
+                        )));
+                    }
+                }
+                (None, Some(h)) => {
+                    h.update(data);
+                }
+                (None, None) => unreachable!("a whole-blob hasher exists without an outboard"),
+            }
+            self.file
+                .write_all_at(data, s)
+                .map_err(|e| PassError::Local(format!("writing {}: {e}", self.path.display())))?;
+            let mut st = lock(&self.st);
+            st.progress = Instant::now();
+            if cvs.is_some() {
+                st.have[g as usize] = Have::Done;
+                st.frontier = g + 1;
+                self.cv.notify_all();
+            }
+        }
+        if let Some(h) = whole {
+            let got = Hash(*h.finalize().as_bytes());
+            if got != self.hash {
+                tracing::error!(hash = %self.hash, url = %url, got = %got, "upstream sent wrong bytes; not cached");
+                return Err(PassError::Wrong(format!("{url}: wrong content")));
+            }
+        }
+        Ok(Pass::Complete)
+    }
+}
+
+/// Reads exactly `buf.len()` bytes, naming a short body as such.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match r.read(&mut buf[done..]) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("body ended {} bytes early", buf.len() - done),
+                ))
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The outboard of blob `h` from the first upstream that has one that adds up; `None` means
+/// the blob is verified whole (and readers wait for all of it).
+fn fetch_outboard(remote: &Remote, h: &Hash, size: u64) -> Option<Vec<ChainingValue>> {
+    let key = outboard_key(h);
+    for up in &remote.upstreams {
+        match up.get_bytes(&remote.client, &key) {
+            Ok(Some(bytes)) => match outboard::parse_verified(&bytes, h, size) {
+                Ok(cvs) => return Some(cvs),
+                Err(e) => {
+                    tracing::error!(hash = %h, url = %up.url_of(&key), error = %e, "bad outboard; not used")
+                }
+            },
+            Ok(None) => {}
+            Err(e) => tracing::warn!(hash = %h, error = %e, "no outboard"),
+        }
+    }
+    None
+}
+
+/// Where a blob's outboard lives on an upstream.
+pub(crate) fn outboard_key(h: &Hash) -> String {
+    let hex = h.to_hex();
+    format!("outboards/{}/{hex}", &hex[..2])
+}
+
+impl Lease {
+    pub fn hash(&self) -> Hash {
+        self.flight.hash
+    }
+
+    /// Whether reads can be served while the download goes on (the blob has a verified
+    /// outboard); waits until the download thread knows.
+    pub fn streamable(&self) -> bool {
+        let f = &self.flight;
+        let mut st = lock(&f.st);
+        while f.cvs.get().is_none() && st.done.is_none() {
+            st =
+                f.cv.wait_timeout(st, POLL)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+        }
+        f.cvs().is_some()
+    }
+
+    /// Waits until the blob is local. `alive` is asked now and then whether the caller still
+    /// wants it; when it says no, this returns an error (and dropping the lease may cancel).
+    pub fn wait(&self, alive: &dyn Fn() -> bool) -> Result<()> {
+        let f = &self.flight;
+        let mut st = lock(&f.st);
+        loop {
+            match &st.done {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(e)) => return Err(self.error(e.clone())),
+                None => {}
+            }
+            st =
+                f.cv.wait_timeout(st, POLL)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            if st.done.is_none() && !alive() {
+                return Err(self.error("the reader went away".into()));
+            }
+        }
+    }
+
+    fn error(&self, reason: String) -> Error {
+        Error::Fetch {
+            hash: self.flight.hash,
+            reason,
+        }
+    }
+
+    /// Whether the download has ended (the blob is local, or it failed).
+    pub fn is_done(&self) -> bool {
+        lock(&self.flight.st).done.is_some()
+    }
+
+    /// Whether `len` bytes at `offset` can be read without waiting.
+    pub fn ready(&self, offset: u64, len: u64) -> bool {
+        let f = &self.flight;
+        let st = lock(&f.st);
+        if st.done.is_some() {
+            // Local now, or an error to report: either way no waiting.
+            return true;
+        }
+        if f.cvs().is_none() {
+            return false;
+        }
+        let end = offset.saturating_add(len).min(f.size);
+        if offset >= end {
+            return true;
+        }
+        (offset / GROUP..=(end - 1) / GROUP).all(|g| st.have[g as usize] == Have::Done)
+    }
+
+    /// Reads at `offset` into `buf`, waiting for (or fetching first) the groups it covers.
+    /// Returns the bytes read; fewer than asked only at the end of the blob.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        let f = &self.flight;
+        let end = offset.saturating_add(buf.len() as u64).min(f.size);
+        if offset >= end {
+            return Ok(0);
+        }
+        for g in offset / GROUP..=(end - 1) / GROUP {
+            self.ensure_group(g)?;
+        }
+        let want = (end - offset) as usize;
+        f.file
+            .read_exact_at(&mut buf[..want], offset)
+            .ctx(|| format!("reading {}", f.path.display()))?;
+        Ok(want)
+    }
+
+    /// Waits until group `g` is verified in the staging file; fetches it by range first if
+    /// the stream is far from it.
+    fn ensure_group(&self, g: u64) -> Result<()> {
+        let f = &self.flight;
+        let mut st = lock(&f.st);
+        loop {
+            match &st.done {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(e)) => return Err(self.error(e.clone())),
+                None => {}
+            }
+            if st.have[g as usize] == Have::Done {
+                return Ok(());
+            }
+            if st.progress.elapsed() >= f.timeout {
+                return Err(self.error(format!(
+                    "nothing arrived for {:?} (fetch timeout)",
+                    f.timeout
+                )));
+            }
+            if f.cvs().is_some()
+                && st.have[g as usize] == Have::Missing
+                && g > st.frontier + AHEAD
+                && st.range_failures < RANGE_FAILURES
+            {
+                st.have[g as usize] = Have::Fetching;
+                drop(st);
+                let res = self.fetch_group(g);
+                st = lock(&f.st);
+                match res {
+                    Ok(()) => {
+                        st.have[g as usize] = Have::Done;
+                        st.progress = Instant::now();
+                        f.cv.notify_all();
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::warn!(hash = %f.hash, group = g, error = %e, "ranged fetch failed; waiting for the stream");
+                        if st.have[g as usize] == Have::Fetching {
+                            st.have[g as usize] = Have::Missing;
+                        }
+                        st.range_failures += 1;
+                        f.cv.notify_all();
+                        continue;
+                    }
+                }
+            }
+            st =
+                f.cv.wait_timeout(st, POLL)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+        }
+    }
+
+    /// Fetches group `g` alone with a ranged request, verifies it and stores it.
+    fn fetch_group(&self, g: u64) -> std::result::Result<(), String> {
+        let f = &self.flight;
+        let cvs = f.cvs().expect("ranged fetches need an outboard");
+        let key = blob_key(&f.hash);
+        let (s, e) = group_range(f.size, g);
+        let mut buf = vec![0u8; (e - s) as usize];
+        let mut errors = Vec::new();
+        for up in &self.remote.upstreams {
+            let url = up.url_of(&key);
+            let got = up
+                .open_read(&self.remote.client, &key, s, Some(e), false)
+                .map_err(|e| match e {
+                    GetError::Missing => format!("{url}: not found"),
+                    GetError::NoRange => format!("{url}: ranges not supported"),
+                    GetError::Transient(m) | GetError::Fatal(m) => m,
+                })
+                .and_then(|mut r| {
+                    read_full(&mut r, &mut buf).map_err(|e| format!("{url}: {e} (at byte {s})"))
+                });
+            if let Err(e) = got {
+                errors.push(e);
+                continue;
+            }
+            if outboard::group_cv(g, &buf) != cvs[g as usize] {
+                tracing::error!(hash = %f.hash, url = %url, offset = s, "upstream sent wrong bytes; not cached");
+                errors.push(format!("{url}: wrong content at byte {s}"));
+                continue;
+            }
+            return f
+                .file
+                .write_all_at(&buf, s)
+                .map_err(|e| format!("writing {}: {e}", f.path.display()));
+        }
+        Err(errors.join("; "))
+    }
+}
+
+impl Drop for Lease {
+    /// The last lease of an unfinished download cancels it: nobody would read the result.
+    fn drop(&mut self) {
+        let f = &self.flight;
+        let mut map = lock(&self.remote.inflight);
+        let mut st = lock(&f.st);
+        st.interest -= 1;
+        if st.interest == 0 && st.done.is_none() {
+            st.cancelled = true;
+            if map.get(&f.hash).is_some_and(|m| Arc::ptr_eq(m, f)) {
+                map.remove(&f.hash);
+            }
+            tracing::info!(hash = %f.hash, "download cancelled: nobody reads it any more");
+            f.cv.notify_all();
+        }
+    }
+}
+
+fn give_up(mut errors: Vec<String>, timeout: Duration) -> String {
+    if errors.is_empty() {
+        errors.push(format!("no upstream answered within {timeout:?}"));
+    }
+    errors.join("; ")
+}
