@@ -409,10 +409,20 @@ pub fn start_announcing(
     arg: &Path,
     prefix: &str,
 ) -> (std::process::Child, String) {
+    start_announcing_with(python, script, &[arg.as_os_str()], prefix)
+}
+
+/// `start_announcing` with any arguments.
+pub fn start_announcing_with(
+    python: &Path,
+    script: &str,
+    args: &[&std::ffi::OsStr],
+    prefix: &str,
+) -> (std::process::Child, String) {
     use std::io::BufRead;
     let mut child = Command::new(python)
         .arg(workspace().join("tests/py").join(script))
-        .arg(arg)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

@@ -250,13 +250,29 @@ struct Counting {
 
 impl Counting {
     fn start(dir: &Path) -> Counting {
-        let (child, url) =
-            kcache_tests::start_announcing(Path::new("python3"), "static_server.py", dir, "url: ");
+        Counting::start_with(dir, &[])
+    }
+
+    /// With more options for static_server.py (`--rate N`, `--no-ranges`).
+    fn start_with(dir: &Path, opts: &[&str]) -> Counting {
+        let mut args = vec![dir.as_os_str()];
+        args.extend(opts.iter().map(std::ffi::OsStr::new));
+        let (child, url) = kcache_tests::start_announcing_with(
+            Path::new("python3"),
+            "static_server.py",
+            &args,
+            "url: ",
+        );
         Counting { child, url }
     }
 
     /// Stops the server; returns bytes sent per path.
-    fn stop(mut self) -> serde_json::Value {
+    fn stop(self) -> serde_json::Value {
+        self.stop_all().0
+    }
+
+    /// Stops the server; returns bytes sent per path, and ranged answers (206) per path.
+    fn stop_all(mut self) -> (serde_json::Value, serde_json::Value) {
         use std::io::Read;
         drop(self.child.stdin.take());
         let mut out = String::new();
@@ -267,11 +283,14 @@ impl Counting {
             .read_to_string(&mut out)
             .unwrap();
         let _ = self.child.wait();
-        let line = out
-            .lines()
-            .find_map(|l| l.strip_prefix("sent: "))
-            .expect("sent line");
-        serde_json::from_str(line).unwrap()
+        let field = |name: &str| -> serde_json::Value {
+            let line = out
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name:?} line in {out:?}"));
+            serde_json::from_str(line).unwrap()
+        };
+        (field("sent: "), field("ranges: "))
     }
 }
 
@@ -514,4 +533,200 @@ fn signed_snapshots_pull_only_with_the_trusted_key() {
     ]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("does not verify"), "{out}");
+}
+
+impl Drop for Counting {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Pulls `url:default` into a fresh store `dir/store` and mounts it at `dir/mnt`; returns
+/// (store, mountpoint).
+fn pull_and_mount(dir: &Path, url: &str, extra: &[&str]) -> (String, PathBuf) {
+    let s = dir.join("store").to_str().unwrap().to_owned();
+    kcache_ok(&["pull", "--store", &s, &format!("{url}:default")]);
+    let mnt = dir.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mut args = vec!["mount", "--store", &s];
+    args.extend_from_slice(extra);
+    args.push(mnt.to_str().unwrap());
+    kcache_ok(&args);
+    (s, mnt)
+}
+
+fn staging_files(store: &str) -> usize {
+    fs::read_dir(Path::new(store).join("staging"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn pread(f: &fs::File, off: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut b = vec![0u8; len];
+    f.read_exact_at(&mut b, off).unwrap();
+    b
+}
+
+/// Test 4: a 2 GiB remote file on a server capped at 256 MiB/s (so the download takes about
+/// 8 s): the first bytes come long before the end, random reads all over it are right (the
+/// far ones fetched first, by range), and at the end the blob is local and verified.
+#[test]
+fn a_2_gib_remote_file_is_read_while_it_downloads() {
+    let Some(a) = Mount::new() else { return };
+    const SIZE: u64 = 2 << 30;
+    {
+        let mut src = fs::File::open("/dev/urandom").unwrap();
+        let mut dst = fs::File::create(a.path("big")).unwrap();
+        let n = std::io::copy(&mut std::io::Read::take(&mut src, SIZE), &mut dst).unwrap();
+        assert_eq!(n, SIZE);
+    }
+    a.settle();
+    let up = tempfile::tempdir().unwrap();
+    let store_a = a.store.to_str().unwrap().to_owned();
+    kcache_ok(&[
+        "push",
+        "--store",
+        &store_a,
+        &format!("file://{}", up.path().display()),
+    ]);
+    assert!(
+        up.path().join("outboards").is_dir(),
+        "push wrote no outboard"
+    );
+    let server = Counting::start_with(up.path(), &["--rate", &(256u64 << 20).to_string()]);
+    let dir = tempfile::tempdir().unwrap();
+    let (s, mnt) = pull_and_mount(dir.path(), &server.url, &[]);
+    let local = fs::File::open(a.path("big")).unwrap();
+
+    let t0 = Instant::now();
+    let f = fs::File::open(mnt.join("big")).unwrap();
+    let first = pread(&f, 0, 4096);
+    let ttfb = t0.elapsed();
+    assert!(first == pread(&local, 0, 4096), "first 4 KiB differ");
+
+    // Random reads across the whole file, while it downloads.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let t1 = Instant::now();
+    for _ in 0..64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = 1 + (x % 65_536) as usize;
+        let off = (x >> 20) % (SIZE - len as u64);
+        assert!(
+            pread(&f, off, len) == pread(&local, off, len),
+            "bytes {off}..+{len} differ"
+        );
+    }
+    let random = t1.elapsed();
+    // Then everything, in order: this waits for the rest of the download.
+    let mut off = 0;
+    while off < SIZE {
+        let len = (8 << 20).min(SIZE - off) as usize;
+        assert!(
+            pread(&f, off, len) == pread(&local, off, len),
+            "bytes {off}..+{len} differ"
+        );
+        off += len as u64;
+    }
+    let full = t0.elapsed();
+    eprintln!(
+        "first 4 KiB after {ttfb:?}, 64 random reads in {random:?}, all of it after {full:?}"
+    );
+    assert!(
+        ttfb < Duration::from_secs(1) && ttfb * 5 < full,
+        "first bytes after {ttfb:?}, the whole file after {full:?}"
+    );
+    drop(f);
+    kcache_ok(&["umount", mnt.to_str().unwrap()]);
+    let (sent, ranges) = server.stop_all();
+    let blob = blob_files(up.path()).pop().unwrap();
+    let key = format!("/{}", blob.strip_prefix(up.path()).unwrap().display());
+    let ranged = ranges[&key].as_u64().unwrap_or(0);
+    assert!(ranged > 0, "far reads did not fetch by range: {ranges}");
+    // The stream, plus each ranged group (1 MiB) at most twice: once by range, once more
+    // when the stream runs past a lone fetched group rather than starting a new request.
+    let blob_sent = sent[&key].as_u64().unwrap();
+    eprintln!("sent {blob_sent} bytes of the blob, {ranged} ranged requests");
+    assert!(
+        blob_sent <= SIZE + 2 * ranged * (1 << 20),
+        "the server sent {blob_sent} bytes of the blob with {ranged} ranged requests"
+    );
+    // Local now, and verified: the blob file is there, whole, and `verify` checks its hash.
+    let name = blob.file_name().unwrap().to_str().unwrap();
+    let local_blob = Path::new(&s).join("blobs").join(&name[..2]).join(name);
+    assert_eq!(fs::metadata(&local_blob).unwrap().len(), SIZE);
+    assert_eq!(staging_files(&s), 0);
+    let out = kcache_ok(&["verify", "--store", &s]);
+    assert!(
+        out.contains("checked 1 blobs") && !out.contains("quarantined") && !out.contains("missing"),
+        "verify: {out}"
+    );
+}
+
+/// A reader killed while its download runs cancels it when nobody else wants it: both a
+/// streaming reader (large file with an outboard) and an open waiting for a small file.
+#[test]
+fn a_killed_reader_cancels_a_download_nobody_else_wants() {
+    let Some(a) = Mount::new() else { return };
+    fs::write(a.path("big"), pseudo_random(21, 64 << 20)).unwrap();
+    fs::write(a.path("small"), pseudo_random(22, 1 << 20)).unwrap();
+    a.settle();
+    let up = tempfile::tempdir().unwrap();
+    kcache_ok(&[
+        "push",
+        "--store",
+        a.store.to_str().unwrap(),
+        &format!("file://{}", up.path().display()),
+    ]);
+    // 256 KiB/s: the small file takes 4 s, the big one minutes.
+    let server = Counting::start_with(up.path(), &["--rate", "262144"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (s, mnt) = pull_and_mount(dir.path(), &server.url, &[]);
+
+    for (name, code) in [
+        // Streams: the first 4 KiB come at once; then it sits with the file open.
+        (
+            "big",
+            "import sys,time; f=open(sys.argv[1],'rb'); f.read(4096); print('read', flush=True); time.sleep(120)",
+        ),
+        // Waits in open() for the whole (verified) file.
+        (
+            "small",
+            "import sys; print('read', flush=True); open(sys.argv[1],'rb').read()",
+        ),
+    ] {
+        let mut child = Command::new("python3")
+            .args(["-c", code])
+            .arg(mnt.join(name))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "read");
+        std::thread::sleep(Duration::from_millis(700));
+        assert_eq!(staging_files(&s), 1, "{name}: no download under way");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while staging_files(&s) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{name}: the download went on after its only reader was killed"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // A later reader starts afresh and gets the right bytes.
+    assert!(fs::read(mnt.join("small")).unwrap() == pseudo_random(22, 1 << 20));
+    kcache_ok(&["umount", mnt.to_str().unwrap()]);
+    let sent = server.stop();
+    eprintln!("sent: {sent}");
 }
