@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """End-to-end check that pip's HTTP cache works when PIP_CACHE_DIR is on a given directory.
 
-Usage: pip_cache_check.py CACHE_DIR WORKDIR [--evict-between SHELL_CMD]
+Usage: pip_cache_check.py CACHE_DIR WORKDIR [--evict-between SHELL_CMD] [--port PORT]
+                          [--cached-only]
 
 kcache's integration tests run this against a kcache mount; it must also pass on a
 plain local directory. Everything happens offline:
@@ -27,6 +28,13 @@ needs os.access(W_OK). Cache writes are O_CREAT|O_EXCL temp files + fsync + rena
 With --evict-between, SHELL_CMD runs between the two installs (it empties the cache,
 e.g. `kcache evict --to 0`), and run 2 must then download every wheel exactly once
 again and succeed: a cache that lost entries costs a download, never a failure.
+
+With --port, the index listens on that port instead of a random one, so a later run
+elsewhere asks for the same URLs. With --cached-only (use with the same --port as the run
+that filled the cache), the wheel file server is stopped: the index still answers its
+pages (pip revalidates those on every run) but refuses every wheel download with 503;
+one install must then succeed from CACHE_DIR alone ("Using cached" for every wheel).
+This is how a cache pulled from another machine is checked.
 
 Prints `pip cache check: ok` and exits 0 on success; otherwise explains the failure
 on stderr and exits 1.
@@ -134,6 +142,7 @@ class IndexState:
         self.page_304s = 0  # index pages revalidated from a cached copy
         self.log: list[str] = []
         self.unexpected: list[str] = []
+        self.files_stopped = False
 
     def project_page(self, project: str) -> bytes:
         links = []
@@ -181,6 +190,8 @@ def make_handler(state: IndexState):
                 if self.command == "GET":
                     with state.lock:
                         state.wheel_gets[name] += 1
+                if state.files_stopped:
+                    return self._send(503, b"file server stopped\n", {"Content-Type": "text/plain"})
                 # Like PyPI: immutable files with a very long max-age, so pip's cachecontrol
                 # layer stores them and later serves them without asking us again.
                 return self._send(200, data, {
@@ -317,9 +328,23 @@ def leftover_tmp_files(cache_dir: Path) -> list[str]:
 
 def main(argv: list[str]) -> int:
     evict_cmd = None
-    if len(argv) == 5 and argv[3] == "--evict-between":
-        evict_cmd = argv[4]
-        argv = argv[:3]
+    port = 0
+    cached_only = False
+    argv = list(argv)
+    if "--cached-only" in argv:
+        argv.remove("--cached-only")
+        cached_only = True
+    for flag in ("--evict-between", "--port"):
+        if flag in argv[3:]:
+            i = argv.index(flag)
+            if i + 1 >= len(argv):
+                print(__doc__, file=sys.stderr)
+                return 2
+            if flag == "--port":
+                port = int(argv[i + 1])
+            else:
+                evict_cmd = argv[i + 1]
+            del argv[i : i + 2]
     if len(argv) != 3:
         print(__doc__, file=sys.stderr)
         return 2
@@ -338,7 +363,8 @@ def main(argv: list[str]) -> int:
         wheels.setdefault(name, []).append(build_wheel(wheel_dir, name, version, requires, source))
 
     state = IndexState(wheels)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
+    ThreadingHTTPServer.allow_reuse_address = True
+    server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(state))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="pip-index", daemon=True)
     thread.start()
@@ -346,6 +372,22 @@ def main(argv: list[str]) -> int:
     env = pip_env(cache_dir)
 
     try:
+        if cached_only:
+            state.files_stopped = True
+            out = run_pip(index_url, workdir / "t2", env)
+            check_output_clean("cached-only run", out)
+            check_installed(workdir / "t2")
+            for paths in wheels.values():
+                for p in paths:
+                    if f"Using cached {p.name}" not in out:
+                        fail(f"the install lacks 'Using cached {p.name}'\n--- pip output ---\n{out}")
+            with state.lock:
+                tried = {k: v for k, v in state.wheel_gets.items() if v}
+            if tried:
+                fail(f"pip tried to download wheels although the cache has them: {tried}")
+            print("pip: installed every wheel from the cache with the file server stopped")
+            print("pip cache check: ok")
+            return 0
         t0 = time.monotonic()
         out1 = run_pip(index_url, workdir / "t1", env)
         t1 = time.monotonic()

@@ -76,6 +76,53 @@ impl Drop for Static {
     }
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `kcache serve` of a store on loopback.
+struct Serve {
+    child: Child,
+    url: String,
+}
+
+impl Serve {
+    fn start(store: &Path) -> Serve {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(kcache_tests::kcache_bin())
+            .args([
+                "serve",
+                "--store",
+                store.to_str().unwrap(),
+                "--listen",
+                &listen,
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&listen).is_err() {
+            assert!(Instant::now() < deadline, "kcache serve did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Serve {
+            child,
+            url: format!("http://{listen}"),
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn blob_files(up: &Path) -> Vec<PathBuf> {
     let mut v = Vec::new();
     for d in fs::read_dir(up.join("blobs")).unwrap() {
@@ -87,19 +134,22 @@ fn blob_files(up: &Path) -> Vec<PathBuf> {
 }
 
 #[test]
-fn push_a_pip_cache_pull_it_elsewhere_and_fetch_lazily_over_file_and_http() {
+fn push_a_pip_cache_pull_it_elsewhere_and_fetch_lazily_over_file_http_and_kcache_serve() {
     let Some(py) = venv_python() else { return };
     let Some(a) = Mount::new() else { return };
     let up = tempfile::tempdir().unwrap();
     let up_url = format!("file://{}", up.path().display());
-    // Store A: a real pip cache, pushed to a shared directory.
+    // Store A: a real pip cache, pushed to a shared directory. The index's port is fixed, so
+    // pip on the other stores asks for the same URLs.
     let cache = a.path("pip");
     fs::create_dir(&cache).unwrap();
     let work = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
     let out = Command::new(&py)
         .arg(workspace().join("tests/py/pip_cache_check.py"))
         .arg(&cache)
         .arg(work.path())
+        .args(["--port", &port])
         .output()
         .unwrap();
     assert!(
@@ -116,11 +166,17 @@ fn push_a_pip_cache_pull_it_elsewhere_and_fetch_lazily_over_file_and_http() {
         again.contains(" 0 blobs uploaded"),
         "a second push uploads nothing: {again}"
     );
-    let want = tree(&cache);
 
-    // Store B (file://) and store C (HTTP): pull is metadata only; content comes on open.
+    // Stores pulling over file://, over HTTP from a static server, and from store A's own
+    // `kcache serve`: pull is metadata only; content comes on open.
     let http = Static::start(up.path());
-    for source in [format!("{up_url}:ci"), format!("{}:ci", http.url)] {
+    let serve = Serve::start(&a.store);
+    let want = tree(&cache);
+    for source in [
+        format!("{up_url}:ci"),
+        format!("{}:ci", http.url),
+        format!("{}:default", serve.url),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let store_b = dir.path().join("store");
         let out = kcache_ok(&["pull", "--store", store_b.to_str().unwrap(), &source]);
@@ -157,6 +213,22 @@ fn push_a_pip_cache_pull_it_elsewhere_and_fetch_lazily_over_file_and_http() {
             tree(&mnt.join("pip")),
             want,
             "after eviction, from {source}"
+        );
+        // pip installs from the pulled cache (evicted just before, so what it reads is
+        // fetched lazily) with the wheel server stopped.
+        kcache_ok(&["evict", mnt.to_str().unwrap(), "--to", "0"]);
+        let out = Command::new(&py)
+            .arg(workspace().join("tests/py/pip_cache_check.py"))
+            .arg(mnt.join("pip"))
+            .arg(work.path())
+            .args(["--port", &port, "--cached-only"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pip from the cache pulled from {source}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
         kcache_ok(&["umount", mnt.to_str().unwrap()]);
     }
