@@ -240,6 +240,8 @@ fn wrong_bytes_fail_over_or_give_eio_and_a_hung_upstream_gives_eio_in_time() {
     let good = tempfile::tempdir().unwrap();
     let bad = tempfile::tempdir().unwrap();
     fs::write(a.path("f"), pseudo_random(1, 300_000)).unwrap();
+    // Large enough for an outboard: verified and served group by group.
+    fs::write(a.path("g"), pseudo_random(2, 5 << 20)).unwrap();
     a.settle();
     let store_a = a.store.to_str().unwrap().to_owned();
     for up in [good.path(), bad.path()] {
@@ -250,10 +252,16 @@ fn wrong_bytes_fail_over_or_give_eio_and_a_hung_upstream_gives_eio_in_time() {
             &format!("file://{}", up.display()),
         ]);
     }
-    // The bad upstream flips a byte in every blob.
+    // The bad upstream flips a byte in every blob: the first one in the small blob, one in
+    // the fourth 1 MiB group of the large one, so its stream fails over mid-way.
     for b in blob_files(bad.path()) {
         let mut data = fs::read(&b).unwrap();
-        data[0] ^= 1;
+        let at = if data.len() > 4 << 20 {
+            (7 << 19) + 3
+        } else {
+            0
+        };
+        data[at] ^= 1;
         fs::write(&b, data).unwrap();
     }
     // A hung upstream: accepts connections, never answers.
@@ -280,12 +288,15 @@ fn wrong_bytes_fail_over_or_give_eio_and_a_hung_upstream_gives_eio_in_time() {
     mount(&format!("upstream={bad_url}"));
     let e = fs::read(mnt.join("f")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let e = fs::read(mnt.join("g")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
     kcache_ok(&["umount", &m]);
     let log = fs::read_to_string(store.join("kcache.log")).unwrap();
     assert!(log.contains("upstream sent wrong bytes"), "{log}");
     // Bad first, good second: fails over, correct bytes.
     mount(&format!("upstream={bad_url},upstream={good_url}"));
     assert_eq!(fs::read(mnt.join("f")).unwrap(), pseudo_random(1, 300_000));
+    assert!(fs::read(mnt.join("g")).unwrap() == pseudo_random(2, 5 << 20));
     kcache_ok(&["evict", &m, "--to", "0"]);
     kcache_ok(&["umount", &m]);
 
