@@ -663,6 +663,12 @@ fn serve(
     let _ = std::fs::remove_file(crate::control::socket_path(store_dir));
     STOP_EVICTOR.store(true, Ordering::Relaxed);
     let _ = evictor.join();
+    // A download whose bytes all arrived is being synced and kept; let it finish (bounded,
+    // well within systemd's stop timeout) rather than throw away what was fetched.
+    let left = store.drain_fetches(Duration::from_secs(60));
+    if left > 0 {
+        tracing::warn!(downloads = left, "leaving with downloads unfinished; their staging files go at the next start");
+    }
     fs.flush_all();
     if let Err(e) = store.flush_accesses() {
         tracing::warn!(error = %e, "recording the last accesses failed");

@@ -69,6 +69,8 @@ struct FState {
     /// Leases held: open handles and waiting opens.
     interest: usize,
     cancelled: bool,
+    /// Every byte is there and verified: only adoption is left, which nothing cancels.
+    complete: bool,
     range_failures: u32,
     /// Last verified progress (or the start).
     progress: Instant,
@@ -150,6 +152,7 @@ impl Store {
                 done: None,
                 interest: 1,
                 cancelled: false,
+                complete: false,
                 range_failures: 0,
                 progress: Instant::now(),
             }),
@@ -174,6 +177,24 @@ impl Store {
         match self.fetch(h)? {
             Some(lease) => lease.wait(alive).map(|_| true),
             None => Ok(false),
+        }
+    }
+
+    /// Waits, at most `bound`, for downloads still going to end: on shutdown, a blob whose
+    /// bytes all arrived is being synced and adopted, and leaving now would throw it away.
+    /// (Downloads nobody wants were cancelled with their last lease and end quickly.)
+    /// Returns how many were still going when the bound ran out.
+    pub fn drain_fetches(&self, bound: Duration) -> usize {
+        let Some(remote) = self.remote() else {
+            return 0;
+        };
+        let t0 = Instant::now();
+        loop {
+            let n = lock(&remote.inflight).len();
+            if n == 0 || t0.elapsed() >= bound {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -230,6 +251,8 @@ impl Flight {
         let _ = self.cvs.set(cvs);
         self.cv.notify_all();
         let res = self.stream(remote).and_then(|()| {
+            // Readers may have every byte already and go away; the blob is kept all the same.
+            lock(&self.st).complete = true;
             store
                 .adopt_fetched(&self)
                 .map_err(|e| format!("keeping the download: {e}"))
@@ -278,9 +301,7 @@ impl Flight {
         loop {
             let (start, progress) = {
                 let st = lock(&self.st);
-                if st.cancelled {
-                    return Err("cancelled: nobody wants it any more".into());
-                }
+                // Whole first: a reader who read the last bytes and left cancels nothing.
                 let start = match self.cvs() {
                     Some(_) => match st.have.iter().position(|h| *h != Have::Done) {
                         Some(g) => g as u64,
@@ -288,6 +309,9 @@ impl Flight {
                     },
                     None => 0,
                 };
+                if st.cancelled {
+                    return Err("cancelled: nobody wants it any more".into());
+                }
                 (start, st.progress)
             };
             let Some(up) = remote.upstreams.get(ui) else {
@@ -645,7 +669,8 @@ impl Drop for Lease {
         let mut map = lock(&self.remote.inflight);
         let mut st = lock(&f.st);
         st.interest -= 1;
-        if st.interest == 0 && st.done.is_none() {
+        let whole = st.complete || st.have.iter().all(|h| *h == Have::Done);
+        if st.interest == 0 && st.done.is_none() && !whole {
             st.cancelled = true;
             if map.get(&f.hash).is_some_and(|m| Arc::ptr_eq(m, f)) {
                 map.remove(&f.hash);
