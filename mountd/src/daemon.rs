@@ -667,7 +667,10 @@ fn serve(
     // well within systemd's stop timeout) rather than throw away what was fetched.
     let left = store.drain_fetches(Duration::from_secs(60));
     if left > 0 {
-        tracing::warn!(downloads = left, "leaving with downloads unfinished; their staging files go at the next start");
+        tracing::warn!(
+            downloads = left,
+            "leaving with downloads unfinished; their staging files go at the next start"
+        );
     }
     fs.flush_all();
     if let Err(e) = store.flush_accesses() {
