@@ -18,6 +18,7 @@ mod maint;
 mod ns;
 pub mod outboard;
 mod remote;
+pub mod s3;
 mod schema;
 mod snapshot;
 mod volumes;
