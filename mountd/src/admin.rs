@@ -544,6 +544,7 @@ pub fn push(
             upstream: upstream.clone(),
             tag: tag.clone(),
             sign,
+            env: kcache_store::s3::settings_env(),
         },
         &mut |p| {
             let n = |k: &str| p[k].as_u64().unwrap_or(0);
@@ -591,6 +592,7 @@ pub fn pull(
             upstream: upstream.clone(),
             tag: tag.clone(),
             trusted_keys,
+            env: kcache_store::s3::settings_env(),
         },
     )?;
     println!(

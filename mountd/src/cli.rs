@@ -531,6 +531,13 @@ mod tests {
 pub fn split_source(s: &str) -> (String, Option<String>) {
     // Only after the host: "http://host:8080" has a port, not a tag.
     let host_start = s.find("://").map_or(0, |i| i + 3);
+    if s.starts_with("s3://") && !s[host_start..].contains('/') {
+        // A bucket has no port: "s3://bucket:tag".
+        if let Some(i) = s[host_start..].find(':') {
+            let i = host_start + i;
+            return (s[..i].to_owned(), Some(s[i + 1..].to_owned()));
+        }
+    }
     let Some(path_start) = s[host_start..].find('/').map(|i| host_start + i) else {
         // No path: "host:port:tag" (a second colon after the host starts the tag).
         let authority = &s[host_start..];
@@ -571,5 +578,14 @@ mod source_tests {
             split_source("http://h:8080"),
             ("http://h:8080".into(), None)
         );
+        assert_eq!(
+            split_source("s3://bucket:main"),
+            ("s3://bucket".into(), Some("main".into()))
+        );
+        assert_eq!(
+            split_source("s3://bucket/team/pip:main"),
+            ("s3://bucket/team/pip".into(), Some("main".into()))
+        );
+        assert_eq!(split_source("s3://bucket"), ("s3://bucket".into(), None));
     }
 }

@@ -110,12 +110,17 @@ pub enum Request {
         tag: String,
         /// Secret signing key, hex (the socket is the daemon user's only).
         sign: Option<String>,
+        /// The command's AWS settings (variables), for an s3:// upstream.
+        #[serde(default)]
+        env: Vec<(String, String)>,
     },
     Pull {
         volume: String,
         upstream: String,
         tag: String,
         trusted_keys: Vec<String>,
+        #[serde(default)]
+        env: Vec<(String, String)>,
     },
     /// Mount one more volume (daemon only).
     Mount {
@@ -296,8 +301,13 @@ pub fn handle(
             upstream,
             tag,
             sign,
+            env,
         } => {
-            let up = kcache_store::Upstream::parse(&upstream)?;
+            let up = kcache_store::Upstream::parse_with(
+                &upstream,
+                kcache_store::FetchConfig::default().timeout,
+                Some(&env),
+            )?;
             let mut report = |p: &kcache_store::PushProgress| {
                 progress(serde_json::to_value(p).unwrap_or(Value::Null))
             };
@@ -311,13 +321,18 @@ pub fn handle(
             upstream,
             tag,
             trusted_keys,
+            env,
         } => {
             if mounted.contains(&volume) {
                 return Err(format!(
                     "volume '{volume}' is mounted; unmount it (or pull into another volume)"
                 ));
             }
-            let up = kcache_store::Upstream::parse(&upstream)?;
+            let up = kcache_store::Upstream::parse_with(
+                &upstream,
+                kcache_store::FetchConfig::default().timeout,
+                Some(&env),
+            )?;
             let remote = kcache_store::Remote::new(vec![up], Default::default())
                 .map_err(|e| e.to_string())?;
             // Keys given now are remembered: once a store trusts a key, it never again takes

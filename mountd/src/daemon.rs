@@ -311,14 +311,17 @@ fn apply_upstreams(store: &Store, opts: &MountOpts) -> Result<()> {
     if urls.is_empty() {
         return Ok(());
     }
-    let ups = urls
-        .iter()
-        .map(|u| kcache_store::Upstream::parse(u).map_err(|e| anyhow::anyhow!(e)))
-        .collect::<Result<Vec<_>>>()?;
     let mut config = kcache_store::FetchConfig::default();
     if let Some(s) = opts.fetch_timeout {
         config.timeout = Duration::from_secs(s);
     }
+    let ups = urls
+        .iter()
+        .map(|u| {
+            kcache_store::Upstream::parse_with(u, config.timeout, None)
+                .map_err(|e| anyhow::anyhow!(e))
+        })
+        .collect::<Result<Vec<_>>>()?;
     tracing::info!(upstreams = ?urls, timeout_s = config.timeout.as_secs(), "fetching remote blobs");
     store.set_remote(kcache_store::Remote::new(ups, config)?);
     Ok(())

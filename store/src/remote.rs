@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::fetch::Flight;
+use crate::s3::{S3Error, S3};
 use crate::{Hash, Store};
 
 /// One place blobs and manifests can come from (and, for `file://`, go to).
@@ -27,6 +28,8 @@ pub enum Upstream {
     File(PathBuf),
     /// Any static HTTP server (or `kcache serve`): read-only.
     Http(String),
+    /// An S3-compatible bucket (and key prefix): read and write.
+    S3(Arc<S3>),
 }
 
 impl std::fmt::Display for Upstream {
@@ -34,6 +37,7 @@ impl std::fmt::Display for Upstream {
         match self {
             Upstream::File(p) => write!(f, "file://{}", p.display()),
             Upstream::Http(u) => f.write_str(u),
+            Upstream::S3(s) => f.write_str(s.url_of("").trim_end_matches('/')),
         }
     }
 }
@@ -51,8 +55,31 @@ pub(crate) enum GetError {
     NoRange,
 }
 
+impl From<S3Error> for GetError {
+    fn from(e: S3Error) -> GetError {
+        match e {
+            S3Error::Missing => GetError::Missing,
+            S3Error::Transient(m) => GetError::Transient(m),
+            S3Error::Fatal(m) => GetError::Fatal(m),
+        }
+    }
+}
+
 impl Upstream {
+    /// An upstream from its URL, with the default timeout and this process's environment
+    /// (for `s3://`: credentials, region and endpoint).
     pub fn parse(url: &str) -> Result<Upstream, String> {
+        Upstream::parse_with(url, FetchConfig::default().timeout, None)
+    }
+
+    /// An upstream from its URL. `timeout` bounds each request's idle time (S3; HTTP takes
+    /// it from the `Remote`'s client); `env`, when given, replaces this process's
+    /// environment for the S3 settings: a daemon acting for a command uses the command's.
+    pub fn parse_with(
+        url: &str,
+        timeout: Duration,
+        env: Option<&[(String, String)]>,
+    ) -> Result<Upstream, String> {
         if let Some(p) = url.strip_prefix("file://") {
             if !p.starts_with('/') {
                 return Err(format!("upstream '{url}': file:// needs an absolute path"));
@@ -63,12 +90,10 @@ impl Upstream {
             return Ok(Upstream::Http(url.trim_end_matches('/').to_owned()));
         }
         if url.starts_with("s3://") {
-            return Err(format!(
-                "upstream '{url}': s3:// upstreams are not supported by this build yet"
-            ));
+            return S3::parse_in(url, timeout, env).map(|s| Upstream::S3(Arc::new(s)));
         }
         Err(format!(
-            "upstream '{url}': expected file:///path, http://host/prefix or https://host/prefix"
+            "upstream '{url}': expected file:///path, http(s)://host/prefix or s3://bucket/prefix"
         ))
     }
 
@@ -76,6 +101,7 @@ impl Upstream {
         match self {
             Upstream::File(p) => p.join(key).display().to_string(),
             Upstream::Http(base) => format!("{base}/{key}"),
+            Upstream::S3(s) => s.url_of(key),
         }
     }
 
@@ -150,6 +176,11 @@ impl Upstream {
                 }
                 Ok(body)
             }
+            Upstream::S3(s) => {
+                // S3 honours ranges, so nothing is ever skipped.
+                let range = (start > 0 || end.is_some()).then_some((start, end));
+                Ok(s.get(key, range)?)
+            }
         }
     }
 
@@ -208,6 +239,10 @@ impl Upstream {
                 }
                 Ok(out)
             }
+            Upstream::S3(s) => s
+                .list(prefix)
+                .map(|keys| keys.into_iter().collect())
+                .map_err(|e| e.to_string()),
             Upstream::Http(base) => Err(format!(
                 "{base} is read-only (http upstreams cannot be pushed to)"
             )),
@@ -238,6 +273,12 @@ impl Upstream {
                 }
                 Ok(())
             }
+            // A PUT replaces an object whole: readers see the old one or the new one.
+            Upstream::S3(s) => match src {
+                Some(path) => s.put_file(key, path),
+                None => s.put_bytes(key, data),
+            }
+            .map_err(|e| e.to_string()),
             Upstream::Http(base) => Err(format!(
                 "{base} is read-only (http upstreams cannot be pushed to)"
             )),

@@ -131,16 +131,31 @@ impl S3 {
     /// Custom endpoints use path-style addressing; an http:// endpoint is allowed. Region
     /// defaults to us-east-1. `timeout` bounds connecting and each request's idle time.
     pub fn parse(url: &str, timeout: Duration) -> Result<S3, String> {
+        S3::parse_in(url, timeout, None)
+    }
+
+    /// As `parse`, with the settings taken from `env` instead of this process's environment
+    /// when given (a daemon acting for a command uses the command's).
+    pub fn parse_in(
+        url: &str,
+        timeout: Duration,
+        env: Option<&[(String, String)]>,
+    ) -> Result<S3, String> {
         let (bucket, prefix) = parse_url(url)?;
         if timeout.is_zero() {
             return Err(format!(
                 "upstream '{url}': the timeout must be more than zero"
             ));
         }
-        let env: Vec<(String, String)> = std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-            .collect();
-        let settings = Settings::resolve(&env).map_err(|e| format!("upstream '{url}': {e}"))?;
+        let own;
+        let env = match env {
+            Some(e) => e,
+            None => {
+                own = process_env();
+                &own[..]
+            }
+        };
+        let settings = Settings::resolve(env).map_err(|e| format!("upstream '{url}': {e}"))?;
         let rt = runtime().map_err(|e| format!("upstream '{url}': {e}"))?;
         // The HTTP client may look for a runtime while it is built.
         let _entered = rt.enter();
@@ -522,6 +537,22 @@ impl Read for ObjectReader {
         buf[..n].copy_from_slice(&self.leftover.split_to(n));
         Ok(n)
     }
+}
+
+/// This process's environment, as far as it is text.
+fn process_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
+}
+
+/// The variables of this process's environment that S3 settings are read from: what a
+/// command hands to the daemon acting for it.
+pub fn settings_env() -> Vec<(String, String)> {
+    process_env()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("AWS_") || k == "HOME")
+        .collect()
 }
 
 /// `s3://bucket[/prefix]` → (bucket, prefix without surrounding '/').

@@ -379,8 +379,14 @@ pub fn python_workers(code: &str, arg: &Path, n: usize) -> Vec<String> {
 
 /// Runs the kcache binary; returns its exit code and stdout+stderr.
 pub fn kcache(args: &[&str]) -> (i32, String) {
+    kcache_env(args, &[])
+}
+
+/// `kcache` with variables added to its environment (a daemon it starts inherits them).
+pub fn kcache_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let out = std::process::Command::new(kcache_bin())
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("running kcache");
     (

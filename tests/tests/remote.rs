@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kcache_tests::{hash_file, kcache, kcache_ok, pseudo_random, venv_python, workspace, Mount};
+use kcache_tests::{
+    hash_file, kcache, kcache_env, kcache_ok, pseudo_random, venv_python, workspace, Mount,
+};
 
 /// Every file and symlink under `root`, with content hashes.
 fn tree(root: &Path) -> Vec<String> {
@@ -133,8 +135,42 @@ fn blob_files(up: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// An S3-compatible server (moto) on loopback with one bucket, stopped on drop.
+struct S3Server {
+    child: Child,
+    /// Settings that point kcache at it, and at nothing else on this machine.
+    env: Vec<(String, String)>,
+}
+
+impl S3Server {
+    fn start(py: &Path, bucket: &str, dir: &Path) -> S3Server {
+        let (child, url) =
+            kcache_tests::start_announcing_with(py, "s3_server.py", &[bucket.as_ref()], "url: ");
+        let none = |f: &str| dir.join(f).to_str().unwrap().to_owned();
+        let env = vec![
+            ("AWS_ACCESS_KEY_ID".into(), "test".into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
+            ("AWS_REGION".into(), "us-east-1".into()),
+            ("AWS_ENDPOINT_URL".into(), url.clone()),
+            ("AWS_CONFIG_FILE".into(), none("no-aws-config")),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE".into(),
+                none("no-aws-credentials"),
+            ),
+        ];
+        S3Server { child, env }
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
-fn push_a_pip_cache_pull_it_elsewhere_and_fetch_lazily_over_file_http_and_kcache_serve() {
+fn push_a_pip_cache_pull_it_elsewhere_and_fetch_lazily_over_s3_file_http_and_kcache_serve() {
     let Some(py) = venv_python() else { return };
     let Some(a) = Mount::new() else { return };
     let up = tempfile::tempdir().unwrap();
@@ -159,31 +195,52 @@ fn push_a_pip_cache_pull_it_elsewhere_and_fetch_lazily_over_file_http_and_kcache
     );
     a.settle();
     let store_a = a.store.to_str().unwrap().to_owned();
-    let out = kcache_ok(&["push", "--store", &store_a, &up_url, "--tag", "ci"]);
-    assert!(out.contains("0 already there"), "{out}");
-    let again = kcache_ok(&["push", "--store", &store_a, &up_url, "--tag", "ci"]);
-    assert!(
-        again.contains(" 0 blobs uploaded"),
-        "a second push uploads nothing: {again}"
+    // The S3 settings go to every command (and the daemons they start); the other
+    // upstreams ignore them.
+    let s3_dir = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(&py, "kcache-test", s3_dir.path());
+    let env: Vec<(&str, &str)> = s3.env.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    let kc = |args: &[&str]| {
+        let (code, out) = kcache_env(args, &env);
+        assert_eq!(code, 0, "kcache {args:?} failed:\n{out}");
+        out
+    };
+    let s3_url = "s3://kcache-test/team/pip";
+    // A bucket that does not exist is named in the error, and nothing is half-pushed.
+    let (code, out) = kcache_env(
+        &["push", "--store", &store_a, "s3://no-such-bucket/x"],
+        &env,
     );
+    assert!(code != 0 && out.contains("no-such-bucket"), "{code}: {out}");
+    eprintln!("push to a missing bucket: {}", out.trim());
+    for url in [&up_url[..], s3_url] {
+        let out = kc(&["push", "--store", &store_a, url, "--tag", "ci"]);
+        assert!(out.contains("0 already there"), "{url}: {out}");
+        let again = kc(&["push", "--store", &store_a, url, "--tag", "ci"]);
+        assert!(
+            again.contains(" 0 blobs uploaded"),
+            "a second push to {url} uploads nothing: {again}"
+        );
+    }
 
-    // Stores pulling over file://, over HTTP from a static server, and from store A's own
-    // `kcache serve`: pull is metadata only; content comes on open.
+    // Stores pulling from S3, over file://, over HTTP from a static server, and from store
+    // A's own `kcache serve`: pull is metadata only; content comes on open.
     let http = Static::start(up.path());
     let serve = Serve::start(&a.store);
     let want = tree(&cache);
     for source in [
+        format!("{s3_url}:ci"),
         format!("{up_url}:ci"),
         format!("{}:ci", http.url),
         format!("{}:default", serve.url),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let store_b = dir.path().join("store");
-        let out = kcache_ok(&["pull", "--store", store_b.to_str().unwrap(), &source]);
+        let out = kc(&["pull", "--store", store_b.to_str().unwrap(), &source]);
         assert!(out.contains("to fetch on first open"), "{out}");
         let mnt = dir.path().join("mnt");
         fs::create_dir(&mnt).unwrap();
-        kcache_ok(&[
+        kc(&[
             "mount",
             "--store",
             store_b.to_str().unwrap(),
