@@ -424,7 +424,15 @@ impl KcacheFs {
             None
         };
         let Some(oi) = oi else {
-            return self.plain_attr(inode);
+            if inode.kind != Kind::File {
+                return self.plain_attr(inode);
+            }
+            // Not open now, but `inode` may have been read before a release committed staged
+            // content and closed the file: read the row again, after the look at the open
+            // table, so what we answer is never older than what the writers already saw.
+            // (The kernel would take an older size over its own and cut the file short.)
+            let fresh = self.store.get(inode.ino).ok();
+            return self.plain_attr(fresh.as_ref().unwrap_or(inode));
         };
         // The file is open: a commit may have changed the row since `inode` was read, so read
         // it again under the per-inode lock, then overlay the staged content.

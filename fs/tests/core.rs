@@ -200,3 +200,49 @@ fn o_trunc_updates_mtime_even_on_an_empty_file() {
     fs.release(o.fh).unwrap();
     assert!(fs.getattr(ino).unwrap().mtime > 1_000_000_000);
 }
+
+/// Regression: a lookup that read a file's row just before a release committed it, and
+/// looked for the open file just after, answered with the row's old size, which the kernel
+/// took over its own: the next write through it then cut the file short (CI saw a copied
+/// 10000-byte file read back as 4 bytes). Once written, a file never looks shorter.
+#[test]
+fn lookups_racing_a_commit_never_report_the_size_before_the_writes() {
+    let (_d, fs) = fs();
+    let fs = Arc::new(fs);
+    for i in 0..300 {
+        let name = format!("f{i}");
+        let (attr, o) = fs
+            .create(
+                ROOT_INO,
+                OsStr::new(&name),
+                0o644,
+                libc::O_WRONLY | libc::O_CREAT,
+                ctx(),
+                None,
+            )
+            .unwrap();
+        fs.write(o.fh, 0, &[b'a'; 10000]).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let looker = {
+            let (fs, stop, name) = (fs.clone(), stop.clone(), name.clone());
+            std::thread::spawn(move || {
+                let mut sizes = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    sizes.push(fs.lookup(ROOT_INO, OsStr::new(&name)).unwrap().size);
+                }
+                sizes
+            })
+        };
+        std::thread::yield_now();
+        fs.release(o.fh).unwrap();
+        std::thread::sleep(std::time::Duration::from_micros(200));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sizes = looker.join().unwrap();
+        assert!(
+            sizes.iter().all(|s| *s == 10000),
+            "round {i}: lookups saw sizes {:?}",
+            sizes.iter().filter(|s| **s != 10000).collect::<Vec<_>>()
+        );
+        fs.forget(attr.ino, 1 + sizes.len() as u64);
+    }
+}
