@@ -4,8 +4,8 @@
 //! `kcache pull`ed it. HTTP upstreams are that same directory served on loopback by
 //! `python3 -m http.server`, the kind of static server the README names.
 //!
-//! f) `remote-fetch`: read a pulled file start to end through a fresh mount (its first open
-//!    downloads the whole blob and checks it) vs `curl` of the same blob.
+//! f) `remote-fetch`: read a pulled file start to end through a fresh mount (reads follow the
+//!    download as it streams in, verified group by group) vs `curl` of the same blob.
 //! g) `remote-ttfb`: open() to the first 4 KiB of a cold, larger file; goal 1 s. A raw HTTP
 //!    GET of the first 4 KiB of the blob is shown for context.
 //! h) `remote-pull`: `kcache pull` of a snapshot with many small files into a fresh store;
