@@ -925,22 +925,40 @@ impl KcacheFs {
         let fetching = self.store.remote().is_some();
         let mut attempt = 0;
         loop {
-            let blob = if fetching && !trunc {
-                self.store.get(ino)?.blob
+            let (blob, size) = if fetching && !trunc {
+                let inode = self.store.get(ino)?;
+                (inode.blob, inode.size)
             } else {
-                None
+                (None, 0)
             };
             let mut lease = None;
+            let mut waited = false;
             if let Some(h) = &blob {
+                let remote_only = self.store.is_remote_only(h);
                 let Some(pid) = wait else {
-                    if self.store.is_remote_only(h) {
+                    if remote_only {
                         return Err(Errno::WOULD_BLOCK);
                     }
                     return self.open_gated(ino, writable, trunc, backing, None);
                 };
+                if remote_only {
+                    // A download is a write like any other: room first (evicting if need be),
+                    // and ENOSPC, not a half-done download, for a file that cannot fit.
+                    if let Err(e) = self.make_room(size, size) {
+                        tracing::warn!(
+                            ino,
+                            bytes = size,
+                            "no room to download this file's content (quota or disk)"
+                        );
+                        return Err(e);
+                    }
+                }
                 let fetched = self.store.fetch(h).and_then(|l| match l {
                     Some(l) if !writable && l.streamable() => Ok(Some(Arc::new(l))),
-                    Some(l) => l.wait(&|| pid_alive(pid)).map(|()| None),
+                    Some(l) => l.wait(&|| pid_alive(pid)).map(|()| {
+                        waited = true;
+                        None
+                    }),
                     None => Ok(None),
                 });
                 match fetched {
@@ -959,7 +977,14 @@ impl KcacheFs {
                 {
                     attempt += 1;
                 }
-                res => return res,
+                res => {
+                    if waited && res.is_ok() {
+                        // The download added to the store's usage, as a commit does; the new
+                        // handle keeps this file's content from being the one evicted.
+                        self.after_commit();
+                    }
+                    return res;
+                }
             }
         }
     }

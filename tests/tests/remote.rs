@@ -870,3 +870,58 @@ fn a_killed_reader_cancels_a_download_nobody_else_wants() {
     let sent = server.stop();
     eprintln!("sent: {sent}");
 }
+
+/// Downloads count against the quota like writes: each open that fetches makes room first
+/// and lets the evictor catch up before it returns, so reading a pulled volume five times
+/// the quota never takes the store past it; a file larger than the quota is refused with
+/// ENOSPC before anything is downloaded.
+#[test]
+fn downloads_stay_within_the_quota() {
+    let Some(a) = Mount::new() else { return };
+    const MIB: u64 = 1 << 20;
+    for i in 0..10 {
+        fs::write(
+            a.path(&format!("f{i}")),
+            pseudo_random(100 + i, MIB as usize),
+        )
+        .unwrap();
+    }
+    fs::write(a.path("huge"), pseudo_random(99, 6 * MIB as usize)).unwrap();
+    a.settle();
+    let up = tempfile::tempdir().unwrap();
+    kcache_ok(&[
+        "push",
+        "--store",
+        a.store.to_str().unwrap(),
+        &format!("file://{}", up.path().display()),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", up.path().display());
+    let (s, mnt) = pull_and_mount(dir.path(), &url, &["-o", "quota=3M"]);
+    let usage = || {
+        let (_, out) = kcache(&["stats", "--json", mnt.to_str().unwrap()]);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["usage_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    for round in 0..2 {
+        for i in 0..10 {
+            let name = format!("f{i}");
+            assert!(
+                fs::read(mnt.join(&name)).unwrap() == fs::read(a.path(&name)).unwrap(),
+                "{name} differs (round {round})"
+            );
+            let used = usage();
+            assert!(
+                used <= 3 * MIB,
+                "after reading {name} (round {round}) the store holds {used} bytes"
+            );
+        }
+    }
+    let err = fs::File::open(mnt.join("huge")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert_eq!(staging_files(&s), 0);
+    // Every name is still there; evicted content comes back on the next open.
+    assert!(fs::read(mnt.join("f0")).unwrap() == fs::read(a.path("f0")).unwrap());
+    kcache_ok(&["umount", mnt.to_str().unwrap()]);
+}
