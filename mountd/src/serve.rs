@@ -4,15 +4,16 @@
 //! `GET /outboards/..` computes a local blob's outboard (kept for the next asker), so peers can
 //! read large files while they download.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
+use std::num::NonZeroUsize;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Context, Result};
 use kcache_store::{Hash, OpenOptionsStore, Store};
+use lru::LruCache;
 use tiny_http::{Header, Method, Response, StatusCode};
 
 pub fn serve(store_dir: &Path, listen: &str) -> Result<ExitCode> {
@@ -26,16 +27,21 @@ pub fn serve(store_dir: &Path, listen: &str) -> Result<ExitCode> {
         server.server_addr()
     );
     let store = Arc::new(store);
-    // Manifests made for GET /tags/<volume>, by hash, for the GET that follows; outboards
-    // computed on demand.
-    let manifests: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();
+    let caches = Arc::new(Caches {
+        manifests: Mutex::new(LruCache::new(
+            NonZeroUsize::new(MANIFESTS).expect("not zero"),
+        )),
+        outboards: Mutex::new(LruCache::new(
+            NonZeroUsize::new(OUTBOARDS).expect("not zero"),
+        )),
+    });
     let server = Arc::new(server);
     let workers: Vec<_> = (0..4)
         .map(|_| {
-            let (server, store, manifests) = (server.clone(), store.clone(), manifests.clone());
+            let (server, store, caches) = (server.clone(), store.clone(), caches.clone());
             std::thread::spawn(move || {
                 for req in server.incoming_requests() {
-                    answer(&store, &manifests, req);
+                    answer(&store, &caches, req);
                 }
             })
         })
@@ -50,7 +56,19 @@ fn text(status: u16, body: &str) -> Response<std::io::Cursor<Vec<u8>>> {
     Response::from_string(body).with_status_code(StatusCode(status))
 }
 
-fn answer(store: &Store, manifests: &Mutex<HashMap<String, Vec<u8>>>, req: tiny_http::Request) {
+/// Manifests a peer may still ask for, and outboards already computed: both bounded, so a
+/// long-running server's memory stays put.
+const MANIFESTS: usize = 16;
+const OUTBOARDS: usize = 1024;
+
+struct Caches {
+    /// Made for GET /tags/<volume>, by hash, for the GET of the manifest that follows.
+    manifests: Mutex<LruCache<String, Arc<Vec<u8>>>>,
+    /// Computed on demand (32 bytes per MiB of blob).
+    outboards: Mutex<LruCache<Hash, Arc<Vec<u8>>>>,
+}
+
+fn answer(store: &Store, caches: &Caches, req: tiny_http::Request) {
     if !matches!(req.method(), Method::Get | Method::Head) {
         let _ = req.respond(text(405, "read-only\n"));
         return;
@@ -63,26 +81,19 @@ fn answer(store: &Store, manifests: &Mutex<HashMap<String, Vec<u8>>>, req: tiny_
             None => text(404, "no such blob\n"),
         },
         ["outboards", _, hex] => match Hash::from_hex(hex) {
-            Some(h) => match outboard(store, manifests, &h) {
-                Some(b) => Response::from_data(b).with_status_code(StatusCode(200)),
+            Some(h) => match outboard(store, &caches.outboards, &h) {
+                Some(b) => Response::from_data(b.to_vec()).with_status_code(StatusCode(200)),
                 None => text(404, "no outboard here\n"),
             },
             None => text(404, "no such outboard\n"),
         },
-        ["manifests", hex] => match manifests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(*hex)
-        {
-            Some(b) => Response::from_data(b.clone()).with_status_code(StatusCode(200)),
+        ["manifests", hex] => match lock(&caches.manifests).get(*hex).cloned() {
+            Some(b) => Response::from_data(b.to_vec()).with_status_code(StatusCode(200)),
             None => text(404, "no such manifest\n"),
         },
         ["tags", volume] => match store.snapshot_bytes(volume) {
             Ok((hash, bytes)) => {
-                manifests
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(hash.clone(), bytes);
+                lock(&caches.manifests).put(hash.clone(), Arc::new(bytes));
                 text(200, &format!("{hash}\n"))
             }
             Err(kcache_store::Error::NoVolume(_)) => text(404, "no such volume\n"),
@@ -93,12 +104,17 @@ fn answer(store: &Store, manifests: &Mutex<HashMap<String, Vec<u8>>>, req: tiny_
     let _ = req.respond(res);
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The outboard of local blob `h` (if it is big enough to have one), from `cache` or computed.
-/// Outboards share the manifests' map under an "outboard:" key; at most `CACHED` are kept.
-fn outboard(store: &Store, cache: &Mutex<HashMap<String, Vec<u8>>>, h: &Hash) -> Option<Vec<u8>> {
-    const CACHED: usize = 256;
-    let key = format!("outboard:{h}");
-    if let Some(b) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+fn outboard(
+    store: &Store,
+    cache: &Mutex<LruCache<Hash, Arc<Vec<u8>>>>,
+    h: &Hash,
+) -> Option<Arc<Vec<u8>>> {
+    if let Some(b) = lock(cache).get(h) {
         return Some(b.clone());
     }
     let mut file = store.open_blob(h).ok()?;
@@ -106,19 +122,8 @@ fn outboard(store: &Store, cache: &Mutex<HashMap<String, Vec<u8>>>, h: &Hash) ->
     if !kcache_store::outboard::needed(size) {
         return None;
     }
-    let b = kcache_store::outboard::compute(&mut file, size).ok()?;
-    let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
-    if c.len() >= CACHED {
-        let old: Vec<String> = c
-            .keys()
-            .filter(|k| k.starts_with("outboard:"))
-            .cloned()
-            .collect();
-        for k in old {
-            c.remove(&k);
-        }
-    }
-    c.insert(key, b.clone());
+    let b = Arc::new(kcache_store::outboard::compute(&mut file, size).ok()?);
+    lock(cache).put(*h, b.clone());
     Some(b)
 }
 
