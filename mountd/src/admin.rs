@@ -530,7 +530,7 @@ pub fn push(
             let k = read_key(&p.display().to_string())?;
             kcache_store::public_key_of(&k)
                 .with_context(|| format!("signing key {}", p.display()))?;
-            Some(k)
+            Some(crate::control::Secret(k))
         }
         None => None,
     };
@@ -544,7 +544,7 @@ pub fn push(
             upstream: upstream.clone(),
             tag: tag.clone(),
             sign,
-            env: kcache_store::s3::settings_env(),
+            env: crate::control::command_settings(),
         },
         &mut |p| {
             let n = |k: &str| p[k].as_u64().unwrap_or(0);
@@ -592,7 +592,7 @@ pub fn pull(
             upstream: upstream.clone(),
             tag: tag.clone(),
             trusted_keys,
-            env: kcache_store::s3::settings_env(),
+            env: crate::control::command_settings(),
         },
     )?;
     println!(

@@ -139,7 +139,7 @@ pub enum Command {
         /// Sign the snapshot with this secret key file (from `kcache keygen`)
         #[arg(long, value_name = "KEYFILE")]
         sign: Option<PathBuf>,
-        /// file:///path (s3:// is not supported by this build yet)
+        /// s3://bucket/prefix or file:///path (http upstreams are read-only)
         upstream: String,
     },
     /// Fetch the content of files (or whole trees) in a mount now, instead of on first open

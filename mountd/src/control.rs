@@ -109,10 +109,10 @@ pub enum Request {
         upstream: String,
         tag: String,
         /// Secret signing key, hex (the socket is the daemon user's only).
-        sign: Option<String>,
+        sign: Option<Secret>,
         /// The command's AWS settings (variables), for an s3:// upstream.
         #[serde(default)]
-        env: Vec<(String, String)>,
+        env: Vec<(String, Secret)>,
     },
     Pull {
         volume: String,
@@ -120,7 +120,7 @@ pub enum Request {
         tag: String,
         trusted_keys: Vec<String>,
         #[serde(default)]
-        env: Vec<(String, String)>,
+        env: Vec<(String, Secret)>,
     },
     /// Mount one more volume (daemon only).
     Mount {
@@ -306,13 +306,19 @@ pub fn handle(
             let up = kcache_store::Upstream::parse_with(
                 &upstream,
                 kcache_store::FetchConfig::default().timeout,
-                Some(&env),
+                command_env(&env).as_deref(),
             )?;
             let mut report = |p: &kcache_store::PushProgress| {
                 progress(serde_json::to_value(p).unwrap_or(Value::Null))
             };
             let r = store
-                .push(&up, &volume, &tag, sign.as_deref(), &mut report)
+                .push(
+                    &up,
+                    &volume,
+                    &tag,
+                    sign.as_ref().map(|s| &s.0[..]),
+                    &mut report,
+                )
                 .map_err(|e| format!("pushing volume '{volume}' to {upstream}: {e}"))?;
             Ok(serde_json::to_value(r).map_err(|e| e.to_string())?)
         }
@@ -331,7 +337,7 @@ pub fn handle(
             let up = kcache_store::Upstream::parse_with(
                 &upstream,
                 kcache_store::FetchConfig::default().timeout,
-                Some(&env),
+                command_env(&env).as_deref(),
             )?;
             let remote = kcache_store::Remote::new(vec![up], Default::default())
                 .map_err(|e| e.to_string())?;
@@ -491,4 +497,62 @@ pub fn call_with_progress(
             .as_str()
             .unwrap_or("the daemon reported an unknown error")
     )
+}
+
+/// The AWS settings a command sent with its request; a request without any (an older client)
+/// is served with the daemon's own environment.
+fn command_env(env: &[(String, Secret)]) -> Option<Vec<(String, String)>> {
+    (!env.is_empty()).then(|| env.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect())
+}
+
+/// A value sent over the socket that must never reach a log line (requests are logged with
+/// `Debug`): signing keys, AWS secrets.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The variables of this process that S3 settings come from, for the daemon acting for it.
+pub fn command_settings() -> Vec<(String, Secret)> {
+    kcache_store::s3::settings_env()
+        .into_iter()
+        .map(|(k, v)| (k, Secret(v)))
+        .collect()
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::*;
+
+    #[test]
+    fn requests_log_without_their_secrets_and_still_carry_them() {
+        let req = Request::Push {
+            volume: "v".into(),
+            upstream: "s3://b/p".into(),
+            tag: "t".into(),
+            sign: Some(Secret("signing-key-hex".into())),
+            env: vec![("AWS_SECRET_ACCESS_KEY".into(), Secret("hunter2".into()))],
+        };
+        let logged = format!("{req:?}");
+        assert!(
+            !logged.contains("hunter2") && !logged.contains("signing-key-hex"),
+            "{logged}"
+        );
+        assert!(logged.contains("AWS_SECRET_ACCESS_KEY"), "{logged}");
+        let wire = serde_json::to_string(&req).unwrap();
+        let Request::Push { sign, env, .. } = serde_json::from_str(&wire).unwrap() else {
+            panic!("not a push: {wire}");
+        };
+        assert_eq!(sign.unwrap().0, "signing-key-hex");
+        assert_eq!(
+            command_env(&env).unwrap(),
+            vec![("AWS_SECRET_ACCESS_KEY".to_string(), "hunter2".to_string())]
+        );
+        assert!(command_env(&[]).is_none());
+    }
 }
