@@ -941,9 +941,10 @@ impl KcacheFs {
                     }
                     return self.open_gated(ino, writable, trunc, backing, None);
                 };
-                if remote_only {
+                if remote_only && !self.store.is_fetching(h) {
                     // A download is a write like any other: room first (evicting if need be),
                     // and ENOSPC, not a half-done download, for a file that cannot fit.
+                    // (Joining a download under way: its room was made when it started.)
                     if let Err(e) = self.make_room(size, size) {
                         tracing::warn!(
                             ino,

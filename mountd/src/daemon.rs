@@ -667,12 +667,13 @@ fn serve(
     STOP_EVICTOR.store(true, Ordering::Relaxed);
     let _ = evictor.join();
     // A download whose bytes all arrived is being synced and kept; let it finish (bounded,
-    // well within systemd's stop timeout) rather than throw away what was fetched.
-    let left = store.drain_fetches(Duration::from_secs(60));
+    // well within the stop timeouts of the systemd units, which include the unmount) rather
+    // than throw away what was fetched.
+    let left = store.drain_fetches(Duration::from_secs(20));
     if left > 0 {
         tracing::warn!(
             downloads = left,
-            "leaving with downloads unfinished; their staging files go at the next start"
+            "leaving with downloads not yet kept; their staging files go at the next start"
         );
     }
     fs.flush_all();

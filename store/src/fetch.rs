@@ -180,17 +180,29 @@ impl Store {
         }
     }
 
-    /// Waits, at most `bound`, for downloads still going to end: on shutdown, a blob whose
-    /// bytes all arrived is being synced and adopted, and leaving now would throw it away.
-    /// (Downloads nobody wants were cancelled with their last lease and end quickly.)
-    /// Returns how many were still going when the bound ran out.
+    /// Whether a download of blob `h` is under way (a new open would join it).
+    pub fn is_fetching(&self, h: &Hash) -> bool {
+        self.remote().is_some_and(|r| {
+            lock(&r.inflight)
+                .get(h)
+                .is_some_and(|f| !lock(&f.st).cancelled)
+        })
+    }
+
+    /// Waits, at most `bound`, for downloads whose bytes have all arrived and are being
+    /// synced and adopted: on shutdown, leaving now would throw them away. Unfinished ones
+    /// are not waited for (their staging files go at the next start). Returns how many were
+    /// still being adopted when the bound ran out.
     pub fn drain_fetches(&self, bound: Duration) -> usize {
         let Some(remote) = self.remote() else {
             return 0;
         };
         let t0 = Instant::now();
         loop {
-            let n = lock(&remote.inflight).len();
+            let n = lock(&remote.inflight)
+                .values()
+                .filter(|f| lock(&f.st).complete)
+                .count();
             if n == 0 || t0.elapsed() >= bound {
                 return n;
             }
@@ -211,31 +223,32 @@ impl Store {
         let blob_path = self.blob_path(&f.hash);
         let dir = blob_path.parent().expect("blob path has a parent");
         fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+        // Under the index's lock, which every path that makes a blob local holds: look, then
+        // rename. Another download of the same blob (one started after this one was
+        // cancelled, or by another mount's upstreams) or a write of the same bytes may have
+        // made it local meanwhile, or its last name may be gone; renaming over that file
+        // would take it from under the index.
         let conn = self.conn();
+        let state: Option<i64> = conn
+            .query_row(
+                "SELECT state FROM blobs WHERE hash = ?1",
+                [&f.hash.0[..]],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if state != Some(1) {
+            let _ = fs::remove_file(&f.path);
+            return Ok(());
+        }
         fs::rename(&f.path, &blob_path)
             .ctx(|| format!("renaming {} to blob {}", f.path.display(), f.hash))?;
         let ino = fs::metadata(&blob_path)
             .ctx(|| format!("stat of {}", blob_path.display()))?
             .ino() as i64;
-        let n = conn.execute(
-            "UPDATE blobs SET state = 0, file_ino = ?2, last_access = ?3 WHERE hash = ?1 AND state = 1",
+        conn.execute(
+            "UPDATE blobs SET state = 0, file_ino = ?2, last_access = ?3 WHERE hash = ?1",
             params![&f.hash.0[..], ino, self.next_access_seq()],
         )?;
-        if n == 0 {
-            // The blob went away meanwhile (every name removed), or another download of it
-            // finished first: this file is not the one the index records.
-            let still_ours: bool = conn
-                .query_row(
-                    "SELECT file_ino = ?2 FROM blobs WHERE hash = ?1",
-                    params![&f.hash.0[..], ino],
-                    |r| r.get(0),
-                )
-                .optional()?
-                .unwrap_or(false);
-            if !still_ours {
-                let _ = fs::remove_file(&blob_path);
-            }
-        }
         Ok(())
     }
 }
@@ -353,6 +366,12 @@ impl Flight {
                         .timeout
                         .saturating_sub(lock(&self.st).progress.elapsed());
                     if delay + jitter >= left {
+                        // Readers' ranged fetches may have brought in everything meanwhile.
+                        if self.cvs().is_some()
+                            && lock(&self.st).have.iter().all(|h| *h == Have::Done)
+                        {
+                            return Ok(());
+                        }
                         return Err(give_up(errors, self.timeout));
                     }
                     std::thread::sleep(delay + jitter);
