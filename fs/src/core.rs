@@ -849,6 +849,8 @@ impl KcacheFs {
         }
     }
 
+    /// Creates and opens a file (or opens it, without O_EXCL, if the name exists), waiting
+    /// for a download of an existing file's content if one is needed.
     pub fn create(
         &self,
         parent: u64,
@@ -857,6 +859,34 @@ impl KcacheFs {
         flags: i32,
         ctx: Ctx,
         backing: Option<&dyn Backing>,
+    ) -> Result<(Attr, Opened)> {
+        self.create_inner(parent, name, mode, flags, ctx, backing, Some(ctx.pid))
+    }
+
+    /// Like `create`, but answers `Errno::WOULD_BLOCK` instead of waiting for a download (an
+    /// existing file whose content only an upstream has); calling `create` again then waits.
+    pub fn create_nowait(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        ctx: Ctx,
+        backing: Option<&dyn Backing>,
+    ) -> Result<(Attr, Opened)> {
+        self.create_inner(parent, name, mode, flags, ctx, backing, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_inner(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        ctx: Ctx,
+        backing: Option<&dyn Backing>,
+        wait: Option<u32>,
     ) -> Result<(Attr, Opened)> {
         let inode = match self.make(parent, name, ctx, Self::node(Kind::File, mode, 0, None)) {
             Ok(n) => n,
@@ -869,7 +899,7 @@ impl KcacheFs {
         if inode.kind == Kind::Dir {
             return Err(Errno::EISDIR);
         }
-        let opened = self.open_sino(inode.ino, flags, backing, Some(0))?;
+        let opened = self.open_sino(inode.ino, flags, backing, wait)?;
         let inode = self.store.get(inode.ino)?;
         Ok((self.entry(&inode), opened))
     }

@@ -148,6 +148,37 @@ fn reply_open(reply: ReplyOpen, res: crate::error::Result<crate::core::Opened>) 
     }
 }
 
+/// Answers a create: the new handle's I/O mode, or the error.
+fn reply_create(
+    fs: &KcacheFs,
+    reply: ReplyCreate,
+    res: crate::error::Result<(Attr, crate::core::Opened)>,
+) {
+    match res {
+        Ok((a, o)) => match &o.mode {
+            IoMode::Passthrough(token) => match backing_id(token) {
+                Some(id) => reply.created_passthrough(
+                    &fs.ttl(),
+                    &fattr(&a),
+                    Generation(0),
+                    FileHandle(o.fh),
+                    FopenFlags::empty(),
+                    id,
+                ),
+                None => reply.error(FErrno::EIO),
+            },
+            m => reply.created(
+                &fs.ttl(),
+                &fattr(&a),
+                Generation(0),
+                FileHandle(o.fh),
+                open_flags(m),
+            ),
+        },
+        Err(e) => reply.error(ferr(e)),
+    }
+}
+
 /// Runs `f` (which replies to a request) on a thread of its own; if no thread can be made,
 /// runs it here rather than leave the request unanswered.
 fn spawn_waiter(name: &str, f: impl FnOnce() + Send + 'static) {
@@ -646,36 +677,21 @@ impl Filesystem for KcacheFuse {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let res = self.fs.create(
-            parent.0,
-            name,
-            mode,
-            flags,
-            ctx(req),
-            Some(&CreateReg(&reply)),
-        );
-        match res {
-            Ok((a, o)) => match &o.mode {
-                IoMode::Passthrough(token) => match backing_id(token) {
-                    Some(id) => reply.created_passthrough(
-                        &self.fs.ttl(),
-                        &fattr(&a),
-                        Generation(0),
-                        FileHandle(o.fh),
-                        FopenFlags::empty(),
-                        id,
-                    ),
-                    None => reply.error(FErrno::EIO),
-                },
-                m => reply.created(
-                    &self.fs.ttl(),
-                    &fattr(&a),
-                    Generation(0),
-                    FileHandle(o.fh),
-                    open_flags(m),
-                ),
-            },
-            Err(e) => reply.error(ferr(e)),
+        let c = ctx(req);
+        match self
+            .fs
+            .create_nowait(parent.0, name, mode, flags, c, Some(&CreateReg(&reply)))
+        {
+            Err(e) if e == Errno::WOULD_BLOCK => {
+                // The name exists and its content must be downloaded first (an open for
+                // writing without O_TRUNC): wait off the request threads, as `open` does.
+                let (fs, name) = (self.fs.clone(), name.to_owned());
+                spawn_waiter("kcache-create", move || {
+                    let res = fs.create(parent.0, &name, mode, flags, c, Some(&CreateReg(&reply)));
+                    reply_create(&fs, reply, res);
+                });
+            }
+            res => reply_create(&self.fs, reply, res),
         }
     }
 }

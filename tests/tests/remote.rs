@@ -355,6 +355,23 @@ fn wrong_bytes_fail_over_or_give_eio_and_a_hung_upstream_gives_eio_in_time() {
     assert_eq!(fs::read(mnt.join("f")).unwrap(), pseudo_random(1, 300_000));
     assert!(fs::read(mnt.join("g")).unwrap() == pseudo_random(2, 5 << 20));
     kcache_ok(&["evict", &m, "--to", "0"]);
+    // Appending through create (O_CREAT on an existing name, as `open(p, "ab")` does) waits
+    // for the whole content, then adds to it.
+    {
+        use std::io::Write;
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(mnt.join("g"))
+            .unwrap();
+        f.write_all(b"!").unwrap();
+    }
+    let mut want = pseudo_random(2, 5 << 20);
+    want.push(b'!');
+    assert!(
+        fs::read(mnt.join("g")).unwrap() == want,
+        "append via create"
+    );
     kcache_ok(&["umount", &m]);
 
     // Hung only, with a 3 s bound: EIO within the bound, and local files stay readable.
@@ -377,6 +394,32 @@ fn wrong_bytes_fail_over_or_give_eio_and_a_hung_upstream_gives_eio_in_time() {
     assert!(
         waited < Duration::from_secs(20),
         "the open took {waited:?} with a 3 s bound"
+    );
+    // The same through create: EIO in time, and nothing else held up meanwhile.
+    let t = Instant::now();
+    let appender = std::thread::spawn({
+        let p = mnt.join("f");
+        move || {
+            fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(p)
+                .unwrap_err()
+                .raw_os_error()
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let t_local = Instant::now();
+    assert_eq!(fs::read(mnt.join("local-only")).unwrap(), b"stays readable");
+    assert!(
+        t_local.elapsed() < Duration::from_secs(1),
+        "local reads were held up by a waiting create"
+    );
+    assert_eq!(appender.join().unwrap(), Some(libc::EIO));
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "the create took {:?} with a 3 s bound",
+        t.elapsed()
     );
     kcache_ok(&["umount", &m]);
     drop(hung);
