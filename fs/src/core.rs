@@ -996,7 +996,11 @@ impl KcacheFs {
                     Ok(l) => lease = l,
                     Err(e) => {
                         tracing::error!(ino, error = %e, "open failed");
-                        return Err(Errno::EIO);
+                        // No room is said as such; every other failure to fetch is EIO.
+                        return Err(match e.errno() {
+                            libc::ENOSPC => Errno(libc::ENOSPC),
+                            _ => Errno::EIO,
+                        });
                     }
                 }
             }

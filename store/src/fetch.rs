@@ -132,12 +132,12 @@ impl Store {
             }
         }
         let (file, path) = self.new_staging()?;
-        if let Err(e) = file.set_len(size) {
+        if let Err(e) = reserve(&file, size) {
             let _ = fs::remove_file(&path);
-            return Err(Error::Io {
-                context: format!("sizing {}", path.display()),
-                source: e,
-            });
+            return Err(Error::io(
+                format!("reserving {size} bytes for {}", path.display()),
+                e,
+            ));
         }
         let flight = Arc::new(Flight {
             hash: *h,
@@ -455,6 +455,29 @@ impl Flight {
         }
         Ok(Pass::Complete)
     }
+}
+
+/// Gives the staging file its full size with the disk blocks reserved, so a disk that cannot
+/// hold the blob says so now (ENOSPC to the open) rather than half-way through the download.
+/// Filesystems without fallocate get a sparse file.
+fn reserve(file: &File, size: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if size > 0 {
+        let len =
+            i64::try_from(size).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+        // SAFETY: fallocate on a descriptor we own; no memory is passed.
+        if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if !matches!(
+            e.raw_os_error(),
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+        ) {
+            return Err(e);
+        }
+    }
+    file.set_len(size)
 }
 
 /// Reads exactly `buf.len()` bytes, naming a short body as such.
