@@ -201,7 +201,10 @@ impl Store {
         loop {
             let n = lock(&remote.inflight)
                 .values()
-                .filter(|f| lock(&f.st).complete)
+                .filter(|f| {
+                    let st = lock(&f.st);
+                    st.complete || (f.cvs().is_some() && st.have.iter().all(|h| *h == Have::Done))
+                })
                 .count();
             if n == 0 || t0.elapsed() >= bound {
                 return n;
