@@ -223,6 +223,9 @@ pub struct Shared {
     pub(crate) evict_gate: std::sync::RwLock<()>,
     pub(crate) quota: crate::evict::QuotaState,
     pub(crate) peers: Mutex<Vec<std::sync::Weak<KcacheFs>>>,
+    /// Commits so far, counted once each is in the index: a reader that took the count
+    /// before reading an inode's row knows whether a commit may have overtaken that read.
+    pub(crate) commits: AtomicU64,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -297,6 +300,7 @@ impl KcacheFs {
             evict_gate: std::sync::RwLock::new(()),
             quota: crate::evict::QuotaState::new(limits),
             peers: Mutex::new(Vec::new()),
+            commits: AtomicU64::new(0),
         });
         KcacheFs::with_shared(store, volume, read_only, shared)
     }
@@ -416,8 +420,19 @@ impl KcacheFs {
         }
     }
 
+    /// Commits so far (see `Shared::commits`): take it before reading a row whose
+    /// attributes go to the kernel, and pass it to `attr_since`.
+    fn commits(&self) -> u64 {
+        self.shared.commits.load(Ordering::SeqCst)
+    }
+
     /// Attributes of `inode`, with size and times taken from uncommitted staged content.
     fn attr_of(&self, inode: &Inode) -> Attr {
+        self.attr_since(inode, None)
+    }
+
+    /// `attr_of` for a row read after the commit count was `seen` (None: unknown).
+    fn attr_since(&self, inode: &Inode, seen: Option<u64>) -> Attr {
         let oi = if inode.kind == Kind::File {
             lock(&self.open).get(&inode.ino).cloned()
         } else {
@@ -428,9 +443,13 @@ impl KcacheFs {
                 return self.plain_attr(inode);
             }
             // Not open now, but `inode` may have been read before a release committed staged
-            // content and closed the file: read the row again, after the look at the open
-            // table, so what we answer is never older than what the writers already saw.
-            // (The kernel would take an older size over its own and cut the file short.)
+            // content and closed the file: then read the row again, after the look at the
+            // open table, so what we answer is never older than what the writers already
+            // saw. (The kernel would take an older size over its own and cut the file
+            // short.) No commit since the caller's read: its row is fresh enough.
+            if seen.is_some_and(|n| n == self.commits()) {
+                return self.plain_attr(inode);
+            }
             let fresh = self.store.get(inode.ino).ok();
             return self.plain_attr(fresh.as_ref().unwrap_or(inode));
         };
@@ -470,8 +489,12 @@ impl KcacheFs {
     }
 
     fn entry(&self, inode: &Inode) -> Attr {
+        self.entry_since(inode, None)
+    }
+
+    fn entry_since(&self, inode: &Inode, seen: Option<u64>) -> Attr {
         self.remember(inode.ino);
-        self.attr_of(inode)
+        self.attr_since(inode, seen)
     }
 
     /// Purges an inode whose last name is gone once the kernel and all handles let go of it.
@@ -503,8 +526,9 @@ impl KcacheFs {
         if name.len() > NAME_MAX {
             return Err(Errno::ENAMETOOLONG);
         }
+        let seen = self.commits();
         let inode = self.store.lookup(self.sino(parent), name)?;
-        Ok(self.entry(&inode))
+        Ok(self.entry_since(&inode, Some(seen)))
     }
 
     pub fn forget(&self, ino: u64, nlookup: u64) {
@@ -531,8 +555,9 @@ impl KcacheFs {
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let seen = self.commits();
         let inode = self.store.get(self.sino(ino))?;
-        Ok(self.attr_of(&inode))
+        Ok(self.attr_since(&inode, Some(seen)))
     }
 
     fn node(kind: Kind, mode: u32, rdev: u32, target: Option<Vec<u8>>) -> NewNode {
@@ -715,6 +740,7 @@ impl KcacheFs {
         }
         let mut after = off as i64 - 2;
         loop {
+            let seen = self.commits();
             let page = self.store.readdir(dir.ino, after, 256)?;
             if page.is_empty() {
                 return Ok(());
@@ -723,7 +749,7 @@ impl KcacheFs {
                 after = cookie;
                 let kino = self.kino(inode.ino);
                 if plus {
-                    let attr = self.attr_of(&inode);
+                    let attr = self.attr_since(&inode, Some(seen));
                     if accept(
                         kino,
                         cookie as u64 + 2,
@@ -1400,6 +1426,8 @@ impl KcacheFs {
             };
             consumed = self.store.commit_staged(&staged)?.2;
         }
+        // Counted while this inode's lock is held, before the file can leave the open table.
+        self.shared.commits.fetch_add(1, Ordering::SeqCst);
         if let Some(st) = g.staging.take() {
             if !consumed {
                 let _ = std::fs::remove_file(&st.path);
