@@ -3,23 +3,10 @@
 
 use std::sync::Arc;
 
-use kcache_store::{FetchConfig, Kind, NewNode, Remote, Staged, Store, Upstream};
+mod common;
 
-fn commit(store: &Store, ino: u64, content: &[u8]) {
-    let (file, path) = store.new_staging().unwrap();
-    std::io::Write::write_all(&mut &file, content).unwrap();
-    let st = Staged {
-        ino,
-        path: &path,
-        file: &file,
-        known: None,
-        durable: false,
-        mtime: 1,
-    };
-    if !store.commit_staged(&st).unwrap().2 {
-        std::fs::remove_file(&path).unwrap();
-    }
-}
+use common::{commit, node};
+use kcache_store::{FetchConfig, Kind, Remote, Store, Upstream};
 
 fn content(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 4093) as u8).collect()
@@ -30,20 +17,7 @@ fn content(len: usize) -> Vec<u8> {
 fn pulled(dir: &std::path::Path, len: usize) -> (Arc<Store>, kcache_store::Hash, String, Vec<u8>) {
     let a = Store::open(&dir.join("a")).unwrap();
     let vol = a.volume("default", true, 0, 0).unwrap();
-    let f = a
-        .create(
-            vol.root,
-            b"f",
-            &NewNode {
-                kind: Kind::File,
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                rdev: 0,
-                target: None,
-            },
-        )
-        .unwrap();
+    let f = a.create(vol.root, b"f", &node(Kind::File)).unwrap();
     let data = content(len);
     commit(&a, f.ino, &data);
     let url = format!("file://{}", dir.join("up").display());

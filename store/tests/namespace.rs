@@ -1,36 +1,10 @@
 //! The store without any filesystem on top: namespace transactions, reference counts,
 //! schema refusal and recovery.
 
-use kcache_store::{Error, Kind, NewNode, Staged, Store};
+mod common;
 
-fn node(kind: Kind) -> NewNode {
-    NewNode {
-        kind,
-        mode: 0o644,
-        uid: 1,
-        gid: 2,
-        rdev: 0,
-        target: None,
-    }
-}
-
-fn commit(store: &Store, ino: u64, content: &[u8]) {
-    let (file, path) = store.new_staging().unwrap();
-    std::io::Write::write_all(&mut &file, content).unwrap();
-    let st = Staged {
-        ino,
-        path: &path,
-        file: &file,
-        known: None,
-        durable: false,
-        mtime: 1,
-    };
-    let (_, size, renamed) = store.commit_staged(&st).unwrap();
-    assert_eq!(size, content.len() as u64);
-    if !renamed {
-        std::fs::remove_file(&path).unwrap();
-    }
-}
+use common::{commit, node};
+use kcache_store::{Error, Kind, Store};
 
 #[test]
 fn rename_link_unlink_keep_counts_exact() {

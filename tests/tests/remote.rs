@@ -377,50 +377,32 @@ fn wrong_bytes_fail_over_or_give_eio_and_a_hung_upstream_gives_eio_in_time() {
     // Hung only, with a 3 s bound: EIO within the bound, and local files stay readable.
     mount(&format!("upstream={hung_url},fetch_timeout=3"));
     fs::write(mnt.join("local-only"), b"stays readable").unwrap();
-    let t = Instant::now();
-    let reader = std::thread::spawn({
-        let p = mnt.join("f");
-        move || fs::read(p).unwrap_err().raw_os_error()
+    // An open (and a create, O_CREAT on the existing name) of the hung file: EIO within the
+    // bound, and local files answer at once meanwhile.
+    let eio_in_time = |what: &str, open: fn(PathBuf) -> std::io::Result<fs::File>| {
+        let t = Instant::now();
+        let waiting = std::thread::spawn({
+            let p = mnt.join("f");
+            move || open(p).unwrap_err().raw_os_error()
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let t_local = Instant::now();
+        assert_eq!(fs::read(mnt.join("local-only")).unwrap(), b"stays readable");
+        assert!(
+            t_local.elapsed() < Duration::from_secs(1),
+            "local reads were held up by a waiting {what}"
+        );
+        assert_eq!(waiting.join().unwrap(), Some(libc::EIO), "{what}");
+        let waited = t.elapsed();
+        assert!(
+            waited < Duration::from_secs(20),
+            "the {what} took {waited:?} with a 3 s bound"
+        );
+    };
+    eio_in_time("open", fs::File::open);
+    eio_in_time("create", |p| {
+        fs::OpenOptions::new().append(true).create(true).open(p)
     });
-    std::thread::sleep(Duration::from_millis(300));
-    let t_local = Instant::now();
-    assert_eq!(fs::read(mnt.join("local-only")).unwrap(), b"stays readable");
-    assert!(
-        t_local.elapsed() < Duration::from_secs(1),
-        "local reads were held up"
-    );
-    assert_eq!(reader.join().unwrap(), Some(libc::EIO));
-    let waited = t.elapsed();
-    assert!(
-        waited < Duration::from_secs(20),
-        "the open took {waited:?} with a 3 s bound"
-    );
-    // The same through create: EIO in time, and nothing else held up meanwhile.
-    let t = Instant::now();
-    let appender = std::thread::spawn({
-        let p = mnt.join("f");
-        move || {
-            fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(p)
-                .unwrap_err()
-                .raw_os_error()
-        }
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    let t_local = Instant::now();
-    assert_eq!(fs::read(mnt.join("local-only")).unwrap(), b"stays readable");
-    assert!(
-        t_local.elapsed() < Duration::from_secs(1),
-        "local reads were held up by a waiting create"
-    );
-    assert_eq!(appender.join().unwrap(), Some(libc::EIO));
-    assert!(
-        t.elapsed() < Duration::from_secs(20),
-        "the create took {:?} with a 3 s bound",
-        t.elapsed()
-    );
     kcache_ok(&["umount", &m]);
     drop(hung);
 }
