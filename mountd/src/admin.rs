@@ -142,6 +142,7 @@ pub fn stats(at: &StoreAt, json: bool) -> Result<ExitCode> {
     println!("symlinks:         {}", n("symlinks"));
     println!("logical bytes:    {}", bytes("logical_bytes"));
     println!("stored bytes:     {}", bytes("stored_bytes"));
+    println!("on disk:          {}", bytes("disk_bytes"));
     println!("blobs:            {}", n("blobs"));
     println!("dedup savings:    {}", bytes("dedup_saved_bytes"));
     println!("usage:            {}", bytes("usage_bytes"));
@@ -465,7 +466,10 @@ pub fn du(vol: &VolumeAt, path: Option<&Path>, depth: u32, json: bool) -> Result
         return Ok(ExitCode::SUCCESS);
     }
     let base = path.map(|p| p.display().to_string()).unwrap_or(vpath);
-    println!("{:>12} {:>12} {:>9}  path", "logical", "stored", "files");
+    println!(
+        "{:>12} {:>12} {:>12} {:>9}  path",
+        "logical", "stored", "on disk", "files"
+    );
     for e in v.as_array().into_iter().flatten() {
         let rel = e["path"].as_str().unwrap_or("");
         let shown = if rel.is_empty() {
@@ -474,9 +478,10 @@ pub fn du(vol: &VolumeAt, path: Option<&Path>, depth: u32, json: bool) -> Result
             format!("{}/{rel}", base.trim_end_matches('/'))
         };
         println!(
-            "{:>12} {:>12} {:>9}  {shown}",
+            "{:>12} {:>12} {:>12} {:>9}  {shown}",
             human(e["logical_bytes"].as_u64().unwrap_or(0)),
             human(e["stored_bytes"].as_u64().unwrap_or(0)),
+            human(e["disk_bytes"].as_u64().unwrap_or(0)),
             e["files"].as_u64().unwrap_or(0)
         );
     }

@@ -146,8 +146,15 @@ impl Store {
             )
             .optional()?;
         let mut file_ino = existing.map(|e| e.1).unwrap_or(0);
+        // The blob file's allocation (st_blocks), recorded so getattr need not stat it: a
+        // sparse staging file keeps its holes through the rename, and a duplicate takes the
+        // allocation of the file already there.
+        let mut blocks = None;
         let have_file = matches!(existing, Some((0, _)))
-            && fs::metadata(&blob_path).is_ok_and(|m| m.ino() as i64 == file_ino);
+            && fs::metadata(&blob_path).is_ok_and(|m| {
+                blocks = Some(m.blocks() as i64);
+                m.ino() as i64 == file_ino
+            });
         let renamed = !have_file;
         if have_file {
             if st.durable {
@@ -168,9 +175,10 @@ impl Store {
                     .and_then(|d| d.sync_all())
                     .ctx(|| format!("syncing {}", dir.display()))?;
             }
-            file_ino = fs::metadata(&blob_path)
-                .ctx(|| format!("stat of blob {}", blob_path.display()))?
-                .ino() as i64;
+            let meta =
+                fs::metadata(&blob_path).ctx(|| format!("stat of blob {}", blob_path.display()))?;
+            file_ino = meta.ino() as i64;
+            blocks = Some(meta.blocks() as i64);
         }
 
         if st.durable {
@@ -189,11 +197,17 @@ impl Store {
                 return Err(Error::NotFound);
             };
             tx.execute(
-                "INSERT INTO blobs (hash, size, refs, state, file_ino, last_access)
-                 VALUES (?1, ?2, 1, 0, ?3, ?4)
+                "INSERT INTO blobs (hash, size, refs, state, file_ino, last_access, blocks)
+                 VALUES (?1, ?2, 1, 0, ?3, ?4, ?5)
                  ON CONFLICT (hash) DO UPDATE SET refs = refs + 1, state = 0, file_ino = ?3,
-                 last_access = ?4",
-                params![&hash.0[..], size as i64, file_ino, self.next_access_seq()],
+                 last_access = ?4, blocks = ?5",
+                params![
+                    &hash.0[..],
+                    size as i64,
+                    file_ino,
+                    self.next_access_seq(),
+                    blocks
+                ],
             )?;
             tx.execute("DELETE FROM dead_blobs WHERE hash = ?1", [&hash.0[..]])?;
             tx.execute(
@@ -353,8 +367,8 @@ impl Store {
                 // The content is right: adopt the file even if it was replaced by a copy, so
                 // opens that refused it as "replaced behind the store's back" work again.
                 self.conn().execute(
-                    "UPDATE blobs SET file_ino = ?2 WHERE hash = ?1",
-                    params![&hash.0[..], meta.ino() as i64],
+                    "UPDATE blobs SET file_ino = ?2, blocks = ?3 WHERE hash = ?1",
+                    params![&hash.0[..], meta.ino() as i64, meta.blocks() as i64],
                 )?;
             }
         }

@@ -130,6 +130,8 @@ pub struct Inode {
     pub rdev: u32,
     pub parent: Option<Ino>,
     pub blob: Option<Hash>,
+    /// 512-byte blocks the blob's file takes on disk, when measured (see migration 5).
+    pub blob_blocks: Option<u64>,
     pub target: Option<Vec<u8>>,
 }
 

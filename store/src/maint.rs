@@ -132,6 +132,9 @@ pub struct DuEntry {
     /// This tree's share of the store: each blob's size divided among the files that hold it,
     /// so the shares of all trees add up to the store's usage.
     pub stored_bytes: u64,
+    /// The same share of what the blob files take on disk (their allocation, smaller than
+    /// their size when sparse; the size where it was never measured, see migration 5).
+    pub disk_bytes: u64,
 }
 
 /// What `gc` cleaned up.
@@ -393,6 +396,7 @@ impl Store {
             files: u64,
             logical: u64,
             stored: f64,
+            disk: f64,
         }
         let conn = self.conn();
         let mut stmt = conn.prepare(
@@ -401,7 +405,8 @@ impl Store {
                  UNION ALL
                  SELECT d.ino, d.parent, d.name, t.depth + 1 FROM dirents d JOIN t ON d.parent = t.ino
              )
-             SELECT t.ino, t.parent, t.name, t.depth, i.kind, i.size, b.size, b.refs
+             SELECT t.ino, t.parent, t.name, t.depth, i.kind, i.size, b.size, b.refs,
+                    coalesce(b.blocks * 512, b.size)
              FROM t JOIN inodes i ON i.ino = t.ino LEFT JOIN blobs b ON b.hash = i.blob",
         )?;
         let mut nodes: Vec<Node> = Vec::new();
@@ -419,6 +424,7 @@ impl Store {
             let size: i64 = r.get(5)?;
             let blob_size: Option<i64> = r.get(6)?;
             let refs: Option<i64> = r.get(7)?;
+            let blob_disk: Option<i64> = r.get(8)?;
             let pidx = parent.and_then(|p| dir_index.get(&p).copied());
             if kind == Kind::Dir {
                 let path = match pidx {
@@ -435,6 +441,7 @@ impl Store {
                     files: 0,
                     logical: 0,
                     stored: 0.0,
+                    disk: 0.0,
                 });
                 dir_index.insert(ino, nodes.len() - 1);
                 continue;
@@ -442,10 +449,11 @@ impl Store {
             if kind != Kind::File || !seen_files.insert(ino) {
                 continue;
             }
-            let share = match (blob_size, refs) {
+            let share = |bytes: Option<i64>| match (bytes, refs) {
                 (Some(s), Some(r)) if r > 0 => s as f64 / r as f64,
                 _ => 0.0,
             };
+            let (share, disk_share) = (share(blob_size), share(blob_disk));
             let mut cur = pidx;
             if pidx.is_none() {
                 // `dir` is itself a file.
@@ -456,6 +464,7 @@ impl Store {
                     files: 0,
                     logical: 0,
                     stored: 0.0,
+                    disk: 0.0,
                 });
                 cur = Some(nodes.len() - 1);
             }
@@ -463,6 +472,7 @@ impl Store {
                 nodes[i].files += 1;
                 nodes[i].logical += size.max(0) as u64;
                 nodes[i].stored += share;
+                nodes[i].disk += disk_share;
                 cur = nodes[i].parent;
             }
         }
@@ -475,6 +485,7 @@ impl Store {
                 files: n.files,
                 logical_bytes: n.logical,
                 stored_bytes: n.stored.round() as u64,
+                disk_bytes: n.disk.round() as u64,
             })
             .collect())
     }

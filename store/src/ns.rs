@@ -8,8 +8,11 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 use crate::error::{Error, Result};
 use crate::{now_ns, Hash, Ino, Inode, Kind, NewNode, Store};
 
-const INODE_COLS: &str =
-    "ino, volume, kind, mode, uid, gid, size, atime, mtime, ctime, nlink, rdev, parent, blob, target";
+/// The columns `row_to_inode_at` reads, from `inodes` aliased `i`: the last one is the
+/// measured allocation of the inode's blob (a primary-key lookup), for st_blocks.
+const INODE_COLS: &str = "i.ino, i.volume, i.kind, i.mode, i.uid, i.gid, i.size, i.atime, \
+     i.mtime, i.ctime, i.nlink, i.rdev, i.parent, i.blob, i.target, \
+     (SELECT b.blocks FROM blobs b WHERE b.hash = i.blob)";
 
 /// A volume: one independent tree in the store.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,6 +49,9 @@ pub struct Stats {
     pub symlinks: u64,
     pub logical_bytes: u64,
     pub stored_bytes: u64,
+    /// What the local blob files take on disk: less than their bytes when sparse (blobs
+    /// never measured count at their size, see migration 5).
+    pub disk_bytes: u64,
     pub blobs: u64,
     pub dedup_saved_bytes: u64,
     pub quarantined_blobs: u64,
@@ -91,12 +97,16 @@ fn row_to_inode_at(r: &Row<'_>, b: usize) -> rusqlite::Result<Inode> {
         parent: r.get::<_, Option<i64>>(b + 12)?.map(|p| p as u64),
         blob: r.get::<_, Option<Vec<u8>>>(b + 13)?.and_then(hash_from_db),
         target: r.get(b + 14)?,
+        blob_blocks: r
+            .get::<_, Option<i64>>(b + 15)?
+            .and_then(|n| u64::try_from(n).ok()),
     })
 }
 
 fn get_inode(conn: &Connection, ino: Ino) -> Result<Option<Inode>> {
-    let mut stmt =
-        conn.prepare_cached(&format!("SELECT {INODE_COLS} FROM inodes WHERE ino = ?1"))?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {INODE_COLS} FROM inodes i WHERE i.ino = ?1"
+    ))?;
     Ok(stmt.query_row([ino as i64], row_to_inode).optional()?)
 }
 
@@ -569,13 +579,8 @@ impl Store {
     ) -> Result<Vec<(i64, Vec<u8>, Inode)>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(&format!(
-            "SELECT d.id, d.name, {} FROM dirents d JOIN inodes i ON i.ino = d.ino
-             WHERE d.parent = ?1 AND d.id > ?2 ORDER BY d.id LIMIT ?3",
-            INODE_COLS
-                .split(", ")
-                .map(|c| format!("i.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            "SELECT d.id, d.name, {INODE_COLS} FROM dirents d JOIN inodes i ON i.ino = d.ino
+             WHERE d.parent = ?1 AND d.id > ?2 ORDER BY d.id LIMIT ?3"
         ))?;
         let rows = stmt.query_map(params![dir as i64, after, limit as i64], |r| {
             let cookie: i64 = r.get(0)?;
@@ -709,12 +714,15 @@ impl Store {
             },
         )?;
         conn.query_row(
-            "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(state = 2), 0) FROM blobs",
+            "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(state = 2), 0),
+               coalesce(sum(CASE WHEN state = 0 THEN coalesce(blocks * 512, size) END), 0)
+             FROM blobs",
             [],
             |r| {
                 s.blobs = r.get::<_, i64>(0)? as u64;
                 s.stored_bytes = r.get::<_, i64>(1)? as u64;
                 s.quarantined_blobs = r.get::<_, i64>(2)? as u64;
+                s.disk_bytes = r.get::<_, i64>(3)? as u64;
                 Ok(())
             },
         )?;

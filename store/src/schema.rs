@@ -128,6 +128,14 @@ const MIGRATIONS: &[&str] = &[
     -- 1 when an upstream holds a copy: eviction then drops only the local bytes.
     ALTER TABLE blobs ADD COLUMN remote INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 4 -> 5: sparse files.
+    r#"
+    -- 512-byte blocks the blob file takes on disk (its st_blocks when it became local), so
+    -- st_blocks and `du` are honest for sparse files without a stat per getattr. NULL: not
+    -- measured (rows from before this migration, blobs never local); readers then assume
+    -- the logical size.
+    ALTER TABLE blobs ADD COLUMN blocks INTEGER;
+    "#,
 ];
 
 pub const LATEST: i64 = MIGRATIONS.len() as i64;
