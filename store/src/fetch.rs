@@ -245,12 +245,16 @@ impl Store {
         }
         fs::rename(&f.path, &blob_path)
             .ctx(|| format!("renaming {} to blob {}", f.path.display(), f.hash))?;
-        let ino = fs::metadata(&blob_path)
-            .ctx(|| format!("stat of {}", blob_path.display()))?
-            .ino() as i64;
+        let meta = fs::metadata(&blob_path).ctx(|| format!("stat of {}", blob_path.display()))?;
         conn.execute(
-            "UPDATE blobs SET state = 0, file_ino = ?2, last_access = ?3 WHERE hash = ?1",
-            params![&f.hash.0[..], ino, self.next_access_seq()],
+            "UPDATE blobs SET state = 0, file_ino = ?2, last_access = ?3, blocks = ?4
+             WHERE hash = ?1",
+            params![
+                &f.hash.0[..],
+                meta.ino() as i64,
+                self.next_access_seq(),
+                meta.blocks() as i64
+            ],
         )?;
         Ok(())
     }
@@ -438,8 +442,7 @@ impl Flight {
                 }
                 (None, None) => unreachable!("a whole-blob hasher exists without an outboard"),
             }
-            self.file
-                .write_all_at(data, s)
+            write_sparse(&self.file, data, s)
                 .map_err(|e| PassError::Local(format!("writing {}: {e}", self.path.display())))?;
             let mut st = lock(&self.st);
             st.progress = Instant::now();
@@ -481,6 +484,54 @@ fn reserve(file: &File, size: u64) -> std::io::Result<()> {
         }
     }
     file.set_len(size)
+}
+
+/// Writes verified bytes at `offset` of a download's staging file, leaving every aligned
+/// 4 KiB block of zeros as a hole, so a sparse blob stays sparse when fetched (the blob's
+/// bytes are the same: a hole reads as zeros). The file was reserved by `reserve` (reads as
+/// zeros there), and only verified bytes are ever written, so a block of zeros never has
+/// anything else under it; punching merely gives its reserved space back. Where the
+/// filesystem cannot punch holes the zeros are written.
+fn write_sparse(file: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const BLOCK: u64 = 4096;
+    let is_zero_block = |at: usize, len: usize| {
+        (offset + at as u64) % BLOCK == 0
+            && len as u64 == BLOCK
+            && data[at..at + len].iter().fold(0u8, |a, &b| a | b) == 0
+    };
+    // Runs of blocks of the same kind (zeros or not), cut at the file's block boundaries.
+    let mut at = 0usize;
+    while at < data.len() {
+        let block_len = |from: usize| {
+            let pos = offset + from as u64;
+            ((BLOCK - pos % BLOCK) as usize).min(data.len() - from)
+        };
+        let zero = is_zero_block(at, block_len(at));
+        let mut end = at + block_len(at);
+        while end < data.len() && is_zero_block(end, block_len(end)) == zero {
+            end += block_len(end);
+        }
+        let run = &data[at..end];
+        let pos = offset + at as u64;
+        let punched = zero && {
+            let (p, l) = (i64::try_from(pos), i64::try_from(run.len()));
+            // SAFETY: fallocate on a descriptor we own; no memory is passed.
+            matches!((p, l), (Ok(p), Ok(l)) if unsafe {
+                libc::fallocate(
+                    file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    p,
+                    l,
+                )
+            } == 0)
+        };
+        if !punched {
+            file.write_all_at(run, pos)?;
+        }
+        at = end;
+    }
+    Ok(())
 }
 
 /// Reads exactly `buf.len()` bytes, naming a short body as such.
@@ -698,9 +749,7 @@ impl Lease {
                 errors.push(format!("{url}: wrong content at byte {s}"));
                 continue;
             }
-            return f
-                .file
-                .write_all_at(&buf, s)
+            return write_sparse(&f.file, &buf, s)
                 .map_err(|e| format!("writing {}: {e}", f.path.display()));
         }
         Err(errors.join("; "))
