@@ -56,6 +56,10 @@ pub struct Attr {
     pub uid: u32,
     pub gid: u32,
     pub size: u64,
+    /// 512-byte blocks the content takes on disk (st_blocks): the staging file's while
+    /// staged, else the blob file's as measured when it became local; the size rounded up
+    /// where it was never measured (blobs from before schema 5, never local).
+    pub blocks: u64,
     pub atime: i64,
     pub mtime: i64,
     pub ctime: i64,
@@ -276,17 +280,92 @@ fn set_file_mtime(file: &File, mtime: i64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Copies `src` into `dst`: a reflink where the filesystem has them, else an in-kernel copy.
+/// lseek(2) on a descriptor, for SEEK_DATA and SEEK_HOLE (only the answer is used: every
+/// read and write here is positional, so moving the shared file offset does no harm).
+fn seek_raw(file: &File, offset: i64, whence: i32) -> std::io::Result<i64> {
+    // SAFETY: lseek on a valid descriptor; no memory is passed.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
+/// Copies `src` into `dst` (an empty file): a reflink where the filesystem has them, else
+/// the data extents only, found with SEEK_DATA/SEEK_HOLE, so holes stay holes (a byte-wise
+/// copy would allocate every zero of a sparse file). The length is set at the end, which
+/// keeps a trailing hole.
 fn copy_content(src: &File, dst: &File) -> std::io::Result<()> {
     const FICLONE: libc::c_ulong = 0x4004_9409;
     // SAFETY: FICLONE takes the source descriptor as its argument.
     if unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE, src.as_raw_fd()) } == 0 {
         return Ok(());
     }
-    let mut s = src;
-    let mut d = dst;
-    std::io::Seek::rewind(&mut s)?;
-    std::io::copy(&mut s, &mut d)?;
+    let len = src.metadata()?.len();
+    let end = i64::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+    let mut pos = 0i64;
+    while pos < end {
+        let data = match seek_raw(src, pos, libc::SEEK_DATA) {
+            Ok(d) => d,
+            // Only a hole up to the end.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            Err(e) => return Err(e),
+        };
+        let hole = seek_raw(src, data, libc::SEEK_HOLE)?.min(end);
+        copy_range(src, dst, data as u64, (hole - data) as u64)?;
+        pos = hole;
+    }
+    dst.set_len(len)
+}
+
+/// Copies `len` bytes at `offset` of `src` to the same offset of `dst`: in the kernel
+/// (copy_file_range) where it can, else through a buffer.
+fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let mut done = 0u64;
+    while done < len {
+        let mut off_in = (offset + done) as libc::loff_t;
+        let mut off_out = off_in;
+        let want = (len - done).min(1 << 30) as usize;
+        // SAFETY: valid descriptors and offsets that live across the call.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                want,
+                0,
+            )
+        };
+        if n > 0 {
+            done += n as u64;
+            continue;
+        }
+        if n == 0 {
+            // The source ended early (it is never written, so this is damage).
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
+                return copy_buffered(src, dst, offset + done, len - done);
+            }
+            _ => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn copy_buffered(src: &File, dst: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let want = buf.len().min((len - done) as usize);
+        src.read_exact_at(&mut buf[..want], offset + done)?;
+        dst.write_all_at(&buf[..want], offset + done)?;
+        done += want as u64;
+    }
     Ok(())
 }
 
@@ -461,6 +540,7 @@ impl KcacheFs {
         if let Some(st) = &g.staging {
             if let Ok(meta) = st.file.metadata() {
                 attr.size = meta.len();
+                attr.blocks = meta.blocks();
                 attr.mtime = mtime_of(&meta);
                 attr.ctime = attr.ctime.max(ctime_of(&meta));
             }
@@ -476,6 +556,10 @@ impl KcacheFs {
             uid: inode.uid,
             gid: inode.gid,
             size: inode.size,
+            // Old rows (and blobs never local) have no figure: assume no holes.
+            blocks: inode
+                .blob_blocks
+                .unwrap_or_else(|| inode.size.div_ceil(512)),
             atime: inode.atime,
             mtime: inode.mtime,
             ctime: inode.ctime,
@@ -1361,23 +1445,94 @@ impl KcacheFs {
         Ok(data.len() as u32)
     }
 
-    /// fallocate(2) on the staged content: preallocation, punching holes, zeroing ranges.
+    /// fallocate(2) on the staged content, with ext4's modes: preallocation (KEEP_SIZE or
+    /// not), PUNCH_HOLE, ZERO_RANGE, COLLAPSE_RANGE and INSERT_RANGE, done by the staging
+    /// file's own filesystem. (Linux's FUSE module passes on only the first three and answers
+    /// EOPNOTSUPP to the others itself; they work here for the day it does.) Anything that
+    /// may take disk space makes room first, as a write does.
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        const KNOWN: i32 = libc::FALLOC_FL_KEEP_SIZE
+            | libc::FALLOC_FL_PUNCH_HOLE
+            | libc::FALLOC_FL_ZERO_RANGE
+            | libc::FALLOC_FL_COLLAPSE_RANGE
+            | libc::FALLOC_FL_INSERT_RANGE;
+        if mode & !KNOWN != 0 {
+            return Err(Errno(libc::EOPNOTSUPP));
+        }
         let (ino, oi) = self.writable_handle(fh)?;
         let (off, len) = (
             i64::try_from(offset).map_err(|_| Errno::EFBIG)?,
             i64::try_from(length).map_err(|_| Errno::EFBIG)?,
         );
-        if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) == 0 {
-            self.make_room(length, off.saturating_add(len) as u64)?;
+        let end = off.checked_add(len).ok_or(Errno::EFBIG)? as u64;
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        // (bytes that may be allocated, the file's size afterwards) for make_room; None for
+        // the modes that only free space or move it.
+        let room = match mode & !libc::FALLOC_FL_KEEP_SIZE {
+            0 | libc::FALLOC_FL_ZERO_RANGE => Some((length, if keep { 0 } else { end })),
+            libc::FALLOC_FL_INSERT_RANGE => {
+                let size = self.staged_size(ino, &oi)?;
+                Some((length, size.saturating_add(length)))
+            }
+            _ => None,
+        };
+        let mut retried = false;
+        loop {
+            if let Some((bytes, size)) = room {
+                self.make_room(bytes, size)?;
+            }
+            let mut g = lock(&oi);
+            let file = self.staging_for_write(ino, &mut g)?;
+            // SAFETY: fallocate on a valid descriptor we own.
+            if unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) } == 0 {
+                return Ok(());
+            }
+            let e = std::io::Error::last_os_error();
+            // The disk filled up behind our back: evict (without the inode lock), then try
+            // once more, as a write does.
+            if e.raw_os_error() != Some(libc::ENOSPC) || retried || room.is_none() {
+                return Err(e.into());
+            }
+            drop(g);
+            retried = true;
         }
-        let mut g = lock(&oi);
-        let file = self.staging_for_write(ino, &mut g)?;
-        // SAFETY: fallocate on a valid descriptor we own.
-        if unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) } != 0 {
-            return Err(std::io::Error::last_os_error().into());
+    }
+
+    /// The current length of an open inode's content (staged, else committed).
+    fn staged_size(&self, ino: Ino, oi: &Mutex<OpenInode>) -> Result<u64> {
+        if let Some(st) = &lock(oi).staging {
+            return Ok(st.file.metadata()?.len());
         }
-        Ok(())
+        Ok(self.store.get(ino)?.size)
+    }
+
+    /// SEEK_DATA and SEEK_HOLE on an open file, answered by the file behind it: the staging
+    /// file while staged, else the blob file, so the holes reported are the ones on disk
+    /// (ENXIO at or past the end, as on ext4). The kernel resolves SEEK_SET, SEEK_CUR and
+    /// SEEK_END itself and sends only these two, for passthrough handles too. A file still
+    /// downloading is all data (the answer of filesystems that know no holes): its bytes
+    /// are not all there yet.
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
+        if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
+            return Err(Errno::EINVAL);
+        }
+        let (ino, lease) = lock(&self.handles)
+            .get(&fh)
+            .map(|h| (h.ino, h.lease.clone()))
+            .ok_or(Errno::EBADF)?;
+        if lease.is_some_and(|l| !l.is_done() && self.reads_through(ino, &l)) {
+            let size = self.store.get(ino)?.size;
+            return match u64::try_from(offset) {
+                Ok(o) if o < size && whence == libc::SEEK_DATA => Ok(offset),
+                Ok(o) if o < size => Ok(size as i64),
+                _ => Err(Errno(libc::ENXIO)),
+            };
+        }
+        match self.source(ino)? {
+            Some(file) => Ok(seek_raw(&file, offset, whence)?),
+            // No content at all: every offset is at or past the end.
+            None => Err(Errno(libc::ENXIO)),
+        }
     }
 
     /// Commits staged content now (fsync): durable when this returns.

@@ -85,7 +85,7 @@ fn fattr(a: &Attr) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
-        blocks: a.size.div_ceil(512),
+        blocks: a.blocks,
         atime: systime(a.atime),
         mtime: systime(a.mtime),
         ctime: systime(a.ctime),
@@ -111,6 +111,7 @@ fn placeholder_attr(ino: u64, kind: Kind) -> FileAttr {
         uid: 0,
         gid: 0,
         size: 0,
+        blocks: 0,
         atime: 0,
         mtime: 0,
         ctime: 0,
@@ -617,13 +618,17 @@ impl Filesystem for KcacheFuse {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: i64,
-        _whence: i32,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
         reply: fuser::ReplyLseek,
     ) {
-        // ENOSYS makes the kernel do generic seeking itself from now on.
-        reply.error(FErrno::ENOSYS);
+        // Only SEEK_DATA and SEEK_HOLE come here (the kernel does the rest), for every kind
+        // of handle: Linux has no passthrough for lseek.
+        match self.fs.lseek(fh.0, offset, whence) {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(ferr(e)),
+        }
     }
 
     fn copy_file_range(
