@@ -246,3 +246,375 @@ fn lookups_racing_a_commit_never_report_the_size_before_the_writes() {
         fs.forget(attr.ino, 1 + sizes.len() as u64);
     }
 }
+
+// ---- sparse files -------------------------------------------------------------------
+
+const MIB: u64 = 1 << 20;
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap()
+}
+
+/// lseek on a native file, as `KcacheFs::lseek` answers: the offset or the errno.
+fn native_seek(f: &std::fs::File) -> impl Fn(i64, i32) -> Result<i64, i32> + '_ {
+    use std::os::unix::io::AsRawFd;
+    move |off, whence| {
+        let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+        if r < 0 {
+            Err(errno())
+        } else {
+            Ok(r)
+        }
+    }
+}
+
+fn fs_seek(fs: &KcacheFs, fh: u64) -> impl Fn(i64, i32) -> Result<i64, i32> + '_ {
+    move |off, whence| fs.lseek(fh, off, whence).map_err(|e| e.0)
+}
+
+/// The data extents SEEK_DATA/SEEK_HOLE report, and the answers of both at offsets around
+/// every interesting place of a file of `size` bytes (past the end too).
+fn hole_map(size: u64, seek: impl Fn(i64, i32) -> Result<i64, i32>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pos = 0i64;
+    while let Ok(d) = seek(pos, libc::SEEK_DATA) {
+        let h = seek(d, libc::SEEK_HOLE).unwrap();
+        out.push(format!("data {d}..{h}"));
+        pos = h;
+    }
+    let s = size as i64;
+    for off in [
+        -1,
+        0,
+        1,
+        4095,
+        4096,
+        65535,
+        65536,
+        (MIB / 2) as i64,
+        MIB as i64 - 1,
+        MIB as i64,
+        s - 1,
+        s,
+        s + 1,
+        s * 10,
+    ] {
+        out.push(format!(
+            "{off}: data {:?} hole {:?}",
+            seek(off, libc::SEEK_DATA),
+            seek(off, libc::SEEK_HOLE)
+        ));
+    }
+    out
+}
+
+/// Checks a `hole_map` against the content: every byte outside the data extents is zero,
+/// and the extents end at the end of the file.
+fn assert_map_fits(map: &[String], content: &[u8], what: &str) {
+    let mut covered = vec![false; content.len()];
+    for e in map.iter().filter_map(|l| l.strip_prefix("data ")) {
+        let (a, b) = e.split_once("..").unwrap();
+        let (a, b): (usize, usize) = (a.parse().unwrap(), b.parse().unwrap());
+        assert!(a < b && b <= content.len(), "{what}: extent {e} in {map:?}");
+        covered[a..b].fill(true);
+    }
+    if let Some(i) = (0..content.len()).find(|&i| !covered[i] && content[i] != 0) {
+        panic!("{what}: byte {i} is not zero but in a hole: {map:?}");
+    }
+}
+
+fn create_rw(fs: &KcacheFs, name: &str) -> (u64, u64) {
+    let (attr, o) = fs
+        .create(
+            ROOT_INO,
+            OsStr::new(name),
+            0o644,
+            libc::O_RDWR | libc::O_CREAT,
+            ctx(),
+            None,
+        )
+        .unwrap();
+    (attr.ino, o.fh)
+}
+
+fn read_range(fs: &KcacheFs, fh: u64, off: u64, len: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    while (out.len() as u64) < len {
+        let want = (len - out.len() as u64).min(1 << 20) as u32;
+        let d = fs.read(fh, off + out.len() as u64, want).unwrap();
+        if d.is_empty() {
+            break;
+        }
+        out.extend_from_slice(&d);
+    }
+    out
+}
+
+fn blob_file_blocks(fs: &KcacheFs, ino: u64) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let h = fs.store().get(ino).unwrap().blob.unwrap();
+    std::fs::metadata(fs.store().blob_path(&h))
+        .unwrap()
+        .blocks()
+}
+
+/// Whether the temp directory's filesystem keeps holes (ext4, xfs, tmpfs, btrfs do); the
+/// comparisons with it mean nothing where it does not.
+fn native_has_holes(dir: &std::path::Path) -> bool {
+    let f = std::fs::File::create(dir.join("probe")).unwrap();
+    f.set_len(MIB).unwrap();
+    let r = native_seek(&f)(0, libc::SEEK_HOLE) == Ok(0);
+    if !r {
+        eprintln!("skipping: {} keeps no holes", dir.display());
+    }
+    r
+}
+
+#[test]
+fn sparse_content_keeps_its_holes_through_commit_dedup_and_copy_on_write() {
+    let (_d, fs) = fs();
+    if !native_has_holes(_d.path()) {
+        return;
+    }
+    const SIZE: u64 = 100 * MIB;
+    // One byte at the end of 100 MiB: one 4 KiB block (8 sectors) on disk. A filesystem
+    // may add a few blocks of metadata; 100 MiB of zeros would be 204800.
+    let small = |blocks: u64| blocks <= 64;
+    let (a, w) = create_rw(&fs, "a");
+    fs.write(w, SIZE - 1, b"x").unwrap();
+    let staged = fs.getattr(a).unwrap();
+    assert_eq!(staged.size, SIZE);
+    assert!(small(staged.blocks), "staged: {} blocks", staged.blocks);
+    fs.release(w).unwrap();
+    let committed = fs.getattr(a).unwrap();
+    assert!(small(committed.blocks), "committed: {committed:?}");
+    assert!(small(blob_file_blocks(&fs, a)));
+    assert_eq!(committed.blocks, blob_file_blocks(&fs, a));
+    let s = fs.store().stats().unwrap();
+    assert_eq!(s.stored_bytes, SIZE);
+    assert!(s.disk_bytes <= 64 * 512, "{s:?}");
+
+    // The same bytes under another name: one blob, both small.
+    let (b, w) = create_rw(&fs, "b");
+    fs.write(w, SIZE - 1, b"x").unwrap();
+    fs.release(w).unwrap();
+    assert_eq!(fs.store().stats().unwrap().blobs, 1);
+    assert_eq!(fs.getattr(b).unwrap().blocks, committed.blocks);
+
+    // Copy-on-write: changing one byte copies the blob into a staging file, holes kept.
+    let w = fs.open(a, libc::O_RDWR, None).unwrap();
+    fs.write(w.fh, 0, b"y").unwrap();
+    let cow = fs.getattr(a).unwrap();
+    assert!(small(cow.blocks), "copy-on-write staging file: {cow:?}");
+    assert_eq!(
+        hole_map(SIZE, fs_seek(&fs, w.fh))[..2],
+        [
+            "data 0..4096".to_string(),
+            format!("data {}..{SIZE}", SIZE - 4096)
+        ]
+    );
+    fs.release(w.fh).unwrap();
+    let after = fs.getattr(a).unwrap();
+    assert!(small(after.blocks), "after copy-on-write: {after:?}");
+    assert!(small(blob_file_blocks(&fs, a)));
+    let r = fs.open(a, libc::O_RDONLY, None).unwrap();
+    assert_eq!(read_range(&fs, r.fh, 0, 2), b"y\0");
+    assert_eq!(read_range(&fs, r.fh, SIZE / 2, 4096), vec![0u8; 4096]);
+    assert_eq!(read_range(&fs, r.fh, SIZE - 2, 10), b"\0x");
+    fs.release(r.fh).unwrap();
+    let r = fs.open(b, libc::O_RDONLY, None).unwrap();
+    assert_eq!(read_range(&fs, r.fh, 0, 1), b"\0");
+    fs.release(r.fh).unwrap();
+}
+
+#[test]
+fn seek_data_and_seek_hole_match_the_native_filesystem_staged_and_committed() {
+    use std::os::unix::fs::FileExt;
+    let (_d, fs) = fs();
+    if !native_has_holes(_d.path()) {
+        return;
+    }
+    let size = 2 * MIB + 100;
+    let pieces: [(u64, &[u8]); 3] = [(0, b"0123456789"), (MIB, &[7u8; 5000]), (size - 1, b"e")];
+    let native = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(_d.path().join("native"))
+        .unwrap();
+    let (ino, w) = create_rw(&fs, "f");
+    for (off, data) in pieces {
+        native.write_all_at(data, off).unwrap();
+        fs.write(w, off, data).unwrap();
+    }
+    let want = hole_map(size, native_seek(&native));
+    assert!(want.len() > 14 + 1, "the native file has holes: {want:?}");
+    assert_eq!(hole_map(size, fs_seek(&fs, w)), want, "staged");
+    assert_eq!(fs.getattr(ino).unwrap().blocks, {
+        use std::os::unix::fs::MetadataExt;
+        native.metadata().unwrap().blocks()
+    });
+    fs.release(w).unwrap();
+    let r = fs.open(ino, libc::O_RDONLY, None).unwrap();
+    assert_eq!(hole_map(size, fs_seek(&fs, r.fh)), want, "committed");
+    // Only SEEK_DATA and SEEK_HOLE are the daemon's; the kernel does the others.
+    assert_eq!(fs.lseek(r.fh, 0, libc::SEEK_SET), Err(Errno::EINVAL));
+    fs.release(r.fh).unwrap();
+    assert_eq!(fs.lseek(r.fh, 0, libc::SEEK_DATA), Err(Errno::EBADF));
+
+    // An empty file has no data anywhere, and no hole either (ENXIO at 0, as ext4).
+    let (_, w) = create_rw(&fs, "empty");
+    assert_eq!(fs.lseek(w, 0, libc::SEEK_DATA), Err(Errno(libc::ENXIO)));
+    assert_eq!(fs.lseek(w, 0, libc::SEEK_HOLE), Err(Errno(libc::ENXIO)));
+    fs.release(w).unwrap();
+}
+
+#[test]
+fn fallocate_modes_match_the_native_filesystem() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    use std::os::unix::io::AsRawFd;
+    let (d, fs) = fs();
+    if !native_has_holes(d.path()) {
+        return;
+    }
+    const K: u64 = 1024;
+    let base = |f: &dyn Fn(u64, &[u8])| {
+        f(0, &vec![0xAB; (256 * K) as usize]);
+        f(768 * K, &vec![0xCD; (256 * K) as usize]);
+    };
+    let cases: &[(&str, i32, u64, u64)] = &[
+        ("allocate, extending", 0, 512 * K, MIB),
+        ("keep size", libc::FALLOC_FL_KEEP_SIZE, 512 * K, MIB),
+        (
+            "punch hole",
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            64 * K,
+            128 * K,
+        ),
+        ("zero range", libc::FALLOC_FL_ZERO_RANGE, 128 * K, 256 * K),
+        (
+            "zero range, extending",
+            libc::FALLOC_FL_ZERO_RANGE,
+            896 * K,
+            256 * K,
+        ),
+        (
+            "zero range, keep size",
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            896 * K,
+            256 * K,
+        ),
+        (
+            "collapse range",
+            libc::FALLOC_FL_COLLAPSE_RANGE,
+            128 * K,
+            256 * K,
+        ),
+        (
+            "insert range",
+            libc::FALLOC_FL_INSERT_RANGE,
+            128 * K,
+            64 * K,
+        ),
+    ];
+    for (i, &(what, mode, off, len)) in cases.iter().enumerate() {
+        let native = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(d.path().join(format!("native{i}")))
+            .unwrap();
+        base(&|o, b| native.write_all_at(b, o).unwrap());
+        let r = unsafe { libc::fallocate(native.as_raw_fd(), mode, off as i64, len as i64) };
+        assert_eq!(r, 0, "{what} on the native file: errno {}", errno());
+        let nsize = native.metadata().unwrap().len();
+        let mut ncontent = vec![0u8; nsize as usize];
+        native.read_exact_at(&mut ncontent, 0).unwrap();
+
+        // Committed first, so the change goes through a copy-on-write staging file.
+        let (ino, w) = create_rw(&fs, &format!("f{i}"));
+        base(&|o, b| {
+            fs.write(w, o, b).unwrap();
+        });
+        fs.release(w).unwrap();
+        let w = fs.open(ino, libc::O_RDWR, None).unwrap();
+        fs.fallocate(w.fh, off, len, mode).unwrap();
+        let a = fs.getattr(ino).unwrap();
+        assert_eq!(a.size, nsize, "{what}: size");
+        // While staged, ext4's answers also depend on what is written back yet (its
+        // delayed allocation), which differs between the two files: what must hold is that
+        // the staging file's map is right for its content (compared exactly below, once
+        // both are on disk).
+        let staged = hole_map(nsize, fs_seek(&fs, w.fh));
+        assert_eq!(read_range(&fs, w.fh, 0, nsize + 1), ncontent, "{what}");
+        assert_map_fits(&staged, &ncontent, what);
+        // Committed (durably, so nothing is left to write back), then compared with the
+        // native file on disk, both with their cached pages dropped: ext4 counts cached
+        // pages over preallocated (unwritten) ranges as data.
+        fs.fsync(w.fh).unwrap();
+        fs.release(w.fh).unwrap();
+        native.sync_all().unwrap();
+        let blob = std::fs::File::open(
+            fs.store()
+                .blob_path(&fs.store().get(ino).unwrap().blob.unwrap()),
+        )
+        .unwrap();
+        for f in [&native, &blob] {
+            let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            assert_eq!(r, 0);
+        }
+        let nmap = hole_map(nsize, native_seek(&native));
+        let r = fs.open(ino, libc::O_RDONLY, None).unwrap();
+        assert_eq!(
+            hole_map(nsize, fs_seek(&fs, r.fh)),
+            nmap,
+            "{what}: committed"
+        );
+        assert_eq!(read_range(&fs, r.fh, 0, nsize + 1), ncontent, "{what}");
+        let blocks = fs.getattr(ino).unwrap().blocks;
+        assert_eq!(blocks, blob_file_blocks(&fs, ino), "{what}: committed");
+        if mode != libc::FALLOC_FL_KEEP_SIZE {
+            assert_eq!(blocks, native.metadata().unwrap().blocks(), "{what}");
+        } // else the content is the base's: its blob, without the preallocation, is used.
+        fs.release(r.fh).unwrap();
+        assert_eq!(
+            fs.getattr(ino).unwrap().size,
+            nsize,
+            "{what}: committed size"
+        );
+    }
+    // Modes ext4 does not have are refused before anything is staged.
+    let (ino, w) = create_rw(&fs, "other");
+    fs.write(w, 0, b"abc").unwrap();
+    fs.release(w).unwrap();
+    let w = fs.open(ino, libc::O_RDWR, None).unwrap();
+    const UNSHARE_RANGE: i32 = 0x40;
+    assert_eq!(
+        fs.fallocate(w.fh, 0, 4096, UNSHARE_RANGE),
+        Err(Errno(libc::EOPNOTSUPP))
+    );
+    fs.release(w.fh).unwrap();
+    assert_eq!(read_all(&fs, ino), b"abc");
+}
+
+#[test]
+fn blocks_of_blobs_committed_before_schema_5_fall_back_to_the_size() {
+    // Rows from before migration 5 have no measured allocation: st_blocks is then the size
+    // rounded up to 512-byte sectors, as every file reported before.
+    let (d, fs) = fs();
+    let (ino, w) = create_rw(&fs, "old");
+    fs.write(w, 10 * MIB - 1, b"x").unwrap();
+    fs.release(w).unwrap();
+    let db = rusqlite::Connection::open(d.path().join("kcache.db")).unwrap();
+    db.execute("UPDATE blobs SET blocks = NULL", []).unwrap();
+    assert_eq!(fs.getattr(ino).unwrap().blocks, 10 * MIB / 512);
+    assert_eq!(fs.store().stats().unwrap().disk_bytes, 10 * MIB);
+    // A new commit of the same content measures it again.
+    let (other, w) = create_rw(&fs, "new");
+    fs.write(w, 10 * MIB - 1, b"x").unwrap();
+    fs.release(w).unwrap();
+    assert!(fs.getattr(other).unwrap().blocks <= 64);
+    assert!(fs.getattr(ino).unwrap().blocks <= 64);
+}

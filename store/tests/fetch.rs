@@ -15,10 +15,16 @@ fn content(len: usize) -> Vec<u8> {
 /// Store A with one file, pushed to a shared directory; store B pulled from it (the blob is
 /// remote-only there). Returns B, the blob's hash, the upstream URL and the content.
 fn pulled(dir: &std::path::Path, len: usize) -> (Arc<Store>, kcache_store::Hash, String, Vec<u8>) {
+    pulled_with(dir, content(len))
+}
+
+fn pulled_with(
+    dir: &std::path::Path,
+    data: Vec<u8>,
+) -> (Arc<Store>, kcache_store::Hash, String, Vec<u8>) {
     let a = Store::open(&dir.join("a")).unwrap();
     let vol = a.volume("default", true, 0, 0).unwrap();
     let f = a.create(vol.root, b"f", &node(Kind::File)).unwrap();
-    let data = content(len);
     commit(&a, f.ino, &data);
     let url = format!("file://{}", dir.join("up").display());
     let up = Upstream::parse(&url).unwrap();
@@ -140,4 +146,36 @@ fn a_complete_download_is_kept_when_its_reader_leaves() {
     assert_eq!(b.drain_fetches(std::time::Duration::from_secs(30)), 0);
     assert!(!b.is_remote_only(&h), "the whole download was thrown away");
     assert_eq!(staging_files(&dir.path().join("b")), 0);
+}
+
+/// A download leaves the blob's aligned 4 KiB blocks of zeros as holes (both with an
+/// outboard, group by group, and verified whole), records the allocation, and the bytes
+/// are the same.
+#[test]
+fn a_downloaded_blob_keeps_its_blocks_of_zeros_as_holes() {
+    use std::os::unix::fs::MetadataExt;
+    for (len, zeros) in [
+        (5usize << 20, (1 << 20) + 100..(4 << 20) + 7),
+        (600 << 10, 5000..590 << 10),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = content(len);
+        data[zeros.clone()].fill(0);
+        let (b, h, url, data) = pulled_with(dir.path(), data);
+        set_upstream(&b, &url);
+        assert!(b.ensure_local(&h, &|| true).unwrap());
+        let meta = std::fs::metadata(b.blob_path(&h)).unwrap();
+        let data_blocks = (len - zeros.len()) as u64 / 512;
+        assert!(
+            meta.blocks() <= data_blocks + 64,
+            "{len}: {} blocks on disk for {data_blocks} blocks of data",
+            meta.blocks()
+        );
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut b.open_blob(&h).unwrap(), &mut got).unwrap();
+        assert!(got == data, "{len}: content differs");
+        let vb = b.volume("default", false, 0, 0).unwrap();
+        let f = b.lookup(vb.root, b"f").unwrap();
+        assert_eq!(f.blob_blocks, Some(meta.blocks()));
+    }
 }
