@@ -457,11 +457,18 @@ impl KcacheFs {
         peers.iter().any(|p| p.blob_in_use(h))
     }
 
-    /// True when an open file of this filesystem holds blob `h`.
+    /// True when an open file of this filesystem holds blob `h`. An open file whose row
+    /// cannot be read counts as holding it: eviction must never take an open file's bytes
+    /// on a guess.
     pub(crate) fn blob_in_use(&self, h: &Hash) -> bool {
         let inos: Vec<Ino> = lock(&self.open).keys().copied().collect();
-        inos.into_iter()
-            .any(|ino| self.store.get(ino).is_ok_and(|n| n.blob == Some(*h)))
+        inos.into_iter().any(|ino| match self.store.get(ino) {
+            Ok(n) => n.blob == Some(*h),
+            Err(e) => {
+                tracing::warn!(ino, error = %e, "reading an open file's row failed; its blob is kept as in use");
+                true
+            }
+        })
     }
 
     /// Enables kernel passthrough for opens (the adapter calls this once the kernel agreed).
@@ -506,12 +513,13 @@ impl KcacheFs {
     }
 
     /// Attributes of `inode`, with size and times taken from uncommitted staged content.
-    fn attr_of(&self, inode: &Inode) -> Attr {
+    fn attr_of(&self, inode: &Inode) -> Result<Attr> {
         self.attr_since(inode, None)
     }
 
     /// `attr_of` for a row read after the commit count was `seen` (None: unknown).
-    fn attr_since(&self, inode: &Inode, seen: Option<u64>) -> Attr {
+    /// A row that cannot be read again is an error: an older size would cut the file short.
+    fn attr_since(&self, inode: &Inode, seen: Option<u64>) -> Result<Attr> {
         let oi = if inode.kind == Kind::File {
             lock(&self.open).get(&inode.ino).cloned()
         } else {
@@ -519,7 +527,7 @@ impl KcacheFs {
         };
         let Some(oi) = oi else {
             if inode.kind != Kind::File {
-                return self.plain_attr(inode);
+                return Ok(self.plain_attr(inode));
             }
             // Not open now, but `inode` may have been read before a release committed staged
             // content and closed the file: then read the row again, after the look at the
@@ -527,16 +535,16 @@ impl KcacheFs {
             // saw. (The kernel would take an older size over its own and cut the file
             // short.) No commit since the caller's read: its row is fresh enough.
             if seen.is_some_and(|n| n == self.commits()) {
-                return self.plain_attr(inode);
+                return Ok(self.plain_attr(inode));
             }
-            let fresh = self.store.get(inode.ino).ok();
-            return self.plain_attr(fresh.as_ref().unwrap_or(inode));
+            let fresh = self.store.get(inode.ino)?;
+            return Ok(self.plain_attr(&fresh));
         };
         // The file is open: a commit may have changed the row since `inode` was read, so read
         // it again under the per-inode lock, then overlay the staged content.
         let g = lock(&oi);
-        let fresh = self.store.get(inode.ino).ok();
-        let mut attr = self.plain_attr(fresh.as_ref().unwrap_or(inode));
+        let fresh = self.store.get(inode.ino)?;
+        let mut attr = self.plain_attr(&fresh);
         if let Some(st) = &g.staging {
             if let Ok(meta) = st.file.metadata() {
                 attr.size = meta.len();
@@ -545,7 +553,7 @@ impl KcacheFs {
                 attr.ctime = attr.ctime.max(ctime_of(&meta));
             }
         }
-        attr
+        Ok(attr)
     }
 
     fn plain_attr(&self, inode: &Inode) -> Attr {
@@ -572,13 +580,16 @@ impl KcacheFs {
         *lock(&self.lookups).entry(ino).or_insert(0) += 1;
     }
 
-    fn entry(&self, inode: &Inode) -> Attr {
+    fn entry(&self, inode: &Inode) -> Result<Attr> {
         self.entry_since(inode, None)
     }
 
-    fn entry_since(&self, inode: &Inode, seen: Option<u64>) -> Attr {
+    fn entry_since(&self, inode: &Inode, seen: Option<u64>) -> Result<Attr> {
+        // Attributes first: the kernel learns of the entry (and counts a lookup) only if
+        // they could be given.
+        let attr = self.attr_since(inode, seen)?;
         self.remember(inode.ino);
-        self.attr_since(inode, seen)
+        Ok(attr)
     }
 
     /// Purges an inode whose last name is gone once the kernel and all handles let go of it.
@@ -612,7 +623,7 @@ impl KcacheFs {
         }
         let seen = self.commits();
         let inode = self.store.lookup(self.sino(parent), name)?;
-        Ok(self.entry_since(&inode, Some(seen)))
+        self.entry_since(&inode, Some(seen))
     }
 
     pub fn forget(&self, ino: u64, nlookup: u64) {
@@ -641,7 +652,7 @@ impl KcacheFs {
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
         let seen = self.commits();
         let inode = self.store.get(self.sino(ino))?;
-        Ok(self.attr_since(&inode, Some(seen)))
+        self.attr_since(&inode, Some(seen))
     }
 
     fn node(kind: Kind, mode: u32, rdev: u32, target: Option<Vec<u8>>) -> NewNode {
@@ -687,7 +698,7 @@ impl KcacheFs {
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, ctx: Ctx) -> Result<Attr> {
         let n = self.make(parent, name, ctx, Self::node(Kind::Dir, mode, 0, None))?;
-        Ok(self.entry(&n))
+        self.entry(&n)
     }
 
     pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32, rdev: u32, ctx: Ctx) -> Result<Attr> {
@@ -700,7 +711,7 @@ impl KcacheFs {
             _ => return Err(Errno::EINVAL),
         };
         let n = self.make(parent, name, ctx, Self::node(kind, mode, rdev, None))?;
-        Ok(self.entry(&n))
+        self.entry(&n)
     }
 
     pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, ctx: Ctx) -> Result<Attr> {
@@ -717,7 +728,7 @@ impl KcacheFs {
             ctx,
             Self::node(Kind::Symlink, 0o777, 0, Some(t.to_vec())),
         )?;
-        Ok(self.entry(&n))
+        self.entry(&n)
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
@@ -734,7 +745,7 @@ impl KcacheFs {
         let n = self
             .store
             .link(self.sino(ino), self.sino(newparent), name)?;
-        Ok(self.entry(&n))
+        self.entry(&n)
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
@@ -809,7 +820,7 @@ impl KcacheFs {
         }
         let mut off = offset;
         if off < 1 {
-            let attr = plus.then(|| self.attr_of(&dir));
+            let attr = plus.then(|| self.attr_of(&dir)).transpose()?;
             if accept(ino, 1, Kind::Dir, OsStr::new("."), attr.as_ref()) {
                 return Ok(());
             }
@@ -823,9 +834,17 @@ impl KcacheFs {
             off = 2;
         }
         let mut after = off as i64 - 2;
+        // An error after entries were given ends the listing there, so the kernel keeps
+        // them (their lookups are counted) and asks again from the next offset, where the
+        // error is reported if it lasts.
+        let mut given = false;
+        let fail = |given: bool, e: Errno| if given { Ok(()) } else { Err(e) };
         loop {
             let seen = self.commits();
-            let page = self.store.readdir(dir.ino, after, 256)?;
+            let page = match self.store.readdir(dir.ino, after, 256) {
+                Ok(p) => p,
+                Err(e) => return fail(given, e.into()),
+            };
             if page.is_empty() {
                 return Ok(());
             }
@@ -833,7 +852,10 @@ impl KcacheFs {
                 after = cookie;
                 let kino = self.kino(inode.ino);
                 if plus {
-                    let attr = self.attr_since(&inode, Some(seen));
+                    let attr = match self.attr_since(&inode, Some(seen)) {
+                        Ok(a) => a,
+                        Err(e) => return fail(given, e),
+                    };
                     if accept(
                         kino,
                         cookie as u64 + 2,
@@ -853,6 +875,7 @@ impl KcacheFs {
                 ) {
                     return Ok(());
                 }
+                given = true;
             }
         }
     }
@@ -901,7 +924,7 @@ impl KcacheFs {
                 }
             }
         }
-        Ok(self.attr_of(&updated))
+        self.attr_of(&updated)
     }
 
     /// Sets a file's length: through its staging file when open, else as a one-shot commit.
@@ -1011,7 +1034,7 @@ impl KcacheFs {
         }
         let opened = self.open_sino(inode.ino, flags, backing, wait)?;
         let inode = self.store.get(inode.ino)?;
-        Ok((self.entry(&inode), opened))
+        Ok((self.entry(&inode)?, opened))
     }
 
     /// Opens a file, waiting for a download of its content if one is needed.
@@ -1337,14 +1360,14 @@ impl KcacheFs {
 
     /// Whether reads of `ino` still go through download `l`: nothing is staged and the file
     /// still has the content being downloaded.
-    fn reads_through(&self, ino: Ino, l: &Lease) -> bool {
+    fn reads_through(&self, ino: Ino, l: &Lease) -> Result<bool> {
         let Some(oi) = lock(&self.open).get(&ino).cloned() else {
-            return false;
+            return Ok(false);
         };
         if lock(&oi).staging.is_some() {
-            return false;
+            return Ok(false);
         }
-        self.store.get(ino).is_ok_and(|n| n.blob == Some(l.hash()))
+        Ok(self.store.get(ino)?.blob == Some(l.hash()))
     }
 
     fn handle_ino(&self, fh: u64) -> Result<(Ino, bool)> {
@@ -1368,7 +1391,11 @@ impl KcacheFs {
             .get(&fh)
             .map(|h| (h.ino, h.lease.clone()))
             .ok_or(Errno::EBADF)?;
-        if let Some(l) = lease.filter(|l| self.reads_through(ino, l)) {
+        let lease = match lease {
+            Some(l) if self.reads_through(ino, &l)? => Some(l),
+            _ => None,
+        };
+        if let Some(l) = lease {
             if !wait && !l.ready(offset, size as u64) {
                 return Err(Errno::WOULD_BLOCK);
             }
@@ -1520,7 +1547,11 @@ impl KcacheFs {
             .get(&fh)
             .map(|h| (h.ino, h.lease.clone()))
             .ok_or(Errno::EBADF)?;
-        if lease.is_some_and(|l| !l.is_done() && self.reads_through(ino, &l)) {
+        let through = match &lease {
+            Some(l) if !l.is_done() => self.reads_through(ino, l)?,
+            _ => false,
+        };
+        if through {
             let size = self.store.get(ino)?.size;
             return match u64::try_from(offset) {
                 Ok(o) if o < size && whence == libc::SEEK_DATA => Ok(offset),
@@ -1630,7 +1661,16 @@ impl KcacheFs {
         if g.handles == 0 {
             g.blob_file = None;
             let clean = g.staging.as_ref().is_some_and(|s| !s.dirty);
-            let unlinked = self.store.get(ino).map(|n| n.nlink == 0).unwrap_or(true);
+            // Dirty content goes only with its last name. A row that cannot be read says
+            // nothing: keep the staged bytes (the next close or the unmount commits them).
+            let unlinked = match self.store.get(ino) {
+                Ok(n) => n.nlink == 0,
+                Err(kcache_store::Error::NotFound) => true,
+                Err(e) => {
+                    tracing::error!(ino, error = %e, "reading a closed file's row failed; its staged content is kept");
+                    false
+                }
+            };
             if clean || unlinked {
                 if let Some(st) = g.staging.take() {
                     let _ = std::fs::remove_file(&st.path);

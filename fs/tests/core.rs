@@ -618,3 +618,64 @@ fn blocks_of_blobs_committed_before_schema_5_fall_back_to_the_size() {
     assert!(fs.getattr(other).unwrap().blocks <= 64);
     assert!(fs.getattr(ino).unwrap().blocks <= 64);
 }
+
+#[test]
+fn eviction_under_database_errors_never_takes_an_open_file() {
+    use kcache_store::{Fault, Step};
+    let (_d, fs) = fs();
+    let held = write_file(&fs, ROOT_INO, "held", b"an open file's bytes");
+    let other = write_file(&fs, ROOT_INO, "other", b"nobody holds this");
+    let o = fs.open(held, libc::O_RDONLY, None).unwrap();
+    // Every read of an inode's row fails: "is this blob in use" cannot be answered.
+    fs.store()
+        .faults()
+        .always(Step::ReadInode, Fault::Errno(libc::EIO));
+    // An open file whose row cannot be read might hold any blob: nothing is evicted.
+    assert_eq!(fs.evict_to(0).unwrap(), (0, 0));
+    fs.store().faults().clear();
+    assert_eq!(fs.read(o.fh, 0, 100).unwrap(), b"an open file's bytes");
+    // With the database back, the closed file goes and the open one stays.
+    assert_eq!(fs.evict_to(0).unwrap().0, 1);
+    assert_eq!(fs.read(o.fh, 0, 100).unwrap(), b"an open file's bytes");
+    fs.release(o.fh).unwrap();
+    assert_eq!(
+        read_all(&fs, held),
+        b"an open file's bytes",
+        "the open file survived"
+    );
+    assert_eq!(
+        fs.getattr(other).unwrap_err(),
+        Errno::ENOENT,
+        "the closed one was evicted"
+    );
+    let s = fs.store().stats().unwrap();
+    assert_eq!((s.files, s.blobs), (1, 1));
+}
+
+#[test]
+fn release_under_database_errors_keeps_dirty_staged_content() {
+    use kcache_store::{Fault, Step};
+    let (_d, fs) = fs();
+    let (attr, o) = fs
+        .create(
+            ROOT_INO,
+            OsStr::new("f"),
+            0o644,
+            libc::O_WRONLY | libc::O_CREAT,
+            ctx(),
+            None,
+        )
+        .unwrap();
+    fs.write(o.fh, 0, b"dirty data nobody committed yet")
+        .unwrap();
+    let faults = fs.store().faults();
+    faults.always(Step::DbCommit, Fault::Errno(libc::EIO));
+    faults.always(Step::ReadInode, Fault::Errno(libc::EIO));
+    let e = fs.release(o.fh).unwrap_err();
+    assert_eq!(e, Errno::EIO, "the failed commit is reported");
+    faults.clear();
+    // The unmount commits what is still staged.
+    fs.flush_all();
+    assert_eq!(read_all(&fs, attr.ino), b"dirty data nobody committed yet");
+    assert!(fs.store().verify(|_, _| {}).unwrap().is_clean());
+}

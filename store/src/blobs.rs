@@ -8,28 +8,9 @@ use std::sync::atomic::Ordering;
 use rusqlite::{params, OptionalExtension};
 
 use crate::error::{Error, IoContext, Result};
+use crate::faults::Step;
+use crate::lifecycle::{self, BlobState};
 use crate::{Hash, Ino, Store};
-
-/// Where a blob's bytes are.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BlobState {
-    /// A verified file under `blobs/`.
-    Present,
-    /// Only in a remote tier (reserved for the fetcher).
-    Remote,
-    /// Failed verification or went missing; opens fail with EIO.
-    Quarantined,
-}
-
-impl BlobState {
-    pub(crate) fn from_db(v: i64) -> BlobState {
-        match v {
-            0 => BlobState::Present,
-            1 => BlobState::Remote,
-            _ => BlobState::Quarantined,
-        }
-    }
-}
 
 /// What `commit_staged` needs to know about the staged file.
 pub struct Staged<'a> {
@@ -183,7 +164,9 @@ impl Store {
     /// transaction. Returns the hash, the size, and whether the staging file itself was moved
     /// into the store (else it is still the caller's to delete).
     pub fn commit_staged(&self, st: &Staged<'_>) -> Result<(Hash, u64, bool)> {
+        // Before the index lock: a large file's fsync must not stall every other commit.
         if st.durable {
+            self.faults.check(Step::SyncData)?;
             st.file
                 .sync_data()
                 .ctx(|| format!("syncing {}", st.path.display()))?;
@@ -195,47 +178,31 @@ impl Store {
         let blob_path = self.blob_path(&hash);
 
         let mut conn = self.conn();
-        let existing: Option<(i64, i64)> = conn
-            .query_row(
-                "SELECT state, file_ino FROM blobs WHERE hash = ?1",
-                [&hash.0[..]],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let mut file_ino = existing.map(|e| e.1).unwrap_or(0);
+        let existing = lifecycle::row(&conn, &hash)?;
         // The blob file's allocation (st_blocks), recorded so getattr need not stat it: a
         // sparse staging file keeps its holes through the rename, and a duplicate takes the
         // allocation of the file already there.
         let mut blocks = None;
-        let have_file = matches!(existing, Some((0, _)))
+        let mut file_ino = existing.map(|e| e.file_ino).unwrap_or(0);
+        let have_file = existing.is_some_and(|e| e.state.is_local())
             && fs::metadata(&blob_path).is_ok_and(|m| {
                 blocks = Some(m.blocks() as i64);
                 m.ino() as i64 == file_ino
             });
         let renamed = !have_file;
         if have_file {
+            // Deduplicated: the staged bytes are the caller's to delete; the file already
+            // there is the one that must be durable.
             if st.durable {
+                self.faults.check(Step::SyncData)?;
                 File::open(&blob_path)
                     .and_then(|f| f.sync_all())
                     .ctx(|| format!("syncing blob {}", blob_path.display()))?;
             }
         } else {
-            let dir = blob_path.parent().expect("blob path has a parent");
-            fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
-            st.file
-                .set_permissions(fs::Permissions::from_mode(0o444))
-                .ctx(|| format!("sealing {}", st.path.display()))?;
-            fs::rename(st.path, &blob_path)
-                .ctx(|| format!("renaming {} to blob {hash}", st.path.display()))?;
-            if st.durable {
-                File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .ctx(|| format!("syncing {}", dir.display()))?;
-            }
-            let meta =
-                fs::metadata(&blob_path).ctx(|| format!("stat of blob {}", blob_path.display()))?;
-            file_ino = meta.ino() as i64;
-            blocks = Some(meta.blocks() as i64);
+            let installed = self.install_blob(st.path, st.file, &hash, st.durable)?;
+            file_ino = installed.0;
+            blocks = Some(installed.1);
         }
 
         if st.durable {
@@ -243,7 +210,7 @@ impl Store {
         }
         let res = (|| -> Result<Vec<Hash>> {
             let tx = conn.transaction()?;
-            let old: Option<Option<Vec<u8>>> = tx
+            let old: Option<Option<Hash>> = tx
                 .query_row(
                     "SELECT blob FROM inodes WHERE ino = ?1",
                     [st.ino as i64],
@@ -253,32 +220,18 @@ impl Store {
             let Some(old) = old else {
                 return Err(Error::NotFound);
             };
-            tx.execute(
-                "INSERT INTO blobs (hash, size, refs, state, file_ino, last_access, blocks)
-                 VALUES (?1, ?2, 1, 0, ?3, ?4, ?5)
-                 ON CONFLICT (hash) DO UPDATE SET refs = refs + 1, state = 0, file_ino = ?3,
-                 last_access = ?4, blocks = ?5",
-                params![
-                    &hash.0[..],
-                    size as i64,
-                    file_ino,
-                    self.next_access_seq(),
-                    blocks
-                ],
-            )?;
-            tx.execute("DELETE FROM dead_blobs WHERE hash = ?1", [&hash.0[..]])?;
+            lifecycle::commit_ref(&tx, &hash, size, file_ino, self.next_access_seq(), blocks)?;
+            tx.execute("DELETE FROM dead_blobs WHERE hash = ?1", [&hash])?;
             tx.execute(
                 "UPDATE inodes SET blob = ?2, size = ?3, mtime = ?4, ctime = max(ctime, ?4)
                  WHERE ino = ?1",
-                params![st.ino as i64, &hash.0[..], size as i64, st.mtime],
+                params![st.ino as i64, &hash, size as i64, st.mtime],
             )?;
             let mut dead = Vec::new();
-            if let Some(old) = old {
-                if let Some(h) = crate::ns::hash_from_db(old) {
-                    crate::ns::unref_blob(&tx, &h, &mut dead)?;
-                }
+            if let Some(h) = old {
+                crate::ns::unref_blob(&tx, &h, &mut dead)?;
             }
-            tx.commit()?;
+            self.commit_tx(tx)?;
             Ok(dead)
         })();
         if st.durable {
@@ -289,28 +242,61 @@ impl Store {
         Ok((hash, size, renamed))
     }
 
+    /// Moves a complete file into `blobs/` as blob `hash`: the one way a file becomes a blob
+    /// file, for commits and downloads alike. The caller holds the connection lock (so no
+    /// other install or deletion of the same blob interleaves) and records the result in the
+    /// database after; until then a crash leaves a file no row names, which `gc` and
+    /// `verify` remove. `durable`: the caller synced the data already (before taking the
+    /// lock, as that can take long), and the rename reaches the disk here, so the database
+    /// never says a blob is there that a power cut would take away. Returns the file's
+    /// inode number and its allocation in 512-byte blocks.
+    pub(crate) fn install_blob(
+        &self,
+        src: &Path,
+        file: &File,
+        hash: &Hash,
+        durable: bool,
+    ) -> Result<(i64, i64)> {
+        let blob_path = self.blob_path(hash);
+        let dir = blob_path.parent().expect("blob path has a parent");
+        self.faults.check(Step::Seal)?;
+        file.set_permissions(fs::Permissions::from_mode(0o444))
+            .ctx(|| format!("sealing {}", src.display()))?;
+        self.faults.check(Step::CreateDir)?;
+        fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+        self.faults.check(Step::Rename)?;
+        fs::rename(src, &blob_path).ctx(|| format!("renaming {} to blob {hash}", src.display()))?;
+        if durable {
+            self.faults.check(Step::SyncDir)?;
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .ctx(|| format!("syncing {}", dir.display()))?;
+        }
+        let meta =
+            fs::metadata(&blob_path).ctx(|| format!("stat of blob {}", blob_path.display()))?;
+        Ok((meta.ino() as i64, meta.blocks() as i64))
+    }
+
     /// Makes a blob's bytes available locally and opens them read-only. This is the one read
     /// path into blob content: it checks the file is the one that was committed (size and
     /// inode number), so a blob replaced or truncated behind the daemon's back is refused.
     pub fn open_blob(&self, hash: &Hash) -> Result<File> {
-        let row: Option<(i64, i64, i64)> = self
-            .conn()
-            .query_row(
-                "SELECT size, state, file_ino FROM blobs WHERE hash = ?1",
-                [&hash.0[..]],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        let Some((size, state, file_ino)) = row else {
+        let row = lifecycle::row(&self.conn(), hash)?;
+        let Some(lifecycle::BlobRow {
+            size,
+            state,
+            file_ino,
+        }) = row
+        else {
             return Err(Error::BadBlob {
                 hash: *hash,
                 reason: "no blob record".into(),
             });
         };
-        match BlobState::from_db(state) {
-            BlobState::Present => {}
-            BlobState::Remote => return Err(Error::NotLocal { hash: *hash }),
-            BlobState::Quarantined => {
+        match state {
+            BlobState::Local { .. } => {}
+            BlobState::RemoteOnly => return Err(Error::NotLocal { hash: *hash }),
+            BlobState::Quarantined { .. } => {
                 return Err(Error::BadBlob {
                     hash: *hash,
                     reason: "quarantined after failing verification".into(),
@@ -326,7 +312,7 @@ impl Store {
             hash: *hash,
             reason: format!("cannot stat {}: {e}", path.display()),
         })?;
-        if meta.len() != size as u64 {
+        if meta.len() != size {
             return Err(Error::BadBlob {
                 hash: *hash,
                 reason: format!("size is {} bytes, expected {size}", meta.len()),
@@ -346,7 +332,12 @@ impl Store {
     pub(crate) fn remove_dead_blobs(&self, conn: &rusqlite::Connection, dead: &[Hash]) {
         for h in dead {
             let p = self.blob_path(h);
-            if let Err(e) = fs::remove_file(&p) {
+            if let Err(e) = self
+                .faults
+                .check(Step::Unlink)
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+                .and_then(|()| fs::remove_file(&p))
+            {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!(hash = %h, error = %e, "could not remove unreferenced blob");
                     continue;
@@ -364,9 +355,8 @@ impl Store {
                 "SELECT d.hash FROM dead_blobs d WHERE NOT EXISTS
                  (SELECT 1 FROM blobs b WHERE b.hash = d.hash)",
             )?;
-            let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
-            rows.filter_map(|r| r.ok().and_then(crate::ns::hash_from_db))
-                .collect()
+            let rows = stmt.query_map([], |r| r.get::<_, Hash>(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
         };
         self.remove_dead_blobs(&conn, &dead);
         conn.execute("DELETE FROM dead_blobs", [])?;
@@ -377,19 +367,17 @@ impl Store {
     /// flags missing ones, removes blob files nothing records, and checks reference counts.
     pub fn verify(&self, mut progress: impl FnMut(u64, u64)) -> Result<VerifyReport> {
         let mut report = VerifyReport::default();
-        let blobs: Vec<(Hash, i64, i64)> = {
+        let blobs: Vec<(Hash, u64, BlobState)> = {
             let conn = self.conn();
-            let mut stmt = conn.prepare("SELECT hash, size, state FROM blobs")?;
+            let mut stmt = conn.prepare("SELECT hash, size, state, remote FROM blobs")?;
             let rows = stmt.query_map([], |r| {
                 Ok((
-                    r.get::<_, Vec<u8>>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
+                    r.get::<_, Hash>(0)?,
+                    crate::codec::unsigned(r.get(1)?, "blobs.size")?,
+                    BlobState::from_row(r, 2)?,
                 ))
             })?;
-            rows.filter_map(|r| r.ok())
-                .filter_map(|(h, s, st)| crate::ns::hash_from_db(h).map(|h| (h, s, st)))
-                .collect()
+            rows.collect::<rusqlite::Result<_>>()?
         };
         let total = blobs.len() as u64;
         let mut known = std::collections::HashSet::new();
@@ -397,28 +385,28 @@ impl Store {
             progress(i as u64, total);
             known.insert(hash.to_hex());
             let path = self.blob_path(hash);
-            match BlobState::from_db(*state) {
-                BlobState::Remote => continue,
-                BlobState::Quarantined => {
+            match state {
+                BlobState::RemoteOnly => continue,
+                BlobState::Quarantined { .. } => {
                     report.quarantined.push(hash.to_hex());
                     continue;
                 }
-                BlobState::Present => {}
+                BlobState::Local { .. } => {}
             }
             if !path.exists() {
                 tracing::error!(hash = %hash, "blob file is missing");
                 report.missing.push(hash.to_hex());
-                self.set_blob_state(hash, 2)?;
+                lifecycle::quarantine(&self.conn(), hash)?;
                 continue;
             }
             let (actual, actual_size) = Store::hash_path(&path)?;
             report.checked += 1;
             report.bytes += actual_size;
-            if actual != *hash || actual_size != *size as u64 {
+            if actual != *hash || actual_size != *size {
                 tracing::error!(hash = %hash, actual = %actual, "blob content does not match its name; quarantined");
                 let q = self.root.join("quarantine").join(hash.to_hex());
                 fs::rename(&path, &q).ctx(|| format!("quarantining {}", path.display()))?;
-                self.set_blob_state(hash, 2)?;
+                lifecycle::quarantine(&self.conn(), hash)?;
                 report.quarantined.push(hash.to_hex());
             } else if let Ok(meta) = fs::metadata(&path) {
                 // The content is right: adopt the file even if it was replaced by a copy, so
@@ -453,13 +441,5 @@ impl Store {
         )? as u64;
         progress(total, total);
         Ok(report)
-    }
-
-    fn set_blob_state(&self, hash: &Hash, state: i64) -> Result<()> {
-        self.conn().execute(
-            "UPDATE blobs SET state = ?2 WHERE hash = ?1",
-            params![&hash.0[..], state],
-        )?;
-        Ok(())
     }
 }

@@ -62,6 +62,12 @@ pub enum Error {
     },
     #[error("store database: {0}")]
     Db(#[from] rusqlite::Error),
+    #[error("upgrading store database {path} to schema {to} failed, nothing was changed: {reason}", path = .path.display())]
+    Migration {
+        path: PathBuf,
+        to: i64,
+        reason: String,
+    },
 }
 
 impl Error {

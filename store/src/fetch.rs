@@ -16,15 +16,15 @@
 
 use std::fs::{self, File};
 use std::io::Read;
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use blake3::hazmat::ChainingValue;
-use rusqlite::{params, OptionalExtension};
 
 use crate::error::{Error, IoContext, Result};
+use crate::lifecycle::BlobState;
 use crate::outboard::{self, group_range, groups, GROUP};
 use crate::remote::{blob_key, lock, rand_u64, GetError, Remote, Upstream};
 use crate::{Hash, Store};
@@ -102,15 +102,11 @@ impl Store {
     /// Starts, or joins, the download of blob `h` if only an upstream has it; `None` if the
     /// blob is local (or unknown). The download goes on while the lease is held.
     pub fn fetch(self: &Arc<Self>, h: &Hash) -> Result<Option<Lease>> {
-        let row: Option<(i64, i64)> = self
-            .conn()
-            .query_row(
-                "SELECT size, state FROM blobs WHERE hash = ?1",
-                [&h.0[..]],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let Some((size, 1)) = row else {
+        let row = crate::lifecycle::row(&self.conn(), h)?;
+        let Some(size) = row
+            .filter(|r| r.state == BlobState::RemoteOnly)
+            .map(|r| r.size)
+        else {
             return Ok(None);
         };
         let Some(remote) = self.remote() else {
@@ -119,7 +115,6 @@ impl Store {
                 reason: "only a remote copy exists and this mount has no upstream".into(),
             });
         };
-        let size = size as u64;
         let mut map = lock(&remote.inflight);
         if let Some(f) = map.get(h) {
             let mut st = lock(&f.st);
@@ -213,49 +208,30 @@ impl Store {
         }
     }
 
-    /// Moves a downloaded, verified blob into place and marks it local.
+    /// Moves a downloaded, verified blob into place (the one install path, `install_blob`,
+    /// durably: the bytes and the rename are on disk before the index says the blob is
+    /// local) and marks it local.
     fn adopt_fetched(&self, f: &Flight) -> Result<()> {
-        f.file
-            .set_permissions(PermissionsExt::from_mode(0o444))
-            .ctx(|| format!("sealing {}", f.path.display()))?;
-        // On disk before the index says it is there: a crash must not leave a local blob
-        // with missing bytes.
+        // On disk before the index says it is there, and before the index lock: a crash
+        // must not leave a local blob with missing bytes.
+        self.faults.check(crate::faults::Step::SyncData)?;
         f.file
             .sync_data()
             .ctx(|| format!("syncing {}", f.path.display()))?;
-        let blob_path = self.blob_path(&f.hash);
-        let dir = blob_path.parent().expect("blob path has a parent");
-        fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
         // Under the index's lock, which every path that makes a blob local holds: look, then
-        // rename. Another download of the same blob (one started after this one was
+        // install. Another download of the same blob (one started after this one was
         // cancelled, or by another mount's upstreams) or a write of the same bytes may have
         // made it local meanwhile, or its last name may be gone; renaming over that file
         // would take it from under the index.
         let conn = self.conn();
-        let state: Option<i64> = conn
-            .query_row(
-                "SELECT state FROM blobs WHERE hash = ?1",
-                [&f.hash.0[..]],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if state != Some(1) {
+        let state = crate::lifecycle::row(&conn, &f.hash)?.map(|r| r.state);
+        if state != Some(BlobState::RemoteOnly) {
             let _ = fs::remove_file(&f.path);
             return Ok(());
         }
-        fs::rename(&f.path, &blob_path)
-            .ctx(|| format!("renaming {} to blob {}", f.path.display(), f.hash))?;
-        let meta = fs::metadata(&blob_path).ctx(|| format!("stat of {}", blob_path.display()))?;
-        conn.execute(
-            "UPDATE blobs SET state = 0, file_ino = ?2, last_access = ?3, blocks = ?4
-             WHERE hash = ?1",
-            params![
-                &f.hash.0[..],
-                meta.ino() as i64,
-                self.next_access_seq(),
-                meta.blocks() as i64
-            ],
-        )?;
+        let (file_ino, blocks) = self.install_blob(&f.path, &f.file, &f.hash, true)?;
+        self.faults.check(crate::faults::Step::DbCommit)?;
+        crate::lifecycle::fetched(&conn, &f.hash, file_ino, self.next_access_seq(), blocks)?;
         Ok(())
     }
 }

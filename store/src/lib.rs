@@ -11,8 +11,11 @@
 //! and blob files, and keeps reference counts exact.
 
 mod blobs;
+mod codec;
 mod error;
+mod faults;
 mod fetch;
+mod lifecycle;
 mod lru;
 mod maint;
 mod ns;
@@ -33,9 +36,11 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OpenFlags};
 
-pub use blobs::{BlobState, Staged, StreamHasher, VerifyReport};
+pub use blobs::{Staged, StreamHasher, VerifyReport};
 pub use error::{Error, Result};
+pub use faults::{Fault, Faults, Step, CRASH_EXIT};
 pub use fetch::Lease;
+pub use lifecycle::BlobState;
 pub use lru::{EvictPolicy, Evicted, ACCESS_BATCH};
 pub use maint::{Counter, DuEntry, GcReport, Limits, MinFree, Removed};
 pub use ns::{Renamed, SetAttr, Stats, VolumeInfo};
@@ -87,7 +92,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn to_db(self) -> i64 {
+    /// The `inodes.kind` column's code.
+    pub(crate) fn code(self) -> i64 {
         match self {
             Kind::File => 1,
             Kind::Dir => 2,
@@ -99,16 +105,18 @@ impl Kind {
         }
     }
 
-    fn from_db(v: i64) -> Kind {
-        match v {
+    /// The kind of a code, `None` for a code the store never writes.
+    pub(crate) fn from_code(v: i64) -> Option<Kind> {
+        Some(match v {
             1 => Kind::File,
             2 => Kind::Dir,
             3 => Kind::Symlink,
             4 => Kind::Fifo,
             5 => Kind::Socket,
             6 => Kind::CharDev,
-            _ => Kind::BlockDev,
-        }
+            7 => Kind::BlockDev,
+            _ => return None,
+        })
     }
 }
 
@@ -189,6 +197,8 @@ pub struct Store {
     pending_access: Mutex<Vec<(Hash, i64)>>,
     pending_counters: [AtomicU64; 3],
     remote: Mutex<Option<std::sync::Arc<remote::Remote>>>,
+    /// Test seam over every protocol step (see `faults`); nothing is armed in production.
+    faults: Faults,
 }
 
 impl fmt::Debug for Store {
@@ -230,6 +240,7 @@ impl Store {
                 pending_access: Mutex::new(Vec::new()),
                 pending_counters: Default::default(),
                 remote: Mutex::new(None),
+                faults: Faults::default(),
             });
         }
 
@@ -286,6 +297,7 @@ impl Store {
             pending_access: Mutex::new(Vec::new()),
             pending_counters: Default::default(),
             remote: Mutex::new(None),
+            faults: Faults::default(),
         };
         store.recover()?;
         let seq: i64 =
@@ -328,6 +340,18 @@ impl Store {
             bsize: s.f_bsize as u32,
             frsize: s.f_frsize as u32,
         })
+    }
+
+    /// Commits a transaction: every protocol's commit point, so faults can be injected there.
+    pub(crate) fn commit_tx(&self, tx: rusqlite::Transaction<'_>) -> Result<()> {
+        self.faults.check(Step::DbCommit)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The fault plan tests arm to make a protocol step fail or crash.
+    pub fn faults(&self) -> &Faults {
+        &self.faults
     }
 
     pub fn root(&self) -> &Path {

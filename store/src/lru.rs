@@ -6,6 +6,8 @@ use std::sync::atomic::Ordering;
 use rusqlite::{params, OptionalExtension};
 
 use crate::error::Result;
+use crate::faults::Step;
+use crate::lifecycle::BlobState;
 use crate::{now_ns, Hash, Ino, Store};
 
 /// Accesses noted since the last flush are written once this many have piled up.
@@ -121,16 +123,14 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT hash, last_access FROM blobs
-             WHERE state = 0 AND (last_access > ?1 OR (last_access = ?1 AND hash > ?2))
+             WHERE state = ?4 AND (last_access > ?1 OR (last_access = ?1 AND hash > ?2))
              ORDER BY last_access, hash LIMIT ?3",
         )?;
-        let rows = stmt.query_map(params![after.0, &after.1, limit as i64], |r| {
-            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
-        })?;
-        Ok(rows
-            .filter_map(|r| r.ok())
-            .filter_map(|(h, t)| crate::ns::hash_from_db(h).map(|h| (h, t)))
-            .collect())
+        let rows = stmt.query_map(
+            params![after.0, &after.1, limit as i64, crate::lifecycle::LOCAL],
+            |r| Ok((r.get::<_, Hash>(0)?, r.get::<_, i64>(1)?)),
+        )?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Evicts least-recently-used blobs, with every name that refers to them, until at most
@@ -192,27 +192,30 @@ impl Store {
     fn evict_blob(&self, h: &Hash, last: i64, out: &mut Evicted) -> Result<u64> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let Some((size, remote)) = tx
+        let Some((size, state)) = tx
             .query_row(
-                "SELECT size, remote FROM blobs WHERE hash = ?1 AND state = 0 AND last_access = ?2",
-                params![&h.0[..], last],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+                "SELECT size, state, remote FROM blobs WHERE hash = ?1 AND last_access = ?2",
+                params![h, last],
+                |r| Ok((r.get::<_, i64>(0)?, BlobState::from_row(r, 1)?)),
             )
             .optional()?
         else {
             return Ok(0);
         };
-        if remote != 0 {
+        let BlobState::Local { upstream } = state else {
+            return Ok(0);
+        };
+        if upstream {
             // An upstream has it: drop only the local bytes. Every name stays, and the next
             // open fetches the content again.
-            tx.execute(
-                "UPDATE blobs SET state = 1, file_ino = 0 WHERE hash = ?1",
-                [&h.0[..]],
-            )?;
+            crate::lifecycle::drop_local(&tx, h)?;
             crate::maint::add_counter(&tx, "evictions", 1)?;
             crate::maint::add_counter(&tx, "evicted_bytes", size as u64)?;
-            tx.commit()?;
-            let _ = std::fs::remove_file(self.blob_path(h));
+            self.commit_tx(tx)?;
+            // A file left by a failed unlink is replaced by the next download's install.
+            if self.faults.check(Step::Unlink).is_ok() {
+                let _ = std::fs::remove_file(self.blob_path(h));
+            }
             out.blobs += 1;
             out.bytes += size as u64;
             return Ok(size as u64);
@@ -248,7 +251,7 @@ impl Store {
         )?;
         crate::maint::add_counter(&tx, "evictions", 1)?;
         crate::maint::add_counter(&tx, "evicted_bytes", size as u64)?;
-        tx.commit()?;
+        self.commit_tx(tx)?;
         self.remove_dead_blobs(&conn, &[*h]);
         out.blobs += 1;
         out.bytes += size as u64;

@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::{Error, IoContext, Result};
-use crate::ns::hash_from_db;
 use crate::{now_ns, DiskSpace, Hash, Ino, Kind, Store};
 
 /// Counters the daemon bumps on hot paths; kept in memory and added to the database with the
@@ -238,7 +237,7 @@ impl Store {
                 params![k, v],
             )?;
         }
-        tx.commit()?;
+        self.commit_tx(tx)?;
         Ok(())
     }
 
@@ -359,7 +358,7 @@ impl Store {
                 });
             }
         }
-        tx.commit()?;
+        self.commit_tx(tx)?;
         Ok(bytes)
     }
 
@@ -420,7 +419,7 @@ impl Store {
             let parent: Option<i64> = r.get(1)?;
             let name: Vec<u8> = r.get::<_, Option<Vec<u8>>>(2)?.unwrap_or_default();
             let d: u32 = r.get(3)?;
-            let kind = Kind::from_db(r.get(4)?);
+            let kind: Kind = r.get(4)?;
             let size: i64 = r.get(5)?;
             let blob_size: Option<i64> = r.get(6)?;
             let refs: Option<i64> = r.get(7)?;
@@ -510,11 +509,7 @@ impl Store {
                  WHERE d.parent = ?1",
             )?;
             let rows = stmt.query_map([dir as i64], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get::<_, i64>(1)? as Ino,
-                    Kind::from_db(r.get(2)?),
-                ))
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as Ino, r.get::<_, Kind>(2)?))
             })?;
             rows.collect::<rusqlite::Result<_>>()?
         };
@@ -542,7 +537,7 @@ impl Store {
             removed.push((dir, name, ino, nlink));
         }
         crate::ns::touch_dir(&tx, dir, now)?;
-        tx.commit()?;
+        self.commit_tx(tx)?;
         Ok(())
     }
 
@@ -558,7 +553,8 @@ impl Store {
             let conn = self.conn();
             let mut stmt = conn.prepare("SELECT ino FROM inodes WHERE nlink = 0")?;
             let rows = stmt.query_map([], |r| r.get::<_, i64>(0))?;
-            rows.filter_map(|r| r.ok()).map(|i| i as Ino).collect()
+            rows.map(|r| r.map(|i| i as Ino))
+                .collect::<rusqlite::Result<_>>()?
         };
         for ino in unlinked.into_iter().filter(|i| !is_open(*i)) {
             self.purge(ino)?;
@@ -619,15 +615,18 @@ fn pinned_blobs_in(conn: &Connection) -> Result<(HashSet<Hash>, u64)> {
          SELECT DISTINCT b.hash, b.size FROM t JOIN inodes i ON i.ino = t.ino
          JOIN blobs b ON b.hash = i.blob",
     )?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, Hash>(0)?,
+            crate::codec::unsigned(r.get(1)?, "blobs.size")?,
+        ))
+    })?;
     let mut set = HashSet::new();
     let mut bytes = 0u64;
     for r in rows {
         let (h, s) = r?;
-        if let Some(h) = hash_from_db(h) {
-            set.insert(h);
-            bytes += s.max(0) as u64;
-        }
+        set.insert(h);
+        bytes += s;
     }
     Ok((set, bytes))
 }

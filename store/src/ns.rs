@@ -71,10 +71,6 @@ pub struct Stats {
     pub bytes_written: u64,
 }
 
-pub(crate) fn hash_from_db(v: Vec<u8>) -> Option<Hash> {
-    <[u8; 32]>::try_from(v.as_slice()).ok().map(Hash)
-}
-
 fn row_to_inode(r: &Row<'_>) -> rusqlite::Result<Inode> {
     row_to_inode_at(r, 0)
 }
@@ -84,7 +80,7 @@ fn row_to_inode_at(r: &Row<'_>, b: usize) -> rusqlite::Result<Inode> {
     Ok(Inode {
         ino: r.get::<_, i64>(b)? as u64,
         volume: r.get(b + 1)?,
-        kind: Kind::from_db(r.get(b + 2)?),
+        kind: r.get(b + 2)?,
         mode: r.get::<_, i64>(b + 3)? as u32,
         uid: r.get::<_, i64>(b + 4)? as u32,
         gid: r.get::<_, i64>(b + 5)? as u32,
@@ -95,11 +91,12 @@ fn row_to_inode_at(r: &Row<'_>, b: usize) -> rusqlite::Result<Inode> {
         nlink: r.get::<_, i64>(b + 10)? as u32,
         rdev: r.get::<_, i64>(b + 11)? as u32,
         parent: r.get::<_, Option<i64>>(b + 12)?.map(|p| p as u64),
-        blob: r.get::<_, Option<Vec<u8>>>(b + 13)?.and_then(hash_from_db),
+        blob: r.get(b + 13)?,
         target: r.get(b + 14)?,
         blob_blocks: r
             .get::<_, Option<i64>>(b + 15)?
-            .and_then(|n| u64::try_from(n).ok()),
+            .map(|n| crate::codec::unsigned(n, "blobs.blocks"))
+            .transpose()?,
     })
 }
 
@@ -227,14 +224,14 @@ impl Store {
         tx.execute(
             "INSERT INTO inodes (volume, kind, mode, uid, gid, atime, mtime, ctime, nlink)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6, 2)",
-            params![id, Kind::Dir.to_db(), 0o755, uid, gid, now],
+            params![id, Kind::Dir, 0o755, uid, gid, now],
         )?;
         let root = tx.last_insert_rowid();
         tx.execute(
             "UPDATE volumes SET root = ?2 WHERE id = ?1",
             params![id, root],
         )?;
-        tx.commit()?;
+        self.commit_tx(tx)?;
         Ok(VolumeInfo {
             id,
             name: name.to_owned(),
@@ -256,6 +253,7 @@ impl Store {
     }
 
     pub fn get(&self, ino: Ino) -> Result<Inode> {
+        self.faults.check(crate::faults::Step::ReadInode)?;
         must_inode(&self.conn(), ino)
     }
 
@@ -286,7 +284,7 @@ impl Store {
         )?
         .execute(params![
             dir.volume,
-            node.kind.to_db(),
+            node.kind,
             node.mode as i64,
             node.uid as i64,
             node.gid as i64,
@@ -306,7 +304,7 @@ impl Store {
         }
         touch_dir(&tx, parent, now)?;
         let inode = must_inode(&tx, ino)?;
-        tx.commit()?;
+        self.commit_tx(tx)?;
         Ok(inode)
     }
 
@@ -338,7 +336,7 @@ impl Store {
             .execute(params![ino as i64, now])?;
         touch_dir(&tx, newparent, now)?;
         let inode = must_inode(&tx, ino)?;
-        tx.commit()?;
+        self.commit_tx(tx)?;
         Ok(inode)
     }
 
@@ -355,7 +353,7 @@ impl Store {
         let now = now_ns();
         let nlink = drop_link(&tx, parent, name, ino, now)?;
         touch_dir(&tx, parent, now)?;
-        tx.commit()?;
+        self.commit_tx(tx)?;
         Ok((ino, nlink))
     }
 
@@ -374,7 +372,7 @@ impl Store {
         let now = now_ns();
         drop_link(&tx, parent, name, ino, now)?;
         touch_dir(&tx, parent, now)?;
-        tx.commit()?;
+        self.commit_tx(tx)?;
         Ok(ino)
     }
 
@@ -447,7 +445,7 @@ impl Store {
             }
             touch_dir(&tx, parent, now)?;
             touch_dir(&tx, newparent, now)?;
-            tx.commit()?;
+            self.commit_tx(tx)?;
             return Ok(out);
         }
 
@@ -503,7 +501,7 @@ impl Store {
         if newparent != parent {
             touch_dir(&tx, newparent, now)?;
         }
-        tx.commit()?;
+        self.commit_tx(tx)?;
         Ok(out)
     }
 
@@ -546,7 +544,7 @@ impl Store {
             n.mtime,
             n.ctime
         ])?;
-        tx.commit()?;
+        self.commit_tx(tx)?;
         Ok(n)
     }
 
@@ -564,7 +562,7 @@ impl Store {
             params![ino as i64, mtime],
         )?;
         let n = must_inode(&tx, ino)?;
-        tx.commit()?;
+        self.commit_tx(tx)?;
         self.remove_dead_blobs(&conn, &dead);
         Ok(n)
     }
@@ -608,7 +606,7 @@ impl Store {
         }
         tx.execute("DELETE FROM xattrs WHERE ino = ?1", [ino as i64])?;
         tx.execute("DELETE FROM inodes WHERE ino = ?1", [ino as i64])?;
-        tx.commit()?;
+        self.commit_tx(tx)?;
         self.remove_dead_blobs(&conn, &dead);
         Ok(())
     }
@@ -619,7 +617,8 @@ impl Store {
             let conn = self.conn();
             let mut stmt = conn.prepare("SELECT ino FROM inodes WHERE nlink = 0")?;
             let rows = stmt.query_map([], |r| r.get::<_, i64>(0))?;
-            rows.filter_map(|r| r.ok()).map(|i| i as u64).collect()
+            rows.map(|r| r.map(|i| i as u64))
+                .collect::<rusqlite::Result<_>>()?
         };
         for &ino in &inos {
             self.purge(ino)?;
@@ -666,7 +665,7 @@ impl Store {
             "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
             params![ino as i64, now_ns()],
         )?;
-        tx.commit()?;
+        self.commit_tx(tx)?;
         Ok(())
     }
 
@@ -714,10 +713,10 @@ impl Store {
             },
         )?;
         conn.query_row(
-            "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(state = 2), 0),
-               coalesce(sum(CASE WHEN state = 0 THEN coalesce(blocks * 512, size) END), 0)
+            "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(state = ?2), 0),
+               coalesce(sum(CASE WHEN state = ?1 THEN coalesce(blocks * 512, size) END), 0)
              FROM blobs",
-            [],
+            [crate::lifecycle::LOCAL, crate::lifecycle::QUARANTINED],
             |r| {
                 s.blobs = r.get::<_, i64>(0)? as u64;
                 s.stored_bytes = r.get::<_, i64>(1)? as u64;

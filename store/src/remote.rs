@@ -358,11 +358,10 @@ impl Store {
 
     /// True when blob `h` exists only on an upstream right now.
     pub fn is_remote_only(&self, h: &Hash) -> bool {
-        self.conn()
-            .query_row("SELECT state FROM blobs WHERE hash = ?1", [&h.0[..]], |r| {
-                r.get::<_, i64>(0)
-            })
-            .is_ok_and(|s| s == 1)
+        // A failed read answers "not remote-only": the caller then opens the blob file, which
+        // fails with the error itself rather than starting a download on a guess.
+        crate::lifecycle::row(&self.conn(), h)
+            .is_ok_and(|r| r.is_some_and(|r| r.state == crate::BlobState::RemoteOnly))
     }
 
     /// Marks blobs as having a copy on an upstream (so eviction may drop only the local bytes).
@@ -370,9 +369,9 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         for h in hashes {
-            tx.execute("UPDATE blobs SET remote = 1 WHERE hash = ?1", [&h.0[..]])?;
+            crate::lifecycle::mark_upstream(&tx, h)?;
         }
-        tx.commit()?;
+        self.commit_tx(tx)?;
         Ok(())
     }
 

@@ -136,6 +136,45 @@ const MIGRATIONS: &[&str] = &[
     -- the logical size.
     ALTER TABLE blobs ADD COLUMN blocks INTEGER;
     "#,
+    // 5 -> 6: the blob lifecycle (lifecycle.rs) enforced by the schema. SQLite cannot add a
+    // CHECK to a table, so `blobs` is rebuilt (its index and triggers go with the old table
+    // and are made again, unchanged). A row the type cannot express fails the migration, and
+    // the store does not open, rather than being read as some default state.
+    r#"
+    CREATE TABLE blobs_v6 (
+        hash        BLOB PRIMARY KEY CHECK (typeof(hash) = 'blob' AND length(hash) = 32),
+        size        INTEGER NOT NULL CHECK (size >= 0),
+        refs        INTEGER NOT NULL,
+        -- 0 local, 1 remote only, 2 quarantined
+        state       INTEGER NOT NULL DEFAULT 0 CHECK (state IN (0, 1, 2)),
+        file_ino    INTEGER NOT NULL DEFAULT 0,
+        last_access INTEGER NOT NULL DEFAULT 0,
+        remote      INTEGER NOT NULL DEFAULT 0 CHECK (remote IN (0, 1)),
+        blocks      INTEGER CHECK (blocks IS NULL OR blocks >= 0),
+        -- Remote-only bytes must be somewhere.
+        CHECK (state != 1 OR remote = 1)
+    ) WITHOUT ROWID;
+    INSERT INTO blobs_v6 (hash, size, refs, state, file_ino, last_access, remote, blocks)
+        SELECT hash, size, refs, state, file_ino, last_access, remote, blocks FROM blobs;
+    DROP TABLE blobs;
+    ALTER TABLE blobs_v6 RENAME TO blobs;
+    CREATE INDEX blobs_lru ON blobs(last_access);
+    CREATE TRIGGER blobs_usage_insert AFTER INSERT ON blobs WHEN NEW.state = 0
+    BEGIN
+        UPDATE counters SET value = value + NEW.size WHERE name = 'stored_bytes';
+    END;
+    CREATE TRIGGER blobs_usage_delete AFTER DELETE ON blobs WHEN OLD.state = 0
+    BEGIN
+        UPDATE counters SET value = value - OLD.size WHERE name = 'stored_bytes';
+    END;
+    CREATE TRIGGER blobs_usage_update AFTER UPDATE OF state, size ON blobs
+    BEGIN
+        UPDATE counters SET value = value
+            - (CASE WHEN OLD.state = 0 THEN OLD.size ELSE 0 END)
+            + (CASE WHEN NEW.state = 0 THEN NEW.size ELSE 0 END)
+        WHERE name = 'stored_bytes';
+    END;
+    "#,
 ];
 
 pub const LATEST: i64 = MIGRATIONS.len() as i64;
@@ -169,10 +208,100 @@ pub fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
+        tx.execute_batch(sql).map_err(|e| Error::Migration {
+            path: path.to_owned(),
+            to: (i + 1) as i64,
+            reason: e.to_string(),
+        })?;
         tx.pragma_update(None, "application_id", APPLICATION_ID)?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database as schema `v` left it.
+    fn at_version(v: usize) -> Connection {
+        let c = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..v] {
+            c.execute_batch(sql).unwrap();
+        }
+        c.pragma_update(None, "application_id", APPLICATION_ID)
+            .unwrap();
+        c.pragma_update(None, "user_version", v as i64).unwrap();
+        c
+    }
+
+    fn stored(c: &Connection) -> i64 {
+        c.query_row(
+            "SELECT value FROM counters WHERE name = 'stored_bytes'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn schema_6_keeps_every_blob_row_and_the_usage_triggers() {
+        let mut c = at_version(5);
+        for (i, size, state, remote) in [(0u8, 10, 0, 0), (1, 20, 1, 1), (2, 30, 2, 0)] {
+            c.execute(
+                "INSERT INTO blobs (hash, size, refs, state, remote) VALUES (?1, ?2, 1, ?3, ?4)",
+                rusqlite::params![[i; 32], size, state, remote],
+            )
+            .unwrap();
+        }
+        assert_eq!(stored(&c), 10);
+        migrate(&mut c, Path::new("test.db")).unwrap();
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM blobs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(stored(&c), 10);
+        // The triggers came back with the table.
+        c.execute("UPDATE blobs SET state = 0 WHERE size = 20", [])
+            .unwrap();
+        assert_eq!(stored(&c), 30);
+        c.execute("DELETE FROM blobs WHERE size = 10", []).unwrap();
+        assert_eq!(stored(&c), 20);
+        c.execute(
+            "INSERT INTO blobs (hash, size, refs) VALUES (?1, 5, 1)",
+            [[3u8; 32]],
+        )
+        .unwrap();
+        assert_eq!(stored(&c), 25);
+        let idx: i64 = c
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'blobs_lru'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(idx, 1);
+    }
+
+    #[test]
+    fn schema_6_refuses_a_row_the_lifecycle_cannot_express_and_changes_nothing() {
+        let mut c = at_version(5);
+        c.execute(
+            "INSERT INTO blobs (hash, size, refs, state, remote) VALUES (zeroblob(32), 1, 1, 5, 0)",
+            [],
+        )
+        .unwrap();
+        let e = migrate(&mut c, Path::new("test.db")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("schema 6") && msg.contains("CHECK"), "{msg}");
+        let v: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, 5, "the failed upgrade rolled back");
+        let state: i64 = c
+            .query_row("SELECT state FROM blobs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(state, 5);
+    }
 }

@@ -227,10 +227,7 @@ impl Store {
                     ctime: r.get(8)?,
                     nlink: r.get(9)?,
                     rdev: r.get(10)?,
-                    blob: r
-                        .get::<_, Option<Vec<u8>>>(11)?
-                        .and_then(crate::ns::hash_from_db)
-                        .map(|h| h.to_hex()),
+                    blob: r.get::<_, Option<Hash>>(11)?.map(|h| h.to_hex()),
                     target: r.get(12)?,
                 })
             })?;
@@ -257,14 +254,17 @@ impl Store {
                 "SELECT DISTINCT b.hash, b.size FROM blobs b JOIN inodes i ON i.blob = b.hash
                  WHERE i.volume = ?1 AND i.nlink > 0",
             )?;
+            // Every row or none: a manifest missing a size would make its pullers fail, or
+            // worse, guess.
             let rows = stmt.query_map([v.id], |r| {
-                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
+                Ok((
+                    r.get::<_, Hash>(0)?.to_hex(),
+                    crate::codec::unsigned(r.get(1)?, "blobs.size")?,
+                ))
             })?;
-            rows.filter_map(|r| r.ok())
-                .filter_map(|(h, s)| crate::ns::hash_from_db(h).map(|h| (h.to_hex(), s as u64)))
-                .collect()
+            rows.collect::<rusqlite::Result<_>>()?
         };
-        tx.commit()?;
+        self.commit_tx(tx)?;
         Ok(Manifest {
             version: MANIFEST_VERSION,
             volume: volume.to_owned(),
@@ -469,20 +469,12 @@ impl Store {
         let sizes: HashMap<&String, u64> = m.blobs.iter().map(|(h, s)| (h, *s)).collect();
         let mut remote_only = 0;
         {
-            let mut up = tx.prepare(
-                "INSERT INTO blobs (hash, size, refs, state, file_ino, last_access, remote)
-                 VALUES (?1, ?2, ?3, 1, 0, 0, 1)
-                 ON CONFLICT (hash) DO UPDATE SET refs = refs + ?3, remote = 1",
-            )?;
-            let mut state = tx.prepare("SELECT state FROM blobs WHERE hash = ?1")?;
             for (hex, n) in &refs {
                 let size = *sizes.get(hex).ok_or_else(|| {
                     Error::Remote(format!("manifest lacks the size of blob {hex}"))
                 })?;
                 let h = Hash::from_hex(hex).expect("checked above");
-                up.execute(params![&h.0[..], size as i64, n])?;
-                let st: i64 = state.query_row([&h.0[..]], |r| r.get(0))?;
-                if st == 1 {
+                if crate::lifecycle::pull_ref(&tx, &h, size, *n)? == crate::BlobState::RemoteOnly {
                     remote_only += 1;
                 }
             }
@@ -493,7 +485,7 @@ impl Store {
             params![vid, root],
         )?;
         crate::volumes::bump_inode_sequence(&tx)?;
-        tx.commit()?;
+        self.commit_tx(tx)?;
         Ok(PullReport {
             manifest: mhash.to_owned(),
             files,

@@ -63,9 +63,8 @@ impl Store {
         )?;
         let dead: Vec<crate::Hash> = {
             let mut stmt = tx.prepare("SELECT hash FROM blobs WHERE refs <= 0")?;
-            let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
-            rows.filter_map(|r| r.ok().and_then(crate::ns::hash_from_db))
-                .collect()
+            let rows = stmt.query_map([], |r| r.get::<_, crate::Hash>(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
         };
         for h in &dead {
             tx.execute("DELETE FROM blobs WHERE hash = ?1", [&h.0[..]])?;
@@ -76,7 +75,7 @@ impl Store {
         }
         tx.execute("DELETE FROM inodes WHERE volume = ?1", [v.id])?;
         tx.execute("DELETE FROM volumes WHERE id = ?1", [v.id])?;
-        tx.commit()?;
+        self.commit_tx(tx)?;
         self.remove_dead_blobs(&conn, &dead);
         Ok(files as u64)
     }
@@ -144,7 +143,7 @@ impl Store {
         )?;
         bump_inode_sequence(&tx)?;
         tx.execute_batch("DROP TABLE temp.clone_map;")?;
-        tx.commit()?;
+        self.commit_tx(tx)?;
         Ok(VolumeInfo {
             id,
             name: dst.to_owned(),
