@@ -679,3 +679,22 @@ fn release_under_database_errors_keeps_dirty_staged_content() {
     assert_eq!(read_all(&fs, attr.ino), b"dirty data nobody committed yet");
     assert!(fs.store().verify(|_, _| {}).unwrap().is_clean());
 }
+
+#[test]
+fn a_commit_whose_transaction_fails_is_retried_from_the_same_staged_bytes() {
+    use kcache_store::{Fault, Step};
+    let (_d, fs) = fs();
+    let (ino, w) = create_rw(&fs, "f");
+    fs.write(w, 0, b"content whose first commit fails").unwrap();
+    // The blob file is installed, then the transaction fails: the file must go back to
+    // staging, or the retry has nothing to commit.
+    fs.store()
+        .faults()
+        .always(Step::DbCommit, Fault::Errno(libc::EIO));
+    assert_eq!(fs.release(w).unwrap_err(), Errno::EIO);
+    fs.store().faults().clear();
+    fs.flush_all();
+    assert_eq!(read_all(&fs, ino), b"content whose first commit fails");
+    let v = fs.store().verify(|_, _| {}).unwrap();
+    assert!(v.is_clean() && v.stray_removed == 0, "{v:?}");
+}

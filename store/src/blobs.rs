@@ -237,9 +237,31 @@ impl Store {
         if st.durable {
             conn.pragma_update(None, "synchronous", "NORMAL")?;
         }
-        let dead = res?;
+        let dead = match res {
+            Ok(dead) => dead,
+            Err(e) => {
+                if renamed {
+                    // No row names the file just installed: give it back to the writer, whose
+                    // next close retries the commit from the same staging path (else the
+                    // content would sit in `blobs/` until gc removed it as a stray).
+                    self.uninstall_blob(&blob_path, st);
+                }
+                return Err(e);
+            }
+        };
         self.remove_dead_blobs(&conn, &dead);
         Ok((hash, size, renamed))
+    }
+
+    /// Undoes `install_blob` of a commit whose transaction failed.
+    fn uninstall_blob(&self, blob_path: &Path, st: &Staged<'_>) {
+        let back = st
+            .file
+            .set_permissions(fs::Permissions::from_mode(0o600))
+            .and_then(|()| fs::rename(blob_path, st.path));
+        if let Err(e) = back {
+            tracing::error!(path = %blob_path.display(), error = %e, "returning uncommitted content to staging failed; it stays in blobs/ until gc");
+        }
     }
 
     /// Moves a complete file into `blobs/` as blob `hash`: the one way a file becomes a blob

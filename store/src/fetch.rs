@@ -58,6 +58,9 @@ pub struct Flight {
     timeout: Duration,
     st: Mutex<FState>,
     cv: Condvar,
+    /// The errno of a local failure to keep the download (ENOSPC, EIO), 0 if none: waiters
+    /// get that errno, not a generic fetch error.
+    local_errno: std::sync::atomic::AtomicI32,
 }
 
 struct FState {
@@ -152,6 +155,7 @@ impl Store {
                 progress: Instant::now(),
             }),
             cv: Condvar::new(),
+            local_errno: Default::default(),
         });
         map.insert(*h, flight.clone());
         drop(map);
@@ -249,9 +253,11 @@ impl Flight {
         let res = self.stream(remote).and_then(|()| {
             // Readers may have every byte already and go away; the blob is kept all the same.
             lock(&self.st).complete = true;
-            store
-                .adopt_fetched(&self)
-                .map_err(|e| format!("keeping the download: {e}"))
+            store.adopt_fetched(&self).map_err(|e| {
+                self.local_errno
+                    .store(e.errno(), std::sync::atomic::Ordering::SeqCst);
+                format!("keeping the download: {e}")
+            })
         });
         match &res {
             Ok(()) => {
@@ -598,6 +604,16 @@ impl Lease {
     }
 
     fn error(&self, reason: String) -> Error {
+        let errno = self
+            .flight
+            .local_errno
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if errno != 0 {
+            return Error::io(
+                format!("fetching blob {}: {reason}", self.flight.hash),
+                std::io::Error::from_raw_os_error(errno),
+            );
+        }
         Error::Fetch {
             hash: self.flight.hash,
             reason,

@@ -88,6 +88,13 @@ impl BlobState {
     }
 }
 
+impl crate::Store {
+    /// The state of blob `h`, `None` if the store has no such blob.
+    pub fn blob_state(&self, h: &Hash) -> Result<Option<BlobState>> {
+        Ok(row(&self.conn(), h)?.map(|r| r.state))
+    }
+}
+
 /// What the lifecycle knows of one blob.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct BlobRow {
