@@ -574,15 +574,11 @@ impl Store {
                 // Checked and removed under the database lock: a commit renames its blob
                 // file into place and records it while holding the same lock.
                 let conn = self.conn();
+                // A remote-only row has no file: one there is left by an eviction whose
+                // unlink failed (an install renames and records under this same lock).
                 let known = match hash {
-                    Some(h) => conn
-                        .query_row(
-                            "SELECT 1 FROM blobs WHERE hash = ?1",
-                            [&h.0[..]],
-                            |_| Ok(()),
-                        )
-                        .optional()?
-                        .is_some(),
+                    Some(h) => crate::lifecycle::row(&conn, &h)?
+                        .is_some_and(|r| r.state != crate::BlobState::RemoteOnly),
                     None => false,
                 };
                 if !known {
