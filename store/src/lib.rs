@@ -18,6 +18,7 @@ mod fetch;
 mod lifecycle;
 mod lru;
 mod maint;
+mod manifest;
 mod ns;
 pub mod outboard;
 mod remote;

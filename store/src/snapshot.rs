@@ -5,16 +5,15 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::fetch::outboard_key;
+use crate::manifest::{validate, MInode, Manifest, MANIFEST_VERSION};
 use crate::outboard;
 use crate::remote::{blob_key, Remote, Upstream};
 use crate::{now_ns, Hash, Store};
-
-const MANIFEST_VERSION: u32 = 1;
 
 /// What a signature covers: the manifest's hash, with a context prefix so a signature can
 /// never be replayed as anything else.
@@ -110,36 +109,6 @@ fn check_signature(
         seen.join(", "),
         trusted.join(", ")
     )))
-}
-
-#[derive(Serialize, Deserialize)]
-struct Manifest {
-    version: u32,
-    volume: String,
-    created: i64,
-    root: i64,
-    /// (hash hex, size) of every blob the volume uses.
-    blobs: Vec<(String, u64)>,
-    inodes: Vec<MInode>,
-    dirents: Vec<(i64, Vec<u8>, i64)>,
-    xattrs: Vec<(i64, Vec<u8>, Vec<u8>)>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct MInode {
-    id: i64,
-    kind: i64,
-    mode: i64,
-    uid: i64,
-    gid: i64,
-    size: i64,
-    atime: i64,
-    mtime: i64,
-    ctime: i64,
-    nlink: i64,
-    rdev: i64,
-    blob: Option<String>,
-    target: Option<Vec<u8>>,
 }
 
 /// What a push did.
@@ -390,22 +359,28 @@ impl Store {
             .map_err(|e| Error::Remote(format!("manifest {mhash}: {e}")))?;
         let m: Manifest = serde_json::from_slice(&json)
             .map_err(|e| Error::Remote(format!("manifest {mhash}: {e}")))?;
-        if m.version != MANIFEST_VERSION {
-            return Err(Error::Remote(format!(
-                "manifest {mhash} has version {}, this kcache reads {MANIFEST_VERSION}",
-                m.version
-            )));
-        }
-        if self.volume(volume, false, 0, 0).is_ok() {
-            self.remove_volume(volume)?;
-        }
+        // The whole manifest is checked before anything changes, then the volume is replaced
+        // in one transaction: a bad manifest leaves the volume as it was.
+        validate(&m).map_err(|e| Error::Remote(format!("manifest {mhash}: {e}")))?;
         self.install_manifest(&m, volume, &mhash)
     }
 
+    /// Installs a validated manifest as volume `volume`, replacing the volume of that name if
+    /// there is one, in one transaction. The new tree takes its references before the old
+    /// one drops its own, so content both use is never deleted on the way.
     fn install_manifest(&self, m: &Manifest, volume: &str, mhash: &str) -> Result<PullReport> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let (vid, first) = crate::volumes::new_volume_row(&tx, volume)?;
+        let old: Option<i64> = tx
+            .query_row("SELECT id FROM volumes WHERE name = ?1", [volume], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        // Volume names never hold NUL: the new tree is built under a name no one can use,
+        // and renamed once the old one is gone.
+        let building = format!("{volume}\0pull");
+        let (vid, first) =
+            crate::volumes::new_volume_row(&tx, if old.is_some() { &building } else { volume })?;
         let mut ids: HashMap<i64, i64> = HashMap::new();
         for (i, n) in m.inodes.iter().enumerate() {
             ids.insert(n.id, first + i as i64);
@@ -484,8 +459,17 @@ impl Store {
             "UPDATE volumes SET root = ?2 WHERE id = ?1",
             params![vid, root],
         )?;
+        let mut dead = Vec::new();
+        if let Some(old) = old {
+            dead = crate::volumes::delete_volume_rows(&tx, old)?.1;
+            tx.execute(
+                "UPDATE volumes SET name = ?2 WHERE id = ?1",
+                params![vid, volume],
+            )?;
+        }
         crate::volumes::bump_inode_sequence(&tx)?;
         self.commit_tx(tx)?;
+        self.remove_dead_blobs(&conn, &dead);
         Ok(PullReport {
             manifest: mhash.to_owned(),
             files,

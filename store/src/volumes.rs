@@ -35,49 +35,57 @@ pub(crate) fn bump_inode_sequence(tx: &rusqlite::Transaction<'_>) -> Result<()> 
     Ok(())
 }
 
+/// Deletes the rows of volume `id` (its inodes, names and xattrs, one reference per inode);
+/// returns its file count and the blobs left without references, whose rows are deleted and
+/// queued in `dead_blobs` (their files go once the transaction commits).
+pub(crate) fn delete_volume_rows(
+    tx: &rusqlite::Transaction<'_>,
+    id: i64,
+) -> Result<(u64, Vec<crate::Hash>)> {
+    let files: i64 = tx.query_row(
+        "SELECT count(*) FROM inodes WHERE volume = ?1 AND kind = 1",
+        [id],
+        |r| r.get(0),
+    )?;
+    tx.execute(
+        "DELETE FROM xattrs WHERE ino IN (SELECT ino FROM inodes WHERE volume = ?1)",
+        [id],
+    )?;
+    tx.execute(
+        "DELETE FROM dirents WHERE ino IN (SELECT ino FROM inodes WHERE volume = ?1)",
+        [id],
+    )?;
+    // One reference per inode goes; blobs left without any are deleted with their files.
+    tx.execute(
+        "UPDATE blobs SET refs = refs - (SELECT count(*) FROM inodes i
+             WHERE i.volume = ?1 AND i.blob = blobs.hash)
+         WHERE hash IN (SELECT blob FROM inodes WHERE volume = ?1 AND blob IS NOT NULL)",
+        [id],
+    )?;
+    let dead: Vec<crate::Hash> = {
+        let mut stmt = tx.prepare("SELECT hash FROM blobs WHERE refs <= 0")?;
+        let rows = stmt.query_map([], |r| r.get::<_, crate::Hash>(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    for h in &dead {
+        tx.execute("DELETE FROM blobs WHERE hash = ?1", [h])?;
+        tx.execute("INSERT OR IGNORE INTO dead_blobs (hash) VALUES (?1)", [h])?;
+    }
+    tx.execute("DELETE FROM inodes WHERE volume = ?1", [id])?;
+    tx.execute("DELETE FROM volumes WHERE id = ?1", [id])?;
+    Ok((files as u64, dead))
+}
+
 impl Store {
     /// Deletes volume `name` with everything in it; blobs nothing else uses are freed.
     pub fn remove_volume(&self, name: &str) -> Result<u64> {
         let v = self.volume(name, false, 0, 0)?;
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let files: i64 = tx.query_row(
-            "SELECT count(*) FROM inodes WHERE volume = ?1 AND kind = 1",
-            [v.id],
-            |r| r.get(0),
-        )?;
-        tx.execute(
-            "DELETE FROM xattrs WHERE ino IN (SELECT ino FROM inodes WHERE volume = ?1)",
-            [v.id],
-        )?;
-        tx.execute(
-            "DELETE FROM dirents WHERE ino IN (SELECT ino FROM inodes WHERE volume = ?1)",
-            [v.id],
-        )?;
-        // One reference per inode goes; blobs left without any are deleted with their files.
-        tx.execute(
-            "UPDATE blobs SET refs = refs - (SELECT count(*) FROM inodes i
-                 WHERE i.volume = ?1 AND i.blob = blobs.hash)
-             WHERE hash IN (SELECT blob FROM inodes WHERE volume = ?1 AND blob IS NOT NULL)",
-            [v.id],
-        )?;
-        let dead: Vec<crate::Hash> = {
-            let mut stmt = tx.prepare("SELECT hash FROM blobs WHERE refs <= 0")?;
-            let rows = stmt.query_map([], |r| r.get::<_, crate::Hash>(0))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
-        for h in &dead {
-            tx.execute("DELETE FROM blobs WHERE hash = ?1", [&h.0[..]])?;
-            tx.execute(
-                "INSERT OR IGNORE INTO dead_blobs (hash) VALUES (?1)",
-                [&h.0[..]],
-            )?;
-        }
-        tx.execute("DELETE FROM inodes WHERE volume = ?1", [v.id])?;
-        tx.execute("DELETE FROM volumes WHERE id = ?1", [v.id])?;
+        let (files, dead) = delete_volume_rows(&tx, v.id)?;
         self.commit_tx(tx)?;
         self.remove_dead_blobs(&conn, &dead);
-        Ok(files as u64)
+        Ok(files)
     }
 
     /// Makes volume `dst` a copy of `src` in one transaction: the same tree, modes, times,
