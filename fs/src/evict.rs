@@ -115,6 +115,10 @@ impl KcacheFs {
         while !stop.load(Ordering::Relaxed) {
             let room = {
                 let mut p = lock(&self.shared.quota.passes);
+                // `stop_evictor` sets the flag under this lock, so it is never missed here.
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
                 if p.requested == seen {
                     p = self
                         .shared
@@ -123,6 +127,9 @@ impl KcacheFs {
                         .wait_timeout(p, Duration::from_secs(1))
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
+                }
+                if stop.load(Ordering::Relaxed) {
+                    break;
                 }
                 seen = p.requested;
                 std::mem::take(&mut p.room)
@@ -144,6 +151,14 @@ impl KcacheFs {
         }
         self.shared.quota.running.store(false, Ordering::SeqCst);
         self.shared.quota.done.notify_all();
+    }
+
+    /// Ends `run_evictor` now rather than at its next one-second tick, so that a daemon
+    /// lets go of its store promptly after the last unmount.
+    pub fn stop_evictor(&self, stop: &AtomicBool) {
+        let _p = lock(&self.shared.quota.passes);
+        stop.store(true, Ordering::Relaxed);
+        self.shared.quota.wake.notify_all();
     }
 
     fn evict_for_limits(&self, room: u64) -> Result<Evicted> {

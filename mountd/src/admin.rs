@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::cli::{default_store, parse_size, StoreAt, VolumeAt, VolumeCmd};
 use crate::control::{self, LimitsMsg, Request};
+use crate::holder;
 use crate::mountinfo;
 
 pub fn human(n: u64) -> String {
@@ -29,11 +30,6 @@ pub fn human(n: u64) -> String {
     } else {
         format!("{v:.1} {}", U[i])
     }
-}
-
-/// True when a daemon holds the store (it is mounted).
-fn is_live(store: &Path) -> bool {
-    matches!(Store::open_lock_probe(store), Ok(false))
 }
 
 /// The kcache mount holding `path`, and `path` relative to the volume root.
@@ -100,36 +96,39 @@ fn request_with_progress(
     req: Request,
     progress: &mut dyn FnMut(&Value),
 ) -> Result<Value> {
-    if is_live(store) {
-        return control::call_with_progress(store, &req, progress);
-    }
-    if !store.join("kcache.db").exists() {
-        bail!("{} is not a kcache store (no kcache.db)", store.display());
-    }
-    let s = Store::open(store).with_context(|| format!("opening store {}", store.display()))?;
-    let vol = match volume {
-        Some(v) => s
-            .volume(v, false, 0, 0)
-            .with_context(|| format!("store {}", store.display()))?,
-        None => match s.volumes()?.into_iter().next() {
-            Some(v) => v,
-            None => s.volume("default", true, 0, 0)?,
-        },
+    let open = || {
+        if !store.join("kcache.db").exists() {
+            bail!("{} is not a kcache store (no kcache.db)", store.display());
+        }
+        Store::open(store).with_context(|| format!("opening store {}", store.display()))
     };
-    let s = Arc::new(s);
-    let fs = KcacheFs::new(s.clone(), vol, false);
-    control::handle(&fs, &s, &[], req, &mut |v| progress(&v)).map_err(|e| anyhow::anyhow!(e))
+    let mut offline = |s: Store, progress: &mut dyn FnMut(&Value)| -> Result<Value> {
+        let vol = match volume {
+            Some(v) => s
+                .volume(v, false, 0, 0)
+                .with_context(|| format!("store {}", store.display()))?,
+            None => match s.volumes()?.into_iter().next() {
+                Some(v) => v,
+                None => s.volume("default", true, 0, 0)?,
+            },
+        };
+        let s = Arc::new(s);
+        let fs = KcacheFs::new(s.clone(), vol, false);
+        control::handle(&fs, &s, &[], req.clone(), &mut |v| progress(&v))
+            .map_err(|e| anyhow::anyhow!(e))
+    };
+    holder::run(store, &req, progress, &open, &mut offline)
 }
 
 pub fn stats(at: &StoreAt, json: bool) -> Result<ExitCode> {
     let store = store_at(at)?;
-    let v = if is_live(&store) {
-        control::call(&store, &Request::Stats)?
-    } else {
-        let s = Store::open_with(&store, &OpenOptionsStore { read_only: true })
-            .with_context(|| format!("opening store {}", store.display()))?;
-        serde_json::to_value(s.stats()?)?
+    let open = || {
+        Store::open_with(&store, &OpenOptionsStore { read_only: true })
+            .with_context(|| format!("opening store {}", store.display()))
     };
+    let v = holder::run(&store, &Request::Stats, &mut |_| {}, &open, &mut |s, _| {
+        Ok(serde_json::to_value(s.stats()?)?)
+    })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);

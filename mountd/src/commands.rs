@@ -103,12 +103,23 @@ fn open_unmounted(store: &Path, purpose: &str) -> Result<Store> {
     if !store.join("kcache.db").exists() {
         bail!("{} is not a kcache store (no kcache.db)", store.display());
     }
-    Store::open(store).with_context(|| {
-        format!(
-            "opening store {} for {purpose} (unmount it first)",
+    let open = || {
+        Store::open(store).with_context(|| {
+            format!(
+                "opening store {} for {purpose} (unmount it first)",
+                store.display()
+            )
+        })
+    };
+    // A daemon on its way out is waited for; one that serves the store is not.
+    let deadline = Instant::now() + crate::holder::settle_bound();
+    match crate::holder::route(store, deadline, &open)? {
+        crate::holder::Route::Offline(s) => Ok(*s),
+        crate::holder::Route::Daemon => bail!(
+            "store {} is mounted; unmount it for {purpose}",
             store.display()
-        )
-    })
+        ),
+    }
 }
 
 fn verify(store: &Path, json: bool) -> Result<ExitCode> {

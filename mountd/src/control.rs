@@ -6,7 +6,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::{bail, Context, Result};
 use kcache_fs::KcacheFs;
@@ -361,9 +362,40 @@ pub fn handle(
     }
 }
 
+/// The daemon's end of the control socket: a thread that takes connections and a thread per
+/// connection. `close` ends it so that no client that reached the socket goes unanswered.
+pub struct Server {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    /// Connections taken and not yet answered.
+    open: Arc<(Mutex<usize>, Condvar)>,
+    acceptor: std::thread::JoinHandle<UnixListener>,
+}
+
+/// Counts a taken connection until it has been answered.
+struct Answering(Arc<(Mutex<usize>, Condvar)>);
+
+impl Answering {
+    fn new(open: &Arc<(Mutex<usize>, Condvar)>) -> Answering {
+        *lock(&open.0) += 1;
+        Answering(open.clone())
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        *lock(&self.0 .0) -= 1;
+        self.0 .1.notify_all();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Serves the control socket on threads of its own. Only the daemon's user may connect
 /// (the socket is mode 0600).
-pub fn serve(daemon: Arc<Daemon>, reader: Arc<Store>, store_dir: &Path) -> Result<()> {
+pub fn serve(daemon: Arc<Daemon>, reader: Arc<Store>, store_dir: &Path) -> Result<Server> {
     let path = socket_path(store_dir);
     // We hold the store's lock, so a socket file left here belongs to a dead daemon.
     let _ = std::fs::remove_file(&path);
@@ -371,18 +403,89 @@ pub fn serve(daemon: Arc<Daemon>, reader: Arc<Store>, store_dir: &Path) -> Resul
         UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod {}", path.display()))?;
-    std::thread::Builder::new()
+    let stop = Arc::new(AtomicBool::new(false));
+    let open = Arc::new((Mutex::new(0), Condvar::new()));
+    let (stop2, open2) = (stop.clone(), open.clone());
+    let acceptor = std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
+            loop {
+                let conn = listener.accept();
+                if stop2.load(Ordering::SeqCst) {
+                    // Woken by `close`; this connection (and any behind it) is answered
+                    // there.
+                    if let Ok((conn, _)) = conn {
+                        answer_leaving(&conn);
+                    }
+                    break;
+                }
+                let Ok((conn, _)) = conn else { continue };
+                // Counted before this thread takes the next one, so `close` sees it.
+                let answering = Answering::new(&open2);
                 let (daemon, reader) = (daemon.clone(), reader.clone());
                 let _ = std::thread::Builder::new()
                     .name("control-conn".into())
-                    .spawn(move || serve_one(&daemon, &reader, conn));
+                    .spawn(move || {
+                        let _answering = answering;
+                        serve_one(&daemon, &reader, conn);
+                    });
             }
+            listener
         })?;
-    Ok(())
+    Ok(Server {
+        path,
+        stop,
+        open,
+        acceptor,
+    })
+}
+
+impl Server {
+    /// Ends the socket as the daemon leaves: no new connection is taken, every connection
+    /// already made is answered (requests that came in while the daemon was leaving were
+    /// told so), and requests still running get up to `bound` to finish. The socket file
+    /// goes last but one (the store lock goes with the process).
+    pub fn close(self, bound: std::time::Duration) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the acceptor with a connection of our own; it then hands back the listener.
+        let _ = UnixStream::connect(&self.path);
+        let listener = self.acceptor.join().ok();
+        let _ = std::fs::remove_file(&self.path);
+        // Connections that queued up before the file went.
+        if let Some(l) = listener {
+            if l.set_nonblocking(true).is_ok() {
+                while let Ok((conn, _)) = l.accept() {
+                    let _ = conn.set_nonblocking(false);
+                    answer_leaving(&conn);
+                }
+            }
+        }
+        let deadline = std::time::Instant::now() + bound;
+        let mut n = lock(&self.open.0);
+        while *n > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                tracing::warn!(requests = *n, "leaving with control requests still running");
+                break;
+            }
+            n = self
+                .open
+                .1
+                .wait_timeout(n, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Tells a client the daemon is leaving, without reading its request: it did nothing with it.
+fn answer_leaving(conn: &UnixStream) {
+    let line = format!(
+        "{}\n",
+        json!({"ok": false, "leaving": true, "error": Leaving.to_string()})
+    );
+    let mut w = conn;
+    let _ = w.write_all(line.as_bytes());
 }
 
 fn daemon_request(
@@ -390,7 +493,7 @@ fn daemon_request(
     reader: &Store,
     req: Request,
     progress: &mut dyn FnMut(Value),
-) -> Result<Value, String> {
+) -> Result<Value, Refusal> {
     match req {
         Request::Mount {
             volume,
@@ -399,7 +502,13 @@ fn daemon_request(
         } => {
             daemon
                 .add_mount(&volume, &mountpoint, &options)
-                .map_err(|e| format!("{e:#}"))?;
+                .map_err(|e| {
+                    if is_leaving(&e) {
+                        Refusal::Leaving
+                    } else {
+                        Refusal::Failed(format!("{e:#}"))
+                    }
+                })?;
             Ok(json!({"mounted": mountpoint, "volume": volume}))
         }
         Request::Mounts => {
@@ -417,8 +526,22 @@ fn daemon_request(
         req => {
             let fs = daemon.fs_for(volume_of(&req))?;
             let mounted: Vec<String> = daemon.list().into_iter().map(|m| m.1).collect();
-            handle(&fs, reader, &mounted, req, progress)
+            Ok(handle(&fs, reader, &mounted, req, progress)?)
         }
+    }
+}
+
+/// Why the daemon did not carry out a request.
+enum Refusal {
+    /// It is shutting down and did nothing.
+    Leaving,
+    /// The request failed; the text says why.
+    Failed(String),
+}
+
+impl From<String> for Refusal {
+    fn from(e: String) -> Refusal {
+        Refusal::Failed(e)
     }
 }
 
@@ -427,6 +550,13 @@ fn serve_one(daemon: &Arc<Daemon>, reader: &Store, conn: UnixStream) {
     let mut r = BufReader::new((&conn).take(MAX_REQUEST));
     let answer = match r.read_line(&mut line) {
         Ok(_) => match serde_json::from_str::<Request>(&line) {
+            // Past the last unmount the daemon only commits and leaves; the client waits
+            // for it to let go of the store and then acts on the store itself.
+            Ok(_) if daemon.is_leaving() => json!({
+                "ok": false,
+                "leaving": true,
+                "error": Leaving.to_string(),
+            }),
             Ok(req) => {
                 // Changes are logged; questions (polled by `kcache umount`) only at debug.
                 match req {
@@ -445,15 +575,62 @@ fn serve_one(daemon: &Arc<Daemon>, reader: &Store, conn: UnixStream) {
                 };
                 match daemon_request(daemon, reader, req, &mut progress) {
                     Ok(v) => json!({"ok": true, "result": v}),
-                    Err(e) => json!({"ok": false, "error": e}),
+                    Err(Refusal::Failed(e)) => json!({"ok": false, "error": e}),
+                    Err(Refusal::Leaving) => {
+                        json!({"ok": false, "leaving": true, "error": Leaving.to_string()})
+                    }
                 }
             }
             Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
         },
         Err(e) => json!({"ok": false, "error": format!("reading request: {e}")}),
     };
+    // One write, so a client never sees half an answer.
     let mut w = &conn;
-    let _ = writeln!(w, "{answer}");
+    let _ = w.write_all(format!("{answer}\n").as_bytes());
+}
+
+/// The daemon answered that it is shutting down: it did nothing with the request, which may
+/// be sent again once the store has settled (see `holder`).
+#[derive(Debug)]
+pub struct Leaving;
+
+impl std::fmt::Display for Leaving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the store's daemon is shutting down")
+    }
+}
+
+impl std::error::Error for Leaving {}
+
+/// No daemon took the connection: the request was never sent.
+#[derive(Debug)]
+pub struct Unanswered {
+    socket: PathBuf,
+    err: std::io::Error,
+}
+
+impl std::fmt::Display for Unanswered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "connecting to the daemon at {} (is the store mounted?): {}",
+            self.socket.display(),
+            self.err
+        )
+    }
+}
+
+impl std::error::Error for Unanswered {}
+
+/// True when `e` says the daemon is shutting down (the request was not carried out).
+pub fn is_leaving(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Leaving>().is_some()
+}
+
+/// True when `e` says no daemon took the connection (the request was not sent).
+pub fn is_unanswered(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Unanswered>().is_some()
 }
 
 /// Sends one request to the daemon of `store` and returns its result.
@@ -468,11 +645,9 @@ pub fn call_with_progress(
     progress: &mut dyn FnMut(&Value),
 ) -> Result<Value> {
     let path = socket_path(store);
-    let conn = UnixStream::connect(&path).with_context(|| {
-        format!(
-            "connecting to the daemon at {} (is the store mounted?)",
-            path.display()
-        )
+    let conn = UnixStream::connect(&path).map_err(|err| Unanswered {
+        socket: path.clone(),
+        err,
     })?;
     let mut w = &conn;
     writeln!(w, "{}", serde_json::to_string(req)?)?;
@@ -490,6 +665,9 @@ pub fn call_with_progress(
     };
     if v["ok"] == json!(true) {
         return Ok(v["result"].clone());
+    }
+    if v["leaving"] == json!(true) {
+        return Err(Leaving.into());
     }
     bail!(
         "{}",

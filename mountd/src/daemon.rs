@@ -19,6 +19,7 @@ use kcache_fs::{KcacheFs, KcacheFuse};
 use kcache_store::Store;
 
 use crate::cli::{default_store, MountArgs, MountOpts};
+use crate::holder::Holder;
 use crate::mountinfo;
 
 fn cpath(p: &Path) -> Result<CString> {
@@ -113,35 +114,76 @@ pub fn mount(args: MountArgs) -> Result<ExitCode> {
         opts.metrics.clone_from(&args.metrics);
     }
     let store_dir = args.store.clone().unwrap_or_else(default_store);
-    // A store has one daemon; a second mount of it (another volume, or another place) is
-    // added to the running daemon.
-    if store_dir.join("kcache.db").exists()
-        && matches!(Store::open_lock_probe(&store_dir), Ok(false))
-        && crate::control::socket_path(&store_dir).exists()
-    {
-        if args.foreground {
+    if args.foreground {
+        // Started by `kcache mount` (which has already waited for the store to settle) or by
+        // a service manager, which restarts a service that fails.
+        if crate::holder::probe(&store_dir) == Holder::Daemon {
             bail!(
                 "store {} is already served by a running kcache daemon; mount without \
                  --foreground to add this mount to it",
                 store_dir.display()
             );
         }
-        return add_to_running(&args, &opts, &store_dir);
-    }
-    if args.foreground {
         init_logging();
         let ready_fd = args.ready_fd;
         let res = serve(&args, &opts, &store_dir, ready_fd);
         if let Err(e) = &res {
             tracing::error!("mount failed: {e:#}");
             if let Some(fd) = ready_fd {
-                report(fd, &format!("error: {e:#}"));
+                // Another daemon of the store started first: the parent mounts through it.
+                let taken = e.chain().any(|c| {
+                    matches!(
+                        c.downcast_ref::<kcache_store::Error>(),
+                        Some(kcache_store::Error::Locked { .. })
+                    )
+                });
+                report(
+                    fd,
+                    &if taken {
+                        BUSY.into()
+                    } else {
+                        format!("error: {e:#}")
+                    },
+                );
             }
         }
         return res.map(|_| ExitCode::SUCCESS);
     }
-    daemonize(&args, &store_dir)
+    // A store has one daemon; a second mount of it (another volume, or another place) is
+    // added to the running daemon. A daemon that is starting is waited for and then asked; one
+    // that is leaving is waited out and a new one started. Two mounts racing to start the
+    // store's daemon: the one that loses asks the one that won.
+    let deadline = Instant::now() + crate::holder::settle_bound();
+    loop {
+        match crate::holder::settle(&store_dir, deadline)? {
+            Holder::Daemon => match add_to_running(&args, &opts, &store_dir) {
+                Err(e)
+                    if (crate::control::is_leaving(&e) || crate::control::is_unanswered(&e))
+                        && Instant::now() < deadline => {}
+                res => return res,
+            },
+            _ => match daemonize(&args, &store_dir) {
+                Err(e) if e.is::<StoreTaken>() && Instant::now() < deadline => {}
+                res => return res,
+            },
+        }
+    }
 }
+
+/// What a daemon reports on its ready pipe when another process took the store first.
+const BUSY: &str = "busy";
+
+/// The daemon we started found the store taken by another that started at the same time.
+#[derive(Debug)]
+struct StoreTaken;
+
+impl std::fmt::Display for StoreTaken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("another kcache daemon took the store first")
+    }
+}
+
+impl std::error::Error for StoreTaken {}
 
 /// Asks the store's running daemon to mount one more volume; returns once it answers.
 fn add_to_running(args: &MountArgs, opts: &MountOpts, store_dir: &Path) -> Result<ExitCode> {
@@ -269,6 +311,10 @@ fn daemonize(args: &MountArgs, store_dir: &Path) -> Result<ExitCode> {
     if msg == "ready" {
         return Ok(ExitCode::SUCCESS);
     }
+    if msg == BUSY {
+        let _ = child.wait();
+        return Err(StoreTaken.into());
+    }
     let status = child.try_wait().ok().flatten();
     if let Some(err) = msg.strip_prefix("error: ") {
         bail!("{err}");
@@ -354,6 +400,8 @@ struct MountRec {
     /// Device number of the mount (st_dev), which identifies it through bind mounts.
     dev: u64,
     fs: Arc<KcacheFs>,
+    /// The kernel has ended the session; what it left staged is being committed.
+    ending: bool,
 }
 
 /// The daemon of one store: every mounted volume of it, served by this one process. One
@@ -363,9 +411,12 @@ pub struct Daemon {
     store_dir: PathBuf,
     primary: Arc<KcacheFs>,
     mounts: Mutex<Vec<MountRec>>,
-    /// Sessions still running; the daemon ends when it drops to zero.
+    /// Sessions still running, and mounts being added; the daemon ends when it drops to zero.
     live: Mutex<usize>,
     ended: Condvar,
+    /// Set (under `live`) once it has dropped to zero: the daemon takes no more requests and
+    /// answers that it is leaving, so a client waits for it to let go of the store.
+    leaving: AtomicBool,
 }
 
 impl Daemon {
@@ -437,6 +488,7 @@ impl Daemon {
             volume: fs.volume().name.clone(),
             dev: 0,
             fs: fs.clone(),
+            ending: false,
         });
         *lock(&self.live) += 1;
         let me = self.clone();
@@ -447,6 +499,9 @@ impl Daemon {
             .spawn(move || {
                 if let Err(e) = session.run() {
                     tracing::error!(mountpoint = %mp.display(), error = %e, "fuse session failed");
+                }
+                if let Some(m) = lock(&me.mounts).iter_mut().find(|m| m.id == id) {
+                    m.ending = true;
                 }
                 // Commit what is still staged before the mount counts as gone.
                 run_fs.flush_all();
@@ -487,6 +542,11 @@ impl Daemon {
         Ok(())
     }
 
+    /// True once the last mount has ended: the daemon is on its way out.
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::SeqCst)
+    }
+
     /// Another volume (or the same one again) at another mountpoint, asked for over the
     /// control socket by `kcache mount`.
     pub fn add_mount(
@@ -495,10 +555,34 @@ impl Daemon {
         mountpoint: &Path,
         options: &[String],
     ) -> Result<()> {
+        // Counted as live while it is being added, so the daemon cannot decide to leave
+        // under a mount it is making; refused once it has decided.
+        let _adding = Adding::enter(self)?;
         let opts = MountOpts::parse(options).map_err(|e| anyhow::anyhow!(e))?;
         // Each mounted volume has one filesystem: its per-file locks and staged writes must
-        // not be split between two. A second place gets a bind mount of the first.
+        // not be split between two. A second place gets a bind mount of the first. A mount
+        // of the volume that the kernel has ended (`umount MNT && mount MNT`) is waited for
+        // while it commits what it left.
+        // `umount` returns before the session sees it, so a mount no longer in the mount
+        // table counts as ending too; one detached lazily with files still open keeps being
+        // served, and is reported as such once the wait is over.
+        let deadline = Instant::now() + crate::holder::settle_bound();
+        let going = |m: &MountRec| m.ending || (m.dev != 0 && !mountinfo::is_attached(m.dev));
+        while lock(&self.mounts)
+            .iter()
+            .any(|m| m.volume == volume && going(m))
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         if let Some(m) = lock(&self.mounts).iter().find(|m| m.volume == volume) {
+            if going(m) {
+                bail!(
+                    "volume '{volume}' is still served by its mount detached from {} \
+                     (files are still open there); close them and mount again",
+                    m.mountpoint.display()
+                );
+            }
             bail!(
                 "volume '{volume}' is already mounted at {}; bind-mount that (mount --bind {} {})",
                 m.mountpoint.display(),
@@ -545,6 +629,27 @@ impl Daemon {
             .volume(v, false, 0, 0)
             .map_err(|e| format!("{e}"))?;
         Ok(Arc::new(self.primary.sibling(info, false)))
+    }
+}
+
+/// A mount being added, counted among the daemon's live sessions until it is done.
+struct Adding<'a>(&'a Daemon);
+
+impl<'a> Adding<'a> {
+    fn enter(d: &'a Daemon) -> Result<Adding<'a>> {
+        let mut live = lock(&d.live);
+        if d.is_leaving() {
+            return Err(crate::control::Leaving.into());
+        }
+        *live += 1;
+        Ok(Adding(d))
+    }
+}
+
+impl Drop for Adding<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.live) -= 1;
+        self.0.ended.notify_all();
     }
 }
 
@@ -595,8 +700,9 @@ fn serve(
         mounts: Mutex::new(Vec::new()),
         live: Mutex::new(0),
         ended: Condvar::new(),
+        leaving: AtomicBool::new(false),
     });
-    crate::control::serve(daemon.clone(), reader.clone(), store_dir)?;
+    let control = crate::control::serve(daemon.clone(), reader.clone(), store_dir)?;
     if let Some(addr) = &opts.metrics {
         crate::metrics::serve(addr, fs.clone(), reader.clone())?;
     }
@@ -661,10 +767,11 @@ fn serve(
         while *live > 0 {
             live = daemon.ended.wait(live).unwrap_or_else(|p| p.into_inner());
         }
+        // No mount is left: from here on the control socket answers "leaving" to every
+        // request (decided under `live`, so no mount is being added now).
+        daemon.leaving.store(true, Ordering::SeqCst);
     }
-    // No mount is left: refuse further requests before the last commits.
-    let _ = std::fs::remove_file(crate::control::socket_path(store_dir));
-    STOP_EVICTOR.store(true, Ordering::Relaxed);
+    fs.stop_evictor(&STOP_EVICTOR);
     let _ = evictor.join();
     // A download whose bytes all arrived is being synced and kept; let it finish (bounded,
     // well within the stop timeouts of the systemd units, which include the unmount) rather
@@ -680,6 +787,9 @@ fn serve(
     if let Err(e) = store.flush_accesses() {
         tracing::warn!(error = %e, "recording the last accesses failed");
     }
+    // Last, so that while the daemon holds the store its socket answers (if only "leaving");
+    // the lock goes with the process a moment later.
+    control.close(Duration::from_secs(30));
     tracing::info!(store = %store_dir.display(), "daemon done");
     Ok(())
 }

@@ -50,8 +50,12 @@ pub fn import(vol: &VolumeAt, src: &Path, dest: &Path) -> Result<ExitCode> {
         .canonicalize()
         .with_context(|| format!("{}", store.display()))?;
     let rel = dest.strip_prefix("/").unwrap_or(dest);
-    let mounted = crate::control::call(&canon, &crate::control::Request::Mounts)
-        .ok()
+    // A daemon that is starting or leaving is waited for first, so that its answer counts.
+    let deadline = std::time::Instant::now() + crate::holder::settle_bound();
+    let served = crate::holder::settle(&canon, deadline)? == crate::holder::Holder::Daemon;
+    let mounted = served
+        .then(|| crate::control::call(&canon, &crate::control::Request::Mounts).ok())
+        .flatten()
         .and_then(|v| serde_json::from_value::<Vec<crate::control::MountInfo>>(v).ok())
         .and_then(|list| list.into_iter().find(|m| m.volume == vol.volume));
     if let Some(m) = mounted {

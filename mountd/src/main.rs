@@ -6,6 +6,7 @@ mod commands;
 mod control;
 mod daemon;
 mod helper;
+mod holder;
 mod import;
 mod metrics;
 mod mountinfo;

@@ -69,3 +69,34 @@ pub fn kcache_mount_of(path: &Path) -> Option<MountEntry> {
         .max_by_key(|m| m.mountpoint.components().count())
         .filter(|m| m.fstype == "fuse.kcache")
 }
+
+/// True when a mount with device number `dev` (st_dev) is in this namespace's mount table. A
+/// FUSE mount that `umount` (or a lazy detach) took away is not, even while its daemon still
+/// serves it.
+pub fn is_attached(dev: u64) -> bool {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        // Cannot tell: count it as attached, which refuses a second mount of its volume.
+        return true;
+    };
+    let want = (libc::major(dev), libc::minor(dev));
+    text.lines().any(|line| {
+        line.split(' ')
+            .nth(2)
+            .and_then(|mm| mm.split_once(':'))
+            .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
+            == Some(want)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn the_root_filesystem_is_attached_and_a_made_up_device_is_not() {
+        let dev = std::fs::metadata("/").unwrap().dev();
+        assert!(is_attached(dev));
+        assert!(!is_attached(libc::makedev(4095, 1_000_000)));
+    }
+}

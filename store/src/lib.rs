@@ -255,16 +255,15 @@ impl Store {
             .mode(0o600)
             .open(&lock_path)
             .ctx(|| format!("opening {}", lock_path.display()))?;
-        // SAFETY: flock on a valid, owned descriptor.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        match take_owner_lock(&lock) {
+            Ok(true) => {}
+            Ok(false) => {
                 return Err(Error::Locked {
                     path: root.to_owned(),
                     lock: lock_path,
-                });
+                })
             }
-            return Err(Error::io(format!("locking {}", lock_path.display()), err));
+            Err(err) => return Err(Error::io(format!("locking {}", lock_path.display()), err)),
         }
         for sub in ["blobs", "staging", "quarantine"] {
             let p = root.join(sub);
@@ -314,6 +313,7 @@ impl Store {
     }
 
     /// True when no process holds the store's owner lock (used to wait for a daemon to exit).
+    /// The probe holds the lock for a moment; `Store::open` rides over such moments.
     pub fn open_lock_probe(root: &Path) -> Result<bool> {
         let lock_path = root.join("lock");
         let lock = File::open(&lock_path).ctx(|| format!("opening {}", lock_path.display()))?;
@@ -448,4 +448,26 @@ pub fn now_ns() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     d.as_nanos() as i64
+}
+
+/// Takes the store's owner lock. Other commands probe the lock by taking it for a moment
+/// (`open_lock_probe`), so a refusal is retried for a short while before it counts: only a
+/// lock still held after that belongs to another owner.
+fn take_owner_lock(lock: &File) -> std::io::Result<bool> {
+    const PATIENCE: std::time::Duration = std::time::Duration::from_millis(250);
+    let start = std::time::Instant::now();
+    loop {
+        // SAFETY: flock on a valid, owned descriptor.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(err);
+        }
+        if start.elapsed() >= PATIENCE {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }

@@ -169,3 +169,74 @@ fn systemd_units_verify_and_the_daemon_speaks_sd_notify() {
     let st = child.wait().unwrap();
     assert!(st.success(), "{st}");
 }
+
+/// `umount MNT && mount MNT`, typed as an operator types it: the new mount (or command) finds
+/// the old daemon still letting go of the store, and waits for it instead of failing.
+#[test]
+fn umount_then_mount_again_fifty_times_through_mount8_kcache_mount_and_a_command_between() {
+    if !fuse_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"
+set -u
+K=$1; T=$2
+mkdir -p $T/u $T/w $T/mp
+sbin=$(readlink -f /sbin)
+mount -t overlay overlay -o lowerdir=$sbin,upperdir=$T/u,workdir=$T/w $sbin || exit 9
+$K install --dir $sbin || exit 9
+mount -t kcache $T/store $T/mp || exit 9
+fail=0
+for i in $(seq 50); do
+    echo "m8-$i" > $T/mp/n
+    umount $T/mp && mount -t kcache $T/store $T/mp || { echo "MOUNT8-FAILED $i"; fail=1; }
+    [ "$(cat $T/mp/n)" = "m8-$i" ] || { echo "MOUNT8-CONTENT $i"; fail=1; }
+done
+for i in $(seq 50); do
+    echo "km-$i" > $T/mp/n
+    umount $T/mp && $K mount --store $T/store $T/mp || { echo "KMOUNT-FAILED $i"; fail=1; }
+    [ "$(cat $T/mp/n)" = "km-$i" ] || { echo "KMOUNT-CONTENT $i"; fail=1; }
+done
+for i in $(seq 50); do
+    echo "cmd-$i" > $T/mp/n
+    # A command that opens the store itself (gc), and one that reads it (stats), each right
+    # after the unmount, then the mount right after them.
+    umount $T/mp && $K gc --store $T/store >/dev/null && $K stats --store $T/store >/dev/null \
+        && mount -t kcache $T/store $T/mp || { echo "CMD-FAILED $i"; fail=1; }
+    [ "$(cat $T/mp/n)" = "cmd-$i" ] || { echo "CMD-CONTENT $i"; fail=1; }
+done
+echo "LOOPS-FAILED=$fail"
+umount $T/mp
+# Something holds the store without serving it (as a daemon does while it starts or
+# leaves): a mount waits for it to let go, and within the bound it succeeds.
+flock $T/store/lock sleep 1.5 &
+sleep 0.3
+mount -t kcache $T/store $T/mp && [ "$(cat $T/mp/n)" = "cmd-50" ] && echo "WAITED-AND-MOUNTED"
+wait
+umount $T/mp
+# Past the bound: a clear refusal naming what it waited for.
+flock $T/store/lock sleep 4 &
+sleep 0.3
+KCACHE_SETTLE_TIMEOUT=1 mount -t kcache $T/store $T/mp
+echo "BOUND-EXIT $?"
+KCACHE_SETTLE_TIMEOUT=1 $K gc --store $T/store
+echo "GC-BOUND-EXIT $?"
+wait
+$K verify --store $T/store | tail -1
+"#;
+    let (code, out) = in_mount_namespace(
+        script,
+        &[kcache_bin().to_str().unwrap(), dir.path().to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{out}");
+    for want in [
+        "LOOPS-FAILED=0",
+        "WAITED-AND-MOUNTED",
+        "BOUND-EXIT 32",
+        "is held by a kcache daemon that is starting or leaving and has not finished after 1 s",
+        "GC-BOUND-EXIT 1",
+        "store is clean",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+}
