@@ -9,11 +9,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use kcache_fs::KcacheFs;
-use kcache_store::{OpenOptionsStore, Store};
-use serde_json::Value;
+use kcache_store::{OpenOptionsStore, PushProgress, Store};
 
 use crate::cli::{default_store, parse_size, StoreAt, VolumeAt, VolumeCmd};
-use crate::control::{self, LimitsMsg, Request};
+use crate::control::{self, LimitsMsg, Reply, Request};
 use crate::holder;
 use crate::mountinfo;
 
@@ -74,19 +73,42 @@ fn locate(vol: &VolumeAt, path: Option<&Path>) -> Result<(PathBuf, Option<String
             let dev = std::fs::metadata(p)
                 .map(|md| std::os::unix::fs::MetadataExt::dev(&md))
                 .ok();
-            let volume = control::call(&store, &Request::Mounts)
-                .ok()
-                .and_then(|v| serde_json::from_value::<Vec<control::MountInfo>>(v).ok())
-                .and_then(|list| list.into_iter().find(|mi| Some(mi.dev) == dev))
-                .map(|mi| mi.volume);
+            let volume = match control::call(&store, &Request::Mounts) {
+                Ok(Reply::Mounts(list)) => list
+                    .into_iter()
+                    .find(|mi| Some(mi.dev) == dev)
+                    .map(|mi| mi.volume),
+                _ => None,
+            };
             Ok((store, volume, vpath))
         }
     }
 }
 
+/// Takes the reply a request gives out of `reply`, or says the answer does not fit it.
+macro_rules! expect {
+    ($reply:expr, $pat:pat => $out:expr) => {
+        match $reply {
+            $pat => $out,
+            other => bail!("unexpected answer ({}) from the store", other.kind()),
+        }
+    };
+}
+
 /// Runs a request against the daemon of `store`, or against the unmounted store directly.
-fn request(store: &Path, volume: Option<&str>, req: Request) -> Result<Value> {
+fn request(store: &Path, volume: Option<&str>, req: Request) -> Result<Reply> {
     request_with_progress(store, volume, req, &mut |_| {})
+}
+
+/// Opens an unmounted store for a command: read-only for questions (no lock, so it never
+/// holds up a mount that starts meanwhile), as its owner otherwise.
+fn open_for(store: &Path, req: &Request) -> Result<Store> {
+    if !store.join("kcache.db").exists() {
+        bail!("{} is not a kcache store (no kcache.db)", store.display());
+    }
+    let read_only = matches!(req, Request::Stats);
+    Store::open_with(store, &OpenOptionsStore { read_only })
+        .with_context(|| format!("opening store {}", store.display()))
 }
 
 /// Like `request`, passing progress reports of long requests to `progress`.
@@ -94,86 +116,80 @@ fn request_with_progress(
     store: &Path,
     volume: Option<&str>,
     req: Request,
-    progress: &mut dyn FnMut(&Value),
-) -> Result<Value> {
-    let open = || {
-        if !store.join("kcache.db").exists() {
-            bail!("{} is not a kcache store (no kcache.db)", store.display());
-        }
-        Store::open(store).with_context(|| format!("opening store {}", store.display()))
-    };
-    let mut offline = |s: Store, progress: &mut dyn FnMut(&Value)| -> Result<Value> {
+    progress: &mut dyn FnMut(&PushProgress),
+) -> Result<Reply> {
+    let open = || open_for(store, &req);
+    let mut offline = |s: Store, progress: &mut dyn FnMut(&PushProgress)| -> Result<Reply> {
+        let read_only = s.is_read_only();
+        // The volume a mount would take by default: the first one.
         let vol = match volume {
             Some(v) => s
                 .volume(v, false, 0, 0)
                 .with_context(|| format!("store {}", store.display()))?,
             None => match s.volumes()?.into_iter().next() {
                 Some(v) => v,
+                None if read_only => bail!("store {} has no volume yet", store.display()),
                 None => s.volume("default", true, 0, 0)?,
             },
         };
         let s = Arc::new(s);
-        let fs = KcacheFs::new(s.clone(), vol, false);
-        control::handle(&fs, &s, &[], req.clone(), &mut |v| progress(&v))
-            .map_err(|e| anyhow::anyhow!(e))
+        let fs = KcacheFs::new(s.clone(), vol, read_only);
+        control::handle(&fs, &s, &[], req.clone(), progress).map_err(|e| anyhow::anyhow!(e))
     };
     holder::run(store, &req, progress, &open, &mut offline)
 }
 
 pub fn stats(at: &StoreAt, json: bool) -> Result<ExitCode> {
     let store = store_at(at)?;
-    let open = || {
-        Store::open_with(&store, &OpenOptionsStore { read_only: true })
-            .with_context(|| format!("opening store {}", store.display()))
-    };
-    let v = holder::run(&store, &Request::Stats, &mut |_| {}, &open, &mut |s, _| {
-        Ok(serde_json::to_value(s.stats()?)?)
-    })?;
+    // Live or not, the same handler answers: an unmounted store is opened here for it.
+    let v = expect!(request(&store, None, Request::Stats)?, Reply::Stats(v) => v);
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let n = |k: &str| v[k].as_u64().unwrap_or(0);
-    let bytes = |k: &str| format!("{} ({})", n(k), human(n(k)));
+    let st = &v.store;
+    let bytes = |n: u64| format!("{n} ({})", human(n));
     println!("store:            {}", store.display());
-    println!("files:            {}", n("files"));
-    println!("directories:      {}", n("directories"));
-    println!("symlinks:         {}", n("symlinks"));
-    println!("logical bytes:    {}", bytes("logical_bytes"));
-    println!("stored bytes:     {}", bytes("stored_bytes"));
-    println!("on disk:          {}", bytes("disk_bytes"));
-    println!("blobs:            {}", n("blobs"));
-    println!("dedup savings:    {}", bytes("dedup_saved_bytes"));
-    println!("usage:            {}", bytes("usage_bytes"));
-    match v["quota_bytes"].as_u64() {
+    println!("volume:           {}", v.volume);
+    println!("files:            {}", st.files);
+    println!("directories:      {}", st.directories);
+    println!("symlinks:         {}", st.symlinks);
+    println!("logical bytes:    {}", bytes(st.logical_bytes));
+    println!("stored bytes:     {}", bytes(st.stored_bytes));
+    println!("on disk:          {}", bytes(st.disk_bytes));
+    println!("blobs:            {}", st.blobs);
+    println!("dedup savings:    {}", bytes(st.dedup_saved_bytes));
+    println!("usage:            {}", bytes(st.usage_bytes));
+    match st.quota_bytes {
         Some(q) => {
-            println!("quota:            {q} ({})", human(q));
-            println!("low watermark:    {}", bytes("low_watermark_bytes"));
+            println!("quota:            {}", bytes(q));
+            if let Some(l) = st.low_watermark_bytes {
+                println!("low watermark:    {}", bytes(l));
+            }
         }
         None => println!("quota:            none"),
     }
     println!(
-        "min free on disk: {}",
-        v["min_free"].as_str().unwrap_or("?")
+        "min free on disk: {} ({})",
+        st.min_free,
+        human(v.min_free_bytes)
     );
-    if let Some(a) = v["disk_available_bytes"].as_u64() {
-        println!("disk available:   {a} ({})", human(a));
-    }
+    println!("disk available:   {}", bytes(v.disk_available_bytes));
     println!(
         "pinned:           {} in {} pins",
-        bytes("pinned_bytes"),
-        n("pins")
+        bytes(st.pinned_bytes),
+        st.pins
     );
     println!(
         "evictions:        {} ({})",
-        n("evictions"),
-        human(n("evicted_bytes"))
+        st.evictions,
+        human(st.evicted_bytes)
     );
-    println!("opens:            {}", n("opens"));
-    println!("bytes read:       {}", bytes("bytes_read"));
-    println!("bytes written:    {}", bytes("bytes_written"));
-    if n("quarantined_blobs") > 0 {
-        println!("quarantined:      {}", n("quarantined_blobs"));
+    println!("opens:            {}", st.opens);
+    println!("bytes read:       {}", bytes(st.bytes_read));
+    println!("bytes written:    {}", bytes(st.bytes_written));
+    if st.quarantined_blobs > 0 {
+        println!("quarantined:      {}", st.quarantined_blobs);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -199,8 +215,10 @@ pub fn quota(
         (None, []) => (default_store(), None),
         _ => bail!("usage: kcache quota MOUNTPOINT [SIZE|none] (or --store DIR [SIZE|none])"),
     };
-    let current: LimitsMsg =
-        serde_json::from_value(request(&store, None, Request::Limits { set: None })?)?;
+    let current: LimitsMsg = expect!(
+        request(&store, None, Request::Limits { set: None })?,
+        Reply::Limits(l) => l
+    );
     let mut new = current.clone();
     if let Some(s) = size {
         new.quota = match s {
@@ -215,7 +233,10 @@ pub fn quota(
         new.min_free = m.to_string();
     }
     let shown: LimitsMsg = if size.is_some() || low_watermark.is_some() || min_free.is_some() {
-        serde_json::from_value(request(&store, None, Request::Limits { set: Some(new) })?)?
+        expect!(
+            request(&store, None, Request::Limits { set: Some(new) })?,
+            Reply::Limits(l) => l
+        )
     } else {
         current
     };
@@ -245,14 +266,16 @@ fn min_free_text(m: &str) -> String {
     }
 }
 
-fn print_evicted(v: &Value) {
+fn print_evicted(r: Reply) -> Result<()> {
+    let v = expect!(r, Reply::Evicted(v) => v);
     println!(
         "evicted {} blobs ({}), {} names; {} stored",
-        v["blobs"],
-        human(v["bytes"].as_u64().unwrap_or(0)),
-        v["names"],
-        human(v["usage_bytes"].as_u64().unwrap_or(0))
+        v.blobs,
+        human(v.bytes),
+        v.names,
+        human(v.usage_bytes)
     );
+    Ok(())
 }
 
 pub fn evict(at: &StoreAt, to: u64) -> Result<ExitCode> {
@@ -265,7 +288,7 @@ pub fn evict(at: &StoreAt, to: u64) -> Result<ExitCode> {
             older_than_secs: None,
         },
     )?;
-    print_evicted(&v);
+    print_evicted(v)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -279,24 +302,24 @@ pub fn clean(at: &StoreAt, older_than: u64) -> Result<ExitCode> {
             older_than_secs: Some(older_than),
         },
     )?;
-    print_evicted(&v);
+    print_evicted(v)?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn gc(at: &StoreAt, json: bool) -> Result<ExitCode> {
     let store = store_at(at)?;
-    let v = request(&store, None, Request::Gc)?;
+    let v = expect!(request(&store, None, Request::Gc)?, Reply::Gc(v) => v);
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
             "purged {} unlinked inodes, removed {} dead and {} stray blob files ({}); database log {} -> {}",
-            v["purged_inodes"],
-            v["dead_blobs_removed"],
-            v["stray_files_removed"],
-            human(v["stray_bytes"].as_u64().unwrap_or(0)),
-            human(v["wal_bytes_before"].as_u64().unwrap_or(0)),
-            human(v["wal_bytes_after"].as_u64().unwrap_or(0)),
+            v.purged_inodes,
+            v.dead_blobs_removed,
+            v.stray_files_removed,
+            human(v.stray_bytes),
+            human(v.wal_bytes_before),
+            human(v.wal_bytes_after),
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -318,21 +341,24 @@ pub fn volume(store: Option<PathBuf>, cmd: VolumeCmd) -> Result<ExitCode> {
     let store = store.unwrap_or_else(default_store);
     match cmd {
         VolumeCmd::Create { name } => {
-            request(&store, None, Request::VolumeCreate { name: name.clone() })?;
-            println!("created volume {name}");
+            let created = expect!(
+                request(&store, None, Request::VolumeCreate { name: name.clone() })?,
+                Reply::VolumeCreated { created } => created
+            );
+            println!("created volume {created}");
         }
         VolumeCmd::List { json } => {
-            let v = request(&store, None, Request::VolumeList)?;
+            let v = expect!(request(&store, None, Request::VolumeList)?, Reply::Volumes(v) => v);
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!("{:<24} {:>10} {:>12}", "volume", "files", "logical");
-                for e in v.as_array().into_iter().flatten() {
+                for e in &v {
                     println!(
                         "{:<24} {:>10} {:>12}",
-                        e["name"].as_str().unwrap_or("?"),
-                        e["files"].as_u64().unwrap_or(0),
-                        human(e["logical_bytes"].as_u64().unwrap_or(0))
+                        e.name,
+                        e.files,
+                        human(e.logical_bytes)
                     );
                 }
             }
@@ -342,22 +368,25 @@ pub fn volume(store: Option<PathBuf>, cmd: VolumeCmd) -> Result<ExitCode> {
                 eprintln!("nothing removed");
                 return Ok(ExitCode::from(1));
             }
-            let v = request(&store, None, Request::VolumeRm { name: name.clone() })?;
-            println!("removed volume {name} ({} files)", v["files"]);
+            let files = expect!(
+                request(&store, None, Request::VolumeRm { name: name.clone() })?,
+                Reply::VolumeRemoved { files, .. } => files
+            );
+            println!("removed volume {name} ({files} files)");
         }
         VolumeCmd::Clone { src, dst } => {
-            let v = request(
-                &store,
-                None,
-                Request::VolumeClone {
-                    src: src.clone(),
-                    dst: dst.clone(),
-                },
-            )?;
-            println!(
-                "cloned volume {src} to {dst} in {:.3} s",
-                v["seconds"].as_f64().unwrap_or(0.0)
+            let seconds = expect!(
+                request(
+                    &store,
+                    None,
+                    Request::VolumeClone {
+                        src: src.clone(),
+                        dst: dst.clone(),
+                    },
+                )?,
+                Reply::VolumeCloned { seconds, .. } => seconds
             );
+            println!("cloned volume {src} to {dst} in {seconds:.3} s");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -375,15 +404,18 @@ pub fn clear(vol: &VolumeAt, path: Option<&Path>, yes: bool) -> Result<ExitCode>
             return Ok(ExitCode::from(1));
         }
     }
-    let v = request(
-        &store,
-        volume.as_deref(),
-        Request::Clear {
-            volume: volume.clone(),
-            path: vpath,
-        },
-    )?;
-    println!("removed {} names", v["removed"]);
+    let removed = expect!(
+        request(
+            &store,
+            volume.as_deref(),
+            Request::Clear {
+                volume: volume.clone(),
+                path: vpath,
+            },
+        )?,
+        Reply::Cleared { removed } => removed
+    );
+    println!("removed {removed} names");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -419,47 +451,53 @@ pub fn pin(vol: &VolumeAt, paths: &[PathBuf], on: bool) -> Result<ExitCode> {
             paths: vpaths,
         }
     };
-    let v = request(&store, volume.as_deref(), req)?;
-    if on {
-        println!(
-            "pinned; {} pinned in total",
-            human(v["pinned_bytes"].as_u64().unwrap_or(0))
-        );
+    match request(&store, volume.as_deref(), req)? {
+        Reply::Pinned { pinned_bytes } if on => {
+            println!("pinned; {} pinned in total", human(pinned_bytes))
+        }
+        Reply::Unpinned { .. } if !on => {}
+        other => bail!("unexpected answer ({}) from the store", other.kind()),
     }
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn pins(vol: &VolumeAt, path: Option<&Path>, json: bool) -> Result<ExitCode> {
     let (store, volume, _) = locate(vol, path)?;
-    let v = request(
-        &store,
-        volume.as_deref(),
-        Request::Pins {
-            volume: volume.clone(),
-        },
-    )?;
+    let v = expect!(
+        request(
+            &store,
+            volume.as_deref(),
+            Request::Pins {
+                volume: volume.clone(),
+            },
+        )?,
+        Reply::Pins(v) => v
+    );
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        for p in v["pins"].as_array().into_iter().flatten() {
-            println!("{}", p.as_str().unwrap_or("?"));
+        for p in &v.pins {
+            println!("{p}");
         }
-        println!("pinned: {}", human(v["pinned_bytes"].as_u64().unwrap_or(0)));
+        println!("pinned: {}", human(v.pinned_bytes));
     }
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn du(vol: &VolumeAt, path: Option<&Path>, depth: u32, json: bool) -> Result<ExitCode> {
     let (store, volume, vpath) = locate(vol, path)?;
-    let v = request(
-        &store,
-        volume.as_deref(),
-        Request::Du {
-            volume: volume.clone(),
-            path: vpath.clone(),
-            depth,
-        },
-    )?;
+    let v = expect!(
+        request(
+            &store,
+            volume.as_deref(),
+            Request::Du {
+                volume: volume.clone(),
+                path: vpath.clone(),
+                depth,
+            },
+        )?,
+        Reply::Du(v) => v
+    );
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
@@ -469,8 +507,8 @@ pub fn du(vol: &VolumeAt, path: Option<&Path>, depth: u32, json: bool) -> Result
         "{:>12} {:>12} {:>12} {:>9}  path",
         "logical", "stored", "on disk", "files"
     );
-    for e in v.as_array().into_iter().flatten() {
-        let rel = e["path"].as_str().unwrap_or("");
+    for e in &v {
+        let rel = &e.path;
         let shown = if rel.is_empty() {
             base.clone()
         } else {
@@ -478,10 +516,10 @@ pub fn du(vol: &VolumeAt, path: Option<&Path>, depth: u32, json: bool) -> Result
         };
         println!(
             "{:>12} {:>12} {:>12} {:>9}  {shown}",
-            human(e["logical_bytes"].as_u64().unwrap_or(0)),
-            human(e["stored_bytes"].as_u64().unwrap_or(0)),
-            human(e["disk_bytes"].as_u64().unwrap_or(0)),
-            e["files"].as_u64().unwrap_or(0)
+            human(e.logical_bytes),
+            human(e.stored_bytes),
+            human(e.disk_bytes),
+            e.files
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -551,22 +589,21 @@ pub fn push(
             env: crate::control::command_settings(),
         },
         &mut |p| {
-            let n = |k: &str| p[k].as_u64().unwrap_or(0);
-            let b = bar.get_or_insert_with(|| crate::import::progress_bar(n("bytes_total")));
-            b.set_position(n("bytes_done"));
-            b.set_message(format!("{}/{} blobs", n("blobs_done"), n("blobs_total")));
+            let b = bar.get_or_insert_with(|| crate::import::progress_bar(p.bytes_total));
+            b.set_position(p.bytes_done);
+            b.set_message(format!("{}/{} blobs", p.blobs_done, p.blobs_total));
         },
     );
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let v = v?;
+    let v = expect!(v?, Reply::Pushed(v) => v);
     println!(
         "pushed volume {volume} to {upstream} as {tag}: {} blobs uploaded ({}), {} already there; manifest {}",
-        v["blobs_uploaded"],
-        human(v["bytes_uploaded"].as_u64().unwrap_or(0)),
-        v["blobs_present"],
-        v["manifest"].as_str().unwrap_or("?")
+        v.blobs_uploaded,
+        human(v.bytes_uploaded),
+        v.blobs_present,
+        v.manifest
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -599,12 +636,13 @@ pub fn pull(
             env: crate::control::command_settings(),
         },
     )?;
+    let v = expect!(v, Reply::Pulled(v) => v);
     println!(
         "pulled {upstream}:{tag} into volume {volume}: {} files, {} blobs ({} to fetch on first open); manifest {}",
-        v["files"],
-        v["blobs"],
-        v["blobs_remote"],
-        v["manifest"].as_str().unwrap_or("?")
+        v.files,
+        v.blobs,
+        v.blobs_remote,
+        v.manifest
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -78,9 +78,10 @@ fn umount(mp: &Path, lazy: bool) -> Result<ExitCode> {
     let store = Path::new(&entry.source);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let listed = crate::control::call(store, &crate::control::Request::Mounts)
-            .ok()
-            .and_then(|v| serde_json::from_value::<Vec<crate::control::MountInfo>>(v).ok());
+        let listed = match crate::control::call(store, &crate::control::Request::Mounts) {
+            Ok(crate::control::Reply::Mounts(list)) => Some(list),
+            _ => None,
+        };
         match listed {
             Some(list) if !list.iter().any(|m| m.mountpoint == mp) && !list.is_empty() => {
                 return Ok(ExitCode::SUCCESS)

@@ -12,10 +12,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use kcache_store::PushProgress;
 use kcache_store::Store;
-use serde_json::Value;
 
-use crate::control::{self, Request};
+use crate::control::{self, Reply, Request};
 
 /// How long a command waits for a daemon that is starting or leaving: `KCACHE_SETTLE_TIMEOUT`
 /// seconds, by default 60. A leaving daemon drains finished downloads for at most 20 s, then
@@ -124,7 +124,7 @@ pub fn is_taken(e: &anyhow::Error) -> bool {
 }
 
 /// A command run on a store opened by the command itself; the second argument takes progress.
-pub type Offline<'a> = dyn FnMut(Store, &mut dyn FnMut(&Value)) -> Result<Value> + 'a;
+pub type Offline<'a> = dyn FnMut(Store, &mut dyn FnMut(&PushProgress)) -> Result<Reply> + 'a;
 
 /// Runs `req` on the store's daemon, or, when none serves the store, `offline` on the store
 /// opened with `open`. A request the daemon refused because it was leaving is sent again
@@ -133,10 +133,10 @@ pub type Offline<'a> = dyn FnMut(Store, &mut dyn FnMut(&Value)) -> Result<Value>
 pub fn run(
     store: &Path,
     req: &Request,
-    progress: &mut dyn FnMut(&Value),
+    progress: &mut dyn FnMut(&PushProgress),
     open: &dyn Fn() -> Result<Store>,
     offline: &mut Offline<'_>,
-) -> Result<Value> {
+) -> Result<Reply> {
     let deadline = Instant::now() + settle_bound();
     loop {
         match route(store, deadline, open)? {

@@ -56,7 +56,10 @@ pub fn import(vol: &VolumeAt, src: &Path, dest: &Path) -> Result<ExitCode> {
     let mounted = served
         .then(|| crate::control::call(&canon, &crate::control::Request::Mounts).ok())
         .flatten()
-        .and_then(|v| serde_json::from_value::<Vec<crate::control::MountInfo>>(v).ok())
+        .and_then(|r| match r {
+            crate::control::Reply::Mounts(list) => Some(list),
+            _ => None,
+        })
         .and_then(|list| list.into_iter().find(|m| m.volume == vol.volume));
     if let Some(m) = mounted {
         return import_into(src, &m.mountpoint.join(rel));

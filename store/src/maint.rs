@@ -120,7 +120,7 @@ impl Limits {
 }
 
 /// One line of `kcache du`.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DuEntry {
     /// Path relative to the directory asked about ("" for itself).
     pub path: String,
@@ -137,7 +137,7 @@ pub struct DuEntry {
 }
 
 /// What `gc` cleaned up.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GcReport {
     pub purged_inodes: u64,
     pub dead_blobs_removed: u64,

@@ -42,7 +42,7 @@ pub struct Renamed {
 }
 
 /// Numbers for `kcache stats`.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     pub files: u64,
     pub directories: u64,

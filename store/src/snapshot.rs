@@ -112,7 +112,7 @@ fn check_signature(
 }
 
 /// What a push did.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PushReport {
     pub blobs_uploaded: u64,
     pub bytes_uploaded: u64,
@@ -131,7 +131,7 @@ pub struct PushProgress {
 }
 
 /// What a pull did.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PullReport {
     pub manifest: String,
     pub files: u64,

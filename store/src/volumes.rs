@@ -161,7 +161,7 @@ impl Store {
 }
 
 /// One line of `kcache volume list`.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct VolumeSummary {
     pub name: String,
     pub files: u64,

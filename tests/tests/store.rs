@@ -407,3 +407,55 @@ fn missing_dev_fuse_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("/dev/fuse does not exist"), "{text}");
 }
+
+/// `kcache stats` answers the same whether the daemon answers it or the command opens the
+/// unmounted store itself: every field, with the same value (but the disk's free space, which
+/// the rest of the machine moves).
+#[test]
+fn live_and_offline_stats_agree_field_by_field() {
+    let Some(mut m) = Mount::with_opts(&["quota=64M"]) else {
+        return;
+    };
+    fs::write(m.path("a"), b"alpha").unwrap();
+    fs::write(m.path("b"), pseudo_random(7, 300_000)).unwrap();
+    fs::write(m.path("c"), b"alpha").unwrap();
+    fs::create_dir(m.path("d")).unwrap();
+    std::os::unix::fs::symlink("a", m.path("d/l")).unwrap();
+    let _ = fs::read(m.path("b")).unwrap();
+    let (code, out) = kcache(&["pin", m.path("a").to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    let live = m.stats();
+    m.unmount();
+    let offline = m.stats();
+    let (live, offline) = (live.as_object().unwrap(), offline.as_object().unwrap());
+    let keys = |o: &serde_json::Map<String, serde_json::Value>| {
+        let mut k: Vec<String> = o.keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(live), keys(offline), "field sets differ");
+    for (k, v) in live {
+        if k == "disk_available_bytes" {
+            let (a, b) = (v.as_u64().unwrap(), offline[k].as_u64().unwrap());
+            assert!(a.abs_diff(b) < 256 << 20, "{k}: live {a}, offline {b}");
+            continue;
+        }
+        assert_eq!(
+            v, &offline[k],
+            "field {k}: live {v}, offline {}",
+            offline[k]
+        );
+    }
+    for k in [
+        "volume",
+        "min_free_bytes",
+        "disk_available_bytes",
+        "files",
+        "pins",
+    ] {
+        assert!(live.contains_key(k), "no {k} in {live:?}");
+    }
+    assert_eq!(live["volume"], "default");
+    // a, b and c; d is a directory and d/l a symlink.
+    assert_eq!(live["files"], 3, "{live:?}");
+}

@@ -1,0 +1,248 @@
+//! The daemon's end of the control socket (`<store>/control.sock`, mode 0600): takes
+//! connections, reads one request from each, hands it to the daemon or the handler, and writes
+//! the answer; and at shutdown answers every connection already made before it goes. What a
+//! request does is in `handler`; the messages are in `protocol`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use anyhow::{Context, Result};
+use kcache_store::{PushProgress, Store};
+
+use super::client::is_leaving;
+use super::handler::{handle, volume_of};
+use super::protocol::{Answer, MountInfo, ProgressLine, Reply, Request};
+use super::socket_path;
+use crate::daemon::Daemon;
+
+/// Requests larger than this are refused (paths and a few numbers fit easily).
+const MAX_REQUEST: u64 = 1 << 20;
+
+/// The daemon's end of the control socket: a thread that takes connections and a thread per
+/// connection. `close` ends it so that no client that reached the socket goes unanswered.
+pub struct Server {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    /// Connections taken and not yet answered.
+    open: Arc<(Mutex<usize>, Condvar)>,
+    acceptor: std::thread::JoinHandle<UnixListener>,
+}
+
+/// Counts a taken connection until it has been answered.
+struct Answering(Arc<(Mutex<usize>, Condvar)>);
+
+impl Answering {
+    fn new(open: &Arc<(Mutex<usize>, Condvar)>) -> Answering {
+        *lock(&open.0) += 1;
+        Answering(open.clone())
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        *lock(&self.0 .0) -= 1;
+        self.0 .1.notify_all();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Serves the control socket on threads of its own. Only the daemon's user may connect
+/// (the socket is mode 0600).
+pub fn serve(daemon: Arc<Daemon>, reader: Arc<Store>, store_dir: &Path) -> Result<Server> {
+    let path = socket_path(store_dir);
+    // We hold the store's lock, so a socket file left here belongs to a dead daemon.
+    let _ = std::fs::remove_file(&path);
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let open = Arc::new((Mutex::new(0), Condvar::new()));
+    let (stop2, open2) = (stop.clone(), open.clone());
+    let acceptor = std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            loop {
+                let conn = listener.accept();
+                if stop2.load(Ordering::SeqCst) {
+                    // Woken by `close`; this connection (and any behind it) is answered
+                    // there.
+                    if let Ok((conn, _)) = conn {
+                        answer_leaving(&conn);
+                    }
+                    break;
+                }
+                let Ok((conn, _)) = conn else { continue };
+                // Counted before this thread takes the next one, so `close` sees it.
+                let answering = Answering::new(&open2);
+                let (daemon, reader) = (daemon.clone(), reader.clone());
+                let _ = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || {
+                        let _answering = answering;
+                        serve_one(&daemon, &reader, conn);
+                    });
+            }
+            listener
+        })?;
+    Ok(Server {
+        path,
+        stop,
+        open,
+        acceptor,
+    })
+}
+
+impl Server {
+    /// Ends the socket as the daemon leaves: no new connection is taken, every connection
+    /// already made is answered (requests that came in while the daemon was leaving were
+    /// told so), and requests still running get up to `bound` to finish. The socket file
+    /// goes last but one (the store lock goes with the process).
+    pub fn close(self, bound: std::time::Duration) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the acceptor with a connection of our own; it then hands back the listener.
+        let _ = UnixStream::connect(&self.path);
+        let listener = self.acceptor.join().ok();
+        let _ = std::fs::remove_file(&self.path);
+        // Connections that queued up before the file went.
+        if let Some(l) = listener {
+            if l.set_nonblocking(true).is_ok() {
+                while let Ok((conn, _)) = l.accept() {
+                    let _ = conn.set_nonblocking(false);
+                    answer_leaving(&conn);
+                }
+            }
+        }
+        let deadline = std::time::Instant::now() + bound;
+        let mut n = lock(&self.open.0);
+        while *n > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                tracing::warn!(requests = *n, "leaving with control requests still running");
+                break;
+            }
+            n = self
+                .open
+                .1
+                .wait_timeout(n, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Tells a client the daemon is leaving, without reading its request: it did nothing with it.
+fn answer_leaving(conn: &UnixStream) {
+    let mut w = conn;
+    let _ = w.write_all(Answer::leaving().line().as_bytes());
+}
+
+fn daemon_request(
+    daemon: &Arc<Daemon>,
+    reader: &Store,
+    req: Request,
+    progress: &mut dyn FnMut(&PushProgress),
+) -> Result<Reply, Refusal> {
+    match req {
+        Request::Mount {
+            volume,
+            mountpoint,
+            options,
+        } => {
+            daemon
+                .add_mount(&volume, &mountpoint, &options)
+                .map_err(|e| {
+                    if is_leaving(&e) {
+                        Refusal::Leaving
+                    } else {
+                        Refusal::Failed(format!("{e:#}"))
+                    }
+                })?;
+            Ok(Reply::Mounted {
+                mounted: mountpoint,
+                volume,
+            })
+        }
+        Request::Mounts => Ok(Reply::Mounts(
+            daemon
+                .list()
+                .into_iter()
+                .map(|(mountpoint, volume, dev)| MountInfo {
+                    mountpoint,
+                    volume,
+                    dev,
+                })
+                .collect(),
+        )),
+        req => {
+            let fs = daemon.fs_for(volume_of(&req))?;
+            let mounted: Vec<String> = daemon.list().into_iter().map(|m| m.1).collect();
+            Ok(handle(&fs, reader, &mounted, req, progress)?)
+        }
+    }
+}
+
+/// Why the daemon did not carry out a request.
+enum Refusal {
+    /// It is shutting down and did nothing.
+    Leaving,
+    /// The request failed; the text says why.
+    Failed(String),
+}
+
+impl From<String> for Refusal {
+    fn from(e: String) -> Refusal {
+        Refusal::Failed(e)
+    }
+}
+
+fn serve_one(daemon: &Arc<Daemon>, reader: &Store, conn: UnixStream) {
+    let mut line = String::new();
+    let mut r = BufReader::new((&conn).take(MAX_REQUEST));
+    let answer = match r.read_line(&mut line) {
+        Ok(_) => match serde_json::from_str::<Request>(&line) {
+            // Past the last unmount the daemon only commits and leaves; the client waits
+            // for it to let go of the store and then acts on the store itself.
+            Ok(_) if daemon.is_leaving() => Answer::leaving(),
+            Ok(req) => {
+                // Changes are logged; questions (polled by `kcache umount`) only at debug.
+                match req {
+                    Request::Stats
+                    | Request::Mounts
+                    | Request::VolumeList
+                    | Request::Pins { .. }
+                    | Request::Du { .. }
+                    | Request::Limits { set: None } => tracing::debug!(?req, "control request"),
+                    _ => tracing::info!(?req, "control request"),
+                }
+                // Progress lines go out as they come; a client that left just stops them.
+                let mut w = &conn;
+                let mut progress = |p: &PushProgress| {
+                    if let Ok(mut s) = serde_json::to_string(&ProgressLine {
+                        progress: p.clone(),
+                    }) {
+                        s.push('\n');
+                        let _ = w.write_all(s.as_bytes());
+                    }
+                };
+                match daemon_request(daemon, reader, req, &mut progress) {
+                    Ok(r) => Answer::ok(&r),
+                    Err(Refusal::Failed(e)) => Answer::failed(e),
+                    Err(Refusal::Leaving) => Answer::leaving(),
+                }
+            }
+            Err(e) => Answer::failed(format!("bad request: {e}")),
+        },
+        Err(e) => Answer::failed(format!("reading request: {e}")),
+    };
+    // One write, so a client never sees half an answer.
+    let mut w = &conn;
+    let _ = w.write_all(answer.line().as_bytes());
+}
