@@ -113,6 +113,7 @@ for d in /usr /etc /var/lib/dpkg; do
 done
 dpkg --log=/dev/null -i $DEB
 echo "STATUS $(dpkg-query -W -f '${Status}' kcache)"
+echo "DEPENDS $(dpkg-query -W -f '${Depends}' kcache)"
 for f in /usr/bin/kcache /usr/lib/systemd/system/kcache@.service \
     /usr/lib/systemd/system/var-cache-kcache.mount /usr/share/doc/kcache/README.md \
     /usr/share/doc/kcache/ARCHITECTURE.md /usr/share/doc/kcache/systemd/README.md \
@@ -188,6 +189,7 @@ fn deb_installs_mounts_from_fstab_and_removing_it_leaves_the_store() {
     let t = dir.path().display();
     for want in [
         "STATUS install ok installed",
+        "DEPENDS fuse3",
         "INSTALLED /usr/bin/kcache",
         "INSTALLED /usr/lib/systemd/system/kcache@.service",
         "INSTALLED /usr/lib/systemd/system/var-cache-kcache.mount",
