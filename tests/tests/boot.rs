@@ -110,7 +110,7 @@ fn systemd_units_verify_and_the_daemon_speaks_sd_notify() {
     let units = kcache_tests::workspace().join("systemd");
     let service = std::fs::read_to_string(units.join("kcache@.service"))
         .unwrap()
-        .replace("/usr/local/bin/kcache", kcache_bin().to_str().unwrap());
+        .replace("/usr/bin/kcache", kcache_bin().to_str().unwrap());
     std::fs::write(dir.path().join("kcache@var-cache-kcache.service"), service).unwrap();
     std::fs::copy(
         units.join("var-cache-kcache.mount"),

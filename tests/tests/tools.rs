@@ -1,5 +1,6 @@
 //! Real tools on a real mount: pip and huggingface_hub using it as their cache, the pjdfstest
-//! POSIX conformance suite and the fsx data-integrity exerciser, in both I/O modes.
+//! POSIX conformance suite and the fsx data-integrity exerciser, in both I/O modes; the metrics
+//! endpoint, and the Grafana dashboard's queries against it.
 
 use std::path::Path;
 use std::process::Command;
@@ -232,6 +233,139 @@ fn import_of_a_real_pip_cache_dedups_and_metrics_count_it() {
         "{s}"
     );
     assert!(http_get(&addr, "/other").contains(" 404 "));
+}
+
+/// The metric names a PromQL expression reads: its identifiers less functions (followed by
+/// `(`), keywords and aggregations, label names (inside `{}`, and the lists after `by`, `on`,
+/// ...), ranges in `[]`, numbers, durations and strings.
+fn promql_metric_names(expr: &str) -> Vec<String> {
+    // Keywords and aggregation operators (`sum by (l) (x)`: no parenthesis right after).
+    const KEYWORDS: &str = "and or unless bool offset atan2 inf nan sum min max avg group \
+        stddev stdvar count count_values bottomk topk quantile limitk limit_ratio";
+    const GROUPING: &str = "by without on ignoring group_left group_right";
+    let is = |list: &str, w: &str| list.split_whitespace().any(|k| k == w);
+    let b = expr.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'_' | b':' | b'$');
+    let (mut i, mut depth, mut names) = (0, 0usize, Vec::new());
+    while i < b.len() {
+        match b[i] {
+            q @ (b'"' | b'\'' | b'`') => {
+                i += 1;
+                while i < b.len() && b[i] != q {
+                    i += if b[i] == b'\\' && q != b'`' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'{' | b'[' => (depth, i) = (depth + 1, i + 1),
+            b'}' | b']' => (depth, i) = (depth.saturating_sub(1), i + 1),
+            c if ident(c) => {
+                let start = i;
+                while i < b.len() && ident(b[i]) {
+                    i += 1;
+                }
+                let word = &expr[start..i];
+                let rest = expr[i..].trim_start();
+                // Numbers and durations start with a digit, Grafana variables with `$`.
+                if depth > 0 || !(c.is_ascii_alphabetic() || c == b'_' || c == b':') {
+                    continue;
+                }
+                if is(GROUPING, word) {
+                    if rest.starts_with('(') {
+                        let open = expr.len() - rest.len();
+                        i = open + rest.find(')').map_or(rest.len(), |p| p + 1);
+                    }
+                } else if !is(KEYWORDS, word) && !rest.starts_with('(') {
+                    names.push(word.to_string());
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    names
+}
+
+#[test]
+fn grafana_dashboard_queries_only_metrics_a_mount_serves() {
+    assert_eq!(
+        promql_metric_names(
+            r#"sum by (instance) (rate(a_total{x=~"y}", z="$v"}[$__rate_interval])) / on(instance) group_left(k) b offset 1h > 0.5e3"#
+        ),
+        ["a_total", "b"]
+    );
+    let path = workspace().join("mountd/dashboards/kcache.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    // Data source chosen by a template variable, which every panel and query uses.
+    let vars = dash["templating"]["list"].as_array().unwrap();
+    assert!(
+        vars.iter().any(|v| v["type"] == "datasource"
+            && v["name"] == "datasource"
+            && v["query"] == "prometheus"),
+        "no datasource variable in {}",
+        path.display()
+    );
+    let uses_variable = |v: &serde_json::Value| v["datasource"]["uid"] == "${datasource}";
+    // (where, expression) of every query: panels, panels inside collapsed rows, and variables
+    // (label_values(METRIC, label) reads METRIC).
+    let mut queries: Vec<(String, String)> = Vec::new();
+    for v in vars.iter().filter(|v| v["type"] == "query") {
+        assert!(uses_variable(v), "variable {}: {v}", v["name"]);
+        let def = v["definition"].as_str().unwrap();
+        let metric = def
+            .strip_prefix("label_values(")
+            .and_then(|r| r.split(',').next())
+            .unwrap_or_else(|| panic!("variable {}: {def}", v["name"]));
+        queries.push((format!("variable {}", v["name"]), metric.to_string()));
+    }
+    let mut panels: Vec<&serde_json::Value> = dash["panels"].as_array().unwrap().iter().collect();
+    while let Some(p) = panels.pop() {
+        if let Some(inner) = p["panels"].as_array() {
+            panels.extend(inner);
+        }
+        if p["type"] == "row" || p["type"] == "text" {
+            continue;
+        }
+        let title = p["title"].as_str().unwrap();
+        let targets = p["targets"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        assert!(
+            uses_variable(p) && !targets.is_empty(),
+            "panel {title:?}: {p}"
+        );
+        for t in targets {
+            assert!(uses_variable(t), "panel {title:?}: {t}");
+            let expr = t["expr"].as_str().unwrap();
+            queries.push((format!("panel {title:?}"), expr.to_string()));
+        }
+    }
+    assert!(queries.len() >= 10, "{queries:?}");
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    drop(listener);
+    let Some(m) = Mount::with_opts(&[&format!("metrics={addr}")]) else {
+        return;
+    };
+    std::fs::write(m.path("f"), b"counted").unwrap();
+    let text = http_get(&addr, "/metrics");
+    let body = text.split_once("\r\n\r\n").map_or(&text[..], |(_, b)| b);
+    // Sample names, which is what Prometheus stores and queries name: a counter's carry
+    // `_total`, a histogram's `_bucket`, `_sum` and `_count` (the `# TYPE` line has neither).
+    let served: std::collections::BTreeSet<&str> = body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    assert!(served.contains("kcache_usage_bytes"), "{text}");
+    for (place, expr) in &queries {
+        let names = promql_metric_names(expr);
+        assert!(!names.is_empty(), "{place}: no metric in {expr:?}");
+        for n in names {
+            assert!(
+                served.contains(n.as_str()),
+                "{place} queries {n}, which a mount does not serve ({expr:?}); served: {served:?}"
+            );
+        }
+    }
 }
 
 fn walk_first_file(dir: &Path) -> std::path::PathBuf {
