@@ -9,6 +9,7 @@
 mod mounts;
 mod own_stores;
 mod remote;
+mod requests;
 mod workloads;
 
 use std::fs;
@@ -124,12 +125,15 @@ fn run(args: &Args) -> Result<()> {
     let native_dir = run_dir.subdir("native")?;
     let store_dir = run_dir.subdir("kcache-store")?;
     let kcache_mnt = run_dir.subdir("kcache-mnt")?;
+    // Its metrics give the FUSE requests each phase cost per file.
+    let probe = requests::Probe::on_free_port()?;
     let mut kcache = Mount::kcache(
         &kcache_bin,
         &store_dir,
         &kcache_mnt,
         &run_dir.path().join("kcache.log"),
         None,
+        Some(probe.addr()),
     )
     .context("mounting kcache")?;
     let mut bindfs_mount = match bindfs {
@@ -162,7 +166,15 @@ fn run(args: &Args) -> Result<()> {
     }
 
     let mut rows = Vec::new();
-    let outcome = run_all(&selected, &targets, &kcache_bin, &run_dir, sizes, &mut rows);
+    let outcome = run_all(
+        &selected,
+        &targets,
+        &kcache_bin,
+        &run_dir,
+        sizes,
+        &probe,
+        &mut rows,
+    );
     drop(targets);
 
     if !rows.is_empty() {
@@ -186,6 +198,7 @@ fn run_all(
     kcache_bin: &Path,
     run_dir: &RunDir,
     sizes: Sizes,
+    probe: &requests::Probe,
     rows: &mut Vec<Row>,
 ) -> Result<()> {
     let base_seed = SystemTime::now()
@@ -235,11 +248,15 @@ fn run_all(
             fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
             // Distinct data per workload and target, so no layer can dedup across them.
             let seed = base_seed ^ ((wi as u64) << 56) ^ ((ti as u64 + 1) << 48);
-            let phases = workloads::run(workload, &dir, sizes, seed)
+            let probe = (target.name == "kcache").then_some(probe);
+            let phases = workloads::run(workload, &dir, sizes, seed, probe)
                 .with_context(|| format!("{} on {}", workload.name(), target.name))?;
             for (pi, p) in phases.iter().enumerate() {
                 let native = per_target.first().map(|native| ("native", &native[pi]));
                 print_phase(target.name, p, native);
+                if let Some(r) = &p.requests {
+                    println!("  {:<8} {:<56} FUSE requests per file: {r}", "", "");
+                }
             }
             // No cleanup between targets: a mass delete can slow the file system's inode
             // allocation for a while (seen on a journal-less ext4), which would penalise

@@ -101,19 +101,24 @@ pub struct Mount {
 }
 
 impl Mount {
-    /// `kcache mount --store STORE [--quota BYTES] MNT`: the CLI daemonizes and returns once
-    /// the mount answers, so we only double-check that the mountpoint changed device.
+    /// `kcache mount --store STORE [--quota BYTES] [--metrics ADDR] MNT`: the CLI daemonizes
+    /// and returns once the mount answers, so we only double-check that the mountpoint changed
+    /// device.
     pub fn kcache(
         bin: &Path,
         store: &Path,
         mountpoint: &Path,
         log: &Path,
         quota: Option<u64>,
+        metrics: Option<&str>,
     ) -> Result<Self> {
         let mut cmd = Command::new(bin);
         cmd.arg("mount").arg("--store").arg(store);
         if let Some(bytes) = quota {
             cmd.arg("--quota").arg(bytes.to_string());
+        }
+        if let Some(addr) = metrics {
+            cmd.arg("--metrics").arg(addr);
         }
         cmd.arg(mountpoint);
         let mount = Self::start(

@@ -84,8 +84,15 @@ impl OwnStore {
     }
 
     pub(crate) fn mount(&self, kcache: &Path) -> Result<Mount> {
-        Mount::kcache(kcache, &self.store, &self.mountpoint, &self.log, self.quota)
-            .with_context(|| format!("mounting {}", self.store.display()))
+        Mount::kcache(
+            kcache,
+            &self.store,
+            &self.mountpoint,
+            &self.log,
+            self.quota,
+            None,
+        )
+        .with_context(|| format!("mounting {}", self.store.display()))
     }
 
     /// Mounts, creates `data` as small files under the mount root, unmounts (which waits
@@ -174,6 +181,7 @@ fn quota_overhead(env: &Env<'_>, count: usize, seed: u64) -> Result<Vec<Pair>> {
         max_secs: None,
         amount,
         secs: median(secs),
+        requests: None,
     };
     let fresh = format!("quota-overhead: open+read {count} x 4 KiB, remounted");
     let quota = format!(
@@ -247,6 +255,7 @@ fn evict(env: &Env<'_>, count: usize, seed: u64) -> Result<Vec<Pair>> {
                 max_secs: None,
                 amount: Amount::Files(count as u64),
                 secs: rm_secs,
+                requests: None,
             },
         )),
         name: "kcache",
@@ -259,6 +268,7 @@ fn evict(env: &Env<'_>, count: usize, seed: u64) -> Result<Vec<Pair>> {
                 bytes: blobs * SMALL_FILE_SIZE as u64,
             },
             secs,
+            requests: None,
         },
     }])
 }

@@ -134,6 +134,7 @@ pub fn fetch(env: &Env<'_>, size: usize, seed: u64) -> Result<Vec<Pair>> {
         max_secs: None,
         amount: Amount::Bytes(size as u64),
         secs: median(secs),
+        requests: None,
     };
     Ok(vec![Pair {
         baseline: Some(("curl", phase(Some(FETCH_GOAL), &curl_secs))),
@@ -213,6 +214,7 @@ pub fn ttfb(env: &Env<'_>, size: usize, seed: u64) -> Result<Vec<Pair>> {
         max_secs,
         amount: Amount::Latency,
         secs: median(secs),
+        requests: None,
     };
     Ok(vec![Pair {
         baseline: Some(("http-get", phase(None, &http_secs))),
@@ -267,6 +269,7 @@ pub fn pull(env: &Env<'_>, count: usize, seed: u64) -> Result<Vec<Pair>> {
             max_secs: Some(PULL_GOAL_SECS),
             amount: Amount::Files(count as u64),
             secs: median(&secs),
+            requests: None,
         },
     }])
 }

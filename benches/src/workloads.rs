@@ -16,6 +16,8 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use clap::ValueEnum;
 
+use crate::requests::{per_file, Counts, Probe};
+
 pub const MIB: usize = 1 << 20;
 pub const SMALL_FILE_SIZE: usize = 4096;
 const SMALL_FILE_DIRS: usize = 256;
@@ -154,12 +156,21 @@ pub struct Phase {
     pub max_secs: Option<f64>,
     pub amount: Amount,
     pub secs: f64,
+    /// FUSE requests per file in this phase, by kind (kcache targets with a probe only).
+    pub requests: Option<String>,
 }
 
-pub fn run(workload: Workload, dir: &Path, sizes: Sizes, seed: u64) -> Result<Vec<Phase>> {
+/// Runs `workload` in `dir`; `probe` reads the FUSE request counters of a kcache target.
+pub fn run(
+    workload: Workload,
+    dir: &Path,
+    sizes: Sizes,
+    seed: u64,
+    probe: Option<&Probe>,
+) -> Result<Vec<Phase>> {
     match workload {
         Workload::SeqRead => seq_read(dir, sizes.big_file, seed),
-        Workload::SmallFiles => small_files(dir, sizes.small_files, seed),
+        Workload::SmallFiles => small_files(dir, sizes.small_files, seed, probe),
         Workload::FsyncWrite => fsync_write(dir, sizes.big_file, seed),
         Workload::QuotaOverhead
         | Workload::Evict
@@ -234,12 +245,15 @@ fn seq_read(dir: &Path, size: usize, seed: u64) -> Result<Vec<Phase>> {
         max_secs: None,
         amount: Amount::Bytes(size as u64),
         secs,
+        requests: None,
     }])
 }
 
 /// b) pip-style install: each file is written to a temp name in its final directory and
 ///    renamed into place; then every file is stat'ed, then read, in the same mount.
-fn small_files(dir: &Path, count: usize, seed: u64) -> Result<Vec<Phase>> {
+fn small_files(dir: &Path, count: usize, seed: u64, probe: Option<&Probe>) -> Result<Vec<Phase>> {
+    // Read outside the timed parts; a probe that fails is an error, not a silent blank.
+    let read = || probe.map(|p| p.counts()).transpose();
     let dirs = create_small_file_dirs(dir)?;
     // Precompute names and contents so the timed loop only does file system calls.
     let data = small_file_data(count, seed);
@@ -249,6 +263,7 @@ fn small_files(dir: &Path, count: usize, seed: u64) -> Result<Vec<Phase>> {
         .collect();
     sync_all_filesystems();
 
+    let c0 = read()?;
     let start = Instant::now();
     for i in 0..count {
         check_interrupted()?;
@@ -265,6 +280,7 @@ fn small_files(dir: &Path, count: usize, seed: u64) -> Result<Vec<Phase>> {
             .with_context(|| format!("renaming {} into place", tmp.display()))?;
     }
     let create_secs = start.elapsed().as_secs_f64();
+    let c1 = read()?;
 
     let start = Instant::now();
     for p in &finals {
@@ -275,10 +291,16 @@ fn small_files(dir: &Path, count: usize, seed: u64) -> Result<Vec<Phase>> {
         ensure!(len == SMALL_FILE_SIZE as u64, "{}: size {len}", p.display());
     }
     let stat_secs = start.elapsed().as_secs_f64();
+    let c2 = read()?;
 
     let start = Instant::now();
     read_files(&finals)?;
     let read_secs = start.elapsed().as_secs_f64();
+    let c3 = read()?;
+    let per = |a: &Option<Counts>, b: &Option<Counts>| match (a, b) {
+        (Some(a), Some(b)) => Some(per_file(a, b, count)),
+        _ => None,
+    };
 
     // Contents are checked after timing; a leftover temp file means a rename misbehaved.
     check_small_files(&dirs, &finals, &data)?;
@@ -291,6 +313,7 @@ fn small_files(dir: &Path, count: usize, seed: u64) -> Result<Vec<Phase>> {
             max_secs: None,
             amount,
             secs: create_secs,
+            requests: per(&c0, &c1),
         },
         Phase {
             label: format!("small files: stat {count}"),
@@ -298,6 +321,7 @@ fn small_files(dir: &Path, count: usize, seed: u64) -> Result<Vec<Phase>> {
             max_secs: None,
             amount,
             secs: stat_secs,
+            requests: per(&c1, &c2),
         },
         Phase {
             label: format!("small files: read {count}"),
@@ -305,6 +329,7 @@ fn small_files(dir: &Path, count: usize, seed: u64) -> Result<Vec<Phase>> {
             max_secs: None,
             amount,
             secs: read_secs,
+            requests: per(&c2, &c3),
         },
     ])
 }
@@ -443,6 +468,7 @@ fn fsync_write(dir: &Path, size: usize, seed: u64) -> Result<Vec<Phase>> {
         max_secs: None,
         amount: Amount::Bytes(size as u64),
         secs,
+        requests: None,
     }])
 }
 

@@ -230,6 +230,8 @@ pub struct Shared {
     /// Commits so far, counted once each is in the index: a reader that took the count
     /// before reading an inode's row knows whether a commit may have overtaken that read.
     pub(crate) commits: AtomicU64,
+    /// FUSE requests served, by kind, for every mount of the daemon.
+    pub(crate) requests: crate::requests::RequestCounts,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -380,6 +382,7 @@ impl KcacheFs {
             quota: crate::evict::QuotaState::new(limits),
             peers: Mutex::new(Vec::new()),
             commits: AtomicU64::new(0),
+            requests: Default::default(),
         });
         KcacheFs::with_shared(store, volume, read_only, shared)
     }
@@ -1790,6 +1793,11 @@ impl KcacheFs {
 
     /// How long the kernel may cache entries and attributes: everything changes through this
     /// daemon, which tells the kernel when it changes something behind its back.
+    /// FUSE requests served so far, by kind (every mount of the daemon together).
+    pub fn requests(&self) -> &crate::requests::RequestCounts {
+        &self.shared.requests
+    }
+
     pub fn ttl(&self) -> Duration {
         Duration::from_secs(3600)
     }

@@ -26,6 +26,7 @@ use kcache_store::Kind;
 
 use crate::core::{Attr, Backing, BackingToken, Ctx, IoMode, KcacheFs, SetAttrIn, TimeSet};
 use crate::error::Errno;
+use crate::requests::Op;
 
 /// The fuser `Filesystem` for one mounted volume.
 pub struct KcacheFuse {
@@ -249,7 +250,25 @@ impl Filesystem for KcacheFuse {
         self.fs.flush_all();
     }
 
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.fs.requests().count(Op::Opendir);
+        reply.opened(FileHandle(0), FopenFlags::empty());
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.requests().count(Op::Releasedir);
+        reply.ok();
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.fs.requests().count(Op::Lookup);
         match self.fs.lookup(parent.0, name) {
             Ok(a) => reply.entry(&self.fs.ttl(), &fattr(&a), Generation(0)),
             Err(e) if e == Errno::ENOENT => {
@@ -263,10 +282,12 @@ impl Filesystem for KcacheFuse {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.requests().count(Op::Forget);
         self.fs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.fs.requests().count(Op::Getattr);
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&self.fs.ttl(), &fattr(&a)),
             Err(e) => reply.error(ferr(e)),
@@ -291,6 +312,7 @@ impl Filesystem for KcacheFuse {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.fs.requests().count(Op::Setattr);
         let t = |t: Option<TimeOrNow>| {
             t.map(|t| match t {
                 TimeOrNow::Now => TimeSet::Now,
@@ -312,6 +334,7 @@ impl Filesystem for KcacheFuse {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.fs.requests().count(Op::Readlink);
         match self.fs.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(ferr(e)),
@@ -328,6 +351,7 @@ impl Filesystem for KcacheFuse {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.fs.requests().count(Op::Mknod);
         self.reply_entry(reply, self.fs.mknod(parent.0, name, mode, rdev, ctx(req)));
     }
 
@@ -340,14 +364,17 @@ impl Filesystem for KcacheFuse {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        self.fs.requests().count(Op::Mkdir);
         self.reply_entry(reply, self.fs.mkdir(parent.0, name, mode, ctx(req)));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.fs.requests().count(Op::Unlink);
         reply_empty(reply, self.fs.unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.fs.requests().count(Op::Rmdir);
         reply_empty(reply, self.fs.rmdir(parent.0, name));
     }
 
@@ -359,6 +386,7 @@ impl Filesystem for KcacheFuse {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        self.fs.requests().count(Op::Symlink);
         let r = self
             .fs
             .symlink(parent.0, link_name, target.as_os_str(), ctx(req));
@@ -375,6 +403,7 @@ impl Filesystem for KcacheFuse {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.fs.requests().count(Op::Rename);
         let r = self
             .fs
             .rename(parent.0, name, newparent.0, newname, flags.bits());
@@ -389,10 +418,12 @@ impl Filesystem for KcacheFuse {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        self.fs.requests().count(Op::Link);
         self.reply_entry(reply, self.fs.link(ino.0, newparent.0, newname));
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.fs.requests().count(Op::Open);
         match self.fs.open_nowait(ino.0, flags.0, Some(&OpenReg(&reply))) {
             Err(e) if e == Errno::WOULD_BLOCK => {
                 // The content must be downloaded first: wait on a thread of our own, so the
@@ -418,6 +449,7 @@ impl Filesystem for KcacheFuse {
         _lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.fs.requests().count(Op::Read);
         match self.fs.read_nowait(fh.0, offset, size) {
             Err(e) if e == Errno::WOULD_BLOCK => {
                 // Part of a file still downloading: wait for it off the request threads.
@@ -444,6 +476,7 @@ impl Filesystem for KcacheFuse {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.fs.requests().count(Op::Write);
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(ferr(e)),
@@ -458,6 +491,7 @@ impl Filesystem for KcacheFuse {
         _lock: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.fs.requests().count(Op::Flush);
         // Nothing to do at close(2): writes are already in the staging file and commits happen
         // at release. ENOSYS tells the kernel to stop sending FLUSH, saving a round trip on
         // every close.
@@ -474,6 +508,7 @@ impl Filesystem for KcacheFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.fs.requests().count(Op::Release);
         reply_empty(reply, self.fs.release(fh.0));
     }
 
@@ -485,6 +520,7 @@ impl Filesystem for KcacheFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.fs.requests().count(Op::Fsync);
         reply_empty(reply, self.fs.fsync(fh.0));
     }
 
@@ -496,6 +532,7 @@ impl Filesystem for KcacheFuse {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.fs.requests().count(Op::Readdir);
         let res = self
             .fs
             .readdir(ino.0, offset, false, |ino, off, kind, name, _| {
@@ -515,6 +552,7 @@ impl Filesystem for KcacheFuse {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.fs.requests().count(Op::Readdirplus);
         let ttl = self.fs.ttl();
         let res = self
             .fs
@@ -540,10 +578,12 @@ impl Filesystem for KcacheFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.fs.requests().count(Op::Fsyncdir);
         reply_empty(reply, self.fs.fsyncdir());
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.fs.requests().count(Op::Statfs);
         match self.fs.statfs() {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
@@ -562,10 +602,12 @@ impl Filesystem for KcacheFuse {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.fs.requests().count(Op::Setxattr);
         reply_empty(reply, self.fs.setxattr(ino.0, name, value, flags));
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.fs.requests().count(Op::Getxattr);
         match self.fs.getxattr(ino.0, name) {
             Ok(v) => xattr_reply(reply, size, &v),
             Err(e) => reply.error(ferr(e)),
@@ -573,6 +615,7 @@ impl Filesystem for KcacheFuse {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.fs.requests().count(Op::Listxattr);
         match self.fs.listxattr(ino.0) {
             Ok(v) => xattr_reply(reply, size, &v),
             Err(e) => reply.error(ferr(e)),
@@ -580,10 +623,12 @@ impl Filesystem for KcacheFuse {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.fs.requests().count(Op::Removexattr);
         reply_empty(reply, self.fs.removexattr(ino.0, name));
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        self.fs.requests().count(Op::Access);
         reply_empty(reply, self.fs.access(ino.0, mask.bits(), ctx(req)));
     }
 
@@ -598,6 +643,7 @@ impl Filesystem for KcacheFuse {
         _out_size: u32,
         reply: fuser::ReplyIoctl,
     ) {
+        self.fs.requests().count(Op::Ioctl);
         reply.error(FErrno::from_i32(libc::ENOTTY));
     }
 
@@ -611,6 +657,7 @@ impl Filesystem for KcacheFuse {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.fs.requests().count(Op::Fallocate);
         reply_empty(reply, self.fs.fallocate(fh.0, offset, length, mode));
     }
 
@@ -623,6 +670,7 @@ impl Filesystem for KcacheFuse {
         whence: i32,
         reply: fuser::ReplyLseek,
     ) {
+        self.fs.requests().count(Op::Lseek);
         // Only SEEK_DATA and SEEK_HOLE come here (the kernel does the rest), for every kind
         // of handle: Linux has no passthrough for lseek.
         match self.fs.lseek(fh.0, offset, whence) {
@@ -644,6 +692,7 @@ impl Filesystem for KcacheFuse {
         _flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        self.fs.requests().count(Op::CopyFileRange);
         // ENOSYS: the kernel falls back to an ordinary read/write copy.
         reply.error(FErrno::ENOSYS);
     }
@@ -656,6 +705,7 @@ impl Filesystem for KcacheFuse {
         _idx: u64,
         reply: fuser::ReplyBmap,
     ) {
+        self.fs.requests().count(Op::Bmap);
         reply.error(FErrno::ENOSYS);
     }
 
@@ -669,6 +719,7 @@ impl Filesystem for KcacheFuse {
         _flags: fuser::PollFlags,
         reply: fuser::ReplyPoll,
     ) {
+        self.fs.requests().count(Op::Poll);
         reply.error(FErrno::ENOSYS);
     }
 
@@ -682,6 +733,7 @@ impl Filesystem for KcacheFuse {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        self.fs.requests().count(Op::Create);
         let c = ctx(req);
         match self
             .fs

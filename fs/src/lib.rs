@@ -6,6 +6,7 @@ pub mod core;
 pub mod error;
 pub mod evict;
 pub mod fuse;
+pub mod requests;
 
 pub use crate::core::{
     Attr, Backing, BackingToken, Ctx, IoMode, KcacheFs, KernelCache, Opened, SetAttrIn, Shared,
@@ -13,3 +14,4 @@ pub use crate::core::{
 };
 pub use crate::error::{Errno, Result};
 pub use crate::fuse::{KcacheFuse, NotifierCache};
+pub use crate::requests::{Op, RequestCounts};

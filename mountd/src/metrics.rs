@@ -7,7 +7,8 @@ use anyhow::{anyhow, Result};
 use kcache_fs::KcacheFs;
 use kcache_store::Store;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
@@ -119,6 +120,20 @@ pub fn render(fs: &KcacheFs, reader: &Store) -> Result<String> {
         st.bytes_read,
     );
     counter(&mut reg, "written_bytes", "Bytes written", st.bytes_written);
+    // One series per request kind the kernel has sent (kinds never sent are left out).
+    let requests = Family::<Vec<(String, String)>, Counter>::default();
+    for (op, n) in fs.requests().snapshot() {
+        if n > 0 {
+            requests
+                .get_or_create(&vec![("op".to_owned(), op.name().to_owned())])
+                .inc_by(n);
+        }
+    }
+    reg.register(
+        "fuse_requests",
+        "FUSE requests served, by kind (the FUSE opcode)",
+        requests,
+    );
     let mut out = String::new();
     encode(&mut out, &reg)?;
     Ok(out)

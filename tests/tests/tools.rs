@@ -232,6 +232,12 @@ fn import_of_a_real_pip_cache_dedups_and_metrics_count_it() {
         s["opens"].as_u64().unwrap() >= 1 && s["bytes_written"].as_u64().unwrap() > 0,
         "{s}"
     );
+    // The FUSE requests the import and the read cost, by kind: at least a create and a
+    // write per imported file, and the open of the read above.
+    let kind = |op: &str| metric(&text, &format!("kcache_fuse_requests_total{{op=\"{op}\"}}"));
+    let files = first["files"].as_u64().unwrap();
+    assert!(kind("create") >= files, "creates < {files} files:\n{text}");
+    assert!(kind("write") >= 1 && kind("open") >= 1, "{text}");
     assert!(http_get(&addr, "/other").contains(" 404 "));
 }
 
