@@ -698,3 +698,109 @@ fn a_commit_whose_transaction_fails_is_retried_from_the_same_staged_bytes() {
     let v = fs.store().verify(|_, _| {}).unwrap();
     assert!(v.is_clean() && v.stray_removed == 0, "{v:?}");
 }
+
+/// Copies an upstream directory (blobs, manifests, tags).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+/// Two filesystems (two mounts' volumes) of one store with different upstreams: each
+/// fetches from its own, whichever was set last; a sibling given none fetches nothing. File
+/// p's blob is only on upstream A, q's only on B; both volumes hold both files.
+#[test]
+fn each_filesystem_fetches_from_its_own_upstreams() {
+    use kcache_store::{FetchConfig, Remote, Upstream};
+    let dir = tempfile::tempdir().unwrap();
+    let (p_data, q_data): (Vec<u8>, Vec<u8>) = (
+        (0..300_000u32).map(|i| (i % 251) as u8).collect(),
+        (0..300_000u32).map(|i| (i % 241) as u8).collect(),
+    );
+    let (up_a, up_b) = (dir.path().join("up-a"), dir.path().join("up-b"));
+    let url_a = format!("file://{}", up_a.display());
+    let url_b = format!("file://{}", up_b.display());
+    {
+        let store = Arc::new(Store::open(&dir.path().join("a")).unwrap());
+        let vol = store.volume("default", true, 0, 0).unwrap();
+        let fs = KcacheFs::new(store.clone(), vol, false);
+        write_file(&fs, ROOT_INO, "p", &p_data);
+        write_file(&fs, ROOT_INO, "q", &q_data);
+        store
+            .push(
+                &Upstream::parse(&url_a).unwrap(),
+                "default",
+                "default",
+                None,
+                &mut |_| {},
+            )
+            .unwrap();
+    }
+    copy_dir(&up_a, &up_b);
+    let remote = |url: &str| {
+        Arc::new(Remote::new(vec![Upstream::parse(url).unwrap()], FetchConfig::default()).unwrap())
+    };
+    let store = Arc::new(Store::open(&dir.path().join("b")).unwrap());
+    for v in ["one", "two"] {
+        store.pull(&remote(&url_a), "default", v, &[]).unwrap();
+    }
+    let blob_of = |name: &[u8]| {
+        let v = store.volume("one", false, 0, 0).unwrap();
+        let h = store.lookup(v.root, name).unwrap().blob.unwrap();
+        let hex = h.to_hex();
+        format!("blobs/{}/{hex}", &hex[..2])
+    };
+    std::fs::remove_file(up_a.join(blob_of(b"q"))).unwrap();
+    std::fs::remove_file(up_b.join(blob_of(b"p"))).unwrap();
+
+    let one = KcacheFs::new(
+        store.clone(),
+        store.volume("one", false, 0, 0).unwrap(),
+        false,
+    )
+    .with_remote(Some(remote(&url_a)));
+    // Made after `one`, as a later mount is: its upstreams must not become `one`'s.
+    let two = one
+        .sibling(store.volume("two", false, 0, 0).unwrap(), false)
+        .with_remote(Some(remote(&url_b)));
+    let none = one.sibling(store.volume("one", false, 0, 0).unwrap(), false);
+    assert!(none.remote().is_none(), "a sibling inherited upstreams");
+    let ino = |fs: &KcacheFs, name: &str| fs.lookup(ROOT_INO, OsStr::new(name)).unwrap().ino;
+    // Without upstreams an open may succeed (the blob file is opened at the first read);
+    // the read fails then.
+    let open_err = |fs: &KcacheFs, name: &str| {
+        let o = fs.open(ino(fs, name), libc::O_RDONLY, None)?;
+        let res = fs.read(o.fh, 0, 1 << 20);
+        fs.release(o.fh).unwrap();
+        res.map(drop)
+    };
+
+    assert_eq!(
+        open_err(&none, "p").unwrap_err(),
+        Errno::EIO,
+        "fetched with no upstreams"
+    );
+    assert_eq!(
+        open_err(&one, "q").unwrap_err(),
+        Errno::EIO,
+        "one fetched q from B's upstreams"
+    );
+    assert_eq!(
+        open_err(&two, "p").unwrap_err(),
+        Errno::EIO,
+        "two fetched p from A's upstreams"
+    );
+    assert!(read_all(&one, ino(&one, "p")) == p_data);
+    assert!(read_all(&two, ino(&two, "q")) == q_data);
+    // The blobs are the store's: local now for every volume.
+    assert!(read_all(&one, ino(&one, "q")) == q_data);
+    assert!(read_all(&two, ino(&two, "p")) == p_data);
+    assert!(read_all(&none, ino(&none, "p")) == p_data);
+}
