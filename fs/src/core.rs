@@ -1107,6 +1107,7 @@ impl KcacheFs {
         // gate; then fetch again.
         let remote = self.remote.as_ref();
         let mut attempt = 0;
+        let mut refetched = false;
         loop {
             let (blob, size) = if remote.is_some() && !trunc {
                 let inode = self.store.get(ino)?;
@@ -1137,16 +1138,26 @@ impl KcacheFs {
                         return Err(e);
                     }
                 }
+                let mut retry = false;
                 let fetched = self.store.fetch(h, remote).and_then(|l| match l {
                     Some(l) if !writable && l.streamable() => Ok(Some(Arc::new(l))),
-                    Some(l) => l.wait(&|| pid_alive(pid)).map(|()| {
-                        waited = true;
-                        None
-                    }),
+                    Some(l) => l
+                        .wait(&|| pid_alive(pid))
+                        .map(|()| {
+                            waited = true;
+                            None
+                        })
+                        .inspect_err(|_| retry = l.may_retry_with_own_upstreams()),
                     None => Ok(None),
                 });
                 match fetched {
                     Ok(l) => lease = l,
+                    // The download joined came from another mount's upstreams and failed
+                    // there: once more, from this mount's own.
+                    Err(_) if retry && !refetched => {
+                        refetched = true;
+                        continue;
+                    }
                     Err(e) => {
                         tracing::error!(ino, error = %e, "open failed");
                         // No room is said as such; every other failure to fetch is EIO.

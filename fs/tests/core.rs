@@ -804,3 +804,71 @@ fn each_filesystem_fetches_from_its_own_upstreams() {
     assert!(read_all(&two, ino(&two, "p")) == p_data);
     assert!(read_all(&none, ino(&none, "p")) == p_data);
 }
+
+/// An open that joins a download another filesystem started from its own upstreams, and
+/// that fails there (a hung upstream, given up after its bound), is not failed with it: it
+/// fetches from its own filesystem's upstreams. The other filesystem's open fails (EIO).
+#[test]
+fn an_open_that_joined_another_filesystems_failed_download_fetches_from_its_own() {
+    use kcache_store::{FetchConfig, Remote, Upstream};
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 239) as u8).collect();
+    let up = dir.path().join("up");
+    let url = format!("file://{}", up.display());
+    {
+        let store = Arc::new(Store::open(&dir.path().join("a")).unwrap());
+        let vol = store.volume("default", true, 0, 0).unwrap();
+        let fs = KcacheFs::new(store.clone(), vol, false);
+        write_file(&fs, ROOT_INO, "f", &data);
+        store
+            .push(
+                &Upstream::parse(&url).unwrap(),
+                "default",
+                "default",
+                None,
+                &mut |_| {},
+            )
+            .unwrap();
+    }
+    let remote = |url: &str, secs| {
+        let config = FetchConfig {
+            timeout: std::time::Duration::from_secs(secs),
+        };
+        Arc::new(Remote::new(vec![Upstream::parse(url).unwrap()], config).unwrap())
+    };
+    let store = Arc::new(Store::open(&dir.path().join("b")).unwrap());
+    for v in ["one", "two"] {
+        store.pull(&remote(&url, 30), "default", v, &[]).unwrap();
+    }
+    let v = store.volume("one", false, 0, 0).unwrap();
+    let h = store.lookup(v.root, b"f").unwrap().blob.unwrap();
+    // Accepts connections (the backlog), never answers.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_url = format!("http://{}", hung.local_addr().unwrap());
+    let one = KcacheFs::new(store.clone(), v, false).with_remote(Some(remote(&hung_url, 2)));
+    let two = one
+        .sibling(store.volume("two", false, 0, 0).unwrap(), false)
+        .with_remote(Some(remote(&url, 30)));
+    let ino = |fs: &KcacheFs| fs.lookup(ROOT_INO, OsStr::new("f")).unwrap().ino;
+    let (ino_one, ino_two) = (ino(&one), ino(&two));
+    std::thread::scope(|s| {
+        let first = s.spawn(|| {
+            one.open(ino_one, libc::O_RDONLY, None)
+                .map(|o| one.release(o.fh).unwrap())
+        });
+        let t = std::time::Instant::now();
+        while !store.is_fetching(&h) {
+            assert!(t.elapsed().as_secs() < 10, "one's download never started");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let t = std::time::Instant::now();
+        assert!(read_all(&two, ino_two) == data, "two: wrong bytes");
+        assert!(
+            t.elapsed() >= std::time::Duration::from_millis(1500),
+            "read at once: one's download was not joined ({:?})",
+            t.elapsed()
+        );
+        assert_eq!(first.join().unwrap(), Err(Errno::EIO), "one: the hung open");
+    });
+    assert!(read_all(&one, ino_one) == data, "one: local now");
+}

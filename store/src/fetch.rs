@@ -59,6 +59,8 @@ pub struct Flight {
     /// The verified outboard; set (to `None` for whole-blob verification) before streaming.
     cvs: OnceLock<Option<Vec<ChainingValue>>>,
     timeout: Duration,
+    /// Where it streams from: the upstreams of the request that started it.
+    remote: Arc<Remote>,
     st: Mutex<FState>,
     cv: Condvar,
     /// The errno of a local failure to keep the download (ENOSPC, EIO), 0 if none: waiters
@@ -136,6 +138,7 @@ impl Store {
                 path,
                 cvs: OnceLock::new(),
                 timeout: remote.config.timeout,
+                remote: remote.clone(),
                 st: Mutex::new(FState {
                     have: vec![Have::Missing; groups(size) as usize],
                     frontier: 0,
@@ -151,10 +154,10 @@ impl Store {
             }))
         })?;
         if started {
-            let (store, remote2, f) = (self.clone(), remote.clone(), flight.clone());
+            let (store, f) = (self.clone(), flight.clone());
             let spawned = std::thread::Builder::new()
                 .name("kcache-fetch".into())
-                .spawn(move || f.run(&store, &remote2));
+                .spawn(move || f.run(&store));
             if let Err(e) = spawned {
                 flight.finish(&self.downloads, Err(format!("starting the download: {e}")));
             }
@@ -176,9 +179,18 @@ impl Store {
         remote: &Arc<Remote>,
         alive: &dyn Fn() -> bool,
     ) -> Result<bool> {
-        match self.fetch(h, remote)? {
-            Some(lease) => lease.wait(alive).map(|_| true),
-            None => Ok(false),
+        let mut retried = false;
+        loop {
+            let Some(lease) = self.fetch(h, remote)? else {
+                return Ok(retried);
+            };
+            match lease.wait(alive) {
+                Ok(()) => return Ok(true),
+                // Joined a download from another mount's upstreams that failed there: once
+                // more, from this caller's own (a failed download is never joined again).
+                Err(_) if !retried && lease.may_retry_with_own_upstreams() => retried = true,
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -226,7 +238,8 @@ impl Store {
 
 impl Flight {
     /// The download thread.
-    fn run(self: Arc<Self>, store: &Store, remote: &Arc<Remote>) {
+    fn run(self: Arc<Self>, store: &Store) {
+        let remote = &self.remote;
         let cvs = if outboard::needed(self.size) {
             fetch_outboard(remote, &self.hash, self.size)
         } else {
@@ -598,6 +611,22 @@ impl Lease {
             hash: self.flight.hash,
             reason,
         }
+    }
+
+    /// Whether a fresh request with this lease's own upstreams may succeed where the
+    /// download it joined failed: the download failed at its upstreams (not a local failure:
+    /// no room, a disk error) and was started from other upstreams than this lease's (another
+    /// mount's). A joined download spares a second transfer, but must not cost a mount the
+    /// upstreams it was given.
+    pub fn may_retry_with_own_upstreams(&self) -> bool {
+        let f = &self.flight;
+        let failed = matches!(lock(&f.st).done, Some(Err(_)));
+        let local = f.local_errno.load(std::sync::atomic::Ordering::SeqCst) != 0;
+        let retry = failed && !local && !Arc::ptr_eq(&f.remote, &self.remote);
+        if retry {
+            tracing::info!(hash = %f.hash, "a download joined from other upstreams failed; trying this caller's own");
+        }
+        retry
     }
 
     /// Whether the download has ended (the blob is local, or it failed).

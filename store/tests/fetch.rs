@@ -299,3 +299,37 @@ fn a_downloaded_blob_keeps_its_blocks_of_zeros_as_holes() {
         assert_eq!(f.blob_blocks, Some(meta.blocks()));
     }
 }
+
+/// A download joined from another mount's upstreams that fails there (a hung upstream,
+/// given up after its bound) does not fail a caller whose own upstreams have the blob: it
+/// is fetched again from those.
+#[test]
+fn a_joined_download_that_fails_at_the_other_upstreams_is_fetched_from_ones_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, h, url, data) = pulled(dir.path(), 200_000);
+    // Accepts connections (the backlog), never answers.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_remote = Arc::new(
+        Remote::new(
+            vec![Upstream::parse(&format!("http://{}", hung.local_addr().unwrap())).unwrap()],
+            FetchConfig {
+                timeout: std::time::Duration::from_secs(2),
+            },
+        )
+        .unwrap(),
+    );
+    let first = b.fetch(&h, &hung_remote).unwrap().unwrap();
+    let t = std::time::Instant::now();
+    assert!(b.ensure_local(&h, &remote(&url), &|| true).unwrap());
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(1500),
+        "fetched at once: the hung download was not joined ({:?})",
+        t.elapsed()
+    );
+    assert!(first.wait(&|| true).is_err(), "the hung download succeeded");
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut b.open_blob(&h).unwrap(), &mut got).unwrap();
+    assert!(got == data);
+    drop(first);
+    assert_eq!(staging_files(&dir.path().join("b")), 0);
+}
