@@ -1101,9 +1101,9 @@ impl KcacheFs {
         // Content only an upstream has is fetched first, without any lock held: a download
         // must not hold up eviction or other opens. (Fetched here rather than on a failed
         // open, because daemon-served reads and copy-on-write open the blob only later.)
-        // Filesystems without upstreams skip the lookup. A reader of a blob with an outboard gets
-        // its handle at once and reads while the download goes on; anyone else waits for the
-        // whole blob. Eviction may drop the content again before the open below takes the
+        // Filesystems without upstreams skip the lookup. A reader of a blob with an outboard
+        // gets its handle at once and reads while the download goes on; anyone else waits for
+        // the whole blob. Eviction may drop the content again before the open below takes the
         // gate; then fetch again.
         let remote = self.remote.as_ref();
         let mut attempt = 0;

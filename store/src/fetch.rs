@@ -5,12 +5,13 @@
 //! A download is a `Flight`; everyone who wants the blob holds a `Lease` on it. The store's
 //! `Downloads` table holds the flights, one per blob whichever mount asks (see `downloads`);
 //! the `Remote` a caller passes only says where a download it starts comes from. A background
-//! thread streams the blob from the first of those upstreams that has it. Blobs larger than one group
-//! (see `outboard`) are verified group by group against their outboard, so a reader waits
-//! only for the groups it reads, and a read far ahead of the stream fetches its group with a
-//! ranged request first. Blobs without an outboard (small ones, or an upstream that has none)
-//! are verified whole, and readers wait for the end. The staging file only ever holds verified
-//! groups where a reader can see them; it becomes the local blob once every group is there.
+//! thread streams the blob from the first of those upstreams that has it. Blobs larger than
+//! one group (see `outboard`) are verified group by group against their outboard, so a reader
+//! waits only for the groups it reads, and a read far ahead of the stream fetches its group
+//! with a ranged request first. Blobs without an outboard (small ones, or an upstream that has
+//! none) are verified whole, and readers wait for the end. The staging file only ever holds
+//! verified groups where a reader can see them; it becomes the local blob once every group is
+//! there.
 //!
 //! Time bound: a download that makes no progress for the configured fetch timeout fails, and
 //! so do its readers. Progress (a verified group) restarts the clock, so a large file on a slow
@@ -221,8 +222,8 @@ impl Store {
             .ctx(|| format!("syncing {}", f.path.display()))?;
         // Under the index's lock, which every path that makes a blob local holds: look, then
         // install. Another download of the same blob (one started after this one was
-        // cancelled) or a write of the same bytes may have made it local meanwhile, or its last name may be gone; renaming over that file
-        // would take it from under the index.
+        // cancelled) or a write of the same bytes may have made it local meanwhile, or its
+        // last name may be gone; renaming over that file would take it from under the index.
         let conn = self.conn();
         let state = crate::lifecycle::row(&conn, &f.hash)?.map(|r| r.state);
         if state != Some(BlobState::RemoteOnly) {
