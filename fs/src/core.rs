@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kcache_store::{
-    Counter, Hash, Ino, Inode, Kind, Lease, Limits, NewNode, SetAttr, Staged, Store, StreamHasher,
-    VolumeInfo,
+    Counter, Hash, Ino, Inode, Kind, Lease, Limits, NewNode, Remote, SetAttr, Staged, Store,
+    StreamHasher, VolumeInfo,
 };
 
 use crate::error::{Errno, Result};
@@ -215,6 +215,12 @@ pub struct KcacheFs {
     /// Blob whose pages the kernel may still cache for an inode, to set keep_cache on reopen.
     page_cache: Mutex<HashMap<Ino, Hash>>,
     pub(crate) kernel_cache: Mutex<Option<Arc<dyn KernelCache>>>,
+    /// Where this filesystem fetches content only an upstream has: its mount's `upstream=`
+    /// options, or the store's remembered upstreams (set by the daemon, `with_remote`).
+    /// Per filesystem, so one mount's upstreams never change another's; the downloads
+    /// themselves are the store's, shared by every mount. `None`: remote-only content
+    /// cannot be fetched here (opens of it fail with EIO).
+    remote: Option<Arc<Remote>>,
     /// What all mounts of one store share: the eviction gate, the limits and the evictor's
     /// state, and the list of mounted filesystems (to check open files across all of them).
     pub(crate) shared: Arc<Shared>,
@@ -387,7 +393,20 @@ impl KcacheFs {
         KcacheFs::with_shared(store, volume, read_only, shared)
     }
 
-    /// Another volume of the same store, sharing eviction and limits with `self`.
+    /// Fetches content only an upstream has from `remote` (see the field). A builder step,
+    /// before the filesystem is shared: a mount's upstreams are fixed for its life.
+    pub fn with_remote(mut self, remote: Option<Arc<Remote>>) -> KcacheFs {
+        self.remote = remote;
+        self
+    }
+
+    /// Where this filesystem fetches from, if anywhere.
+    pub fn remote(&self) -> Option<&Arc<Remote>> {
+        self.remote.as_ref()
+    }
+
+    /// Another volume of the same store, sharing eviction and limits with `self`. It has no
+    /// upstreams of its own until given some (`with_remote`): `self`'s are not inherited.
     pub fn sibling(&self, volume: VolumeInfo, read_only: bool) -> KcacheFs {
         KcacheFs::with_shared(self.store.clone(), volume, read_only, self.shared.clone())
     }
@@ -410,6 +429,7 @@ impl KcacheFs {
             handles: Mutex::new(HashMap::new()),
             page_cache: Mutex::new(HashMap::new()),
             kernel_cache: Mutex::new(None),
+            remote: None,
         }
     }
 
@@ -1084,14 +1104,15 @@ impl KcacheFs {
         // Content only an upstream has is fetched first, without any lock held: a download
         // must not hold up eviction or other opens. (Fetched here rather than on a failed
         // open, because daemon-served reads and copy-on-write open the blob only later.)
-        // Stores without upstreams skip the lookup. A reader of a blob with an outboard gets
-        // its handle at once and reads while the download goes on; anyone else waits for the
-        // whole blob. Eviction may drop the content again before the open below takes the
+        // Filesystems without upstreams skip the lookup. A reader of a blob with an outboard
+        // gets its handle at once and reads while the download goes on; anyone else waits for
+        // the whole blob. Eviction may drop the content again before the open below takes the
         // gate; then fetch again.
-        let fetching = self.store.remote().is_some();
+        let remote = self.remote.as_ref();
         let mut attempt = 0;
+        let mut refetched = false;
         loop {
-            let (blob, size) = if fetching && !trunc {
+            let (blob, size) = if remote.is_some() && !trunc {
                 let inode = self.store.get(ino)?;
                 (inode.blob, inode.size)
             } else {
@@ -1099,7 +1120,7 @@ impl KcacheFs {
             };
             let mut lease = None;
             let mut waited = false;
-            if let Some(h) = &blob {
+            if let (Some(h), Some(remote)) = (&blob, remote) {
                 let remote_only = self.store.is_remote_only(h);
                 let Some(pid) = wait else {
                     if remote_only {
@@ -1120,16 +1141,26 @@ impl KcacheFs {
                         return Err(e);
                     }
                 }
-                let fetched = self.store.fetch(h).and_then(|l| match l {
+                let mut retry = false;
+                let fetched = self.store.fetch(h, remote).and_then(|l| match l {
                     Some(l) if !writable && l.streamable() => Ok(Some(Arc::new(l))),
-                    Some(l) => l.wait(&|| pid_alive(pid)).map(|()| {
-                        waited = true;
-                        None
-                    }),
+                    Some(l) => l
+                        .wait(&|| pid_alive(pid))
+                        .map(|()| {
+                            waited = true;
+                            None
+                        })
+                        .inspect_err(|_| retry = l.may_retry_with_own_upstreams()),
                     None => Ok(None),
                 });
                 match fetched {
                     Ok(l) => lease = l,
+                    // The download joined came from another mount's upstreams and failed
+                    // there: once more, from this mount's own.
+                    Err(_) if retry && !refetched => {
+                        refetched = true;
+                        continue;
+                    }
                     Err(e) => {
                         tracing::error!(ino, error = %e, "open failed");
                         // No room is said as such; every other failure to fetch is EIO.

@@ -698,3 +698,177 @@ fn a_commit_whose_transaction_fails_is_retried_from_the_same_staged_bytes() {
     let v = fs.store().verify(|_, _| {}).unwrap();
     assert!(v.is_clean() && v.stray_removed == 0, "{v:?}");
 }
+
+/// Copies an upstream directory (blobs, manifests, tags).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+/// Two filesystems (two mounts' volumes) of one store with different upstreams: each
+/// fetches from its own, whichever was set last; a sibling given none fetches nothing. File
+/// p's blob is only on upstream A, q's only on B; both volumes hold both files.
+#[test]
+fn each_filesystem_fetches_from_its_own_upstreams() {
+    use kcache_store::{FetchConfig, Remote, Upstream};
+    let dir = tempfile::tempdir().unwrap();
+    let (p_data, q_data): (Vec<u8>, Vec<u8>) = (
+        (0..300_000u32).map(|i| (i % 251) as u8).collect(),
+        (0..300_000u32).map(|i| (i % 241) as u8).collect(),
+    );
+    let (up_a, up_b) = (dir.path().join("up-a"), dir.path().join("up-b"));
+    let url_a = format!("file://{}", up_a.display());
+    let url_b = format!("file://{}", up_b.display());
+    {
+        let store = Arc::new(Store::open(&dir.path().join("a")).unwrap());
+        let vol = store.volume("default", true, 0, 0).unwrap();
+        let fs = KcacheFs::new(store.clone(), vol, false);
+        write_file(&fs, ROOT_INO, "p", &p_data);
+        write_file(&fs, ROOT_INO, "q", &q_data);
+        store
+            .push(
+                &Upstream::parse(&url_a).unwrap(),
+                "default",
+                "default",
+                None,
+                &mut |_| {},
+            )
+            .unwrap();
+    }
+    copy_dir(&up_a, &up_b);
+    let remote = |url: &str| {
+        Arc::new(Remote::new(vec![Upstream::parse(url).unwrap()], FetchConfig::default()).unwrap())
+    };
+    let store = Arc::new(Store::open(&dir.path().join("b")).unwrap());
+    for v in ["one", "two"] {
+        store.pull(&remote(&url_a), "default", v, &[]).unwrap();
+    }
+    let blob_of = |name: &[u8]| {
+        let v = store.volume("one", false, 0, 0).unwrap();
+        let h = store.lookup(v.root, name).unwrap().blob.unwrap();
+        let hex = h.to_hex();
+        format!("blobs/{}/{hex}", &hex[..2])
+    };
+    std::fs::remove_file(up_a.join(blob_of(b"q"))).unwrap();
+    std::fs::remove_file(up_b.join(blob_of(b"p"))).unwrap();
+
+    let one = KcacheFs::new(
+        store.clone(),
+        store.volume("one", false, 0, 0).unwrap(),
+        false,
+    )
+    .with_remote(Some(remote(&url_a)));
+    // Made after `one`, as a later mount is: its upstreams must not become `one`'s.
+    let two = one
+        .sibling(store.volume("two", false, 0, 0).unwrap(), false)
+        .with_remote(Some(remote(&url_b)));
+    let none = one.sibling(store.volume("one", false, 0, 0).unwrap(), false);
+    assert!(none.remote().is_none(), "a sibling inherited upstreams");
+    let ino = |fs: &KcacheFs, name: &str| fs.lookup(ROOT_INO, OsStr::new(name)).unwrap().ino;
+    // Without upstreams an open may succeed (the blob file is opened at the first read);
+    // the read fails then.
+    let open_err = |fs: &KcacheFs, name: &str| {
+        let o = fs.open(ino(fs, name), libc::O_RDONLY, None)?;
+        let res = fs.read(o.fh, 0, 1 << 20);
+        fs.release(o.fh).unwrap();
+        res.map(drop)
+    };
+
+    assert_eq!(
+        open_err(&none, "p").unwrap_err(),
+        Errno::EIO,
+        "fetched with no upstreams"
+    );
+    assert_eq!(
+        open_err(&one, "q").unwrap_err(),
+        Errno::EIO,
+        "one fetched q from B's upstreams"
+    );
+    assert_eq!(
+        open_err(&two, "p").unwrap_err(),
+        Errno::EIO,
+        "two fetched p from A's upstreams"
+    );
+    assert!(read_all(&one, ino(&one, "p")) == p_data);
+    assert!(read_all(&two, ino(&two, "q")) == q_data);
+    // The blobs are the store's: local now for every volume.
+    assert!(read_all(&one, ino(&one, "q")) == q_data);
+    assert!(read_all(&two, ino(&two, "p")) == p_data);
+    assert!(read_all(&none, ino(&none, "p")) == p_data);
+}
+
+/// An open that joins a download another filesystem started from its own upstreams, and
+/// that fails there (a hung upstream, given up after its bound), is not failed with it: it
+/// fetches from its own filesystem's upstreams. The other filesystem's open fails (EIO).
+#[test]
+fn an_open_that_joined_another_filesystems_failed_download_fetches_from_its_own() {
+    use kcache_store::{FetchConfig, Remote, Upstream};
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 239) as u8).collect();
+    let up = dir.path().join("up");
+    let url = format!("file://{}", up.display());
+    {
+        let store = Arc::new(Store::open(&dir.path().join("a")).unwrap());
+        let vol = store.volume("default", true, 0, 0).unwrap();
+        let fs = KcacheFs::new(store.clone(), vol, false);
+        write_file(&fs, ROOT_INO, "f", &data);
+        store
+            .push(
+                &Upstream::parse(&url).unwrap(),
+                "default",
+                "default",
+                None,
+                &mut |_| {},
+            )
+            .unwrap();
+    }
+    let remote = |url: &str, secs| {
+        let config = FetchConfig {
+            timeout: std::time::Duration::from_secs(secs),
+        };
+        Arc::new(Remote::new(vec![Upstream::parse(url).unwrap()], config).unwrap())
+    };
+    let store = Arc::new(Store::open(&dir.path().join("b")).unwrap());
+    for v in ["one", "two"] {
+        store.pull(&remote(&url, 30), "default", v, &[]).unwrap();
+    }
+    let v = store.volume("one", false, 0, 0).unwrap();
+    let h = store.lookup(v.root, b"f").unwrap().blob.unwrap();
+    // Accepts connections (the backlog), never answers.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_url = format!("http://{}", hung.local_addr().unwrap());
+    let one = KcacheFs::new(store.clone(), v, false).with_remote(Some(remote(&hung_url, 2)));
+    let two = one
+        .sibling(store.volume("two", false, 0, 0).unwrap(), false)
+        .with_remote(Some(remote(&url, 30)));
+    let ino = |fs: &KcacheFs| fs.lookup(ROOT_INO, OsStr::new("f")).unwrap().ino;
+    let (ino_one, ino_two) = (ino(&one), ino(&two));
+    std::thread::scope(|s| {
+        let first = s.spawn(|| {
+            one.open(ino_one, libc::O_RDONLY, None)
+                .map(|o| one.release(o.fh).unwrap())
+        });
+        let t = std::time::Instant::now();
+        while !store.is_fetching(&h) {
+            assert!(t.elapsed().as_secs() < 10, "one's download never started");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let t = std::time::Instant::now();
+        assert!(read_all(&two, ino_two) == data, "two: wrong bytes");
+        assert!(
+            t.elapsed() >= std::time::Duration::from_millis(1500),
+            "read at once: one's download was not joined ({:?})",
+            t.elapsed()
+        );
+        assert_eq!(first.join().unwrap(), Err(Errno::EIO), "one: the hung open");
+    });
+    assert!(read_all(&one, ino_one) == data, "one: local now");
+}

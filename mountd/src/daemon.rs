@@ -346,16 +346,17 @@ fn apply_root_owner(store: &Store, root: kcache_store::Ino, opts: &MountOpts) ->
     Ok(())
 }
 
-/// Sets where remote-only blobs come from: the mount's upstream= options, else the upstreams
-/// remembered from pulls.
-fn apply_upstreams(store: &Store, opts: &MountOpts) -> Result<()> {
+/// Where one mount fetches remote-only blobs from: its upstream= options, else the upstreams
+/// remembered from pulls. For that mount only (its `KcacheFs` holds it): another mount's
+/// options never change it, and the downloads themselves are the store's, shared by all.
+fn mount_remote(store: &Store, opts: &MountOpts) -> Result<Option<Arc<kcache_store::Remote>>> {
     let urls = if opts.upstreams.is_empty() {
         store.upstream_settings()?
     } else {
         opts.upstreams.clone()
     };
     if urls.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let mut config = kcache_store::FetchConfig::default();
     if let Some(s) = opts.fetch_timeout {
@@ -369,8 +370,7 @@ fn apply_upstreams(store: &Store, opts: &MountOpts) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     tracing::info!(upstreams = ?urls, timeout_s = config.timeout.as_secs(), "fetching remote blobs");
-    store.set_remote(kcache_store::Remote::new(ups, config)?);
-    Ok(())
+    Ok(Some(Arc::new(kcache_store::Remote::new(ups, config)?)))
 }
 
 /// Applies the store-wide limits given as mount options (they are kept in the store).
@@ -599,10 +599,12 @@ impl Daemon {
             .with_context(|| format!("opening volume {volume}"))?;
         apply_root_owner(store, info.root, &opts)?;
         apply_limits(&self.primary, &opts)?;
-        if !opts.upstreams.is_empty() {
-            apply_upstreams(store, &opts)?;
-        }
-        let fs = Arc::new(self.primary.sibling(info, opts.read_only));
+        let remote = mount_remote(store, &opts)?;
+        let fs = Arc::new(
+            self.primary
+                .sibling(info, opts.read_only)
+                .with_remote(remote),
+        );
         self.start_session(fs, &mountpoint, &opts)
     }
 
@@ -680,9 +682,9 @@ fn serve(
         .volume(&args.volume, true, uid, gid)
         .with_context(|| format!("opening volume {}", args.volume))?;
     apply_root_owner(&store, volume.root, opts)?;
-    apply_upstreams(&store, opts)?;
+    let remote = mount_remote(&store, opts)?;
     let store = Arc::new(store);
-    let fs = Arc::new(KcacheFs::new(store.clone(), volume, opts.read_only));
+    let fs = Arc::new(KcacheFs::new(store.clone(), volume, opts.read_only).with_remote(remote));
     apply_limits(&fs, opts)?;
     // Long read-only queries (stats, du, metrics) use a connection of their own.
     let reader = Arc::new(

@@ -2,13 +2,16 @@
 //! many want it, streamed into a staging file and verified before anything is served, readable
 //! while it arrives, and cancelled once nobody wants it any more.
 //!
-//! A download is a `Flight`; everyone who wants the blob holds a `Lease` on it. A background
-//! thread streams the blob from the first upstream that has it. Blobs larger than one group
-//! (see `outboard`) are verified group by group against their outboard, so a reader waits
-//! only for the groups it reads, and a read far ahead of the stream fetches its group with a
-//! ranged request first. Blobs without an outboard (small ones, or an upstream that has none)
-//! are verified whole, and readers wait for the end. The staging file only ever holds verified
-//! groups where a reader can see them; it becomes the local blob once every group is there.
+//! A download is a `Flight`; everyone who wants the blob holds a `Lease` on it. The store's
+//! `Downloads` table holds the flights, one per blob whichever mount asks (see `downloads`);
+//! the `Remote` a caller passes only says where a download it starts comes from. A background
+//! thread streams the blob from the first of those upstreams that has it. Blobs larger than
+//! one group (see `outboard`) are verified group by group against their outboard, so a reader
+//! waits only for the groups it reads, and a read far ahead of the stream fetches its group
+//! with a ranged request first. Blobs without an outboard (small ones, or an upstream that has
+//! none) are verified whole, and readers wait for the end. The staging file only ever holds
+//! verified groups where a reader can see them; it becomes the local blob once every group is
+//! there.
 //!
 //! Time bound: a download that makes no progress for the configured fetch timeout fails, and
 //! so do its readers. Progress (a verified group) restarts the clock, so a large file on a slow
@@ -23,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use blake3::hazmat::ChainingValue;
 
+use crate::downloads::{Download, Downloads};
 use crate::error::{Error, IoContext, Result};
 use crate::lifecycle::BlobState;
 use crate::outboard::{self, group_range, groups, GROUP};
@@ -56,6 +60,8 @@ pub struct Flight {
     /// The verified outboard; set (to `None` for whole-blob verification) before streaming.
     cvs: OnceLock<Option<Vec<ChainingValue>>>,
     timeout: Duration,
+    /// Where it streams from: the upstreams of the request that started it.
+    remote: Arc<Remote>,
     st: Mutex<FState>,
     cv: Condvar,
     /// The errno of a local failure to keep the download (ENOSPC, EIO), 0 if none: waiters
@@ -82,7 +88,10 @@ struct FState {
 /// A claim on a download: while any lease is held the download goes on; reads go through it.
 pub struct Lease {
     flight: Arc<Flight>,
+    /// The lease holder's upstreams, for the ranged fetches of its own reads (the stream
+    /// comes from the upstreams of whoever started the download).
     remote: Arc<Remote>,
+    downloads: Arc<Downloads<Flight>>,
 }
 
 /// What a pass over an upstream's stream ended with.
@@ -103,8 +112,10 @@ enum PassError {
 
 impl Store {
     /// Starts, or joins, the download of blob `h` if only an upstream has it; `None` if the
-    /// blob is local (or unknown). The download goes on while the lease is held.
-    pub fn fetch(self: &Arc<Self>, h: &Hash) -> Result<Option<Lease>> {
+    /// blob is local (or unknown). The download goes on while the lease is held. A download
+    /// already under way is joined whoever started it; a new one streams from `remote`'s
+    /// upstreams (the caller's: a mount's own, see `KcacheFs`).
+    pub fn fetch(self: &Arc<Self>, h: &Hash, remote: &Arc<Remote>) -> Result<Option<Lease>> {
         let row = crate::lifecycle::row(&self.conn(), h)?;
         let Some(size) = row
             .filter(|r| r.state == BlobState::RemoteOnly)
@@ -112,104 +123,91 @@ impl Store {
         else {
             return Ok(None);
         };
-        let Some(remote) = self.remote() else {
-            return Err(Error::Fetch {
+        let (flight, started) = self.downloads.join_or_start(h, || {
+            let (file, path) = self.new_staging()?;
+            if let Err(e) = reserve(&file, size) {
+                let _ = fs::remove_file(&path);
+                return Err(Error::io(
+                    format!("reserving {size} bytes for {}", path.display()),
+                    e,
+                ));
+            }
+            Ok(Arc::new(Flight {
                 hash: *h,
-                reason: "only a remote copy exists and this mount has no upstream".into(),
-            });
-        };
-        let mut map = lock(&remote.inflight);
-        if let Some(f) = map.get(h) {
-            let mut st = lock(&f.st);
-            if !st.cancelled && !matches!(st.done, Some(Err(_))) {
-                st.interest += 1;
-                return Ok(Some(Lease {
-                    flight: f.clone(),
-                    remote: remote.clone(),
-                }));
+                size,
+                file,
+                path,
+                cvs: OnceLock::new(),
+                timeout: remote.config.timeout,
+                remote: remote.clone(),
+                st: Mutex::new(FState {
+                    have: vec![Have::Missing; groups(size) as usize],
+                    frontier: 0,
+                    done: None,
+                    interest: 1,
+                    cancelled: false,
+                    complete: false,
+                    range_failures: 0,
+                    progress: Instant::now(),
+                }),
+                cv: Condvar::new(),
+                local_errno: Default::default(),
+            }))
+        })?;
+        if started {
+            let (store, f) = (self.clone(), flight.clone());
+            let spawned = std::thread::Builder::new()
+                .name("kcache-fetch".into())
+                .spawn(move || f.run(&store));
+            if let Err(e) = spawned {
+                flight.finish(&self.downloads, Err(format!("starting the download: {e}")));
             }
         }
-        let (file, path) = self.new_staging()?;
-        if let Err(e) = reserve(&file, size) {
-            let _ = fs::remove_file(&path);
-            return Err(Error::io(
-                format!("reserving {size} bytes for {}", path.display()),
-                e,
-            ));
-        }
-        let flight = Arc::new(Flight {
-            hash: *h,
-            size,
-            file,
-            path,
-            cvs: OnceLock::new(),
-            timeout: remote.config.timeout,
-            st: Mutex::new(FState {
-                have: vec![Have::Missing; groups(size) as usize],
-                frontier: 0,
-                done: None,
-                interest: 1,
-                cancelled: false,
-                complete: false,
-                range_failures: 0,
-                progress: Instant::now(),
-            }),
-            cv: Condvar::new(),
-            local_errno: Default::default(),
-        });
-        map.insert(*h, flight.clone());
-        drop(map);
-        let (store, remote2, f) = (self.clone(), remote.clone(), flight.clone());
-        let spawned = std::thread::Builder::new()
-            .name("kcache-fetch".into())
-            .spawn(move || f.run(&store, &remote2));
-        if let Err(e) = spawned {
-            flight.finish(&remote, Err(format!("starting the download: {e}")));
-        }
-        Ok(Some(Lease { flight, remote }))
+        Ok(Some(Lease {
+            flight,
+            remote: remote.clone(),
+            downloads: self.downloads.clone(),
+        }))
     }
 
-    /// Makes blob `h` local, downloading it if only a remote copy exists (concurrent callers
-    /// share one download), and waits for it. `alive` is asked now and then whether the
-    /// caller still wants it. Returns whether the blob had to be fetched.
-    pub fn ensure_local(self: &Arc<Self>, h: &Hash, alive: &dyn Fn() -> bool) -> Result<bool> {
-        match self.fetch(h)? {
-            Some(lease) => lease.wait(alive).map(|_| true),
-            None => Ok(false),
+    /// Makes blob `h` local, downloading it from `remote`'s upstreams if only a remote copy
+    /// exists (concurrent callers share one download, whatever upstreams they name), and
+    /// waits for it. `alive` is asked now and then whether the caller still wants it.
+    /// Returns whether the blob had to be fetched.
+    pub fn ensure_local(
+        self: &Arc<Self>,
+        h: &Hash,
+        remote: &Arc<Remote>,
+        alive: &dyn Fn() -> bool,
+    ) -> Result<bool> {
+        let mut retried = false;
+        loop {
+            let Some(lease) = self.fetch(h, remote)? else {
+                return Ok(retried);
+            };
+            match lease.wait(alive) {
+                Ok(()) => return Ok(true),
+                // Joined a download from another mount's upstreams that failed there: once
+                // more, from this caller's own (a failed download is never joined again).
+                Err(_) if !retried && lease.may_retry_with_own_upstreams() => retried = true,
+                Err(e) => return Err(e),
+            }
         }
     }
 
-    /// Whether a download of blob `h` is under way (a new open would join it).
+    /// Whether a download of blob `h` is under way (a new open would join it), whichever
+    /// mount started it.
     pub fn is_fetching(&self, h: &Hash) -> bool {
-        self.remote().is_some_and(|r| {
-            lock(&r.inflight)
-                .get(h)
-                .is_some_and(|f| !lock(&f.st).cancelled)
-        })
+        self.downloads.is_fetching(h)
     }
 
     /// Waits, at most `bound`, for downloads whose bytes have all arrived and are being
-    /// synced and adopted: on shutdown, leaving now would throw them away. Unfinished ones
-    /// are not waited for (their staging files go at the next start). Returns how many were
-    /// still being adopted when the bound ran out.
+    /// synced and adopted: on shutdown, leaving now would throw them away. Every download of
+    /// the store counts, whichever mount's upstreams it came from. Unfinished ones are not
+    /// waited for (their staging files go at the next start). Returns how many were still
+    /// being adopted when the bound ran out.
     pub fn drain_fetches(&self, bound: Duration) -> usize {
-        let Some(remote) = self.remote() else {
-            return 0;
-        };
-        let t0 = Instant::now();
-        loop {
-            let n = lock(&remote.inflight)
-                .values()
-                .filter(|f| {
-                    let st = lock(&f.st);
-                    st.complete || (f.cvs().is_some() && st.have.iter().all(|h| *h == Have::Done))
-                })
-                .count();
-            if n == 0 || t0.elapsed() >= bound {
-                return n;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.downloads.drain(bound)
     }
 
     /// Moves a downloaded, verified blob into place (the one install path, `install_blob`,
@@ -224,9 +222,8 @@ impl Store {
             .ctx(|| format!("syncing {}", f.path.display()))?;
         // Under the index's lock, which every path that makes a blob local holds: look, then
         // install. Another download of the same blob (one started after this one was
-        // cancelled, or by another mount's upstreams) or a write of the same bytes may have
-        // made it local meanwhile, or its last name may be gone; renaming over that file
-        // would take it from under the index.
+        // cancelled) or a write of the same bytes may have made it local meanwhile, or its
+        // last name may be gone; renaming over that file would take it from under the index.
         let conn = self.conn();
         let state = crate::lifecycle::row(&conn, &f.hash)?.map(|r| r.state);
         if state != Some(BlobState::RemoteOnly) {
@@ -242,7 +239,8 @@ impl Store {
 
 impl Flight {
     /// The download thread.
-    fn run(self: Arc<Self>, store: &Store, remote: &Arc<Remote>) {
+    fn run(self: Arc<Self>, store: &Store) {
+        let remote = &self.remote;
         let cvs = if outboard::needed(self.size) {
             fetch_outboard(remote, &self.hash, self.size)
         } else {
@@ -265,27 +263,23 @@ impl Flight {
             }
             Err(e) => tracing::warn!(hash = %self.hash, error = %e, "fetch failed"),
         }
-        self.finish(remote, res);
+        self.finish(&store.downloads, res);
     }
 
     /// Records the outcome, wakes everyone, and lets a later open start afresh.
-    fn finish(&self, remote: &Remote, res: std::result::Result<(), String>) {
+    fn finish(&self, downloads: &Downloads<Flight>, res: std::result::Result<(), String>) {
         if res.is_err() {
             let _ = fs::remove_file(&self.path);
         }
-        let mut map = lock(&remote.inflight);
-        let mut st = lock(&self.st);
-        if res.is_ok() {
-            st.have.fill(Have::Done);
-        }
-        st.done = Some(res);
-        if map
-            .get(&self.hash)
-            .is_some_and(|f| std::ptr::eq(&**f, self))
-        {
-            map.remove(&self.hash);
-        }
-        self.cv.notify_all();
+        downloads.settle(&self.hash, self, || {
+            let mut st = lock(&self.st);
+            if res.is_ok() {
+                st.have.fill(Have::Done);
+            }
+            st.done = Some(res);
+            self.cv.notify_all();
+            true
+        });
     }
 
     fn cvs(&self) -> Option<&[ChainingValue]> {
@@ -620,6 +614,22 @@ impl Lease {
         }
     }
 
+    /// Whether a fresh request with this lease's own upstreams may succeed where the
+    /// download it joined failed: the download failed at its upstreams (not a local failure:
+    /// no room, a disk error) and was started from other upstreams than this lease's (another
+    /// mount's). A joined download spares a second transfer, but must not cost a mount the
+    /// upstreams it was given.
+    pub fn may_retry_with_own_upstreams(&self) -> bool {
+        let f = &self.flight;
+        let failed = matches!(lock(&f.st).done, Some(Err(_)));
+        let local = f.local_errno.load(std::sync::atomic::Ordering::SeqCst) != 0;
+        let retry = failed && !local && !Arc::ptr_eq(&f.remote, &self.remote);
+        if retry {
+            tracing::info!(hash = %f.hash, "a download joined from other upstreams failed; trying this caller's own");
+        }
+        retry
+    }
+
     /// Whether the download has ended (the blob is local, or it failed).
     pub fn is_done(&self) -> bool {
         lock(&self.flight.st).done.is_some()
@@ -755,18 +765,38 @@ impl Drop for Lease {
     /// The last lease of an unfinished download cancels it: nobody would read the result.
     fn drop(&mut self) {
         let f = &self.flight;
-        let mut map = lock(&self.remote.inflight);
-        let mut st = lock(&f.st);
-        st.interest -= 1;
-        let whole = st.complete || st.have.iter().all(|h| *h == Have::Done);
-        if st.interest == 0 && st.done.is_none() && !whole {
-            st.cancelled = true;
-            if map.get(&f.hash).is_some_and(|m| Arc::ptr_eq(m, f)) {
-                map.remove(&f.hash);
+        self.downloads.settle(&f.hash, f, || {
+            let mut st = lock(&f.st);
+            st.interest -= 1;
+            let whole = st.complete || st.have.iter().all(|h| *h == Have::Done);
+            if st.interest == 0 && st.done.is_none() && !whole {
+                st.cancelled = true;
+                tracing::info!(hash = %f.hash, "download cancelled: nobody reads it any more");
+                f.cv.notify_all();
+                return true;
             }
-            tracing::info!(hash = %f.hash, "download cancelled: nobody reads it any more");
-            f.cv.notify_all();
+            false
+        });
+    }
+}
+
+impl Download for Flight {
+    fn join(&self) -> bool {
+        let mut st = lock(&self.st);
+        if st.cancelled || matches!(st.done, Some(Err(_))) {
+            return false;
         }
+        st.interest += 1;
+        true
+    }
+
+    fn running(&self) -> bool {
+        !lock(&self.st).cancelled
+    }
+
+    fn keeping(&self) -> bool {
+        let st = lock(&self.st);
+        st.complete || (self.cvs().is_some() && st.have.iter().all(|h| *h == Have::Done))
     }
 }
 

@@ -12,6 +12,7 @@
 
 mod blobs;
 mod codec;
+mod downloads;
 mod error;
 mod faults;
 mod fetch;
@@ -197,7 +198,9 @@ pub struct Store {
     access_seq: AtomicU64,
     pending_access: Mutex<Vec<(Hash, i64)>>,
     pending_counters: [AtomicU64; 3],
-    remote: Mutex<Option<std::sync::Arc<remote::Remote>>>,
+    /// The downloads in flight, whichever mount (and upstreams) started them: one table for
+    /// the store's whole life, so de-duplication and the shutdown drain see every download.
+    downloads: std::sync::Arc<downloads::Downloads<fetch::Flight>>,
     /// Test seam over every protocol step (see `faults`); nothing is armed in production.
     faults: Faults,
 }
@@ -240,7 +243,7 @@ impl Store {
                 access_seq: AtomicU64::new(0),
                 pending_access: Mutex::new(Vec::new()),
                 pending_counters: Default::default(),
-                remote: Mutex::new(None),
+                downloads: Default::default(),
                 faults: Faults::default(),
             });
         }
@@ -296,7 +299,7 @@ impl Store {
             access_seq: AtomicU64::new(0),
             pending_access: Mutex::new(Vec::new()),
             pending_counters: Default::default(),
-            remote: Mutex::new(None),
+            downloads: Default::default(),
             faults: Faults::default(),
         };
         store.recover()?;

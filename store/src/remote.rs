@@ -8,7 +8,7 @@
 //!   BLAKE3 hash of the compressed bytes;
 //! - `tags/<name>`: the hash of a manifest (text), the mutable pointer that `pull` follows.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -17,7 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::fetch::Flight;
 use crate::s3::{S3Error, S3};
 use crate::{Hash, Store};
 
@@ -313,12 +312,15 @@ impl Default for FetchConfig {
     }
 }
 
-/// The upstreams of a store and the downloads in flight.
+/// Where blobs are fetched from: upstreams in order, the fetch settings, and the HTTP client
+/// over them. Only that: the downloads in flight are the store's (`downloads.rs`), so each
+/// mount can have a `Remote` of its own (its `upstream=` options) while every download is
+/// still shared and drained store-wide. Passed to each fetch (`Store::fetch`,
+/// `ensure_local`) and to pushes and pulls.
 pub struct Remote {
     pub upstreams: Vec<Upstream>,
     pub config: FetchConfig,
     pub(crate) client: reqwest::blocking::Client,
-    pub(crate) inflight: Mutex<HashMap<Hash, Arc<Flight>>>,
 }
 
 impl Remote {
@@ -327,7 +329,6 @@ impl Remote {
             client: http_client(&config)?,
             upstreams,
             config,
-            inflight: Mutex::new(HashMap::new()),
         })
     }
 }
@@ -347,15 +348,6 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Store {
-    /// Sets the upstreams blobs are fetched from.
-    pub fn set_remote(&self, remote: Remote) {
-        *lock(&self.remote) = Some(Arc::new(remote));
-    }
-
-    pub fn remote(&self) -> Option<Arc<Remote>> {
-        lock(&self.remote).clone()
-    }
-
     /// True when blob `h` exists only on an upstream right now.
     pub fn is_remote_only(&self, h: &Hash) -> bool {
         // A failed read answers "not remote-only": the caller then opens the blob file, which

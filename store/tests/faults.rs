@@ -110,9 +110,9 @@ impl Scenario {
                 )
                 .map(drop),
             Scenario::Fetch => {
-                s.set_remote(remote(dir));
                 let f = s.lookup(root, b"f")?;
-                s.ensure_local(&f.blob.unwrap(), &|| true).map(drop)
+                s.ensure_local(&f.blob.unwrap(), &remote(dir), &|| true)
+                    .map(drop)
             }
             Scenario::Clone => s.clone_volume("default", "copy").map(drop),
             Scenario::Gc => {
@@ -157,8 +157,8 @@ fn upstream(dir: &Path) -> Upstream {
     Upstream::parse(&format!("file://{}", dir.join("up").display())).unwrap()
 }
 
-fn remote(dir: &Path) -> Remote {
-    Remote::new(vec![upstream(dir)], FetchConfig::default()).unwrap()
+fn remote(dir: &Path) -> Arc<Remote> {
+    Arc::new(Remote::new(vec![upstream(dir)], FetchConfig::default()).unwrap())
 }
 
 /// Reopens the store after a fault and checks everything the crash contract promises.
@@ -185,8 +185,10 @@ fn check(sc: Scenario, dir: &Path, what: &str) {
                         .unwrap_or_else(|| panic!("{what}: {vol}/{name} has no blob"));
                     if s.is_remote_only(&h) {
                         // Recovery for a download cut short: fetch it again.
-                        s.set_remote(remote(dir));
-                        assert!(s.ensure_local(&h, &|| true).unwrap(), "{what}: refetch");
+                        assert!(
+                            s.ensure_local(&h, &remote(dir), &|| true).unwrap(),
+                            "{what}: refetch"
+                        );
                     }
                     let mut got = Vec::new();
                     std::io::Read::read_to_end(
@@ -317,8 +319,7 @@ fn a_remote_only_blob_keeps_its_upstream_state_through_the_lifecycle() {
     let root = s.volume("default", false, 0, 0).unwrap().root;
     let h = s.lookup(root, b"f").unwrap().blob.unwrap();
     assert_eq!(s.blob_state(&h).unwrap(), Some(BlobState::RemoteOnly));
-    s.set_remote(remote(d.path()));
-    assert!(s.ensure_local(&h, &|| true).unwrap());
+    assert!(s.ensure_local(&h, &remote(d.path()), &|| true).unwrap());
     assert_eq!(
         s.blob_state(&h).unwrap(),
         Some(BlobState::Local { upstream: true })

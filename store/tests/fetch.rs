@@ -39,9 +39,10 @@ fn pulled_with(
     (b, h, url, data)
 }
 
-fn set_upstream(store: &Store, url: &str) {
+/// Where a fetch comes from: the one upstream at `url`.
+fn remote(url: &str) -> Arc<Remote> {
     let up = Upstream::parse(url).unwrap();
-    store.set_remote(Remote::new(vec![up], FetchConfig::default()).unwrap());
+    Arc::new(Remote::new(vec![up], FetchConfig::default()).unwrap())
 }
 
 fn staging_files(store_dir: &std::path::Path) -> usize {
@@ -94,36 +95,157 @@ fn slow_server(root: std::path::PathBuf, per_chunk: std::time::Duration) -> Stri
     url
 }
 
-/// Two downloads of one blob that do not know of each other (the upstreams were set again
-/// between the two opens, as a mount with its own `upstream=` does): the slow one finishes
-/// after the fast one made the blob local, and must leave that blob file alone rather than
-/// rename over it (and then remove it, leaving the index pointing at nothing).
+/// A download that finishes after a write of the same bytes made the blob local meanwhile
+/// must leave that blob file alone rather than rename over it (and then remove it, leaving
+/// the index pointing at nothing). (Two downloads of one blob can no longer both be in
+/// flight: every request joins the store's one download, whatever its upstreams; a write
+/// is the way left to make the blob local under a download.)
 #[test]
-fn a_second_download_of_a_blob_made_local_meanwhile_keeps_the_first() {
+fn a_download_finishing_after_a_write_made_the_blob_local_keeps_the_written_file() {
+    use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
-    let (b, h, url, data) = pulled(dir.path(), 200_000);
+    let (b, h, _url, data) = pulled(dir.path(), 200_000);
     let slow = slow_server(dir.path().join("up"), std::time::Duration::from_millis(40));
-    set_upstream(&b, &slow);
     let first = b
-        .fetch(&h)
+        .fetch(&h, &remote(&slow))
         .unwrap()
         .expect("remote-only: a download starts");
-    set_upstream(&b, &url);
-    let second = b
-        .fetch(&h)
-        .unwrap()
-        .expect("a download the new upstreams know nothing of");
-    second.wait(&|| true).unwrap();
+    // The same bytes written to another file: the blob becomes local from the write.
+    let vb = b.volume("default", false, 0, 0).unwrap();
+    let g = b.create(vb.root, b"g", &node(Kind::File)).unwrap();
+    commit(&b, g.ino, &data);
+    assert!(!b.is_remote_only(&h));
+    let written = std::fs::metadata(b.blob_path(&h)).unwrap().ino();
     assert!(
         !first.is_done(),
         "the slow download ended first; the test proves nothing"
     );
     first.wait(&|| true).unwrap();
-    assert!(!b.is_remote_only(&h));
+    assert_eq!(
+        std::fs::metadata(b.blob_path(&h)).unwrap().ino(),
+        written,
+        "the download replaced the written blob file"
+    );
     let mut got = Vec::new();
     std::io::Read::read_to_end(&mut b.open_blob(&h).unwrap(), &mut got).unwrap();
     assert!(got == data, "the local blob is not the content");
-    drop((first, second));
+    drop(first);
+    assert_eq!(staging_files(&dir.path().join("b")), 0);
+}
+
+/// Copies an upstream directory (blobs, outboards, manifests, tags).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+fn upstream_blob(up: &std::path::Path, h: &kcache_store::Hash) -> std::path::PathBuf {
+    let hex = h.to_hex();
+    up.join("blobs").join(&hex[..2]).join(hex)
+}
+
+/// Two upstream lists (two mounts' `upstream=`) over one store: each fetch comes from the
+/// upstreams it names, not from whichever were set last. Blob p is only on upstream A, q
+/// only on B.
+#[test]
+fn each_fetch_comes_from_the_upstreams_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Store::open(&dir.path().join("a")).unwrap();
+    let vol = a.volume("default", true, 0, 0).unwrap();
+    let (p_data, q_data) = (content(300_000), content(300_001));
+    for (name, data) in [(&b"p"[..], &p_data), (b"q", &q_data)] {
+        let f = a.create(vol.root, name, &node(Kind::File)).unwrap();
+        commit(&a, f.ino, data);
+    }
+    let (up_a, up_b) = (dir.path().join("up-a"), dir.path().join("up-b"));
+    let url_a = format!("file://{}", up_a.display());
+    let url_b = format!("file://{}", up_b.display());
+    a.push(
+        &Upstream::parse(&url_a).unwrap(),
+        "default",
+        "default",
+        None,
+        &mut |_| {},
+    )
+    .unwrap();
+    copy_dir(&up_a, &up_b);
+    let b = Arc::new(Store::open(&dir.path().join("b")).unwrap());
+    b.pull(&remote(&url_a), "default", "default", &[]).unwrap();
+    let vb = b.volume("default", false, 0, 0).unwrap();
+    let p = b.lookup(vb.root, b"p").unwrap().blob.unwrap();
+    let q = b.lookup(vb.root, b"q").unwrap().blob.unwrap();
+    std::fs::remove_file(upstream_blob(&up_a, &q)).unwrap();
+    std::fs::remove_file(upstream_blob(&up_b, &p)).unwrap();
+    let (ra, rb) = (remote(&url_a), remote(&url_b));
+
+    let e = b.ensure_local(&q, &ra, &|| true).unwrap_err();
+    assert!(e.to_string().contains("not found"), "{e}");
+    let e = b.ensure_local(&p, &rb, &|| true).unwrap_err();
+    assert!(e.to_string().contains("not found"), "{e}");
+    assert!(b.is_remote_only(&p) && b.is_remote_only(&q));
+    assert!(b.ensure_local(&p, &ra, &|| true).unwrap());
+    assert!(b.ensure_local(&q, &rb, &|| true).unwrap());
+    for (h, want) in [(p, &p_data), (q, &q_data)] {
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut b.open_blob(&h).unwrap(), &mut got).unwrap();
+        assert!(&got == want);
+    }
+    assert_eq!(staging_files(&dir.path().join("b")), 0);
+}
+
+/// A download started from one mount's upstreams is joined by a request naming other
+/// upstreams (which do not even have the blob: a download of its own would fail), is read
+/// through that second lease to the end, and once every lease is gone the shutdown drain
+/// waits for it to be kept.
+#[test]
+fn a_download_is_joined_whatever_upstreams_the_second_request_names_and_drained() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, h, _url, data) = pulled(dir.path(), 5 << 20);
+    let slow = slow_server(dir.path().join("up"), std::time::Duration::from_millis(2));
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let first = b.fetch(&h, &remote(&slow)).unwrap().unwrap();
+    assert!(b.is_fetching(&h));
+    let second = b
+        .fetch(&h, &remote(&format!("file://{}", empty.display())))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        staging_files(&dir.path().join("b")),
+        1,
+        "two downloads of one blob"
+    );
+    assert!(
+        !first.is_done(),
+        "the download ended before the second request; the test proves nothing"
+    );
+    // The first caller goes away; the download goes on for the second.
+    drop(first);
+    assert!(second.streamable(), "a 5 MiB blob has an outboard");
+    let mut got = vec![0u8; data.len()];
+    let mut off = 0;
+    while off < got.len() {
+        off += second.read_at(&mut got[off..], off as u64).unwrap();
+    }
+    assert!(got == data, "read through the joined lease: wrong bytes");
+    drop(second);
+    assert_eq!(b.drain_fetches(std::time::Duration::from_secs(30)), 0);
+    assert!(
+        !b.is_remote_only(&h),
+        "the drain did not wait for the download"
+    );
+    assert!(!b.is_fetching(&h));
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut b.open_blob(&h).unwrap(), &mut got).unwrap();
+    assert!(got == data);
     assert_eq!(staging_files(&dir.path().join("b")), 0);
 }
 
@@ -132,8 +254,7 @@ fn a_second_download_of_a_blob_made_local_meanwhile_keeps_the_first() {
 fn a_complete_download_is_kept_when_its_reader_leaves() {
     let dir = tempfile::tempdir().unwrap();
     let (b, h, url, data) = pulled(dir.path(), 5 << 20);
-    set_upstream(&b, &url);
-    let lease = b.fetch(&h).unwrap().unwrap();
+    let lease = b.fetch(&h, &remote(&url)).unwrap().unwrap();
     assert!(lease.streamable(), "a 5 MiB blob has an outboard");
     // Read it all through the lease, then let go at once.
     let mut got = vec![0u8; data.len()];
@@ -162,8 +283,7 @@ fn a_downloaded_blob_keeps_its_blocks_of_zeros_as_holes() {
         let mut data = content(len);
         data[zeros.clone()].fill(0);
         let (b, h, url, data) = pulled_with(dir.path(), data);
-        set_upstream(&b, &url);
-        assert!(b.ensure_local(&h, &|| true).unwrap());
+        assert!(b.ensure_local(&h, &remote(&url), &|| true).unwrap());
         let meta = std::fs::metadata(b.blob_path(&h)).unwrap();
         let data_blocks = (len - zeros.len()) as u64 / 512;
         assert!(
@@ -178,4 +298,38 @@ fn a_downloaded_blob_keeps_its_blocks_of_zeros_as_holes() {
         let f = b.lookup(vb.root, b"f").unwrap();
         assert_eq!(f.blob_blocks, Some(meta.blocks()));
     }
+}
+
+/// A download joined from another mount's upstreams that fails there (a hung upstream,
+/// given up after its bound) does not fail a caller whose own upstreams have the blob: it
+/// is fetched again from those.
+#[test]
+fn a_joined_download_that_fails_at_the_other_upstreams_is_fetched_from_ones_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, h, url, data) = pulled(dir.path(), 200_000);
+    // Accepts connections (the backlog), never answers.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_remote = Arc::new(
+        Remote::new(
+            vec![Upstream::parse(&format!("http://{}", hung.local_addr().unwrap())).unwrap()],
+            FetchConfig {
+                timeout: std::time::Duration::from_secs(2),
+            },
+        )
+        .unwrap(),
+    );
+    let first = b.fetch(&h, &hung_remote).unwrap().unwrap();
+    let t = std::time::Instant::now();
+    assert!(b.ensure_local(&h, &remote(&url), &|| true).unwrap());
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(1500),
+        "fetched at once: the hung download was not joined ({:?})",
+        t.elapsed()
+    );
+    assert!(first.wait(&|| true).is_err(), "the hung download succeeded");
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut b.open_blob(&h).unwrap(), &mut got).unwrap();
+    assert!(got == data);
+    drop(first);
+    assert_eq!(staging_files(&dir.path().join("b")), 0);
 }

@@ -531,6 +531,115 @@ fn twenty_readers_on_two_mounts_cause_one_download() {
     assert_eq!(blob_bytes, size as u64, "the server sent {sent}");
 }
 
+/// Two volumes of one store mounted by one daemon (the second by `kcache mount` into the
+/// running daemon), each with its own `upstream=`: each mount fetches from its own upstream
+/// (the second mount's option does not replace the first's), and a file read through both
+/// while it downloads is downloaded once, from the first mount's upstream, even though the
+/// second's does not have it. Blob p is only on upstream A, q only on B, big only on A.
+#[test]
+fn two_mounts_fetch_from_their_own_upstreams_and_share_one_download() {
+    let Some(a) = Mount::new() else { return };
+    let size = 8 << 20;
+    fs::write(a.path("p"), pseudo_random(11, 300_000)).unwrap();
+    fs::write(a.path("q"), pseudo_random(12, 300_000)).unwrap();
+    fs::write(a.path("big"), pseudo_random(13, size)).unwrap();
+    a.settle();
+    let key = |name: &str| {
+        let hex = hash_file(&a.path(name)).to_hex().to_string();
+        format!("blobs/{}/{hex}", &hex[..2])
+    };
+    let up_a = tempfile::tempdir().unwrap();
+    let up_b = tempfile::tempdir().unwrap();
+    let store_a = a.store.to_str().unwrap().to_owned();
+    for up in [up_a.path(), up_b.path()] {
+        kcache_ok(&[
+            "push",
+            "--store",
+            &store_a,
+            &format!("file://{}", up.display()),
+        ]);
+    }
+    fs::remove_file(up_a.path().join(key("q"))).unwrap();
+    fs::remove_file(up_b.path().join(key("p"))).unwrap();
+    fs::remove_file(up_b.path().join(key("big"))).unwrap();
+    // About 2 s for the big file: the second mount's reader comes while it downloads.
+    let server_a = Counting::start_with(up_a.path(), &["--rate", "4000000"]);
+    let server_b = Counting::start(up_b.path());
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("store").to_str().unwrap().to_owned();
+    let mut mnts = Vec::new();
+    for v in ["one", "two"] {
+        kcache_ok(&[
+            "pull",
+            "--store",
+            &s,
+            "--volume",
+            v,
+            &format!("file://{}:default", up_a.path().display()),
+        ]);
+        let mnt = dir.path().join(v);
+        fs::create_dir(&mnt).unwrap();
+        mnts.push(mnt);
+    }
+    for (v, url) in [("one", &server_a.url), ("two", &server_b.url)] {
+        let i = if v == "one" { 0 } else { 1 };
+        kcache_ok(&[
+            "mount",
+            "--store",
+            &s,
+            "--volume",
+            v,
+            "-o",
+            &format!("upstream={url}"),
+            mnts[i].to_str().unwrap(),
+        ]);
+    }
+    // Each mount's own upstream: one cannot get q (only B has it), two cannot get p.
+    let e = fs::read(mnts[0].join("q")).map(|d| d.len()).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "one/q: {e}");
+    let e = fs::read(mnts[1].join("p")).map(|d| d.len()).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "two/p: {e}");
+    assert!(fs::read(mnts[0].join("p")).unwrap() == pseudo_random(11, 300_000));
+    assert!(fs::read(mnts[1].join("q")).unwrap() == pseudo_random(12, 300_000));
+
+    // One download, whichever mount asks: two's upstream lacks big, so two reads it only by
+    // joining the download one started.
+    let want = pseudo_random(13, size);
+    let first = std::thread::spawn({
+        let p = mnts[0].join("big");
+        move || {
+            let got = fs::read(p).unwrap();
+            (got, Instant::now())
+        }
+    });
+    let t = Instant::now();
+    while staging_files(&s) == 0 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let second_start = Instant::now();
+    let second = fs::read(mnts[1].join("big")).expect("two did not join one's download");
+    let (got, first_end) = first.join().unwrap();
+    assert!(got == want, "one/big: wrong bytes");
+    assert!(second == want, "two/big: wrong bytes");
+    assert!(
+        second_start < first_end,
+        "the download ended before the second reader came; the test proves nothing"
+    );
+    kcache_ok(&["umount", mnts[1].to_str().unwrap()]);
+    kcache_ok(&["umount", mnts[0].to_str().unwrap()]);
+    drop(server_b);
+    let sent_a = server_a.stop();
+    assert_eq!(
+        sent_a
+            .get(format!("/{}", key("big")))
+            .and_then(|v| v.as_u64()),
+        Some(size as u64),
+        "big was not downloaded exactly once: A sent {sent_a}"
+    );
+    assert_eq!(staging_files(&s), 0);
+}
+
 #[test]
 fn kcache_serve_is_an_upstream_with_ranges() {
     let Some(a) = Mount::new() else { return };
