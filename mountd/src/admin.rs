@@ -563,6 +563,7 @@ pub fn push(
     volume: String,
     tag: Option<String>,
     sign: Option<PathBuf>,
+    replace: bool,
     upstream: String,
 ) -> Result<ExitCode> {
     let store = store.unwrap_or_else(default_store);
@@ -587,6 +588,7 @@ pub fn push(
             tag: tag.clone(),
             sign,
             env: crate::control::command_settings(),
+            replace,
         },
         &mut |p| {
             let b = bar.get_or_insert_with(|| crate::import::progress_bar(p.bytes_total));
@@ -605,6 +607,13 @@ pub fn push(
         v.blobs_present,
         v.manifest
     );
+    match &v.merged_with {
+        Some(m) => {
+            println!("  merged with what the tag named before ({m}): names only it had stay")
+        }
+        None if replace => println!("  replaced what the tag named"),
+        None => {}
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -139,6 +139,10 @@ pub enum Command {
         /// Sign the snapshot with this secret key file (from `kcache keygen`)
         #[arg(long, value_name = "KEYFILE")]
         sign: Option<PathBuf>,
+        /// Publish exactly this volume under the tag, dropping what other pushes added to it
+        /// (by default a push adds to the tag: names only the tag had stay)
+        #[arg(long)]
+        replace: bool,
         /// s3://bucket/prefix or file:///path (http upstreams are read-only)
         upstream: String,
     },

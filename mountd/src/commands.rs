@@ -42,8 +42,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             volume,
             tag,
             sign,
+            replace,
             upstream,
-        } => admin::push(store, volume, tag, sign, upstream),
+        } => admin::push(store, volume, tag, sign, replace, upstream),
         Command::Pull {
             store,
             volume,

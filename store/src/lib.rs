@@ -26,6 +26,8 @@ mod remote;
 pub mod s3;
 mod schema;
 mod snapshot;
+mod tags;
+mod union;
 mod volumes;
 
 use std::fmt;

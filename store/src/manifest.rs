@@ -12,7 +12,7 @@ use crate::{Hash, Kind};
 
 pub(crate) const MANIFEST_VERSION: u32 = 1;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub(crate) struct Manifest {
     pub version: u32,
     pub volume: String,
@@ -25,7 +25,7 @@ pub(crate) struct Manifest {
     pub xattrs: Vec<(i64, Vec<u8>, Vec<u8>)>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub(crate) struct MInode {
     pub id: i64,
     pub kind: i64,

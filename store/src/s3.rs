@@ -20,7 +20,8 @@ use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::path::Path;
 use object_store::{
     BackoffConfig, ClientConfigKey, ClientOptions, GetOptions, GetRange, MultipartUpload,
-    ObjectStore, ObjectStoreExt, PutMultipartOptions, PutPayload, RetryConfig,
+    ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, RetryConfig,
+    UpdateVersion,
 };
 
 /// Why an S3 request failed.
@@ -55,6 +56,9 @@ const PART_CONCURRENCY: usize = 3;
 /// The HTTP stack has no idle timer for the sending side of a request, so an upload gets a
 /// deadline from its size instead, at a rate slow enough that only a stalled link misses it.
 const MIN_UPLOAD_RATE: f64 = 64.0 * 1024.0;
+
+/// An object's bytes and its ETag, if the store gave one.
+pub type Versioned = (Vec<u8>, Option<String>);
 
 /// An S3 bucket (and key prefix) that holds blobs, manifests and tags.
 pub struct S3 {
@@ -280,6 +284,60 @@ impl S3 {
                 },
             }
         }))?
+    }
+
+    /// Object `key` whole with its ETag (the version a conditional put replaces), or None.
+    pub fn get_versioned(&self, key: &str) -> Result<Option<Versioned>, S3Error> {
+        let path = self.path(key)?;
+        let url = self.url_of(key);
+        let store = self.writer.clone();
+        let res = block_on(deadline(self.request_deadline(), || url.clone(), async {
+            match store.get_opts(&path, GetOptions::new()).await {
+                Ok(r) => {
+                    let etag = r.meta.e_tag.clone();
+                    let bytes = r.bytes().await.map_err(|e| classify(&url, e))?;
+                    Ok(Some((bytes.to_vec(), etag)))
+                }
+                Err(e) => match classify(&url, e) {
+                    S3Error::Missing => Ok(None),
+                    e => Err(e),
+                },
+            }
+        }))?;
+        res
+    }
+
+    /// Stores `data` under `key` only if the object is still the version `expected` names
+    /// (`None`: only if there is no object yet). False when another writer got there first.
+    /// S3 evaluates the condition (`If-Match` / `If-None-Match: *`), so concurrent writers on
+    /// any machine exclude each other.
+    pub fn put_if(&self, key: &str, data: &[u8], expected: Option<&str>) -> Result<bool, S3Error> {
+        let path = self.path(key)?;
+        let url = self.url_of(key);
+        let store = self.writer.clone();
+        let mode = match expected {
+            None => PutMode::Create,
+            Some(e) => PutMode::Update(UpdateVersion {
+                e_tag: Some(e.to_owned()),
+                version: None,
+            }),
+        };
+        let opts = PutOptions::from(mode);
+        let payload = PutPayload::from(data.to_vec());
+        block_on(deadline(
+            self.upload_deadline(data.len() as u64),
+            || url.clone(),
+            async {
+                match store.put_opts(&path, payload, opts).await {
+                    Ok(_) => Ok(true),
+                    Err(
+                        object_store::Error::Precondition { .. }
+                        | object_store::Error::AlreadyExists { .. },
+                    ) => Ok(false),
+                    Err(e) => Err(classify_write(&url, e)),
+                }
+            },
+        ))?
     }
 
     /// Stores `data` under `key`.

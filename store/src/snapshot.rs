@@ -119,6 +119,10 @@ pub struct PushReport {
     pub blobs_present: u64,
     pub manifest: String,
     pub tag: String,
+    /// The manifest the tag named before, which this push's snapshot was merged with (None:
+    /// a new tag, or `--replace`).
+    #[serde(default)]
+    pub merged_with: Option<String>,
 }
 
 /// How far a push is: blobs (with outboards) and bytes still to upload.
@@ -137,6 +141,41 @@ pub struct PullReport {
     pub files: u64,
     pub blobs: u64,
     pub blobs_remote: u64,
+}
+
+/// The manifest a tag's pointer names, checked as a pull checks it: the pointer's form, the
+/// signature against `trusted`, the manifest's hash, its encoding and its consistency.
+/// Returns (manifest hash, manifest).
+fn read_pointed(
+    remote: &Remote,
+    tag: &str,
+    pointer: &[u8],
+    trusted: &[String],
+) -> Result<(String, Manifest)> {
+    let pointer = String::from_utf8_lossy(pointer);
+    let mut lines = pointer.lines();
+    let mhash = lines.next().unwrap_or("").trim().to_owned();
+    let rest: Vec<&str> = lines.collect();
+    if Hash::from_hex(&mhash).is_none() {
+        return Err(Error::Remote(format!(
+            "tag {tag} does not name a manifest: {mhash:?}"
+        )));
+    }
+    check_signature(tag, &rest, &mhash, trusted)?;
+    let bytes = Store::get_object(remote, &format!("manifests/{mhash}"))?;
+    if blake3::hash(&bytes).to_hex().as_str() != mhash {
+        return Err(Error::Remote(format!(
+            "manifest {mhash} does not match its hash (damaged upstream?)"
+        )));
+    }
+    let mut json = Vec::new();
+    flate2::read::GzDecoder::new(&bytes[..])
+        .read_to_end(&mut json)
+        .map_err(|e| Error::Remote(format!("manifest {mhash}: {e}")))?;
+    let m: Manifest = serde_json::from_slice(&json)
+        .map_err(|e| Error::Remote(format!("manifest {mhash}: {e}")))?;
+    validate(&m).map_err(|e| Error::Remote(format!("manifest {mhash}: {e}")))?;
+    Ok((mhash, m))
 }
 
 fn valid_tag(tag: &str) -> Result<()> {
@@ -246,13 +285,31 @@ impl Store {
         })
     }
 
-    /// Uploads volume `volume` to `up` under `tag`. Only blobs the upstream lacks are sent.
+    /// Uploads volume `volume` to `up` under `tag`, adding to what the tag holds (see
+    /// `push_with`). Only blobs the upstream lacks are sent.
     pub fn push(
         &self,
         up: &Upstream,
         volume: &str,
         tag: &str,
         sign: Option<&str>,
+        progress: &mut dyn FnMut(&PushProgress),
+    ) -> Result<PushReport> {
+        self.push_with(up, volume, tag, sign, false, progress)
+    }
+
+    /// Uploads volume `volume` to `up` under `tag`. Additive unless `replace`: the tag then
+    /// names the union of what it named and this volume (this volume's names win; names only
+    /// the tag had stay; see `union`), and the tag moves only if no other push moved it in
+    /// between (else the union is made again), so pushes racing to one tag never lose each
+    /// other's files. With `replace` the tag names exactly this volume.
+    pub fn push_with(
+        &self,
+        up: &Upstream,
+        volume: &str,
+        tag: &str,
+        sign: Option<&str>,
+        replace: bool,
         progress: &mut dyn FnMut(&PushProgress),
     ) -> Result<PushReport> {
         valid_tag(tag)?;
@@ -304,25 +361,50 @@ impl Store {
             prog.blobs_done += 1;
             progress(&prog);
         }
-        let (mhash, bytes) = encode(&m)?;
-        Store::put_object(up, &format!("manifests/{mhash}"), None, &bytes)?;
-        // Blobs and the manifest first, the tag last: a reader following the tag finds
-        // everything it names.
-        let mut pointer = format!("{mhash}\n");
-        if let Some(secret) = sign {
-            let seed =
-                from_hex::<32>(secret).ok_or(Error::Invalid("a secret key is 64 hex digits"))?;
-            let key = ed25519_dalek::SigningKey::from_bytes(&seed);
-            let sig = ed25519_dalek::Signer::sign(&key, &signed_message(&mhash));
-            pointer.push_str(&format!(
-                "sig ed25519 {} {}\n",
-                to_hex(key.verifying_key().as_bytes()),
-                to_hex(&sig.to_bytes())
-            ));
-        }
-        Store::put_object(up, &format!("tags/{tag}"), None, pointer.as_bytes())?;
+        // What the tag names now is merged in under the same trust a pull would give it:
+        // a store that trusts keys merges only a manifest one of them signed.
+        let trusted = self.trusted_keys()?;
+        let from_up = Remote::new(vec![up.clone()], Default::default())?;
+        let mut published = String::new();
+        let mut merged_with = None;
+        up.update_tag(tag, &mut |current| {
+            let (merged, base) = match current {
+                Some(pointer) if !replace => {
+                    let (bhash, base) =
+                        read_pointed(&from_up, tag, pointer, &trusted).map_err(|e| {
+                            Error::Remote(format!(
+                                "{e} (to publish this volume alone, push with --replace)"
+                            ))
+                        })?;
+                    (crate::union::union(&base, &m), Some(bhash))
+                }
+                _ => (m.clone(), None),
+            };
+            validate(&merged)
+                .map_err(|e| Error::Remote(format!("the merged snapshot is inconsistent: {e}")))?;
+            let (mhash, bytes) = encode(&merged)?;
+            // Blobs and the manifest first, the tag last: a reader following the tag finds
+            // everything it names.
+            Store::put_object(up, &format!("manifests/{mhash}"), None, &bytes)?;
+            let mut pointer = format!("{mhash}\n");
+            if let Some(secret) = sign {
+                let seed = from_hex::<32>(secret)
+                    .ok_or(Error::Invalid("a secret key is 64 hex digits"))?;
+                let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+                let sig = ed25519_dalek::Signer::sign(&key, &signed_message(&mhash));
+                pointer.push_str(&format!(
+                    "sig ed25519 {} {}\n",
+                    to_hex(key.verifying_key().as_bytes()),
+                    to_hex(&sig.to_bytes())
+                ));
+            }
+            published = mhash;
+            merged_with = base;
+            Ok(pointer.into_bytes())
+        })?;
         self.mark_remote(&pushed)?;
-        report.manifest = mhash;
+        report.manifest = published;
+        report.merged_with = merged_with;
         Ok(report)
     }
 

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use kcache_store::s3::{S3Error, S3};
 
+mod common;
+
 const BUCKET: &str = "kcache-test";
 
 fn workspace() -> PathBuf {
@@ -244,6 +246,36 @@ fn s3_against_moto() {
         pfx.url_of("blobs/ab/abcd"),
         format!("s3://{BUCKET}/some/prefix/blobs/ab/abcd")
     );
+
+    // Conditional puts, which tag updates rely on: create only if absent, replace only the
+    // version read.
+    assert!(s3.put_if("tags/cas", b"one", None).unwrap());
+    assert!(
+        !s3.put_if("tags/cas", b"two", None).unwrap(),
+        "created twice"
+    );
+    let (got, etag) = s3.get_versioned("tags/cas").unwrap().unwrap();
+    assert_eq!(got, b"one");
+    let etag = etag.expect("moto gives ETags");
+    assert!(!s3
+        .put_if("tags/cas", b"two", Some("\"not-the-etag\""))
+        .unwrap());
+    assert!(s3.put_if("tags/cas", b"two", Some(&etag)).unwrap());
+    assert!(
+        !s3.put_if("tags/cas", b"three", Some(&etag)).unwrap(),
+        "stale ETag won"
+    );
+    assert_eq!(read_all(&s3, "tags/cas", None), b"two");
+    assert!(s3.get_versioned("tags/none").unwrap().is_none());
+
+    // Additive pushes: four stores push different trees to one tag at once, each tag
+    // update a conditional PUT on the tag's ETag; a pull has all four trees. Random timing,
+    // several rounds.
+    let fleet = kcache_store::Upstream::parse(&format!("s3://{BUCKET}/fleet")).unwrap();
+    for round in 0..4 {
+        common::four_pushers_one_tag(&fleet, &format!("fleet-{round}"), [0, 10, 40][round % 3]);
+    }
+    eprintln!("additive pushes to S3 done after {:?}", t0.elapsed());
 
     // Small objects, whole and by range.
     s3.put_bytes("tags/hello", b"hello, world").unwrap();

@@ -182,6 +182,7 @@ pub fn handle(
             tag,
             sign,
             env,
+            replace,
         } => {
             let up = kcache_store::Upstream::parse_with(
                 &upstream,
@@ -189,11 +190,12 @@ pub fn handle(
                 command_env(&env).as_deref(),
             )?;
             let r = store
-                .push(
+                .push_with(
                     &up,
                     &volume,
                     &tag,
                     sign.as_ref().map(|s| &s.0[..]),
+                    replace,
                     progress,
                 )
                 .map_err(|e| format!("pushing volume '{volume}' to {upstream}: {e}"))?;
@@ -315,6 +317,7 @@ mod tests {
                 tag: "t".into(),
                 sign: None,
                 env: vec![],
+                replace: false,
             },
             Request::Pull {
                 volume: "v4".into(),

@@ -103,6 +103,9 @@ pub enum Request {
         /// The command's AWS settings (variables), for an s3:// upstream.
         #[serde(default)]
         env: Vec<(String, Secret)>,
+        /// Publish exactly this volume instead of adding it to what the tag names.
+        #[serde(default)]
+        replace: bool,
     },
     Pull {
         volume: String,
@@ -431,6 +434,7 @@ mod tests {
             tag: "t".into(),
             sign: Some(Secret("signing-key-hex".into())),
             env: vec![("AWS_SECRET_ACCESS_KEY".into(), Secret("hunter2".into()))],
+            replace: false,
         };
         let logged = format!("{req:?}");
         assert!(
