@@ -1257,7 +1257,7 @@ impl KcacheFs {
                     set_file_mtime(&st.file, now)?;
                     st.stream = Some(StreamHasher::default());
                 }
-                None => g.staging = Some(self.new_staging(None, now)?),
+                None => g.staging = Some(self.new_staging(inode.ino, None, now)?),
             }
             if let Some(st) = &mut g.staging {
                 st.dirty = true;
@@ -1322,21 +1322,26 @@ impl KcacheFs {
         Ok(mode)
     }
 
-    /// A new staging file holding `from`'s content (or nothing), with the file's mtime.
-    fn new_staging(&self, from: Option<Hash>, mtime: i64) -> Result<Staging> {
+    /// A new staging file for inode `ino` holding `from`'s content (or nothing), with the
+    /// file's mtime. Armed once complete: from then on a daemon crash does not lose what is
+    /// written to it (the next open of the store commits it).
+    fn new_staging(&self, ino: Ino, from: Option<Hash>, mtime: i64) -> Result<Staging> {
         let (file, path) = self.store.new_staging()?;
-        let prepared = (|| -> Result<()> {
+        let prepared = (|| -> Result<PathBuf> {
             if let Some(h) = from {
                 let blob = self.store.open_blob(&h)?;
                 copy_content(&blob, &file)?;
             }
             set_file_mtime(&file, mtime)?;
-            Ok(())
+            Ok(self.store.arm_staging(&path, ino)?)
         })();
-        if let Err(e) = prepared {
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
-        }
+        let path = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
         Ok(Staging {
             file: Arc::new(file),
             path,
@@ -1350,7 +1355,7 @@ impl KcacheFs {
     fn staging_mut<'g>(&self, ino: Ino, g: &'g mut OpenInode) -> Result<&'g mut Staging> {
         if g.staging.is_none() {
             let inode = self.store.get(ino)?;
-            g.staging = Some(self.new_staging(inode.blob, inode.mtime)?);
+            g.staging = Some(self.new_staging(ino, inode.blob, inode.mtime)?);
         }
         let st = g.staging.as_mut().expect("just made");
         st.dirty = true;

@@ -143,6 +143,21 @@ impl Store {
         Ok((file, path))
     }
 
+    /// Marks a prepared staging file as holding inode `ino`'s content from now on, so that
+    /// if the daemon dies before committing it, the next open of the store commits it (see
+    /// `recover`). Called once the file is complete as a starting point (a copy of the
+    /// committed content, or empty): a file caught half-way through that copy is never
+    /// armed, and recovery deletes it. Returns the file's new path.
+    pub fn arm_staging(&self, path: &Path, ino: Ino) -> Result<PathBuf> {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or(Error::Invalid("staging file without a name"))?;
+        let armed = path.with_file_name(crate::staged::armed_name(name, ino, boot_id()));
+        fs::rename(path, &armed).ctx(|| format!("arming staging file {}", path.display()))?;
+        Ok(armed)
+    }
+
     /// Hashes a file's whole content.
     pub fn hash_path(path: &Path) -> Result<(Hash, u64)> {
         let sparse = fs::metadata(path)
@@ -464,4 +479,17 @@ impl Store {
         progress(total, total);
         Ok(report)
     }
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`, without dashes): staged content from
+/// this boot survived in the page cache when the daemon died; from an earlier boot it may
+/// not have reached the disk whole, so it is not kept. Empty when it cannot be read (then
+/// nothing is kept).
+pub(crate) fn boot_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().replace('-', ""))
+            .unwrap_or_default()
+    })
 }

@@ -26,6 +26,7 @@ mod remote;
 pub mod s3;
 mod schema;
 mod snapshot;
+mod staged;
 mod tags;
 mod union;
 mod volumes;
@@ -378,19 +379,20 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Undoes what a crash left behind: staging files, unlinked inodes nobody holds any more,
+    /// Undoes what a crash left behind: staging files (committing what was written to
+    /// still-linked files in this boot, see `staged`), unlinked inodes nobody holds any more,
     /// and blob files whose rows were already deleted.
     fn recover(&self) -> Result<()> {
-        let staging = self.root.join("staging");
-        let mut removed = 0;
-        for entry in fs::read_dir(&staging).ctx(|| format!("reading {}", staging.display()))? {
-            let entry = entry.ctx(|| format!("reading {}", staging.display()))?;
-            let _ = fs::remove_file(entry.path());
-            removed += 1;
-        }
-        if removed > 0 {
+        let r = self.recover_staging()?;
+        if r.kept > 0 {
             tracing::info!(
-                count = removed,
+                files = r.kept,
+                "kept what was written to files before the daemon stopped"
+            );
+        }
+        if r.removed > 0 {
+            tracing::info!(
+                count = r.removed,
                 "removed staging files left by an earlier crash"
             );
         }

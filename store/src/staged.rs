@@ -1,0 +1,124 @@
+//! Staged content that outlives its daemon: a staging file armed for an inode (its name says
+//! which inode, and which boot) is committed as that inode's content by the next open of the
+//! store, so a daemon that dies keeps what processes wrote, as a filesystem keeps a dead
+//! writer's data. Unarmed staging files, and armed ones from an earlier boot (whose bytes may
+//! not have reached the disk whole), are deleted as before.
+
+use std::fs::{self, File};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use crate::blobs::{boot_id, Staged};
+use crate::error::{IoContext, Result};
+use crate::{Ino, Kind, Store};
+
+/// `name` armed for inode `ino` in boot `boot`.
+pub(crate) fn armed_name(name: &str, ino: Ino, boot: &str) -> String {
+    format!("{name}.i{ino}.b{boot}")
+}
+
+/// (inode, boot) of an armed staging file's name; None for any other name.
+fn parse_armed(name: &str) -> Option<(Ino, &str)> {
+    let (rest, boot) = name.rsplit_once(".b")?;
+    let (_, ino) = rest.rsplit_once(".i")?;
+    if boot.is_empty() || !boot.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some((ino.parse().ok()?, boot))
+}
+
+/// What recovery did with the staging directory.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Recovered {
+    /// Files whose staged content became their content.
+    pub kept: u64,
+    /// Staging files deleted (unarmed, from another boot, or for an inode that is gone).
+    pub removed: u64,
+}
+
+impl Store {
+    /// Commits every armed staging file of this boot whose inode is still a linked regular
+    /// file, and deletes the rest. Runs at open, before unlinked inodes are purged.
+    pub(crate) fn recover_staging(&self) -> Result<Recovered> {
+        let dir = self.root.join("staging");
+        let mut out = Recovered::default();
+        let boot = boot_id();
+        for entry in fs::read_dir(&dir).ctx(|| format!("reading {}", dir.display()))? {
+            let entry = entry.ctx(|| format!("reading {}", dir.display()))?;
+            let path = entry.path();
+            let name = entry.file_name();
+            let armed = name
+                .to_str()
+                .and_then(parse_armed)
+                .filter(|(_, b)| !boot.is_empty() && *b == boot);
+            let kept = match armed {
+                Some((ino, _)) => self.keep_staged(ino, &path)?,
+                None => false,
+            };
+            if kept {
+                out.kept += 1;
+            } else {
+                let _ = fs::remove_file(&path);
+                out.removed += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Commits staging file `path` as inode `ino`'s content if that inode is still a linked
+    /// regular file. False when it is not (the caller deletes the file).
+    fn keep_staged(&self, ino: Ino, path: &Path) -> Result<bool> {
+        let inode = match self.get(ino) {
+            Ok(i) => i,
+            Err(crate::Error::NotFound) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if inode.kind != Kind::File || inode.nlink == 0 {
+            return Ok(false);
+        }
+        let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
+        let md = file
+            .metadata()
+            .ctx(|| format!("reading {}", path.display()))?;
+        // The staging file's mtime is the file's: writes keep it current.
+        let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+        let st = Staged {
+            ino,
+            path,
+            file: &file,
+            known: None,
+            // Durable: the database will say this content is the file's, so its bytes must
+            // be on disk first.
+            durable: true,
+            mtime,
+        };
+        let (hash, size, renamed) = self.commit_staged(&st)?;
+        if !renamed {
+            let _ = fs::remove_file(path);
+        }
+        tracing::info!(ino, %hash, size, "kept content written before the daemon stopped");
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn armed_names_say_their_inode_and_boot_and_nothing_else_parses() {
+        let n = armed_name("123-4", 99, "abc123");
+        assert_eq!(n, "123-4.i99.babc123");
+        assert_eq!(parse_armed(&n), Some((99, "abc123")));
+        for other in [
+            "123-4",
+            "123-4.i99",
+            "123-4.bff",
+            "x.ifoo.bff",
+            "x.i1.b",
+            "x.i1.bzz",
+        ] {
+            assert_eq!(parse_armed(other), None, "{other}");
+        }
+    }
+}
