@@ -88,18 +88,40 @@ impl KcacheFs {
                 "the volume is mounted read-only",
             ));
         }
-        let pulled = self.store.pull_with(
+        // Unlike an unlink the kernel made itself, the kernel may still reach a replaced
+        // inode through what it cached before it is told, even between two handles: such an
+        // inode goes when the kernel forgets it, not when its last handle closes. Marked
+        // before the transaction commits, so no release purges it in between.
+        let mut marked = Vec::new();
+        let pulled = self.store.pull_with_hook(
             remote,
             tag,
             &self.volume.name,
             trusted,
             kcache_store::PullMode::Merge { theirs },
-        )?;
-        self.names_changed(&pulled.changed);
-        for c in &pulled.changed {
-            if let Some((ino, 0)) = c.replaced {
-                self.maybe_purge(ino);
+            &mut |changed| {
+                let mut keep = lock(&self.kept_until_forgotten);
+                for c in changed {
+                    if let Some((ino, 0)) = c.replaced {
+                        keep.insert(ino);
+                        marked.push(ino);
+                    }
+                }
+            },
+        );
+        let pulled = match pulled {
+            Ok(p) => p,
+            Err(e) => {
+                let mut keep = lock(&self.kept_until_forgotten);
+                for ino in &marked {
+                    keep.remove(ino);
+                }
+                return Err(e);
             }
+        };
+        self.names_changed(&pulled.changed);
+        for ino in marked {
+            self.maybe_purge(ino);
         }
         tracing::info!(tag, report = ?pulled.report, "merged a snapshot");
         Ok(pulled.report)

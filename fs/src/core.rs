@@ -6,7 +6,7 @@
 //! committed into the store in one transaction (see `release`).
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
@@ -215,6 +215,10 @@ pub struct KcacheFs {
     /// Blob whose pages the kernel may still cache for an inode, to set keep_cache on reopen.
     page_cache: Mutex<HashMap<Ino, Hash>>,
     pub(crate) kernel_cache: Mutex<Option<Arc<dyn KernelCache>>>,
+    /// Files whose last name the daemon took away itself (a merge pull replacing them): the
+    /// kernel may still reach them through what it cached before it was told, so they are
+    /// purged only once the kernel forgets them, not when their last handle closes.
+    pub(crate) kept_until_forgotten: Mutex<HashSet<Ino>>,
     /// What all mounts of one store share: the eviction gate, the limits and the evictor's
     /// state, and the list of mounted filesystems (to check open files across all of them).
     pub(crate) shared: Arc<Shared>,
@@ -407,6 +411,7 @@ impl KcacheFs {
             handles: Mutex::new(HashMap::new()),
             page_cache: Mutex::new(HashMap::new()),
             kernel_cache: Mutex::new(None),
+            kept_until_forgotten: Mutex::new(HashSet::new()),
         }
     }
 
@@ -603,9 +608,14 @@ impl KcacheFs {
         }
         match self.store.get(ino) {
             Ok(n) if n.nlink == 0 => {
-                if n.kind == Kind::Dir && lock(&self.lookups).contains_key(&ino) {
+                // Checked after reading the row: a merge marks what it unlinks before its
+                // transaction commits.
+                if (n.kind == Kind::Dir || lock(&self.kept_until_forgotten).contains(&ino))
+                    && lock(&self.lookups).contains_key(&ino)
+                {
                     return;
                 }
+                lock(&self.kept_until_forgotten).remove(&ino);
                 if let Err(e) = self.store.purge(ino) {
                     tracing::error!(ino, error = %e, "purging unlinked inode failed");
                 }

@@ -285,6 +285,7 @@ impl Store {
         volume: &str,
         mhash: &str,
         theirs: bool,
+        before_commit: &mut dyn FnMut(&[NameChange]),
     ) -> Result<Pulled> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -337,6 +338,7 @@ impl Store {
         let Merge {
             report, changed, ..
         } = mg;
+        before_commit(&changed);
         self.commit_tx(tx)?;
         Ok(Pulled { report, changed })
     }

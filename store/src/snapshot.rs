@@ -416,13 +416,29 @@ impl Store {
         trusted: &[String],
         mode: PullMode,
     ) -> Result<Pulled> {
+        self.pull_with_hook(remote, tag, volume, trusted, mode, &mut |_| {})
+    }
+
+    /// `pull_with`, calling `before_commit` with a merge's changes inside its transaction,
+    /// just before the commit (the filesystem marks the inodes it will have to keep).
+    pub fn pull_with_hook(
+        &self,
+        remote: &Remote,
+        tag: &str,
+        volume: &str,
+        trusted: &[String],
+        mode: PullMode,
+        before_commit: &mut dyn FnMut(&[NameChange]),
+    ) -> Result<Pulled> {
         let (mhash, m) = self.fetch_manifest(remote, tag, trusted)?;
         match mode {
             PullMode::Replace => Ok(Pulled {
                 report: self.install_manifest(&m, volume, &mhash, "replace")?,
                 changed: Vec::new(),
             }),
-            PullMode::Merge { theirs } => self.merge_manifest(&m, volume, &mhash, theirs),
+            PullMode::Merge { theirs } => {
+                self.merge_manifest(&m, volume, &mhash, theirs, before_commit)
+            }
         }
     }
 
