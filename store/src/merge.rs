@@ -10,8 +10,8 @@
 //!
 //! Installed names of one snapshot inode share one new inode (hard links stay hard links
 //! among the names the merge installs); its link count is the names it got. New inodes
-//! take the snapshot's mode, owner, times and xattrs; kept and unchanged names keep the
-//! volume's. Blob references are taken as a replace pull takes them (a blob not local is
+//! take the snapshot's mode, owner, times and xattrs; kept and unchanged names, and merged
+//! directories, keep the volume's (an empty volume's root takes the snapshot root's). Blob references are taken as a replace pull takes them (a blob not local is
 //! remote-only, fetched on first open); a replaced inode keeps its reference until purged.
 
 use std::collections::{HashMap, HashSet};
@@ -320,6 +320,27 @@ impl Store {
             },
             changed: Vec::new(),
         };
+        let empty: bool = tx.query_row(
+            "SELECT NOT EXISTS (SELECT 1 FROM dirents WHERE parent = ?1)",
+            [root],
+            |r| r.get(0),
+        )?;
+        if empty {
+            // Nothing to keep: an empty volume (a fresh store's) takes the snapshot's root
+            // as it is, attributes and xattrs included, as a replace would.
+            let (n, _) = mg.ix.inode(m.root)?;
+            tx.execute(
+                "UPDATE inodes SET mode = ?2, uid = ?3, gid = ?4, atime = ?5, mtime = ?6,
+                 ctime = ?7 WHERE ino = ?1",
+                params![root, n.mode, n.uid, n.gid, n.atime, n.mtime, n.ctime],
+            )?;
+            for (name, value) in mg.ix.xattrs.get(&m.root).into_iter().flatten() {
+                tx.execute(
+                    "INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?1, ?2, ?3)",
+                    params![root, name, value],
+                )?;
+            }
+        }
         mg.run(m.root, root as Ino, theirs)?;
         let sizes: HashMap<&String, u64> = m.blobs.iter().map(|(h, s)| (h, *s)).collect();
         for (hex, n) in &mg.refs {
@@ -332,6 +353,9 @@ impl Store {
             }
         }
         mg.report.blobs = mg.refs.len() as u64;
+        if empty {
+            mg.touched.remove(&(root as Ino));
+        }
         for d in &mg.touched {
             crate::ns::touch_dir(&tx, *d, mg.now)?;
         }

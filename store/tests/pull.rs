@@ -402,3 +402,39 @@ fn a_merge_with_theirs_replaces_conflicts_as_a_rename_over_them_would() {
     let v = b.verify(|_, _| {}).unwrap();
     assert!(v.is_clean() && v.stray_removed == 0, "{v:?}");
 }
+
+#[test]
+fn a_merge_into_an_empty_volume_takes_the_snapshot_root_as_it_is() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let a = Store::open(&dir.join("a")).unwrap();
+    let va = a.volume("default", true, 0, 0).unwrap();
+    let f = a.create(va.root, b"f", &node(Kind::File)).unwrap();
+    commit(&a, f.ino, b"content");
+    a.setattr(
+        va.root,
+        &kcache_store::SetAttr {
+            mode: Some(0o700),
+            uid: Some(7),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    a.setxattr(va.root, b"user.root", b"yes", false, false)
+        .unwrap();
+    a.push(&upstream(dir), "default", "t", None, &mut |_| {})
+        .unwrap();
+    let b = Store::open(&dir.join("b")).unwrap();
+    let vb = b.volume("v", true, 0, 0).unwrap();
+    let r = b
+        .pull_with(&remote(dir), "t", "v", &[], PullMode::default())
+        .unwrap()
+        .report;
+    assert_eq!((r.added, r.files), (1, 1), "{r:?}");
+    let root = b.get(vb.root).unwrap();
+    assert_eq!((root.mode, root.uid), (0o700, 7));
+    assert_eq!(b.getxattr(vb.root, b"user.root").unwrap(), b"yes");
+    let h = b.lookup(vb.root, b"f").unwrap().blob.unwrap();
+    assert!(b.is_remote_only(&h), "fetched on first open");
+    assert!(b.verify(|_, _| {}).unwrap().is_clean());
+}
