@@ -646,12 +646,13 @@ pub fn pull(
         );
     } else {
         println!(
-            "merged {upstream}:{tag} into volume {volume}: {} added, {} updated, {} unchanged, {} kept, {} conflicts skipped; {} files, {} blobs ({} to fetch on first open); manifest {}",
+            "merged {upstream}:{tag} into volume {volume}: {} added, {} updated, {} unchanged, {} kept, {} conflicts skipped, {} only local; {} files, {} blobs ({} to fetch on first open); manifest {}",
             v.added,
             v.updated,
             v.unchanged,
             v.kept,
             v.skipped,
+            v.local_only,
             v.files,
             v.blobs,
             v.blobs_remote,

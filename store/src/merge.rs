@@ -219,6 +219,15 @@ impl Merge<'_, '_> {
         while let Some((sdir, ldir, path)) = stack.pop() {
             let kids = self.ix.children.get(&sdir).cloned().unwrap_or_default();
             let fresh = self.new_dirs.contains(&ldir);
+            // Names of this directory before the merge; those the snapshot also has are
+            // taken off as they are met, and the rest are the volume's own.
+            let mut own: u64 = if fresh {
+                0
+            } else {
+                self.tx
+                    .prepare_cached("SELECT count(*) FROM dirents WHERE parent = ?1")?
+                    .query_row([ldir as i64], |r| r.get::<_, i64>(0))? as u64
+            };
             for (name, id) in kids {
                 let (n, kind) = self.ix.inode(id)?;
                 let shown = format!("{path}{}", String::from_utf8_lossy(name));
@@ -227,6 +236,9 @@ impl Merge<'_, '_> {
                 } else {
                     local_entry(self.tx, ldir, name)?
                 };
+                if local.is_some() {
+                    own = own.saturating_sub(1);
+                }
                 match local {
                     None => {
                         let ino = self.install(ldir, name, id)?;
@@ -271,6 +283,7 @@ impl Merge<'_, '_> {
                     }
                 }
             }
+            self.report.local_only += own;
         }
         Ok(())
     }

@@ -178,6 +178,10 @@ pub struct PullReport {
     /// Conflicts between a directory and something else, left as the volume had them.
     #[serde(default)]
     pub skipped: u64,
+    /// Names only the volume had, left as they were (a directory counts once, with all
+    /// that is in it).
+    #[serde(default)]
+    pub local_only: u64,
     /// The first few skipped (or kept) paths, for the report.
     #[serde(default)]
     pub conflicts: Vec<String>,

@@ -284,6 +284,7 @@ fn a_merge_adds_what_is_missing_and_keeps_local_names_and_conflicts() {
         (4, 0, 1, 4, 0),
         "{r:?}"
     );
+    assert_eq!(r.local_only, 1, "mine");
     let mut conflicts = r.conflicts.clone();
     conflicts.sort();
     assert_eq!(conflicts, ["conflict", "d", "h1", "x"]);
@@ -349,6 +350,7 @@ fn a_merge_with_theirs_replaces_conflicts_as_a_rename_over_them_would() {
         (4, 2, 1, 0, 2),
         "{r:?}"
     );
+    assert_eq!(r.local_only, 1, "mine");
     let mut skipped = r.conflicts.clone();
     skipped.sort();
     assert_eq!(

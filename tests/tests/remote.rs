@@ -1060,7 +1060,7 @@ fn a_pull_merges_into_a_mounted_volume_under_readers_and_writers() {
     // A merge keeps every conflict local.
     let out = kcache_ok(&["pull", "--store", &store_b, &source]);
     assert!(
-        out.contains("4 added, 0 updated, 1 unchanged, 4 kept, 0 conflicts skipped"),
+        out.contains("4 added, 0 updated, 1 unchanged, 4 kept, 0 conflicts skipped, 2 only local"),
         "{out}"
     );
     for p in [
@@ -1109,7 +1109,7 @@ fn a_pull_merges_into_a_mounted_volume_under_readers_and_writers() {
     // against a file.
     let out = kcache_ok(&["pull", "--theirs", "--store", &store_b, &source]);
     assert!(
-        out.contains("0 added, 3 updated, 3 unchanged, 0 kept, 1 conflicts skipped"),
+        out.contains("0 added, 3 updated, 3 unchanged, 0 kept, 1 conflicts skipped, 2 only local"),
         "{out}"
     );
     assert!(out.contains("dir_vs_file"), "{out}");
