@@ -352,11 +352,20 @@ mod tests {
             },
             Request::Pull {
                 volume: "v4".into(),
-                upstream,
+                upstream: upstream.clone(),
                 tag: "t".into(),
                 trusted_keys: vec![],
                 env: vec![],
                 mode: PullMode::Replace,
+            },
+            // A merge into the volume the filesystem serves: every name is unchanged.
+            Request::Pull {
+                volume: "default".into(),
+                upstream: upstream.clone(),
+                tag: "t".into(),
+                trusted_keys: vec![],
+                env: vec![],
+                mode: PullMode::default(),
             },
             Request::VolumeRm { name: "v2".into() },
             Request::Clear {
@@ -394,6 +403,7 @@ mod tests {
                 "volume cloned",
                 "volumes",
                 "pushed",
+                "pulled",
                 "pulled",
                 "volume removed",
                 "cleared",
