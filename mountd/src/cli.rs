@@ -153,9 +153,12 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
-    /// Merge the snapshot an upstream tag names into a volume, mounted or not (metadata
-    /// only; content is fetched on first open). Names only the volume has stay; a name both
-    /// have with different content keeps the volume's unless --theirs
+    /// Merge the snapshot an upstream tag names into a volume, mounted or not (content is
+    /// fetched on first open)
+    ///
+    /// Names only the volume has stay, names only the snapshot has are added, a name both
+    /// have with different content keeps the volume's file unless --theirs. One transaction:
+    /// readers see the old or the new file whole, and open files keep what they opened.
     Pull {
         #[arg(long)]
         store: Option<PathBuf>,
