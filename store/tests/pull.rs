@@ -440,3 +440,24 @@ fn a_merge_into_an_empty_volume_takes_the_snapshot_root_as_it_is() {
     assert!(b.is_remote_only(&h), "fetched on first open");
     assert!(b.verify(|_, _| {}).unwrap().is_clean());
 }
+
+#[test]
+fn a_merge_whose_transaction_fails_leaves_the_volume_as_it_was() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let (_a, b) = conflicting_stores(dir);
+    let before = tree(&b, "v");
+    let blobs = b.stats().unwrap().blobs;
+    for theirs in [false, true] {
+        b.faults().always(
+            kcache_store::Step::DbCommit,
+            kcache_store::Fault::Errno(libc::EIO),
+        );
+        let e = b.pull_with(&remote(dir), "snap", "v", &[], merge(theirs));
+        b.faults().clear();
+        assert!(e.is_err(), "theirs {theirs}");
+        assert_eq!(tree(&b, "v"), before, "theirs {theirs}");
+        assert_eq!(b.stats().unwrap().blobs, blobs, "no blob row taken");
+        assert!(b.verify(|_, _| {}).unwrap().is_clean());
+    }
+}
