@@ -994,6 +994,11 @@ fn a_pull_merges_into_a_mounted_volume_under_readers_and_writers() {
     let big_ours = pseudo_random(22, 4 << 20);
     fs::create_dir_all(a.path("new/deep")).unwrap();
     fs::write(a.path("new/deep/f1"), pseudo_random(23, 1 << 20)).unwrap();
+    // Enough names that the merges take a while, with readers and writers busy throughout.
+    fs::create_dir(a.path("many")).unwrap();
+    for i in 0..500 {
+        fs::write(a.path(&format!("many/m{i}")), format!("file {i}")).unwrap();
+    }
     fs::write(a.path("newfile"), b"a new file from the snapshot").unwrap();
     fs::write(a.path("conflict_open"), &big_theirs).unwrap();
     fs::write(a.path("conflict_kept"), b"theirs").unwrap();
@@ -1057,10 +1062,28 @@ fn a_pull_merges_into_a_mounted_volume_under_readers_and_writers() {
         ),
     ];
 
+    // A writer making files the way pip does (temp file, then rename into place) all along.
+    fs::create_dir(b.path("work")).unwrap();
+    let writer = {
+        let (dir, stop) = (b.path("work"), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let tmp = dir.join(format!(".tmp{n}"));
+                fs::write(&tmp, pseudo_random(n, 4096 + n as usize)).unwrap();
+                fs::rename(&tmp, dir.join(format!("w{n}"))).unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+
     // A merge keeps every conflict local.
     let out = kcache_ok(&["pull", "--store", &store_b, &source]);
     assert!(
-        out.contains("4 added, 0 updated, 1 unchanged, 4 kept, 0 conflicts skipped, 2 only local"),
+        out.contains(
+            "505 added, 0 updated, 1 unchanged, 4 kept, 0 conflicts skipped, 3 only local"
+        ),
         "{out}"
     );
     for p in [
@@ -1080,6 +1103,7 @@ fn a_pull_merges_into_a_mounted_volume_under_readers_and_writers() {
         fs::read(b.path("new/deep/f1")).unwrap(),
         pseudo_random(23, 1 << 20)
     );
+    assert_eq!(fs::read(b.path("many/m499")).unwrap(), b"file 499");
     assert_eq!(fs::read(b.path("conflict_kept")).unwrap(), b"ours");
     assert_eq!(fs::read(b.path("dir_vs_file")).unwrap(), b"a file here");
     log.write_all(b"between the pulls\n").unwrap();
@@ -1109,7 +1133,9 @@ fn a_pull_merges_into_a_mounted_volume_under_readers_and_writers() {
     // against a file.
     let out = kcache_ok(&["pull", "--theirs", "--store", &store_b, &source]);
     assert!(
-        out.contains("0 added, 3 updated, 3 unchanged, 0 kept, 1 conflicts skipped, 2 only local"),
+        out.contains(
+            "0 added, 3 updated, 503 unchanged, 0 kept, 1 conflicts skipped, 3 only local"
+        ),
         "{out}"
     );
     assert!(out.contains("dir_vs_file"), "{out}");
@@ -1125,6 +1151,12 @@ fn a_pull_merges_into_a_mounted_volume_under_readers_and_writers() {
     stop.store(true, Ordering::SeqCst);
     for r in readers {
         assert!(r.join().unwrap() > 0);
+    }
+    let made = writer.join().unwrap();
+    assert!(made > 0);
+    for n in 0..made {
+        let got = fs::read(b.path(&format!("work/w{n}"))).unwrap();
+        assert!(got == pseudo_random(n, 4096 + n as usize), "work/w{n}");
     }
     // The open reader still reads the file it opened, to the end.
     let mut rest = Vec::new();
