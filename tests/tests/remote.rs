@@ -1183,6 +1183,14 @@ fn a_pull_merges_into_a_mounted_volume_under_readers_and_writers() {
     );
     let mut b = b;
     b.unmount();
+    // Unmounted, the same merge runs in the command's own process: nothing left to change.
+    let out = kcache_ok(&["pull", "--theirs", "--store", &store_b, &source]);
+    assert!(
+        out.contains(
+            "0 added, 0 updated, 506 unchanged, 0 kept, 1 conflicts skipped, 3 only local"
+        ),
+        "{out}"
+    );
     let (ok, out) = b.verify();
     assert!(ok, "{out}");
 }
