@@ -75,7 +75,7 @@ impl KcacheFs {
     /// (`Store::pull_with`, `PullMode::Merge`): one transaction, then the kernel is told
     /// about every name that changed, so readers see the new names at once. A replaced file
     /// is unlinked as by a rename over it: open handles keep reading what they opened, and
-    /// its inode goes once the last one closes.
+    /// its inode goes once the last one is closed and the kernel has forgotten it.
     pub fn pull_merge(
         &self,
         remote: &Remote,
