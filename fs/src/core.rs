@@ -6,7 +6,7 @@
 //! committed into the store in one transaction (see `release`).
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
@@ -220,7 +220,11 @@ pub struct KcacheFs {
     /// Per filesystem, so one mount's upstreams never change another's; the downloads
     /// themselves are the store's, shared by every mount. `None`: remote-only content
     /// cannot be fetched here (opens of it fail with EIO).
-    remote: Option<Arc<Remote>>,
+    remote: Mutex<Option<Arc<Remote>>>,
+    /// Files whose last name the daemon took away itself (a merge pull replacing them): the
+    /// kernel may still reach them through what it cached before it was told, so they are
+    /// purged only once the kernel forgets them, not when their last handle closes.
+    pub(crate) kept_until_forgotten: Mutex<HashSet<Ino>>,
     /// What all mounts of one store share: the eviction gate, the limits and the evictor's
     /// state, and the list of mounted filesystems (to check open files across all of them).
     pub(crate) shared: Arc<Shared>,
@@ -395,14 +399,26 @@ impl KcacheFs {
 
     /// Fetches content only an upstream has from `remote` (see the field). A builder step,
     /// before the filesystem is shared: a mount's upstreams are fixed for its life.
-    pub fn with_remote(mut self, remote: Option<Arc<Remote>>) -> KcacheFs {
-        self.remote = remote;
+    pub fn with_remote(self, remote: Option<Arc<Remote>>) -> KcacheFs {
+        *lock(&self.remote) = remote;
         self
     }
 
     /// Where this filesystem fetches from, if anywhere.
-    pub fn remote(&self) -> Option<&Arc<Remote>> {
-        self.remote.as_ref()
+    pub fn remote(&self) -> Option<Arc<Remote>> {
+        lock(&self.remote).clone()
+    }
+
+    /// Gives a filesystem without upstreams `remote` (a pull into a mounted volume that had
+    /// none, so that its new names can be fetched); one that has upstreams keeps its own.
+    /// True when it was given.
+    pub fn adopt_remote_if_none(&self, remote: Arc<Remote>) -> bool {
+        let mut r = lock(&self.remote);
+        if r.is_some() {
+            return false;
+        }
+        *r = Some(remote);
+        true
     }
 
     /// Another volume of the same store, sharing eviction and limits with `self`. It has no
@@ -429,7 +445,8 @@ impl KcacheFs {
             handles: Mutex::new(HashMap::new()),
             page_cache: Mutex::new(HashMap::new()),
             kernel_cache: Mutex::new(None),
-            remote: None,
+            remote: Mutex::new(None),
+            kept_until_forgotten: Mutex::new(HashSet::new()),
         }
     }
 
@@ -626,9 +643,14 @@ impl KcacheFs {
         }
         match self.store.get(ino) {
             Ok(n) if n.nlink == 0 => {
-                if n.kind == Kind::Dir && lock(&self.lookups).contains_key(&ino) {
+                // Checked after reading the row: a merge marks what it unlinks before its
+                // transaction commits.
+                if (n.kind == Kind::Dir || lock(&self.kept_until_forgotten).contains(&ino))
+                    && lock(&self.lookups).contains_key(&ino)
+                {
                     return;
                 }
+                lock(&self.kept_until_forgotten).remove(&ino);
                 if let Err(e) = self.store.purge(ino) {
                     tracing::error!(ino, error = %e, "purging unlinked inode failed");
                 }
@@ -1108,7 +1130,8 @@ impl KcacheFs {
         // gets its handle at once and reads while the download goes on; anyone else waits for
         // the whole blob. Eviction may drop the content again before the open below takes the
         // gate; then fetch again.
-        let remote = self.remote.as_ref();
+        let remote = self.remote();
+        let remote = remote.as_ref();
         let mut attempt = 0;
         let mut refetched = false;
         loop {

@@ -622,6 +622,7 @@ pub fn pull(
     volume: String,
     trusted_keys: Vec<String>,
     source: String,
+    mode: kcache_store::PullMode,
 ) -> Result<ExitCode> {
     let trusted_keys = trusted_keys
         .iter()
@@ -643,15 +644,46 @@ pub fn pull(
             tag: tag.clone(),
             trusted_keys,
             env: crate::control::command_settings(),
+            mode,
         },
     )?;
     let v = expect!(v, Reply::Pulled(v) => v);
-    println!(
-        "pulled {upstream}:{tag} into volume {volume}: {} files, {} blobs ({} to fetch on first open); manifest {}",
-        v.files,
-        v.blobs,
-        v.blobs_remote,
-        v.manifest
-    );
+    if v.mode == "replace" {
+        println!(
+            "pulled {upstream}:{tag} into volume {volume} (replaced {} files): {} names, {} files, {} blobs ({} to fetch on first open); manifest {}",
+            v.removed, v.added, v.files, v.blobs, v.blobs_remote, v.manifest
+        );
+    } else {
+        println!(
+            "merged {upstream}:{tag} into volume {volume}: {} added, {} updated, {} unchanged, {} kept, {} conflicts skipped, {} only local; {} files, {} blobs ({} to fetch on first open); manifest {}",
+            v.added,
+            v.updated,
+            v.unchanged,
+            v.kept,
+            v.skipped,
+            v.local_only,
+            v.files,
+            v.blobs,
+            v.blobs_remote,
+            v.manifest
+        );
+    }
+    if !v.conflicts.is_empty() {
+        let more = (v.kept + v.skipped).saturating_sub(v.conflicts.len() as u64);
+        let what = if v.skipped > 0 && v.kept == 0 {
+            "skipped (a directory against a non-directory)"
+        } else {
+            "kept as the volume had them"
+        };
+        println!(
+            "conflicts {what}: {}{}",
+            v.conflicts.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

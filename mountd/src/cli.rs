@@ -157,8 +157,12 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
-    /// Make a volume the snapshot an upstream tag names (metadata only; content is fetched
-    /// on first open)
+    /// Merge the snapshot an upstream tag names into a volume, mounted or not (content is
+    /// fetched on first open)
+    ///
+    /// Names only the volume has stay, names only the snapshot has are added, a name both
+    /// have with different content keeps the volume's file unless --theirs. One transaction:
+    /// readers see the old or the new file whole, and open files keep what they opened.
     Pull {
         #[arg(long)]
         store: Option<PathBuf>,
@@ -168,6 +172,14 @@ pub enum Command {
         /// remembered by the store, so later pulls require a trusted signature too
         #[arg(long = "trusted-key", value_name = "KEY")]
         trusted_keys: Vec<String>,
+        /// On a conflict take the snapshot's file (open files keep what they opened); a
+        /// directory against a non-directory is still left as the volume has it
+        #[arg(long, conflicts_with = "replace")]
+        theirs: bool,
+        /// Make the volume the snapshot, dropping everything else it holds (refused while
+        /// the volume is mounted)
+        #[arg(long)]
+        replace: bool,
         /// UPSTREAM[:TAG] (the tag defaults to the volume's name)
         source: String,
     },

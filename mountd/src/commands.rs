@@ -50,7 +50,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             volume,
             trusted_keys,
             source,
-        } => admin::pull(store, volume, trusted_keys, source),
+            theirs,
+            replace,
+        } => {
+            let mode = if replace {
+                kcache_store::PullMode::Replace
+            } else {
+                kcache_store::PullMode::Merge { theirs }
+            };
+            admin::pull(store, volume, trusted_keys, source, mode)
+        }
         Command::Prefetch { paths } => crate::import::prefetch(&paths),
         Command::Keygen { out } => admin::keygen(&out),
         Command::Serve { store, listen } => {

@@ -20,6 +20,7 @@ mod lifecycle;
 mod lru;
 mod maint;
 mod manifest;
+mod merge;
 mod ns;
 pub mod outboard;
 mod remote;
@@ -50,7 +51,9 @@ pub use lru::{EvictPolicy, Evicted, ACCESS_BATCH};
 pub use maint::{Counter, DuEntry, GcReport, Limits, MinFree, Removed};
 pub use ns::{Renamed, SetAttr, Stats, VolumeInfo};
 pub use remote::{FetchConfig, Remote, Upstream};
-pub use snapshot::{generate_key, public_key_of, PullReport, PushProgress, PushReport};
+pub use snapshot::{
+    generate_key, public_key_of, NameChange, PullMode, PullReport, Pulled, PushProgress, PushReport,
+};
 pub use volumes::VolumeSummary;
 
 use error::IoContext;

@@ -134,13 +134,80 @@ pub struct PushProgress {
     pub bytes_total: u64,
 }
 
-/// What a pull did.
+/// How a pull changes the volume it goes into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PullMode {
+    /// The snapshot's names join the volume's: names only the volume has stay, names only the
+    /// snapshot has are added, directories on both sides are merged. A name both have with
+    /// different content is a conflict: the volume's is kept, or with `theirs` the
+    /// snapshot's replaces it (as a rename over it would: open files keep their content) —
+    /// except where one side is a directory and the other not, which is never replaced
+    /// (counted as skipped). Same content on both sides is left alone (unchanged).
+    Merge { theirs: bool },
+    /// The volume becomes the snapshot: everything it held goes (only when not mounted).
+    Replace,
+}
+
+impl Default for PullMode {
+    fn default() -> PullMode {
+        PullMode::Merge { theirs: false }
+    }
+}
+
+/// What a pull did. Names count every directory entry (a directory's and each below it).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PullReport {
     pub manifest: String,
+    /// Files (inodes) the pull installed.
     pub files: u64,
+    /// Distinct blobs those files use, and how many of them are only on the upstream.
     pub blobs: u64,
     pub blobs_remote: u64,
+    /// "merge" or "replace".
+    #[serde(default)]
+    pub mode: String,
+    /// Names the snapshot had and the volume did not.
+    #[serde(default)]
+    pub added: u64,
+    /// Names whose local entry the snapshot's replaced (merge with `theirs`).
+    #[serde(default)]
+    pub updated: u64,
+    /// Names with the same content on both sides.
+    #[serde(default)]
+    pub unchanged: u64,
+    /// Conflicting names where the volume's entry was kept (merge without `theirs`).
+    #[serde(default)]
+    pub kept: u64,
+    /// Conflicts between a directory and something else, left as the volume had them.
+    #[serde(default)]
+    pub skipped: u64,
+    /// Names only the volume had, left as they were (a directory counts once, with all
+    /// that is in it).
+    #[serde(default)]
+    pub local_only: u64,
+    /// The first few skipped (or kept) paths, for the report.
+    #[serde(default)]
+    pub conflicts: Vec<String>,
+    /// Files the replaced volume held (replace).
+    #[serde(default)]
+    pub removed: u64,
+}
+
+/// A name a merge changed: added, or replaced (`replaced` is the inode it named before and
+/// that inode's link count now; 0 means purge it once nothing holds it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NameChange {
+    pub parent: crate::Ino,
+    pub name: Vec<u8>,
+    pub replaced: Option<(crate::Ino, u32)>,
+}
+
+/// What `pull_with` did: the report, and the names of existing directories it changed.
+#[derive(Clone, Debug, Default)]
+pub struct Pulled {
+    pub report: PullReport,
+    pub changed: Vec<NameChange>,
 }
 
 /// The manifest a tag's pointer names, checked as a pull checks it: the pointer's form, the
@@ -417,40 +484,72 @@ impl Store {
         volume: &str,
         trusted: &[String],
     ) -> Result<PullReport> {
+        Ok(self
+            .pull_with(remote, tag, volume, trusted, PullMode::Replace)?
+            .report)
+    }
+
+    /// Pulls the snapshot tagged `tag` into volume `volume` by `mode` (see `PullMode`). The
+    /// whole manifest is read and checked first; then the volume changes in one transaction,
+    /// whichever the mode, so a bad manifest leaves it as it was. A merge returns the names it
+    /// changed: the caller tells the kernel, and purges each replaced inode left without
+    /// names once nothing holds it (as after an unlink).
+    pub fn pull_with(
+        &self,
+        remote: &Remote,
+        tag: &str,
+        volume: &str,
+        trusted: &[String],
+        mode: PullMode,
+    ) -> Result<Pulled> {
+        self.pull_with_hook(remote, tag, volume, trusted, mode, &mut |_| {})
+    }
+
+    /// `pull_with`, calling `before_commit` with a merge's changes inside its transaction,
+    /// just before the commit (the filesystem marks the inodes it will have to keep).
+    pub fn pull_with_hook(
+        &self,
+        remote: &Remote,
+        tag: &str,
+        volume: &str,
+        trusted: &[String],
+        mode: PullMode,
+        before_commit: &mut dyn FnMut(&[NameChange]),
+    ) -> Result<Pulled> {
+        let (mhash, m) = self.fetch_manifest(remote, tag, trusted)?;
+        match mode {
+            PullMode::Replace => Ok(Pulled {
+                report: self.install_manifest(&m, volume, &mhash, "replace")?,
+                changed: Vec::new(),
+            }),
+            PullMode::Merge { theirs } => {
+                self.merge_manifest(&m, volume, &mhash, theirs, before_commit)
+            }
+        }
+    }
+
+    /// The manifest tag `tag` names, checked whole: signature, hash, format, consistency.
+    fn fetch_manifest(
+        &self,
+        remote: &Remote,
+        tag: &str,
+        trusted: &[String],
+    ) -> Result<(String, Manifest)> {
         valid_tag(tag)?;
         let pointer = Store::get_object(remote, &format!("tags/{tag}"))?;
-        let pointer = String::from_utf8_lossy(&pointer).into_owned();
-        let mut lines = pointer.lines();
-        let mhash = lines.next().unwrap_or("").trim().to_owned();
-        let rest: Vec<&str> = lines.collect();
-        if Hash::from_hex(&mhash).is_none() {
-            return Err(Error::Remote(format!(
-                "tag {tag} does not name a manifest: {mhash:?}"
-            )));
-        }
-        let bytes = Store::get_object(remote, &format!("manifests/{mhash}"))?;
-        check_signature(tag, &rest, &mhash, trusted)?;
-        if blake3::hash(&bytes).to_hex().as_str() != mhash {
-            return Err(Error::Remote(format!(
-                "manifest {mhash} does not match its hash (damaged upstream?)"
-            )));
-        }
-        let mut json = Vec::new();
-        flate2::read::GzDecoder::new(&bytes[..])
-            .read_to_end(&mut json)
-            .map_err(|e| Error::Remote(format!("manifest {mhash}: {e}")))?;
-        let m: Manifest = serde_json::from_slice(&json)
-            .map_err(|e| Error::Remote(format!("manifest {mhash}: {e}")))?;
-        // The whole manifest is checked before anything changes, then the volume is replaced
-        // in one transaction: a bad manifest leaves the volume as it was.
-        validate(&m).map_err(|e| Error::Remote(format!("manifest {mhash}: {e}")))?;
-        self.install_manifest(&m, volume, &mhash)
+        read_pointed(remote, tag, &pointer, trusted)
     }
 
     /// Installs a validated manifest as volume `volume`, replacing the volume of that name if
     /// there is one, in one transaction. The new tree takes its references before the old
     /// one drops its own, so content both use is never deleted on the way.
-    fn install_manifest(&self, m: &Manifest, volume: &str, mhash: &str) -> Result<PullReport> {
+    pub(crate) fn install_manifest(
+        &self,
+        m: &Manifest,
+        volume: &str,
+        mhash: &str,
+        mode: &str,
+    ) -> Result<PullReport> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let old: Option<i64> = tx
@@ -542,8 +641,9 @@ impl Store {
             params![vid, root],
         )?;
         let mut dead = Vec::new();
+        let mut removed = 0;
         if let Some(old) = old {
-            dead = crate::volumes::delete_volume_rows(&tx, old)?.1;
+            (removed, dead) = crate::volumes::delete_volume_rows(&tx, old)?;
             tx.execute(
                 "UPDATE volumes SET name = ?2 WHERE id = ?1",
                 params![vid, volume],
@@ -557,6 +657,10 @@ impl Store {
             files,
             blobs: refs.len() as u64,
             blobs_remote: remote_only,
+            mode: mode.to_owned(),
+            added: m.dirents.len() as u64,
+            removed,
+            ..Default::default()
         })
     }
 }

@@ -1059,3 +1059,247 @@ fn downloads_stay_within_the_quota() {
     assert!(fs::read(mnt.join("f0")).unwrap() == fs::read(a.path("f0")).unwrap());
     kcache_ok(&["umount", mnt.to_str().unwrap()]);
 }
+
+/// Reads `p` by path over and over until `stop`; every read must find the file and give one
+/// of `allowed` whole. Returns how many reads it made.
+fn keep_reading(
+    p: PathBuf,
+    allowed: Vec<Vec<u8>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let got = fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert!(
+                allowed.contains(&got),
+                "{}: a reader saw {} bytes, neither the old nor the new file whole",
+                p.display(),
+                got.len()
+            );
+            n += 1;
+        }
+        n
+    })
+}
+
+/// Issue 13, item 1: `kcache pull` merges a snapshot into a mounted volume while readers hold
+/// files open and writers write. Open files keep what they opened, readers by path see the
+/// old or the new file whole, new names appear at once (fetched on open), local-only names
+/// stay, conflicts keep the volume's file by default and take the snapshot's with --theirs
+/// (a directory against a file never), the counts are right, and --replace or a bad manifest
+/// leaves the live volume as it was.
+#[test]
+fn a_pull_merges_into_a_mounted_volume_under_readers_and_writers() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let Some(a) = Mount::new() else { return };
+    let up = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", up.path().display());
+    let big_theirs = pseudo_random(21, 3 << 20);
+    let big_ours = pseudo_random(22, 4 << 20);
+    fs::create_dir_all(a.path("new/deep")).unwrap();
+    fs::write(a.path("new/deep/f1"), pseudo_random(23, 1 << 20)).unwrap();
+    // Enough names that the merges take a while, with readers and writers busy throughout.
+    fs::create_dir(a.path("many")).unwrap();
+    for i in 0..500 {
+        fs::write(a.path(&format!("many/m{i}")), format!("file {i}")).unwrap();
+    }
+    fs::write(a.path("newfile"), b"a new file from the snapshot").unwrap();
+    fs::write(a.path("conflict_open"), &big_theirs).unwrap();
+    fs::write(a.path("conflict_kept"), b"theirs").unwrap();
+    fs::write(
+        a.path("conflict_written"),
+        b"theirs, over a file being written",
+    )
+    .unwrap();
+    fs::write(a.path("same"), b"the same on both sides").unwrap();
+    fs::create_dir(a.path("dir_vs_file")).unwrap();
+    fs::write(a.path("dir_vs_file/inner"), b"inner").unwrap();
+    a.settle();
+    let store_a = a.store.to_str().unwrap().to_owned();
+    kcache_ok(&["push", "--store", &store_a, &url]);
+    let source = format!("{url}:default");
+
+    let b = Mount::new().unwrap();
+    let store_b = b.store.to_str().unwrap().to_owned();
+    fs::write(b.path("local_only"), b"only here").unwrap();
+    fs::write(b.path("conflict_open"), &big_ours).unwrap();
+    fs::write(b.path("conflict_kept"), b"ours").unwrap();
+    fs::write(b.path("same"), b"the same on both sides").unwrap();
+    fs::write(b.path("dir_vs_file"), b"a file here").unwrap();
+    b.settle();
+    // The kernel has looked these up (and cached them) before the pull.
+    assert!(fs::metadata(b.path("newfile")).is_err());
+    assert_eq!(fs::read(b.path("conflict_kept")).unwrap(), b"ours");
+
+    // Held open across both pulls: a reader half-way through a file the second pull
+    // replaces, a writer on a local-only name, a writer on a name the second pull replaces.
+    let mut held = fs::File::open(b.path("conflict_open")).unwrap();
+    let mut first = vec![0u8; big_ours.len() / 2];
+    held.read_exact(&mut first).unwrap();
+    let mut log = fs::File::create(b.path("log")).unwrap();
+    log.write_all(b"before the pulls\n").unwrap();
+    let mut written = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(b.path("conflict_written"))
+        .unwrap();
+    written.write_all(b"ours, being written").unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers = vec![
+        keep_reading(
+            b.path("conflict_open"),
+            vec![big_ours.clone(), big_theirs.clone()],
+            stop.clone(),
+        ),
+        keep_reading(
+            b.path("conflict_kept"),
+            vec![b"ours".to_vec(), b"theirs".to_vec()],
+            stop.clone(),
+        ),
+        keep_reading(
+            b.path("local_only"),
+            vec![b"only here".to_vec()],
+            stop.clone(),
+        ),
+    ];
+
+    // A writer making files the way pip does (temp file, then rename into place) all along.
+    fs::create_dir(b.path("work")).unwrap();
+    let writer = {
+        let (dir, stop) = (b.path("work"), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let tmp = dir.join(format!(".tmp{n}"));
+                fs::write(&tmp, pseudo_random(n, 4096 + n as usize)).unwrap();
+                fs::rename(&tmp, dir.join(format!("w{n}"))).unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+
+    // A merge keeps every conflict local.
+    let out = kcache_ok(&["pull", "--store", &store_b, &source]);
+    assert!(
+        out.contains(
+            "505 added, 0 updated, 1 unchanged, 4 kept, 0 conflicts skipped, 3 only local"
+        ),
+        "{out}"
+    );
+    for p in [
+        "conflict_open",
+        "conflict_kept",
+        "conflict_written",
+        "dir_vs_file",
+    ] {
+        assert!(out.contains(p), "{p} is named as a conflict: {out}");
+    }
+    // New names at once, content fetched on first open.
+    assert_eq!(
+        fs::read(b.path("newfile")).unwrap(),
+        b"a new file from the snapshot"
+    );
+    assert_eq!(
+        fs::read(b.path("new/deep/f1")).unwrap(),
+        pseudo_random(23, 1 << 20)
+    );
+    assert_eq!(fs::read(b.path("many/m499")).unwrap(), b"file 499");
+    assert_eq!(fs::read(b.path("conflict_kept")).unwrap(), b"ours");
+    assert_eq!(fs::read(b.path("dir_vs_file")).unwrap(), b"a file here");
+    log.write_all(b"between the pulls\n").unwrap();
+
+    // --replace would pull the names out from under the mount: refused, nothing changes.
+    let (code, out) = kcache(&["pull", "--replace", "--store", &store_b, &source]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("is mounted"), "{out}");
+    // A garbled manifest is refused with a message naming it; nothing changes.
+    let junk = b"\x1f\x8b this is not a manifest";
+    let junk_hash = blake3::hash(junk).to_hex().to_string();
+    fs::write(up.path().join("manifests").join(&junk_hash), junk).unwrap();
+    fs::write(up.path().join("tags/bad"), format!("{junk_hash}\n")).unwrap();
+    for extra in [&[][..], &["--theirs"][..]] {
+        let mut args = vec!["pull", "--store", &store_b];
+        args.extend_from_slice(extra);
+        let bad = format!("{url}:bad");
+        args.push(&bad);
+        let (code, out) = kcache(&args);
+        assert_ne!(code, 0, "{out}");
+        assert!(out.contains(&format!("manifest {junk_hash}")), "{out}");
+    }
+    assert_eq!(fs::read(b.path("conflict_kept")).unwrap(), b"ours");
+    assert!(b.path("local_only").exists() && b.path("newfile").exists());
+
+    // --theirs: the snapshot's files replace the conflicting ones, but not a directory
+    // against a file.
+    let out = kcache_ok(&["pull", "--theirs", "--store", &store_b, &source]);
+    assert!(
+        out.contains(
+            "0 added, 3 updated, 503 unchanged, 0 kept, 1 conflicts skipped, 3 only local"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("dir_vs_file"), "{out}");
+    assert_eq!(fs::read(b.path("conflict_kept")).unwrap(), b"theirs");
+    assert_eq!(fs::read(b.path("conflict_open")).unwrap(), big_theirs);
+    assert_eq!(
+        fs::read(b.path("conflict_written")).unwrap(),
+        b"theirs, over a file being written"
+    );
+    assert_eq!(fs::read(b.path("dir_vs_file")).unwrap(), b"a file here");
+    assert_eq!(fs::read(b.path("local_only")).unwrap(), b"only here");
+
+    stop.store(true, Ordering::SeqCst);
+    for r in readers {
+        assert!(r.join().unwrap() > 0);
+    }
+    let made = writer.join().unwrap();
+    assert!(made > 0);
+    for n in 0..made {
+        let got = fs::read(b.path(&format!("work/w{n}"))).unwrap();
+        assert!(got == pseudo_random(n, 4096 + n as usize), "work/w{n}");
+    }
+    // The open reader still reads the file it opened, to the end.
+    let mut rest = Vec::new();
+    held.read_to_end(&mut rest).unwrap();
+    first.extend_from_slice(&rest);
+    assert!(first == big_ours, "the open file changed under its reader");
+    // The writer on the replaced name keeps its own file through its handle.
+    written.write_all(b", still").unwrap();
+    let mut mine = Vec::new();
+    written.seek(SeekFrom::Start(0)).unwrap();
+    written.read_to_end(&mut mine).unwrap();
+    assert_eq!(mine, b"ours, being written, still");
+    assert_eq!(written.read_at(&mut [0u8; 4], 0).unwrap(), 4);
+    log.write_all(b"after the pulls\n").unwrap();
+    drop((held, log, written));
+    b.settle();
+    assert_eq!(
+        fs::read(b.path("log")).unwrap(),
+        b"before the pulls\nbetween the pulls\nafter the pulls\n"
+    );
+    assert_eq!(
+        fs::read(b.path("conflict_written")).unwrap(),
+        b"theirs, over a file being written"
+    );
+    let mut b = b;
+    b.unmount();
+    // Unmounted, the same merge runs in the command's own process: nothing left to change.
+    let out = kcache_ok(&["pull", "--theirs", "--store", &store_b, &source]);
+    assert!(
+        out.contains(
+            "0 added, 0 updated, 506 unchanged, 0 kept, 1 conflicts skipped, 3 only local"
+        ),
+        "{out}"
+    );
+    let (ok, out) = b.verify();
+    assert!(ok, "{out}");
+}

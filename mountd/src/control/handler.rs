@@ -3,7 +3,7 @@
 //! process), so both give the same answers.
 
 use kcache_fs::KcacheFs;
-use kcache_store::{EvictPolicy, Limits, PushProgress, Store};
+use kcache_store::{EvictPolicy, Limits, PullMode, PushProgress, Store};
 
 use super::protocol::{command_env, EvictReply, LimitsMsg, PinsReply, Reply, Request, StatsReply};
 
@@ -207,10 +207,13 @@ pub fn handle(
             tag,
             trusted_keys,
             env,
+            mode,
         } => {
-            if mounted.contains(&volume) {
+            let live = mounted.contains(&volume);
+            if live && mode == PullMode::Replace {
                 return Err(format!(
-                    "volume '{volume}' is mounted; unmount it (or pull into another volume)"
+                    "volume '{volume}' is mounted: --replace would take every name away from \
+                     under its users; unmount it first, or merge (without --replace)"
                 ));
             }
             let up = kcache_store::Upstream::parse_with(
@@ -218,7 +221,7 @@ pub fn handle(
                 kcache_store::FetchConfig::default().timeout,
                 command_env(&env).as_deref(),
             )?;
-            let remote = kcache_store::Remote::new(vec![up], Default::default())
+            let remote = kcache_store::Remote::new(vec![up.clone()], Default::default())
                 .map_err(|e| e.to_string())?;
             // Keys given now are remembered: once a store trusts a key, it never again takes
             // an unsigned snapshot.
@@ -226,12 +229,43 @@ pub fn handle(
                 store.add_trusted_key(k).map_err(|e| e.to_string())?;
             }
             let trusted = store.trusted_keys().map_err(|e| e.to_string())?;
-            let r = store
-                .pull(&remote, &tag, &volume, &trusted)
-                .map_err(|e| format!("pulling {upstream}:{tag} into volume '{volume}': {e}"))?;
+            let failed = |e: kcache_store::Error| {
+                format!("pulling {upstream}:{tag} into volume '{volume}': {e}")
+            };
+            let r = match mode {
+                PullMode::Merge { theirs } if fs.volume().name == volume => fs
+                    .pull_merge(&remote, &tag, &trusted, theirs)
+                    .map_err(failed)?,
+                PullMode::Merge { theirs } if store.volume(&volume, false, 0, 0).is_ok() => {
+                    if live {
+                        return Err(format!(
+                            "volume '{volume}' is mounted, but not by this filesystem"
+                        ));
+                    }
+                    // Not mounted: the same merge, through a filesystem no kernel knows.
+                    let info = store.volume(&volume, false, 0, 0).map_err(failed)?;
+                    fs.sibling(info, false)
+                        .pull_merge(&remote, &tag, &trusted, theirs)
+                        .map_err(failed)?
+                }
+                mode => {
+                    store
+                        .pull_with(&remote, &tag, &volume, &trusted, mode)
+                        .map_err(failed)?
+                        .report
+                }
+            };
             store
                 .add_upstream_setting(&upstream)
                 .map_err(|e| e.to_string())?;
+            // A live volume's new names are fetched on open: a store with no upstream yet
+            // takes this one (a mount's own upstream= list stays as it is).
+            if live {
+                fs.adopt_remote_if_none(std::sync::Arc::new(
+                    kcache_store::Remote::new(vec![up], Default::default())
+                        .map_err(|e| e.to_string())?,
+                ));
+            }
             Ok(Reply::Pulled(r))
         }
         Request::Mount { .. } | Request::Mounts => {
@@ -321,10 +355,20 @@ mod tests {
             },
             Request::Pull {
                 volume: "v4".into(),
-                upstream,
+                upstream: upstream.clone(),
                 tag: "t".into(),
                 trusted_keys: vec![],
                 env: vec![],
+                mode: PullMode::Replace,
+            },
+            // A merge into the volume the filesystem serves: every name is unchanged.
+            Request::Pull {
+                volume: "default".into(),
+                upstream: upstream.clone(),
+                tag: "t".into(),
+                trusted_keys: vec![],
+                env: vec![],
+                mode: PullMode::default(),
             },
             Request::VolumeRm { name: "v2".into() },
             Request::Clear {
@@ -362,6 +406,7 @@ mod tests {
                 "volume cloned",
                 "volumes",
                 "pushed",
+                "pulled",
                 "pulled",
                 "volume removed",
                 "cleared",

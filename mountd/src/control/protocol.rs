@@ -8,7 +8,8 @@
 use std::path::PathBuf;
 
 use kcache_store::{
-    DuEntry, GcReport, Limits, MinFree, PullReport, PushProgress, PushReport, Stats, VolumeSummary,
+    DuEntry, GcReport, Limits, MinFree, PullMode, PullReport, PushProgress, PushReport, Stats,
+    VolumeSummary,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -114,6 +115,9 @@ pub enum Request {
         trusted_keys: Vec<String>,
         #[serde(default)]
         env: Vec<(String, Secret)>,
+        /// Merge (the default) or replace.
+        #[serde(default)]
+        mode: PullMode,
     },
     /// Mount one more volume (daemon only).
     Mount {

@@ -182,8 +182,14 @@ fn daemon_request(
                 .collect(),
         )),
         req => {
-            let fs = daemon.fs_for(volume_of(&req))?;
             let mounted: Vec<String> = daemon.list().into_iter().map(|m| m.1).collect();
+            // A pull into a mounted volume runs on that volume's filesystem, which tells its
+            // kernel about the names that changed.
+            let volume = match &req {
+                Request::Pull { volume, .. } if mounted.contains(volume) => Some(volume.as_str()),
+                req => volume_of(req),
+            };
+            let fs = daemon.fs_for(volume)?;
             Ok(handle(&fs, reader, &mounted, req, progress)?)
         }
     }
