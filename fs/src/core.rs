@@ -15,7 +15,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kcache_store::{
     Counter, Hash, Ino, Inode, Kind, Lease, Limits, NewNode, Remote, SetAttr, Staged, Store,
@@ -1149,7 +1149,7 @@ impl KcacheFs {
                     if remote_only {
                         return Err(Errno::WOULD_BLOCK);
                     }
-                    return self.open_gated(ino, writable, trunc, backing, None);
+                    return self.open_gated(ino, writable, trunc, backing, None, wait);
                 };
                 if remote_only && !self.store.is_fetching(h) {
                     // A download is a write like any other: room first (evicting if need be),
@@ -1194,7 +1194,7 @@ impl KcacheFs {
                     }
                 }
             }
-            match self.open_gated(ino, writable, trunc, backing, lease) {
+            match self.open_gated(ino, writable, trunc, backing, lease, wait) {
                 Err(e)
                     if e == Errno::EIO
                         && attempt < 2
@@ -1214,7 +1214,44 @@ impl KcacheFs {
         }
     }
 
+    /// `open_gated_once`, waiting (when `wait` allows) for the inode's passthrough readers
+    /// to close if this open writes: the kernel lets no handle but another passthrough one
+    /// join them, and a writer must never be passthrough to a blob. Bounded: after
+    /// `PASSTHROUGH_WAIT` the open fails with ETXTBSY (as writing a running program does).
     fn open_gated(
+        &self,
+        ino: Ino,
+        writable: bool,
+        trunc: bool,
+        backing: Option<&dyn Backing>,
+        lease: Option<Arc<Lease>>,
+        wait: Option<u32>,
+    ) -> Result<Opened> {
+        const PASSTHROUGH_WAIT: Duration = Duration::from_secs(10);
+        let deadline = Instant::now() + PASSTHROUGH_WAIT;
+        loop {
+            match self.open_gated_once(ino, writable, trunc, backing, lease.clone()) {
+                Err(e) if e == Errno::PASSTHROUGH_HELD => {
+                    let Some(pid) = wait else {
+                        // From a request thread: the adapter repeats it on a thread of its own.
+                        return Err(Errno::WOULD_BLOCK);
+                    };
+                    if Instant::now() >= deadline || (pid != 0 && !pid_alive(pid)) {
+                        tracing::warn!(
+                            ino,
+                            "an open for writing waited {} s for readers served by kernel passthrough to close; refusing it (ETXTBSY)",
+                            PASSTHROUGH_WAIT.as_secs()
+                        );
+                        return Err(Errno(libc::ETXTBSY));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                res => return res,
+            }
+        }
+    }
+
+    fn open_gated_once(
         &self,
         ino: Ino,
         writable: bool,
@@ -1271,6 +1308,11 @@ impl KcacheFs {
         backing: Option<&dyn Backing>,
         streaming: bool,
     ) -> Result<IoMode> {
+        // The kernel refuses any handle but a passthrough one on an inode that has
+        // passthrough handles open; a writer must wait for them to close (see `open_gated`).
+        if writable && g.pt.is_some() {
+            return Err(Errno::PASSTHROUGH_HELD);
+        }
         if trunc {
             // O_TRUNC on an existing file updates its mtime and ctime, even if it was empty.
             let now = kcache_store::now_ns();
@@ -1290,19 +1332,20 @@ impl KcacheFs {
         // Decide the I/O mode. Passthrough is only for committed content that nobody writes:
         // writes must reach the daemon so that it knows exactly what changed and never lets a
         // write land in a file that has become a blob. The kernel requires all passthrough
-        // handles of an inode to share one backing file and refuses to mix passthrough with
-        // page-cached handles, so while older passthrough readers pin the blob, anything that
-        // writes or must see staged content is served with direct I/O.
+        // handles of an inode to share one backing file and admits no other kind of handle
+        // while there are any, so readers join them and writers wait (checked above).
         let quiet = !writable && g.writers == 0 && g.staging.is_none();
         let mode = match (
             &mut g.pt,
             backing.filter(|_| self.passthrough() && !streaming),
         ) {
-            (Some(pt), _) if quiet => {
+            // Readers join passthrough readers (the only handle the kernel lets in), even
+            // when a truncate by path has staged new content meanwhile: they then see the
+            // content they would have seen had they opened a moment earlier.
+            (Some(pt), _) => {
                 pt.handles += 1;
                 IoMode::Passthrough(pt.token.clone())
             }
-            (Some(_), _) => IoMode::Direct,
             (None, Some(b)) if quiet && g.cached_handles == 0 && inode.blob.is_some() => {
                 let file = self.blob_file(g, inode.blob.expect("checked above"))?;
                 match b.register(&file) {

@@ -24,6 +24,10 @@ impl Errno {
     /// Not for the kernel: the `*_nowait` calls answer this when the operation would wait
     /// for a download; the adapter then repeats it on a thread of its own.
     pub const WOULD_BLOCK: Errno = Errno(libc::EWOULDBLOCK);
+    /// Not for the kernel: an open for writing found the inode served to readers by kernel
+    /// passthrough, which the kernel lets no other kind of handle join; the open waits for
+    /// those readers to close.
+    pub const PASSTHROUGH_HELD: Errno = Errno(libc::EBUSY);
 }
 
 impl From<StoreError> for Errno {

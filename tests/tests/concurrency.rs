@@ -195,3 +195,67 @@ print(bad)
         }
     }
 }
+
+/// A file that readers hold open (served by kernel passthrough, which the kernel lets no
+/// other kind of handle join) can still be opened for writing: the writer waits for the
+/// readers to close rather than failing, as an append to an npm cacache index bucket that
+/// another process is reading does. Readers always see one whole version.
+#[test]
+fn a_writer_waits_out_readers_held_by_passthrough_and_readers_see_whole_versions() {
+    use std::io::{Read, Write};
+    let Some(m) = Mount::new() else { return };
+    let path = m.path("bucket");
+    fs::write(&path, b"line 0\n").unwrap();
+    // One reader in the middle of a read while a writer comes.
+    let mut reader = fs::File::open(&path).unwrap();
+    let mut head = [0u8; 4];
+    reader.read_exact(&mut head).unwrap();
+    let closer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).unwrap();
+        assert_eq!([&head[..], &rest].concat(), b"line 0\n");
+    });
+    let t = Instant::now();
+    let mut w = fs::OpenOptions::new().append(true).open(&path).unwrap();
+    w.write_all(b"line 1\n").unwrap();
+    drop(w);
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "the writer did not wait for the reader ({:?}): the reader was not passthrough, so this tests nothing",
+        t.elapsed()
+    );
+    closer.join().unwrap();
+    assert_eq!(fs::read(&path).unwrap(), b"line 0\nline 1\n");
+
+    // Readers in a loop and an appender: every append lands, every read is a whole version.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let got = fs::read(&path).unwrap();
+                    let text = String::from_utf8(got).unwrap();
+                    for (i, l) in text.lines().enumerate() {
+                        assert_eq!(l, format!("line {i}"), "torn read: {text:?}");
+                    }
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    for i in 2..40 {
+        let mut w = fs::OpenOptions::new().append(true).open(&path).unwrap();
+        // One write per line: a reader may see each write as it lands, as on any filesystem.
+        w.write_all(format!("line {i}\n").as_bytes()).unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        assert!(r.join().unwrap() > 0);
+    }
+    let text = fs::read_to_string(&path).unwrap();
+    assert_eq!(text.lines().count(), 40, "{text}");
+}
