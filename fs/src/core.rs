@@ -546,9 +546,10 @@ impl KcacheFs {
         }
     }
 
-    /// Commits so far (see `Shared::commits`): take it before reading a row whose
-    /// attributes go to the kernel, and pass it to `attr_since`.
-    fn commits(&self) -> u64 {
+    /// Commits so far (see `Shared::commits`; every mount of the daemon together): take it
+    /// before reading a row whose attributes go to the kernel, and pass it to `attr_since`.
+    /// Background push also uses it to tell whether content changed since its last publish.
+    pub fn commits(&self) -> u64 {
         self.shared.commits.load(Ordering::SeqCst)
     }
 

@@ -191,6 +191,40 @@ pub fn stats(at: &StoreAt, json: bool) -> Result<ExitCode> {
     if st.quarantined_blobs > 0 {
         println!("quarantined:      {}", st.quarantined_blobs);
     }
+    for s in &v.sync {
+        let ago = |t: Option<i64>| match t {
+            Some(t) => {
+                let secs = (kcache_store::now_ns() - t).max(0) / 1_000_000_000;
+                format!("{secs} s ago")
+            }
+            None => "never".into(),
+        };
+        let what = match s.kind {
+            kcache_store::SyncKind::Push => format!(
+                "push {} -> {}:{}: {} blobs queued ({}), {} uploaded ({}), last publish {}",
+                s.volume,
+                s.url,
+                s.tag,
+                s.queued_blobs,
+                human(s.queued_bytes),
+                s.blobs_moved,
+                human(s.bytes_moved),
+                ago(s.last_ok_ns)
+            ),
+            kcache_store::SyncKind::Follow => format!(
+                "follow {}:{} -> {}: {} names merged in, last merge {}",
+                s.url,
+                s.tag,
+                s.volume,
+                s.blobs_moved,
+                ago(s.last_ok_ns)
+            ),
+        };
+        println!("{what}; {} errors", s.errors);
+        if let Some(e) = &s.last_error {
+            println!("  last error: {e}");
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

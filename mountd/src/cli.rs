@@ -313,6 +313,15 @@ pub struct MountOpts {
     pub upstreams: Vec<String>,
     /// Seconds an open may wait for a fetch before EIO.
     pub fetch_timeout: Option<u64>,
+    /// `push=URL[:TAG]`: upload new content as it is committed and publish the volume's
+    /// snapshot (TAG: the volume's name by default).
+    pub push: Option<(String, Option<String>)>,
+    /// Seconds between snapshot publishes of `push=`.
+    pub push_interval: Option<u64>,
+    /// `follow=URL:TAG`: merge that snapshot into the volume periodically.
+    pub follow: Option<(String, String)>,
+    /// Seconds between merges of `follow=`.
+    pub follow_interval: Option<u64>,
 }
 
 impl MountOpts {
@@ -371,6 +380,34 @@ impl MountOpts {
                     let u = need("a URL")?;
                     kcache_store::Upstream::parse(u)?;
                     o.upstreams.push(u.to_owned());
+                }
+                ("push", _) => {
+                    let (url, tag) = split_source(need("URL[:TAG]")?);
+                    kcache_store::Upstream::parse(&url)?;
+                    if url.starts_with("http://") || url.starts_with("https://") {
+                        return Err(format!(
+                            "'{opt}': http upstreams are read-only; push to file://, s3://"
+                        ));
+                    }
+                    o.push = Some((url, tag));
+                }
+                ("follow", _) => {
+                    let (url, tag) = split_source(need("URL:TAG")?);
+                    kcache_store::Upstream::parse(&url)?;
+                    let tag = tag.ok_or_else(|| format!("'{opt}' needs a tag: follow=URL:TAG"))?;
+                    o.follow = Some((url, tag));
+                }
+                ("push_interval" | "follow_interval", _) => {
+                    let secs = need("seconds")?
+                        .parse()
+                        .ok()
+                        .filter(|s| *s > 0)
+                        .ok_or_else(|| format!("invalid seconds in '{opt}'"))?;
+                    if key == "push_interval" {
+                        o.push_interval = Some(secs);
+                    } else {
+                        o.follow_interval = Some(secs);
+                    }
                 }
                 ("fetch_timeout", _) => {
                     o.fetch_timeout = Some(
@@ -532,6 +569,26 @@ mod tests {
         .unwrap();
         assert_eq!(o.upstreams.len(), 2);
         assert_eq!(o.fetch_timeout, Some(5));
+        let o = MountOpts::parse(&[
+            "push=file:///srv/c:fleet,push_interval=5,follow=s3://b/p:main,follow_interval=7"
+                .into(),
+        ])
+        .unwrap();
+        assert_eq!(o.push, Some(("file:///srv/c".into(), Some("fleet".into()))));
+        assert_eq!(o.follow, Some(("s3://b/p".into(), "main".into())));
+        assert_eq!((o.push_interval, o.follow_interval), (Some(5), Some(7)));
+        assert_eq!(
+            MountOpts::parse(&["push=file:///srv/c".into()])
+                .unwrap()
+                .push,
+            Some(("file:///srv/c".into(), None))
+        );
+        assert!(MountOpts::parse(&["follow=file:///srv/c".into()])
+            .unwrap_err()
+            .contains("needs a tag"));
+        assert!(MountOpts::parse(&["push=http://h/c:t".into()])
+            .unwrap_err()
+            .contains("read-only"));
         assert!(MountOpts::parse(&["upstream=ftp://x".into()])
             .unwrap_err()
             .contains("ftp://x"));

@@ -350,11 +350,24 @@ fn apply_root_owner(store: &Store, root: kcache_store::Ino, opts: &MountOpts) ->
 /// remembered from pulls. For that mount only (its `KcacheFs` holds it): another mount's
 /// options never change it, and the downloads themselves are the store's, shared by all.
 fn mount_remote(store: &Store, opts: &MountOpts) -> Result<Option<Arc<kcache_store::Remote>>> {
-    let urls = if opts.upstreams.is_empty() {
+    let mut urls = if opts.upstreams.is_empty() {
         store.upstream_settings()?
     } else {
         opts.upstreams.clone()
     };
+    // What a mount pushes to or follows it can also fetch from: content evicted after its
+    // upload, and names a follow merged in, come back from there.
+    for u in [
+        opts.push.as_ref().map(|p| &p.0),
+        opts.follow.as_ref().map(|f| &f.0),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if !urls.contains(u) {
+            urls.push(u.clone());
+        }
+    }
     if urls.is_empty() {
         return Ok(None);
     }
@@ -490,6 +503,15 @@ impl Daemon {
             fs: fs.clone(),
             ending: false,
         });
+        // Background push and follow run while the session does; push publishes once more
+        // after the session's last commits.
+        let syncers = match crate::sync::Syncers::start(&fs, opts) {
+            Ok(s) => s,
+            Err(e) => {
+                lock(&self.mounts).retain(|m| m.id != id);
+                return Err(e.context("starting push= / follow="));
+            }
+        };
         *lock(&self.live) += 1;
         let me = self.clone();
         let run_fs = fs.clone();
@@ -505,6 +527,7 @@ impl Daemon {
                 }
                 // Commit what is still staged before the mount counts as gone.
                 run_fs.flush_all();
+                syncers.stop();
                 lock(&me.mounts).retain(|m| m.id != id);
                 tracing::info!(mountpoint = %mp.display(), "unmounted");
                 *lock(&me.live) -= 1;

@@ -11,6 +11,7 @@ mod import;
 mod metrics;
 mod mountinfo;
 mod serve;
+mod sync;
 
 use std::process::ExitCode;
 

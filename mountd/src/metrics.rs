@@ -10,6 +10,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Starts the HTTP server on a thread of its own.
@@ -129,6 +130,41 @@ pub fn render(fs: &KcacheFs, reader: &Store) -> Result<String> {
                 .inc_by(n);
         }
     }
+    // Background push and follow, one series each (labels: kind, volume, upstream, tag).
+    let queued = Family::<Vec<(String, String)>, Gauge>::default();
+    let moved = Family::<Vec<(String, String)>, Counter>::default();
+    let errors = Family::<Vec<(String, String)>, Counter>::default();
+    let last_ok = Family::<Vec<(String, String)>, Gauge>::default();
+    for s in reader.sync_statuses()? {
+        let labels = vec![
+            ("kind".to_owned(), format!("{:?}", s.kind).to_lowercase()),
+            ("volume".to_owned(), s.volume.clone()),
+            ("upstream".to_owned(), s.url.clone()),
+            ("tag".to_owned(), s.tag.clone()),
+        ];
+        queued.get_or_create(&labels).set(s.queued_blobs as i64);
+        moved.get_or_create(&labels).inc_by(s.bytes_moved);
+        errors.get_or_create(&labels).inc_by(s.errors);
+        last_ok
+            .get_or_create(&labels)
+            .set(s.last_ok_ns.map_or(0, |t| t / 1_000_000_000));
+    }
+    reg.register(
+        "sync_queued_blobs",
+        "Blobs a background push still has to upload",
+        queued,
+    );
+    reg.register(
+        "sync_uploaded_bytes",
+        "Bytes a background push uploaded",
+        moved,
+    );
+    reg.register("sync_errors", "Failed push or follow runs", errors);
+    reg.register(
+        "sync_last_success_seconds",
+        "When a push last published or a follow last merged (Unix time; 0: never)",
+        last_ok,
+    );
     reg.register(
         "fuse_requests",
         "FUSE requests served, by kind (the FUSE opcode)",

@@ -28,6 +28,7 @@ pub mod s3;
 mod schema;
 mod snapshot;
 mod staged;
+mod sync;
 mod tags;
 mod union;
 mod volumes;
@@ -54,6 +55,7 @@ pub use remote::{FetchConfig, Remote, Upstream};
 pub use snapshot::{
     generate_key, public_key_of, NameChange, PullMode, PullReport, Pulled, PushProgress, PushReport,
 };
+pub use sync::{SyncKind, SyncOutcome, SyncStatus};
 pub use volumes::VolumeSummary;
 
 use error::IoContext;

@@ -175,6 +175,24 @@ const MIGRATIONS: &[&str] = &[
         WHERE name = 'stored_bytes';
     END;
     "#,
+    // 6 -> 7: what background push and follow (mount options push=, follow=) last did, so
+    // `kcache stats` reports it the same whether the daemon or the command answers.
+    r#"
+    CREATE TABLE sync_state (
+        kind         TEXT NOT NULL CHECK (kind IN ('push', 'follow')),
+        url          TEXT NOT NULL,
+        tag          TEXT NOT NULL,
+        volume       TEXT NOT NULL,
+        last_ok      INTEGER CHECK (last_ok IS NULL OR last_ok >= 0),
+        last_attempt INTEGER CHECK (last_attempt IS NULL OR last_attempt >= 0),
+        last_error   TEXT,
+        runs         INTEGER NOT NULL DEFAULT 0 CHECK (runs >= 0),
+        errors       INTEGER NOT NULL DEFAULT 0 CHECK (errors >= 0),
+        blobs_moved  INTEGER NOT NULL DEFAULT 0 CHECK (blobs_moved >= 0),
+        bytes_moved  INTEGER NOT NULL DEFAULT 0 CHECK (bytes_moved >= 0),
+        PRIMARY KEY (kind, url, tag, volume)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 pub const LATEST: i64 = MIGRATIONS.len() as i64;

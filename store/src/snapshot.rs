@@ -352,6 +352,31 @@ impl Store {
         })
     }
 
+    /// Uploads local blob `h` (`size` bytes) to `up`: its outboard first when `outboard`
+    /// (a reader that finds the blob then finds the outboard too, so it can read the blob
+    /// while it downloads), then the bytes when `blob`.
+    pub(crate) fn upload_blob(
+        &self,
+        up: &Upstream,
+        h: &Hash,
+        size: u64,
+        blob: bool,
+        outboard: bool,
+    ) -> Result<()> {
+        if outboard {
+            // The blob file itself is the source: checked (size, inode) like any read.
+            let mut f = self.open_blob(h)?;
+            let ob = outboard::compute(&mut f, size)
+                .map_err(|e| Error::Remote(format!("computing the outboard of {h}: {e}")))?;
+            Store::put_object(up, &outboard_key(h), None, &ob)?;
+        }
+        if blob {
+            drop(self.open_blob(h)?);
+            Store::put_object(up, &blob_key(h), Some(&self.blob_path(h)), &[])?;
+        }
+        Ok(())
+    }
+
     /// Uploads volume `volume` to `up` under `tag`, adding to what the tag holds (see
     /// `push_with`). Only blobs the upstream lacks are sent.
     pub fn push(
@@ -408,17 +433,8 @@ impl Store {
         };
         progress(&prog);
         for (h, size, blob_missing, ob_missing) in todo {
-            // The blob file itself is the source: checked (size, inode) like any read.
-            let mut f = self.open_blob(&h)?;
-            if ob_missing {
-                // Before the blob: a reader that finds the blob finds its outboard too, so it
-                // can read the blob while it downloads.
-                let ob = outboard::compute(&mut f, size)
-                    .map_err(|e| Error::Remote(format!("computing the outboard of {h}: {e}")))?;
-                Store::put_object(up, &outboard_key(&h), None, &ob)?;
-            }
+            self.upload_blob(up, &h, size, blob_missing, ob_missing)?;
             if blob_missing {
-                Store::put_object(up, &blob_key(&h), Some(&self.blob_path(&h)), &[])?;
                 report.blobs_uploaded += 1;
                 report.bytes_uploaded += size;
                 prog.bytes_done += size;

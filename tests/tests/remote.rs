@@ -1303,3 +1303,101 @@ fn a_pull_merges_into_a_mounted_volume_under_readers_and_writers() {
     let (ok, out) = b.verify();
     assert!(ok, "{out}");
 }
+
+/// Polls `f` until it holds or `secs` pass; says what it waited for when it does not.
+fn eventually(secs: u64, what: &str, f: &mut dyn FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "not within {secs} s: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `push=` on machine A and `follow=` on machine B (two stores, one file:// upstream): what A
+/// writes appears on B within the intervals; a kill -9 of A's daemon mid-queue loses
+/// nothing (A's restart drains the queue); an upstream that is down for a while keeps the
+/// queue, counted in `stats`, and it drains once the upstream is back.
+#[test]
+fn push_on_one_machine_follow_on_another_through_crashes_and_an_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = dir.path().join("up");
+    let url = format!("file://{}", up.display());
+    let push = format!("push={url}:fleet");
+    let follow = format!("follow={url}:fleet");
+    let Some(mut a) = Mount::with_opts(&[&push, "push_interval=1"]) else {
+        return;
+    };
+    let Some(b) = Mount::with_opts(&[&follow, "follow_interval=1"]) else {
+        return;
+    };
+    let content = |i: usize| format!("file {i} written on machine A\n").repeat(50 + i);
+    fs::create_dir(a.path("d")).unwrap();
+    for i in 0..5 {
+        fs::write(a.path(&format!("d/f{i}")), content(i)).unwrap();
+    }
+    eventually(20, "A's files on B", &mut || b.path("d/f4").exists());
+    for i in 0..5 {
+        assert_eq!(
+            fs::read_to_string(b.path(&format!("d/f{i}"))).unwrap(),
+            content(i)
+        );
+    }
+
+    // A dies with work queued (and some of it still staged): its restart finishes the job.
+    for i in 5..205 {
+        fs::write(a.path(&format!("d/f{i}")), content(i)).unwrap();
+    }
+    a.kill9();
+    a.restart_after_crash();
+    eventually(40, "all 205 files on B after A's crash", &mut || {
+        b.path("d/f204").exists()
+            && fs::read_dir(b.path("d")).map(|d| d.count()).unwrap_or(0) == 205
+    });
+    for i in [5, 100, 204] {
+        assert_eq!(
+            fs::read_to_string(b.path(&format!("d/f{i}"))).unwrap(),
+            content(i)
+        );
+    }
+
+    // The upstream goes away (a file where its directory was): uploads fail and stay queued.
+    let away = dir.path().join("up.away");
+    fs::rename(&up, &away).unwrap();
+    fs::write(&up, b"not a directory").unwrap();
+    for i in 205..215 {
+        fs::write(a.path(&format!("d/f{i}")), content(i)).unwrap();
+    }
+    let sync = |m: &Mount, kind: &str| -> serde_json::Value {
+        m.stats()["sync"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["kind"] == kind)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {kind} in stats: {}", m.stats()))
+    };
+    eventually(20, "failed pushes counted with the queue kept", &mut || {
+        let s = sync(&a, "push");
+        s["errors"].as_u64().unwrap() > 0 && s["queued_blobs"].as_u64().unwrap() >= 10
+    });
+    assert!(sync(&a, "push")["last_error"].is_string());
+    // Back: the queue drains and B gets the rest.
+    fs::remove_file(&up).unwrap();
+    fs::rename(&away, &up).unwrap();
+    eventually(40, "the queue drained", &mut || {
+        sync(&a, "push")["queued_blobs"] == 0
+    });
+    eventually(40, "files written during the outage on B", &mut || {
+        b.path("d/f214").exists()
+    });
+    assert_eq!(fs::read_to_string(b.path("d/f214")).unwrap(), content(214));
+    let f = sync(&b, "follow");
+    assert!(f["last_ok_ns"].as_i64().unwrap() > 0, "{f}");
+    assert!(f["blobs_moved"].as_u64().unwrap() >= 215, "{f}");
+    // The same fields with the daemon gone (they are kept in the store).
+    let live = sync(&a, "push");
+    a.unmount();
+    let offline = sync(&a, "push");
+    assert_eq!(live["url"], offline["url"]);
+    assert_eq!(offline["queued_blobs"], 0);
+}

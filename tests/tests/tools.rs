@@ -348,10 +348,30 @@ fn grafana_dashboard_queries_only_metrics_a_mount_serves() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     drop(listener);
-    let Some(m) = Mount::with_opts(&[&format!("metrics={addr}")]) else {
+    // With a background push and follow, so that their series exist too.
+    let up = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", up.path().display());
+    let Some(m) = Mount::with_opts(&[
+        &format!("metrics={addr}"),
+        &format!("push={url}:dash"),
+        &format!("follow={url}:dash"),
+        "push_interval=1",
+        "follow_interval=1",
+    ]) else {
         return;
     };
     std::fs::write(m.path("f"), b"counted").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while m.stats()["sync"].as_array().map_or(0, |s| s.len()) < 2
+        || m.stats()["sync"][0]["last_ok_ns"].is_null()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no push/follow runs recorded: {}",
+            m.stats()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let text = http_get(&addr, "/metrics");
     let body = text.split_once("\r\n\r\n").map_or(&text[..], |(_, b)| b);
     // Sample names, which is what Prometheus stores and queries name: a counter's carry

@@ -175,6 +175,10 @@ pub struct StatsReply {
     /// The volume the answer is about: the daemon's first mount, or an unmounted store's
     /// first volume.
     pub volume: String,
+    /// Background pushes and follows (mount options `push=`, `follow=`): what each last did,
+    /// and each push's upload queue.
+    #[serde(default)]
+    pub sync: Vec<kcache_store::SyncStatus>,
 }
 
 /// What `kcache evict` freed.
