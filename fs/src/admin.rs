@@ -47,7 +47,7 @@ impl KcacheFs {
     pub fn clear(&self, path: &str) -> Result<u64> {
         self.writable()?;
         let ino = self.resolve(path)?;
-        let removed = if self.store.get(ino)?.kind == Kind::Dir {
+        let removed = if self.store.ns().get(ino)?.kind == Kind::Dir {
             self.store.clear_dir(ino)?
         } else {
             let (dir, name) = path
@@ -55,7 +55,7 @@ impl KcacheFs {
                 .rsplit_once('/')
                 .unwrap_or(("", path));
             let parent = self.resolve(dir)?;
-            let (ino, nlink) = self.store.unlink(parent, name.as_bytes())?;
+            let (ino, nlink) = self.store.ns().unlink(parent, name.as_bytes())?;
             vec![(parent, name.as_bytes().to_vec(), ino, nlink)]
         };
         let kc = lock(&self.kernel_cache).clone();

@@ -502,7 +502,7 @@ impl KcacheFs {
     /// on a guess.
     pub(crate) fn blob_in_use(&self, h: &Hash) -> bool {
         let inos: Vec<Ino> = lock(&self.open).keys().copied().collect();
-        inos.into_iter().any(|ino| match self.store.get(ino) {
+        inos.into_iter().any(|ino| match self.store.ns().get(ino) {
             Ok(n) => n.blob == Some(*h),
             Err(e) => {
                 tracing::warn!(ino, error = %e, "reading an open file's row failed; its blob is kept as in use");
@@ -578,13 +578,13 @@ impl KcacheFs {
             if seen.is_some_and(|n| n == self.commits()) {
                 return Ok(self.plain_attr(inode));
             }
-            let fresh = self.store.get(inode.ino)?;
+            let fresh = self.store.ns().get(inode.ino)?;
             return Ok(self.plain_attr(&fresh));
         };
         // The file is open: a commit may have changed the row since `inode` was read, so read
         // it again under the per-inode lock, then overlay the staged content.
         let g = lock(&oi);
-        let fresh = self.store.get(inode.ino)?;
+        let fresh = self.store.ns().get(inode.ino)?;
         let mut attr = self.plain_attr(&fresh);
         if let Some(st) = &g.staging {
             if let Ok(meta) = st.file.metadata() {
@@ -642,7 +642,7 @@ impl KcacheFs {
         if lock(&self.open).contains_key(&ino) {
             return;
         }
-        match self.store.get(ino) {
+        match self.store.ns().get(ino) {
             Ok(n) if n.nlink == 0 => {
                 // Checked after reading the row: a merge marks what it unlinks before its
                 // transaction commits.
@@ -652,7 +652,7 @@ impl KcacheFs {
                     return;
                 }
                 lock(&self.kept_until_forgotten).remove(&ino);
-                if let Err(e) = self.store.purge(ino) {
+                if let Err(e) = self.store.ns().purge(ino) {
                     tracing::error!(ino, error = %e, "purging unlinked inode failed");
                 }
             }
@@ -668,7 +668,7 @@ impl KcacheFs {
             return Err(Errno::ENAMETOOLONG);
         }
         let seen = self.commits();
-        let inode = self.store.lookup(self.sino(parent), name)?;
+        let inode = self.store.ns().lookup(self.sino(parent), name)?;
         self.entry_since(&inode, Some(seen))
     }
 
@@ -697,7 +697,7 @@ impl KcacheFs {
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
         let seen = self.commits();
-        let inode = self.store.get(self.sino(ino))?;
+        let inode = self.store.ns().get(self.sino(ino))?;
         self.attr_since(&inode, Some(seen))
     }
 
@@ -731,7 +731,7 @@ impl KcacheFs {
     fn make(&self, parent: u64, name: &OsStr, ctx: Ctx, mut node: NewNode) -> Result<Inode> {
         self.writable()?;
         let name = check_name(name)?;
-        let parent = self.store.get(self.sino(parent))?;
+        let parent = self.store.ns().get(self.sino(parent))?;
         if parent.kind != Kind::Dir {
             return Err(Errno::ENOTDIR);
         }
@@ -739,7 +739,7 @@ impl KcacheFs {
         node.mode = mode;
         node.uid = ctx.uid;
         node.gid = gid;
-        Ok(self.store.create(parent.ino, name, &node)?)
+        Ok(self.store.ns().create(parent.ino, name, &node)?)
     }
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, ctx: Ctx) -> Result<Attr> {
@@ -778,7 +778,7 @@ impl KcacheFs {
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
-        let n = self.store.get(self.sino(ino))?;
+        let n = self.store.ns().get(self.sino(ino))?;
         match (n.kind, n.target) {
             (Kind::Symlink, Some(t)) => Ok(t),
             _ => Err(Errno::EINVAL),
@@ -790,6 +790,7 @@ impl KcacheFs {
         let name = check_name(newname)?;
         let n = self
             .store
+            .ns()
             .link(self.sino(ino), self.sino(newparent), name)?;
         self.entry(&n)
     }
@@ -797,7 +798,7 @@ impl KcacheFs {
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
         self.writable()?;
         let name = check_name(name)?;
-        let (ino, nlink) = self.store.unlink(self.sino(parent), name)?;
+        let (ino, nlink) = self.store.ns().unlink(self.sino(parent), name)?;
         if nlink == 0 {
             self.maybe_purge(ino);
         }
@@ -814,7 +815,7 @@ impl KcacheFs {
             return Err(Errno(libc::ENOTEMPTY));
         }
         let name = check_name(OsStr::from_bytes(name))?;
-        let ino = self.store.rmdir(self.sino(parent), name)?;
+        let ino = self.store.ns().rmdir(self.sino(parent), name)?;
         self.maybe_purge(ino);
         Ok(())
     }
@@ -836,7 +837,7 @@ impl KcacheFs {
         {
             return Err(Errno::EINVAL);
         }
-        let r = self.store.rename(
+        let r = self.store.ns().rename(
             self.sino(parent),
             name,
             self.sino(newparent),
@@ -860,7 +861,7 @@ impl KcacheFs {
         plus: bool,
         mut accept: impl FnMut(u64, u64, Kind, &OsStr, Option<&Attr>) -> bool,
     ) -> Result<()> {
-        let dir = self.store.get(self.sino(ino))?;
+        let dir = self.store.ns().get(self.sino(ino))?;
         if dir.kind != Kind::Dir {
             return Err(Errno::ENOTDIR);
         }
@@ -887,7 +888,7 @@ impl KcacheFs {
         let fail = |given: bool, e: Errno| if given { Ok(()) } else { Err(e) };
         loop {
             let seen = self.commits();
-            let page = match self.store.readdir(dir.ino, after, 256) {
+            let page = match self.store.ns().readdir(dir.ino, after, 256) {
                 Ok(p) => p,
                 Err(e) => return fail(given, e.into()),
             };
@@ -931,7 +932,7 @@ impl KcacheFs {
     pub fn setattr(&self, ino: u64, a: &SetAttrIn) -> Result<Attr> {
         self.writable()?;
         let sino = self.sino(ino);
-        let inode = self.store.get(sino)?;
+        let inode = self.store.ns().get(sino)?;
         let now = kcache_store::now_ns();
         let resolve = |t: Option<TimeSet>| {
             t.map(|t| match t {
@@ -961,7 +962,7 @@ impl KcacheFs {
             mtime,
             ctime: Some(now),
         };
-        let updated = self.store.setattr(sino, &sa)?;
+        let updated = self.store.ns().setattr(sino, &sa)?;
         if let Some(m) = mtime {
             // While staged, the staging file's mtime is the file's mtime; keep them equal.
             if let Some(oi) = lock(&self.open).get(&sino).cloned() {
@@ -986,7 +987,7 @@ impl KcacheFs {
                 return Ok(());
             }
             if size == 0 {
-                self.store.clear_content(ino, kcache_store::now_ns())?;
+                self.store.ns().clear_content(ino, kcache_store::now_ns())?;
                 return Ok(());
             }
             let file = self.staging_for_write(ino, g)?;
@@ -1071,7 +1072,7 @@ impl KcacheFs {
             Ok(n) => n,
             // Lost a race with another creator: without O_EXCL that is an ordinary open.
             Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {
-                self.store.lookup(self.sino(parent), name.as_bytes())?
+                self.store.ns().lookup(self.sino(parent), name.as_bytes())?
             }
             Err(e) => return Err(e),
         };
@@ -1079,7 +1080,7 @@ impl KcacheFs {
             return Err(Errno::EISDIR);
         }
         let opened = self.open_sino(inode.ino, flags, backing, wait)?;
-        let inode = self.store.get(inode.ino)?;
+        let inode = self.store.ns().get(inode.ino)?;
         Ok((self.entry(&inode)?, opened))
     }
 
@@ -1137,7 +1138,7 @@ impl KcacheFs {
         let mut refetched = false;
         loop {
             let (blob, size) = if remote.is_some() && !trunc {
-                let inode = self.store.get(ino)?;
+                let inode = self.store.ns().get(ino)?;
                 (inode.blob, inode.size)
             } else {
                 (None, 0)
@@ -1268,7 +1269,7 @@ impl KcacheFs {
         // Read the inode under the per-inode lock: a concurrent release may be committing new
         // content for it right now, and a copy read before the lock could be stale.
         let mode = self.with_open_inode(ino, |g| {
-            let inode = self.store.get(ino)?;
+            let inode = self.store.ns().get(ino)?;
             match inode.kind {
                 Kind::File => {}
                 Kind::Dir => return Err(Errno::EISDIR),
@@ -1384,7 +1385,7 @@ impl KcacheFs {
         }
         if let Some(h) = inode.blob {
             // Every open counts for the LRU; noted in memory, written in batches.
-            self.store.note_access(h);
+            self.store.lru().note_access(h);
         }
         Ok(mode)
     }
@@ -1421,7 +1422,7 @@ impl KcacheFs {
     /// marked dirty: the caller is about to change it.
     fn staging_mut<'g>(&self, ino: Ino, g: &'g mut OpenInode) -> Result<&'g mut Staging> {
         if g.staging.is_none() {
-            let inode = self.store.get(ino)?;
+            let inode = self.store.ns().get(ino)?;
             g.staging = Some(self.new_staging(ino, inode.blob, inode.mtime)?);
         }
         let st = g.staging.as_mut().expect("just made");
@@ -1457,7 +1458,7 @@ impl KcacheFs {
         if let Some(st) = &g.staging {
             return Ok(Some(st.file.clone()));
         }
-        let inode = self.store.get(ino)?;
+        let inode = self.store.ns().get(ino)?;
         match inode.blob {
             Some(h) => Ok(Some(self.blob_file(&mut g, h)?)),
             None => Ok(None),
@@ -1473,7 +1474,7 @@ impl KcacheFs {
         if lock(&oi).staging.is_some() {
             return Ok(false);
         }
-        Ok(self.store.get(ino)?.blob == Some(l.hash()))
+        Ok(self.store.ns().get(ino)?.blob == Some(l.hash()))
     }
 
     fn handle_ino(&self, fh: u64) -> Result<(Ino, bool)> {
@@ -1636,7 +1637,7 @@ impl KcacheFs {
         if let Some(st) = &lock(oi).staging {
             return Ok(st.file.metadata()?.len());
         }
-        Ok(self.store.get(ino)?.size)
+        Ok(self.store.ns().get(ino)?.size)
     }
 
     /// SEEK_DATA and SEEK_HOLE on an open file, answered by the file behind it: the staging
@@ -1658,7 +1659,7 @@ impl KcacheFs {
             _ => false,
         };
         if through {
-            let size = self.store.get(ino)?.size;
+            let size = self.store.ns().get(ino)?.size;
             return match u64::try_from(offset) {
                 Ok(o) if o < size && whence == libc::SEEK_DATA => Ok(offset),
                 Ok(o) if o < size => Ok(size as i64),
@@ -1693,7 +1694,7 @@ impl KcacheFs {
         let Some(st) = &g.staging else {
             return Ok(());
         };
-        let inode = self.store.get(ino)?;
+        let inode = self.store.ns().get(ino)?;
         if inode.nlink == 0 {
             // Unlinked while open: the content dies with the last handle.
             return Ok(());
@@ -1701,7 +1702,7 @@ impl KcacheFs {
         let meta = st.file.metadata()?;
         let mut consumed = false;
         if meta.len() == 0 {
-            self.store.clear_content(ino, mtime_of(&meta))?;
+            self.store.ns().clear_content(ino, mtime_of(&meta))?;
         } else {
             let known = st
                 .stream
@@ -1769,7 +1770,7 @@ impl KcacheFs {
             let clean = g.staging.as_ref().is_some_and(|s| !s.dirty);
             // Dirty content goes only with its last name. A row that cannot be read says
             // nothing: keep the staged bytes (the next close or the unmount commits them).
-            let unlinked = match self.store.get(ino) {
+            let unlinked = match self.store.ns().get(ino) {
                 Ok(n) => n.nlink == 0,
                 Err(kcache_store::Error::NotFound) => true,
                 Err(e) => {
@@ -1816,7 +1817,7 @@ impl KcacheFs {
     // ---- xattrs, access, statfs --------------------------------------------------------
 
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> Result<Vec<u8>> {
-        Ok(self.store.getxattr(self.sino(ino), name.as_bytes())?)
+        Ok(self.store.ns().getxattr(self.sino(ino), name.as_bytes())?)
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
@@ -1828,7 +1829,7 @@ impl KcacheFs {
         if value.len() > 65536 {
             return Err(Errno(libc::E2BIG));
         }
-        Ok(self.store.setxattr(
+        Ok(self.store.ns().setxattr(
             self.sino(ino),
             name,
             value,
@@ -1839,7 +1840,7 @@ impl KcacheFs {
 
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
         let mut out = Vec::new();
-        for n in self.store.listxattr(self.sino(ino))? {
+        for n in self.store.ns().listxattr(self.sino(ino))? {
             out.extend_from_slice(&n);
             out.push(0);
         }
@@ -1848,12 +1849,15 @@ impl KcacheFs {
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
         self.writable()?;
-        Ok(self.store.removexattr(self.sino(ino), name.as_bytes())?)
+        Ok(self
+            .store
+            .ns()
+            .removexattr(self.sino(ino), name.as_bytes())?)
     }
 
     /// access(2) by mode bits (only asked when the kernel does not check permissions itself).
     pub fn access(&self, ino: u64, mask: i32, ctx: Ctx) -> Result<()> {
-        let n = self.store.get(self.sino(ino))?;
+        let n = self.store.ns().get(self.sino(ino))?;
         if mask == libc::F_OK {
             return Ok(());
         }

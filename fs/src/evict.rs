@@ -192,7 +192,7 @@ impl KcacheFs {
     /// Evicts by `policy`, skipping blobs held open by this mount.
     pub(crate) fn evict_claimed(&self, policy: EvictPolicy) -> Result<Evicted> {
         // The gate is held from the in-use check through the eviction of each blob.
-        Ok(self.store.evict(policy, |h| {
+        Ok(self.store.lru().evict(policy, |h| {
             let gate = self
                 .shared
                 .evict_gate

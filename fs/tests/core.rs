@@ -352,7 +352,7 @@ fn read_range(fs: &KcacheFs, fh: u64, off: u64, len: u64) -> Vec<u8> {
 
 fn blob_file_blocks(fs: &KcacheFs, ino: u64) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    let h = fs.store().get(ino).unwrap().blob.unwrap();
+    let h = fs.store().ns().get(ino).unwrap().blob.unwrap();
     std::fs::metadata(fs.store().blob_path(&h))
         .unwrap()
         .blocks()
@@ -558,7 +558,7 @@ fn fallocate_modes_match_the_native_filesystem() {
         native.sync_all().unwrap();
         let blob = std::fs::File::open(
             fs.store()
-                .blob_path(&fs.store().get(ino).unwrap().blob.unwrap()),
+                .blob_path(&fs.store().ns().get(ino).unwrap().blob.unwrap()),
         )
         .unwrap();
         for f in [&native, &blob] {
@@ -753,7 +753,7 @@ fn each_filesystem_fetches_from_its_own_upstreams() {
     }
     let blob_of = |name: &[u8]| {
         let v = store.volume("one", false, 0, 0).unwrap();
-        let h = store.lookup(v.root, name).unwrap().blob.unwrap();
+        let h = store.ns().lookup(v.root, name).unwrap().blob.unwrap();
         let hex = h.to_hex();
         format!("blobs/{}/{hex}", &hex[..2])
     };
@@ -841,7 +841,7 @@ fn an_open_that_joined_another_filesystems_failed_download_fetches_from_its_own(
         store.pull(&remote(&url, 30), "default", v, &[]).unwrap();
     }
     let v = store.volume("one", false, 0, 0).unwrap();
-    let h = store.lookup(v.root, b"f").unwrap().blob.unwrap();
+    let h = store.ns().lookup(v.root, b"f").unwrap().blob.unwrap();
     // Accepts connections (the backlog), never answers.
     let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let hung_url = format!("http://{}", hung.local_addr().unwrap());

@@ -27,7 +27,7 @@ fn publish(dir: &std::path::Path) {
             rdev: 0,
             target: None,
         };
-        let f = a.create(va.root, name.as_bytes(), &node).unwrap();
+        let f = a.ns().create(va.root, name.as_bytes(), &node).unwrap();
         let (file, path) = a.new_staging().unwrap();
         std::io::Write::write_all(&mut &file, content.as_bytes()).unwrap();
         let st = Staged {
@@ -90,13 +90,13 @@ fn a_replaced_file_lives_while_open_or_known_to_the_kernel() {
     let r = fs.pull_merge(&remote(d.path()), "t", &[], true).unwrap();
     assert_eq!((r.added, r.updated, r.kept), (1, 2, 0), "{r:?}");
     assert!(
-        store.get(dd).is_err(),
+        store.ns().get(dd).is_err(),
         "a replaced file nothing holds goes at once"
     );
     assert_eq!(fs.read(held.fh, 0, 100).unwrap(), b"ours");
     fs.release(held.fh).unwrap();
     // Closed, but the kernel may still open it by what it cached: it stays, nameless.
-    assert_eq!(store.get(c).unwrap().nlink, 0);
+    assert_eq!(store.ns().get(c).unwrap().nlink, 0);
     assert_eq!(read_all(&fs, c), b"ours");
     let new = fs.lookup(ROOT_INO, OsStr::new("c")).unwrap();
     assert_ne!(new.ino, c);
@@ -105,6 +105,6 @@ fn a_replaced_file_lives_while_open_or_known_to_the_kernel() {
     assert_eq!(read_all(&fs, n.ino), b"new");
     // Once the kernel forgets it, it goes.
     fs.forget(c, 1);
-    assert!(store.get(c).is_err(), "purged once forgotten");
+    assert!(store.ns().get(c).is_err(), "purged once forgotten");
     assert!(store.verify(|_, _| {}).unwrap().is_clean());
 }

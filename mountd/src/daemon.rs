@@ -331,6 +331,7 @@ fn daemonize(args: &MountArgs, store_dir: &Path) -> Result<ExitCode> {
 fn apply_root_owner(store: &Store, root: kcache_store::Ino, opts: &MountOpts) -> Result<()> {
     if opts.uid.is_some() || opts.gid.is_some() || opts.umask.is_some() {
         store
+            .ns()
             .setattr(
                 root,
                 &kcache_store::SetAttr {
@@ -754,7 +755,7 @@ fn serve(
         .name("access-flush".into())
         .spawn(move || loop {
             std::thread::sleep(Duration::from_secs(1));
-            if let Err(e) = flusher_store.flush_accesses() {
+            if let Err(e) = flusher_store.lru().flush_accesses() {
                 tracing::warn!(error = %e, "recording accesses failed");
             }
         })?;
@@ -809,7 +810,7 @@ fn serve(
         );
     }
     fs.flush_all();
-    if let Err(e) = store.flush_accesses() {
+    if let Err(e) = store.lru().flush_accesses() {
         tracing::warn!(error = %e, "recording the last accesses failed");
     }
     // Last, so that while the daemon holds the store its socket answers (if only "leaving");

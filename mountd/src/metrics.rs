@@ -49,7 +49,7 @@ pub fn serve(addr: &str, fs: Arc<KcacheFs>, reader: Arc<Store>) -> Result<()> {
 /// The metrics text. Reads go through `reader` (a read-only connection), so a scrape never
 /// holds up the filesystem's database connection.
 pub fn render(fs: &KcacheFs, reader: &Store) -> Result<String> {
-    fs.store().flush_accesses()?;
+    fs.store().lru().flush_accesses()?;
     let st = reader.stats()?;
     let usage = fs
         .usage()

@@ -48,9 +48,9 @@ pub use error::{Error, Result};
 pub use faults::{Fault, Faults, Step, CRASH_EXIT};
 pub use fetch::Lease;
 pub use lifecycle::BlobState;
-pub use lru::{EvictPolicy, Evicted, ACCESS_BATCH};
+pub use lru::{EvictPolicy, Evicted, Lru, ACCESS_BATCH};
 pub use maint::{Counter, DuEntry, GcReport, Limits, MinFree, Removed};
-pub use ns::{Renamed, SetAttr, Stats, VolumeInfo};
+pub use ns::{Namespace, Renamed, SetAttr, Stats, VolumeInfo};
 pub use remote::{FetchConfig, Remote, Upstream};
 pub use snapshot::{
     generate_key, public_key_of, NameChange, PullMode, PullReport, Pulled, PushProgress, PushReport,
@@ -401,7 +401,7 @@ impl Store {
                 "removed staging files left by an earlier crash"
             );
         }
-        let purged = self.purge_unlinked()?;
+        let purged = self.ns().purge_unlinked()?;
         if purged > 0 {
             tracing::info!(
                 count = purged,
@@ -416,7 +416,7 @@ impl Store {
 impl Drop for Store {
     fn drop(&mut self) {
         // Keep the LRU order of the last accesses across a clean shutdown.
-        if let Err(e) = self.flush_accesses() {
+        if let Err(e) = self.lru().flush_accesses() {
             tracing::warn!(error = %e, "recording the last accesses failed");
         }
     }

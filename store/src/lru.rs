@@ -46,12 +46,41 @@ impl Store {
         next(prev) as i64
     }
 
+    /// Bytes of local blobs (kept by triggers in the database: one row, no scan).
+    pub fn stored_bytes(&self) -> Result<u64> {
+        let v: Option<i64> = self
+            .conn()
+            .query_row(
+                "SELECT value FROM counters WHERE name = 'stored_bytes'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(v.unwrap_or(0).max(0) as u64)
+    }
+
+    /// Least-recently-used order and eviction.
+    pub fn lru(&self) -> Lru<'_> {
+        Lru { store: self }
+    }
+}
+
+/// The store's LRU order and eviction: accesses noted in memory and written in batches, and
+/// eviction of whole files, least recently used first. A view over the store (which owns the
+/// connection); `Store::lru` gives one.
+#[derive(Clone, Copy)]
+pub struct Lru<'s> {
+    store: &'s Store,
+}
+
+impl Lru<'_> {
     /// Notes that a blob was used. Cheap: memory only, written by `flush_accesses` (called
     /// here once `ACCESS_BATCH` accesses are pending, and by the daemon once a second).
     pub fn note_access(&self, hash: Hash) {
-        let seq = self.next_access_seq();
+        let seq = self.store.next_access_seq();
         let full = {
             let mut pending = self
+                .store
                 .pending_access
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
@@ -69,15 +98,16 @@ impl Store {
     pub fn flush_accesses(&self) -> Result<usize> {
         let pending = std::mem::take(
             &mut *self
+                .store
                 .pending_access
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()),
         );
-        let counts = self.take_pending_counters();
+        let counts = self.store.take_pending_counters();
         if pending.is_empty() && counts.iter().all(|(_, n)| *n == 0) {
             return Ok(0);
         }
-        let mut conn = self.conn();
+        let mut conn = self.store.conn();
         let res = (|| {
             let tx = conn.transaction()?;
             {
@@ -97,30 +127,17 @@ impl Store {
             // Keep the counts for the next try; accesses are only recency hints.
             drop(conn);
             for (name, n) in counts {
-                self.restore_pending_counter(name, n);
+                self.store.restore_pending_counter(name, n);
             }
             return Err(e.into());
         }
         Ok(pending.len())
     }
 
-    /// Bytes of local blobs (kept by triggers in the database: one row, no scan).
-    pub fn stored_bytes(&self) -> Result<u64> {
-        let v: Option<i64> = self
-            .conn()
-            .query_row(
-                "SELECT value FROM counters WHERE name = 'stored_bytes'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok(v.unwrap_or(0).max(0) as u64)
-    }
-
     /// Up to `limit` local blobs with their last access, least recently used first, after
     /// the position `after` in that order.
     fn lru_candidates(&self, limit: usize, after: &(i64, Vec<u8>)) -> Result<Vec<(Hash, i64)>> {
-        let conn = self.conn();
+        let conn = self.store.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT hash, last_access FROM blobs
              WHERE state = ?4 AND (last_access > ?1 OR (last_access = ?1 AND hash > ?2))
@@ -156,12 +173,12 @@ impl Store {
     ) -> Result<Evicted> {
         self.flush_accesses()?;
         let mut out = Evicted::default();
-        let (pinned, _) = self.pinned_blobs()?;
+        let (pinned, _) = self.store.pinned_blobs()?;
         // A cursor through the LRU order: skipped (pinned, open) blobs are never read twice.
         let mut cursor: (i64, Vec<u8>) = (i64::MIN, Vec::new());
         'outer: loop {
             // Usage is reread per batch, so concurrent commits count too.
-            let mut used = self.stored_bytes()?;
+            let mut used = self.store.stored_bytes()?;
             let batch = self.lru_candidates(64, &cursor)?;
             if batch.is_empty() {
                 break;
@@ -190,7 +207,7 @@ impl Store {
     /// `last` is the access time the candidate was chosen with: a blob used since (a commit
     /// that just deduplicated onto it, say) is not evicted.
     fn evict_blob(&self, h: &Hash, last: i64, out: &mut Evicted) -> Result<u64> {
-        let mut conn = self.conn();
+        let mut conn = self.store.conn();
         let tx = conn.transaction()?;
         let Some((size, state)) = tx
             .query_row(
@@ -211,10 +228,10 @@ impl Store {
             crate::lifecycle::drop_local(&tx, h)?;
             crate::maint::add_counter(&tx, "evictions", 1)?;
             crate::maint::add_counter(&tx, "evicted_bytes", size as u64)?;
-            self.commit_tx(tx)?;
+            self.store.commit_tx(tx)?;
             // A file left by a failed unlink is replaced by the next download's install.
-            if self.faults.check(Step::Unlink).is_ok() {
-                let _ = std::fs::remove_file(self.blob_path(h));
+            if self.store.faults.check(Step::Unlink).is_ok() {
+                let _ = std::fs::remove_file(self.store.blob_path(h));
             }
             out.blobs += 1;
             out.bytes += size as u64;
@@ -251,8 +268,8 @@ impl Store {
         )?;
         crate::maint::add_counter(&tx, "evictions", 1)?;
         crate::maint::add_counter(&tx, "evicted_bytes", size as u64)?;
-        self.commit_tx(tx)?;
-        self.remove_dead_blobs(&conn, &[*h]);
+        self.store.commit_tx(tx)?;
+        self.store.remove_dead_blobs(&conn, &[*h]);
         out.blobs += 1;
         out.bytes += size as u64;
         Ok(size as u64)

@@ -295,7 +295,7 @@ impl Store {
             if comp == ".." {
                 return Err(Error::Invalid("'..' in a store path"));
             }
-            cur = self.lookup(cur, comp.as_bytes())?.ino;
+            cur = self.ns().lookup(cur, comp.as_bytes())?.ino;
         }
         Ok(cur)
     }
@@ -548,7 +548,7 @@ impl Store {
         let mut report = GcReport::default();
         let wal = self.db_path.with_extension("db-wal");
         report.wal_bytes_before = fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
-        self.flush_accesses()?;
+        self.lru().flush_accesses()?;
         let unlinked: Vec<Ino> = {
             let conn = self.conn();
             let mut stmt = conn.prepare("SELECT ino FROM inodes WHERE nlink = 0")?;
@@ -557,7 +557,7 @@ impl Store {
                 .collect::<rusqlite::Result<_>>()?
         };
         for ino in unlinked.into_iter().filter(|i| !is_open(*i)) {
-            self.purge(ino)?;
+            self.ns().purge(ino)?;
             report.purged_inodes += 1;
         }
         report.dead_blobs_removed = self.sweep_dead_blobs()?;

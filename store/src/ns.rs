@@ -252,448 +252,6 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    pub fn get(&self, ino: Ino) -> Result<Inode> {
-        self.faults.check(crate::faults::Step::ReadInode)?;
-        must_inode(&self.conn(), ino)
-    }
-
-    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Inode> {
-        let conn = self.conn();
-        let dir = must_inode(&conn, parent)?;
-        if dir.kind != Kind::Dir {
-            return Err(Error::NotDir);
-        }
-        let ino = lookup_ino(&conn, parent, name)?.ok_or(Error::NotFound)?;
-        must_inode(&conn, ino)
-    }
-
-    /// Creates a new inode named `name` in `parent`.
-    pub fn create(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Inode> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let dir = must_dir(&tx, parent)?;
-        if lookup_ino(&tx, parent, name)?.is_some() {
-            return Err(Error::Exists);
-        }
-        let now = now_ns();
-        let is_dir = node.kind == Kind::Dir;
-        tx.prepare_cached(
-            "INSERT INTO inodes (volume, kind, mode, uid, gid, atime, mtime, ctime, nlink, rdev,
-                                 parent, target, size)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6, ?7, ?8, ?9, ?10, ?11)",
-        )?
-        .execute(params![
-            dir.volume,
-            node.kind,
-            node.mode as i64,
-            node.uid as i64,
-            node.gid as i64,
-            now,
-            if is_dir { 2 } else { 1 },
-            node.rdev as i64,
-            if is_dir { Some(parent as i64) } else { None },
-            node.target.as_deref(),
-            node.target.as_ref().map_or(0, |t| t.len() as i64),
-        ])?;
-        let ino = tx.last_insert_rowid() as u64;
-        tx.prepare_cached("INSERT INTO dirents (parent, name, ino) VALUES (?1, ?2, ?3)")?
-            .execute(params![parent as i64, name, ino as i64])?;
-        if is_dir {
-            tx.prepare_cached("UPDATE inodes SET nlink = nlink + 1 WHERE ino = ?1")?
-                .execute([parent as i64])?;
-        }
-        touch_dir(&tx, parent, now)?;
-        let inode = must_inode(&tx, ino)?;
-        self.commit_tx(tx)?;
-        Ok(inode)
-    }
-
-    /// Adds a hard link `newparent/newname` to `ino`.
-    pub fn link(&self, ino: Ino, newparent: Ino, newname: &[u8]) -> Result<Inode> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let node = must_inode(&tx, ino)?;
-        if node.kind == Kind::Dir {
-            return Err(Error::NotPermitted("hard links to directories"));
-        }
-        if node.nlink == 0 {
-            return Err(Error::NotFound);
-        }
-        if node.nlink >= 65000 {
-            return Err(Error::TooManyLinks);
-        }
-        let dir = must_dir(&tx, newparent)?;
-        if dir.volume != node.volume {
-            return Err(Error::Invalid("link across volumes"));
-        }
-        if lookup_ino(&tx, newparent, newname)?.is_some() {
-            return Err(Error::Exists);
-        }
-        let now = now_ns();
-        tx.prepare_cached("INSERT INTO dirents (parent, name, ino) VALUES (?1, ?2, ?3)")?
-            .execute(params![newparent as i64, newname, ino as i64])?;
-        tx.prepare_cached("UPDATE inodes SET nlink = nlink + 1, ctime = ?2 WHERE ino = ?1")?
-            .execute(params![ino as i64, now])?;
-        touch_dir(&tx, newparent, now)?;
-        let inode = must_inode(&tx, ino)?;
-        self.commit_tx(tx)?;
-        Ok(inode)
-    }
-
-    /// Removes a non-directory name. Returns the inode number and its new link count.
-    pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<(Ino, u32)> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        must_inode(&tx, parent)?;
-        let ino = lookup_ino(&tx, parent, name)?.ok_or(Error::NotFound)?;
-        let node = must_inode(&tx, ino)?;
-        if node.kind == Kind::Dir {
-            return Err(Error::IsDir);
-        }
-        let now = now_ns();
-        let nlink = drop_link(&tx, parent, name, ino, now)?;
-        touch_dir(&tx, parent, now)?;
-        self.commit_tx(tx)?;
-        Ok((ino, nlink))
-    }
-
-    /// Removes an empty directory. Returns its inode number.
-    pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<Ino> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let ino = lookup_ino(&tx, parent, name)?.ok_or(Error::NotFound)?;
-        let node = must_inode(&tx, ino)?;
-        if node.kind != Kind::Dir {
-            return Err(Error::NotDir);
-        }
-        if !is_empty_dir(&tx, ino)? {
-            return Err(Error::NotEmpty);
-        }
-        let now = now_ns();
-        drop_link(&tx, parent, name, ino, now)?;
-        touch_dir(&tx, parent, now)?;
-        self.commit_tx(tx)?;
-        Ok(ino)
-    }
-
-    /// Renames `parent/name` to `newparent/newname`. `noreplace` fails with EEXIST when the
-    /// target exists; `exchange` swaps two existing names atomically.
-    pub fn rename(
-        &self,
-        parent: Ino,
-        name: &[u8],
-        newparent: Ino,
-        newname: &[u8],
-        noreplace: bool,
-        exchange: bool,
-    ) -> Result<Renamed> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let src_ino = lookup_ino(&tx, parent, name)?.ok_or(Error::NotFound)?;
-        let src = must_inode(&tx, src_ino)?;
-        let newdir = must_dir(&tx, newparent)?;
-        if newdir.volume != src.volume {
-            return Err(Error::Invalid("rename across volumes"));
-        }
-        let dst_ino = lookup_ino(&tx, newparent, newname)?;
-        let now = now_ns();
-        let mut out = Renamed::default();
-
-        if exchange {
-            let dst_ino = dst_ino.ok_or(Error::NotFound)?;
-            let dst = must_inode(&tx, dst_ino)?;
-            if src.kind == Kind::Dir && parent != newparent {
-                check_no_cycle(&tx, src_ino, newparent)?;
-            }
-            if dst.kind == Kind::Dir && parent != newparent {
-                check_no_cycle(&tx, dst_ino, parent)?;
-            }
-            tx.prepare_cached("UPDATE dirents SET ino = ?3 WHERE parent = ?1 AND name = ?2")?
-                .execute(params![parent as i64, name, dst_ino as i64])?;
-            tx.prepare_cached("UPDATE dirents SET ino = ?3 WHERE parent = ?1 AND name = ?2")?
-                .execute(params![newparent as i64, newname, src_ino as i64])?;
-            if parent != newparent {
-                let dirs = (src.kind == Kind::Dir) as i64 - (dst.kind == Kind::Dir) as i64;
-                if dirs != 0 {
-                    tx.execute(
-                        "UPDATE inodes SET nlink = nlink - ?2 WHERE ino = ?1",
-                        params![parent as i64, dirs],
-                    )?;
-                    tx.execute(
-                        "UPDATE inodes SET nlink = nlink + ?2 WHERE ino = ?1",
-                        params![newparent as i64, dirs],
-                    )?;
-                }
-                if src.kind == Kind::Dir {
-                    tx.execute(
-                        "UPDATE inodes SET parent = ?2 WHERE ino = ?1",
-                        params![src_ino as i64, newparent as i64],
-                    )?;
-                }
-                if dst.kind == Kind::Dir {
-                    tx.execute(
-                        "UPDATE inodes SET parent = ?2 WHERE ino = ?1",
-                        params![dst_ino as i64, parent as i64],
-                    )?;
-                }
-            }
-            for i in [src_ino, dst_ino] {
-                tx.execute(
-                    "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
-                    params![i as i64, now],
-                )?;
-            }
-            touch_dir(&tx, parent, now)?;
-            touch_dir(&tx, newparent, now)?;
-            self.commit_tx(tx)?;
-            return Ok(out);
-        }
-
-        if let Some(dst_ino) = dst_ino {
-            if noreplace {
-                return Err(Error::Exists);
-            }
-            if dst_ino == src_ino {
-                // Two names of one inode: POSIX says do nothing.
-                return Ok(out);
-            }
-            let dst = must_inode(&tx, dst_ino)?;
-            match (src.kind == Kind::Dir, dst.kind == Kind::Dir) {
-                (true, false) => return Err(Error::NotDir),
-                (false, true) => return Err(Error::IsDir),
-                (true, true) if !is_empty_dir(&tx, dst_ino)? => return Err(Error::NotEmpty),
-                _ => {}
-            }
-            if src.kind == Kind::Dir {
-                check_no_cycle(&tx, src_ino, newparent)?;
-            }
-            let nlink = drop_link(&tx, newparent, newname, dst_ino, now)?;
-            out.replaced = Some((dst_ino, nlink));
-        } else if src.kind == Kind::Dir {
-            check_no_cycle(&tx, src_ino, newparent)?;
-        }
-
-        // Delete and reinsert rather than update in place: the entry gets a new readdir cookie
-        // at the end of its new directory, where a running listing will see it at most once.
-        tx.prepare_cached("DELETE FROM dirents WHERE parent = ?1 AND name = ?2")?
-            .execute(params![parent as i64, name])?;
-        tx.prepare_cached("INSERT INTO dirents (parent, name, ino) VALUES (?1, ?2, ?3)")?
-            .execute(params![newparent as i64, newname, src_ino as i64])?;
-        if src.kind == Kind::Dir && parent != newparent {
-            tx.execute(
-                "UPDATE inodes SET nlink = nlink - 1 WHERE ino = ?1",
-                [parent as i64],
-            )?;
-            tx.execute(
-                "UPDATE inodes SET nlink = nlink + 1 WHERE ino = ?1",
-                [newparent as i64],
-            )?;
-            tx.execute(
-                "UPDATE inodes SET parent = ?2 WHERE ino = ?1",
-                params![src_ino as i64, newparent as i64],
-            )?;
-        }
-        tx.execute(
-            "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
-            params![src_ino as i64, now],
-        )?;
-        touch_dir(&tx, parent, now)?;
-        if newparent != parent {
-            touch_dir(&tx, newparent, now)?;
-        }
-        self.commit_tx(tx)?;
-        Ok(out)
-    }
-
-    /// Applies attribute changes (not content: `size` here only records a new length; the
-    /// filesystem layer owns the bytes). Returns the updated inode.
-    pub fn setattr(&self, ino: Ino, a: &SetAttr) -> Result<Inode> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let mut n = must_inode(&tx, ino)?;
-        if let Some(m) = a.mode {
-            n.mode = m & 0o7777;
-        }
-        if let Some(u) = a.uid {
-            n.uid = u;
-        }
-        if let Some(g) = a.gid {
-            n.gid = g;
-        }
-        if let Some(s) = a.size {
-            n.size = s;
-        }
-        if let Some(t) = a.atime {
-            n.atime = t;
-        }
-        if let Some(t) = a.mtime {
-            n.mtime = t;
-        }
-        n.ctime = a.ctime.unwrap_or_else(now_ns);
-        tx.prepare_cached(
-            "UPDATE inodes SET mode = ?2, uid = ?3, gid = ?4, size = ?5, atime = ?6, mtime = ?7,
-             ctime = ?8 WHERE ino = ?1",
-        )?
-        .execute(params![
-            ino as i64,
-            n.mode as i64,
-            n.uid as i64,
-            n.gid as i64,
-            n.size as i64,
-            n.atime,
-            n.mtime,
-            n.ctime
-        ])?;
-        self.commit_tx(tx)?;
-        Ok(n)
-    }
-
-    /// Points a file at no content (empty), dropping its blob reference.
-    pub fn clear_content(&self, ino: Ino, mtime: i64) -> Result<Inode> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let n = must_inode(&tx, ino)?;
-        let mut dead = Vec::new();
-        if let Some(h) = n.blob {
-            unref_blob(&tx, &h, &mut dead)?;
-        }
-        tx.execute(
-            "UPDATE inodes SET blob = NULL, size = 0, mtime = ?2, ctime = ?2 WHERE ino = ?1",
-            params![ino as i64, mtime],
-        )?;
-        let n = must_inode(&tx, ino)?;
-        self.commit_tx(tx)?;
-        self.remove_dead_blobs(&conn, &dead);
-        Ok(n)
-    }
-
-    /// Directory entries of `dir` with a cookie greater than `after`, at most `limit`.
-    /// Each item: (cookie, name, inode).
-    pub fn readdir(
-        &self,
-        dir: Ino,
-        after: i64,
-        limit: usize,
-    ) -> Result<Vec<(i64, Vec<u8>, Inode)>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT d.id, d.name, {INODE_COLS} FROM dirents d JOIN inodes i ON i.ino = d.ino
-             WHERE d.parent = ?1 AND d.id > ?2 ORDER BY d.id LIMIT ?3"
-        ))?;
-        let rows = stmt.query_map(params![dir as i64, after, limit as i64], |r| {
-            let cookie: i64 = r.get(0)?;
-            let name: Vec<u8> = r.get(1)?;
-            let inode = row_to_inode_at(r, 2)?;
-            Ok((cookie, name, inode))
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
-    }
-
-    /// Deletes an inode whose last name is gone (nlink 0) and drops its blob reference.
-    /// Called once nothing (kernel lookups, open handles) holds it any more.
-    pub fn purge(&self, ino: Ino) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let Some(n) = get_inode(&tx, ino)? else {
-            return Ok(());
-        };
-        if n.nlink != 0 {
-            return Ok(());
-        }
-        let mut dead = Vec::new();
-        if let Some(h) = n.blob {
-            unref_blob(&tx, &h, &mut dead)?;
-        }
-        tx.execute("DELETE FROM xattrs WHERE ino = ?1", [ino as i64])?;
-        tx.execute("DELETE FROM inodes WHERE ino = ?1", [ino as i64])?;
-        self.commit_tx(tx)?;
-        self.remove_dead_blobs(&conn, &dead);
-        Ok(())
-    }
-
-    /// Purges every unlinked inode; at open, nothing can hold one any more.
-    pub(crate) fn purge_unlinked(&self) -> Result<usize> {
-        let inos: Vec<u64> = {
-            let conn = self.conn();
-            let mut stmt = conn.prepare("SELECT ino FROM inodes WHERE nlink = 0")?;
-            let rows = stmt.query_map([], |r| r.get::<_, i64>(0))?;
-            rows.map(|r| r.map(|i| i as u64))
-                .collect::<rusqlite::Result<_>>()?
-        };
-        for &ino in &inos {
-            self.purge(ino)?;
-        }
-        Ok(inos.len())
-    }
-
-    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
-        let conn = self.conn();
-        must_inode(&conn, ino)?;
-        let v = conn
-            .prepare_cached("SELECT value FROM xattrs WHERE ino = ?1 AND name = ?2")?
-            .query_row(params![ino as i64, name], |r| r.get(0))
-            .optional()?;
-        v.ok_or(Error::NoAttr)
-    }
-
-    /// Sets an xattr. `create`: fail if it exists; `replace`: fail if it does not.
-    pub fn setxattr(
-        &self,
-        ino: Ino,
-        name: &[u8],
-        value: &[u8],
-        create: bool,
-        replace: bool,
-    ) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        must_inode(&tx, ino)?;
-        let exists = tx
-            .prepare_cached("SELECT 1 FROM xattrs WHERE ino = ?1 AND name = ?2")?
-            .query_row(params![ino as i64, name], |_| Ok(()))
-            .optional()?
-            .is_some();
-        if create && exists {
-            return Err(Error::Exists);
-        }
-        if replace && !exists {
-            return Err(Error::NoAttr);
-        }
-        tx.prepare_cached("INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?1, ?2, ?3)")?
-            .execute(params![ino as i64, name, value])?;
-        tx.execute(
-            "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
-            params![ino as i64, now_ns()],
-        )?;
-        self.commit_tx(tx)?;
-        Ok(())
-    }
-
-    pub fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
-        let conn = self.conn();
-        must_inode(&conn, ino)?;
-        let mut stmt =
-            conn.prepare_cached("SELECT name FROM xattrs WHERE ino = ?1 ORDER BY name")?;
-        let rows = stmt.query_map([ino as i64], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
-    }
-
-    pub fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
-        let conn = self.conn();
-        must_inode(&conn, ino)?;
-        let n = conn
-            .prepare_cached("DELETE FROM xattrs WHERE ino = ?1 AND name = ?2")?
-            .execute(params![ino as i64, name])?;
-        if n == 0 {
-            return Err(Error::NoAttr);
-        }
-        conn.execute(
-            "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
-            params![ino as i64, now_ns()],
-        )?;
-        Ok(())
-    }
-
     /// Store-wide numbers (all volumes).
     pub fn stats(&self) -> Result<Stats> {
         let conn = self.conn();
@@ -766,9 +324,466 @@ impl Store {
         Ok(())
     }
 
+    /// The namespace: names, inodes, attributes and xattrs of every volume.
+    pub fn ns(&self) -> Namespace<'_> {
+        Namespace { store: self }
+    }
+}
+
+/// The namespace of a store's volumes: directories, names, inodes, attributes and xattrs,
+/// each operation one transaction on the store's connection. A view over the store (which
+/// owns the connection); `Store::ns` gives one.
+#[derive(Clone, Copy)]
+pub struct Namespace<'s> {
+    store: &'s Store,
+}
+
+impl Namespace<'_> {
+    pub fn get(&self, ino: Ino) -> Result<Inode> {
+        self.store.faults.check(crate::faults::Step::ReadInode)?;
+        must_inode(&self.store.conn(), ino)
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Inode> {
+        let conn = self.store.conn();
+        let dir = must_inode(&conn, parent)?;
+        if dir.kind != Kind::Dir {
+            return Err(Error::NotDir);
+        }
+        let ino = lookup_ino(&conn, parent, name)?.ok_or(Error::NotFound)?;
+        must_inode(&conn, ino)
+    }
+
+    /// Creates a new inode named `name` in `parent`.
+    pub fn create(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Inode> {
+        let mut conn = self.store.conn();
+        let tx = conn.transaction()?;
+        let dir = must_dir(&tx, parent)?;
+        if lookup_ino(&tx, parent, name)?.is_some() {
+            return Err(Error::Exists);
+        }
+        let now = now_ns();
+        let is_dir = node.kind == Kind::Dir;
+        tx.prepare_cached(
+            "INSERT INTO inodes (volume, kind, mode, uid, gid, atime, mtime, ctime, nlink, rdev,
+                                 parent, target, size)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )?
+        .execute(params![
+            dir.volume,
+            node.kind,
+            node.mode as i64,
+            node.uid as i64,
+            node.gid as i64,
+            now,
+            if is_dir { 2 } else { 1 },
+            node.rdev as i64,
+            if is_dir { Some(parent as i64) } else { None },
+            node.target.as_deref(),
+            node.target.as_ref().map_or(0, |t| t.len() as i64),
+        ])?;
+        let ino = tx.last_insert_rowid() as u64;
+        tx.prepare_cached("INSERT INTO dirents (parent, name, ino) VALUES (?1, ?2, ?3)")?
+            .execute(params![parent as i64, name, ino as i64])?;
+        if is_dir {
+            tx.prepare_cached("UPDATE inodes SET nlink = nlink + 1 WHERE ino = ?1")?
+                .execute([parent as i64])?;
+        }
+        touch_dir(&tx, parent, now)?;
+        let inode = must_inode(&tx, ino)?;
+        self.store.commit_tx(tx)?;
+        Ok(inode)
+    }
+
+    /// Adds a hard link `newparent/newname` to `ino`.
+    pub fn link(&self, ino: Ino, newparent: Ino, newname: &[u8]) -> Result<Inode> {
+        let mut conn = self.store.conn();
+        let tx = conn.transaction()?;
+        let node = must_inode(&tx, ino)?;
+        if node.kind == Kind::Dir {
+            return Err(Error::NotPermitted("hard links to directories"));
+        }
+        if node.nlink == 0 {
+            return Err(Error::NotFound);
+        }
+        if node.nlink >= 65000 {
+            return Err(Error::TooManyLinks);
+        }
+        let dir = must_dir(&tx, newparent)?;
+        if dir.volume != node.volume {
+            return Err(Error::Invalid("link across volumes"));
+        }
+        if lookup_ino(&tx, newparent, newname)?.is_some() {
+            return Err(Error::Exists);
+        }
+        let now = now_ns();
+        tx.prepare_cached("INSERT INTO dirents (parent, name, ino) VALUES (?1, ?2, ?3)")?
+            .execute(params![newparent as i64, newname, ino as i64])?;
+        tx.prepare_cached("UPDATE inodes SET nlink = nlink + 1, ctime = ?2 WHERE ino = ?1")?
+            .execute(params![ino as i64, now])?;
+        touch_dir(&tx, newparent, now)?;
+        let inode = must_inode(&tx, ino)?;
+        self.store.commit_tx(tx)?;
+        Ok(inode)
+    }
+
+    /// Removes a non-directory name. Returns the inode number and its new link count.
+    pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<(Ino, u32)> {
+        let mut conn = self.store.conn();
+        let tx = conn.transaction()?;
+        must_inode(&tx, parent)?;
+        let ino = lookup_ino(&tx, parent, name)?.ok_or(Error::NotFound)?;
+        let node = must_inode(&tx, ino)?;
+        if node.kind == Kind::Dir {
+            return Err(Error::IsDir);
+        }
+        let now = now_ns();
+        let nlink = drop_link(&tx, parent, name, ino, now)?;
+        touch_dir(&tx, parent, now)?;
+        self.store.commit_tx(tx)?;
+        Ok((ino, nlink))
+    }
+
+    /// Removes an empty directory. Returns its inode number.
+    pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<Ino> {
+        let mut conn = self.store.conn();
+        let tx = conn.transaction()?;
+        let ino = lookup_ino(&tx, parent, name)?.ok_or(Error::NotFound)?;
+        let node = must_inode(&tx, ino)?;
+        if node.kind != Kind::Dir {
+            return Err(Error::NotDir);
+        }
+        if !is_empty_dir(&tx, ino)? {
+            return Err(Error::NotEmpty);
+        }
+        let now = now_ns();
+        drop_link(&tx, parent, name, ino, now)?;
+        touch_dir(&tx, parent, now)?;
+        self.store.commit_tx(tx)?;
+        Ok(ino)
+    }
+
+    /// Renames `parent/name` to `newparent/newname`. `noreplace` fails with EEXIST when the
+    /// target exists; `exchange` swaps two existing names atomically.
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        newparent: Ino,
+        newname: &[u8],
+        noreplace: bool,
+        exchange: bool,
+    ) -> Result<Renamed> {
+        let mut conn = self.store.conn();
+        let tx = conn.transaction()?;
+        let src_ino = lookup_ino(&tx, parent, name)?.ok_or(Error::NotFound)?;
+        let src = must_inode(&tx, src_ino)?;
+        let newdir = must_dir(&tx, newparent)?;
+        if newdir.volume != src.volume {
+            return Err(Error::Invalid("rename across volumes"));
+        }
+        let dst_ino = lookup_ino(&tx, newparent, newname)?;
+        let now = now_ns();
+        let mut out = Renamed::default();
+
+        if exchange {
+            let dst_ino = dst_ino.ok_or(Error::NotFound)?;
+            let dst = must_inode(&tx, dst_ino)?;
+            if src.kind == Kind::Dir && parent != newparent {
+                check_no_cycle(&tx, src_ino, newparent)?;
+            }
+            if dst.kind == Kind::Dir && parent != newparent {
+                check_no_cycle(&tx, dst_ino, parent)?;
+            }
+            tx.prepare_cached("UPDATE dirents SET ino = ?3 WHERE parent = ?1 AND name = ?2")?
+                .execute(params![parent as i64, name, dst_ino as i64])?;
+            tx.prepare_cached("UPDATE dirents SET ino = ?3 WHERE parent = ?1 AND name = ?2")?
+                .execute(params![newparent as i64, newname, src_ino as i64])?;
+            if parent != newparent {
+                let dirs = (src.kind == Kind::Dir) as i64 - (dst.kind == Kind::Dir) as i64;
+                if dirs != 0 {
+                    tx.execute(
+                        "UPDATE inodes SET nlink = nlink - ?2 WHERE ino = ?1",
+                        params![parent as i64, dirs],
+                    )?;
+                    tx.execute(
+                        "UPDATE inodes SET nlink = nlink + ?2 WHERE ino = ?1",
+                        params![newparent as i64, dirs],
+                    )?;
+                }
+                if src.kind == Kind::Dir {
+                    tx.execute(
+                        "UPDATE inodes SET parent = ?2 WHERE ino = ?1",
+                        params![src_ino as i64, newparent as i64],
+                    )?;
+                }
+                if dst.kind == Kind::Dir {
+                    tx.execute(
+                        "UPDATE inodes SET parent = ?2 WHERE ino = ?1",
+                        params![dst_ino as i64, parent as i64],
+                    )?;
+                }
+            }
+            for i in [src_ino, dst_ino] {
+                tx.execute(
+                    "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
+                    params![i as i64, now],
+                )?;
+            }
+            touch_dir(&tx, parent, now)?;
+            touch_dir(&tx, newparent, now)?;
+            self.store.commit_tx(tx)?;
+            return Ok(out);
+        }
+
+        if let Some(dst_ino) = dst_ino {
+            if noreplace {
+                return Err(Error::Exists);
+            }
+            if dst_ino == src_ino {
+                // Two names of one inode: POSIX says do nothing.
+                return Ok(out);
+            }
+            let dst = must_inode(&tx, dst_ino)?;
+            match (src.kind == Kind::Dir, dst.kind == Kind::Dir) {
+                (true, false) => return Err(Error::NotDir),
+                (false, true) => return Err(Error::IsDir),
+                (true, true) if !is_empty_dir(&tx, dst_ino)? => return Err(Error::NotEmpty),
+                _ => {}
+            }
+            if src.kind == Kind::Dir {
+                check_no_cycle(&tx, src_ino, newparent)?;
+            }
+            let nlink = drop_link(&tx, newparent, newname, dst_ino, now)?;
+            out.replaced = Some((dst_ino, nlink));
+        } else if src.kind == Kind::Dir {
+            check_no_cycle(&tx, src_ino, newparent)?;
+        }
+
+        // Delete and reinsert rather than update in place: the entry gets a new readdir cookie
+        // at the end of its new directory, where a running listing will see it at most once.
+        tx.prepare_cached("DELETE FROM dirents WHERE parent = ?1 AND name = ?2")?
+            .execute(params![parent as i64, name])?;
+        tx.prepare_cached("INSERT INTO dirents (parent, name, ino) VALUES (?1, ?2, ?3)")?
+            .execute(params![newparent as i64, newname, src_ino as i64])?;
+        if src.kind == Kind::Dir && parent != newparent {
+            tx.execute(
+                "UPDATE inodes SET nlink = nlink - 1 WHERE ino = ?1",
+                [parent as i64],
+            )?;
+            tx.execute(
+                "UPDATE inodes SET nlink = nlink + 1 WHERE ino = ?1",
+                [newparent as i64],
+            )?;
+            tx.execute(
+                "UPDATE inodes SET parent = ?2 WHERE ino = ?1",
+                params![src_ino as i64, newparent as i64],
+            )?;
+        }
+        tx.execute(
+            "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
+            params![src_ino as i64, now],
+        )?;
+        touch_dir(&tx, parent, now)?;
+        if newparent != parent {
+            touch_dir(&tx, newparent, now)?;
+        }
+        self.store.commit_tx(tx)?;
+        Ok(out)
+    }
+
+    /// Applies attribute changes (not content: `size` here only records a new length; the
+    /// filesystem layer owns the bytes). Returns the updated inode.
+    pub fn setattr(&self, ino: Ino, a: &SetAttr) -> Result<Inode> {
+        let mut conn = self.store.conn();
+        let tx = conn.transaction()?;
+        let mut n = must_inode(&tx, ino)?;
+        if let Some(m) = a.mode {
+            n.mode = m & 0o7777;
+        }
+        if let Some(u) = a.uid {
+            n.uid = u;
+        }
+        if let Some(g) = a.gid {
+            n.gid = g;
+        }
+        if let Some(s) = a.size {
+            n.size = s;
+        }
+        if let Some(t) = a.atime {
+            n.atime = t;
+        }
+        if let Some(t) = a.mtime {
+            n.mtime = t;
+        }
+        n.ctime = a.ctime.unwrap_or_else(now_ns);
+        tx.prepare_cached(
+            "UPDATE inodes SET mode = ?2, uid = ?3, gid = ?4, size = ?5, atime = ?6, mtime = ?7,
+             ctime = ?8 WHERE ino = ?1",
+        )?
+        .execute(params![
+            ino as i64,
+            n.mode as i64,
+            n.uid as i64,
+            n.gid as i64,
+            n.size as i64,
+            n.atime,
+            n.mtime,
+            n.ctime
+        ])?;
+        self.store.commit_tx(tx)?;
+        Ok(n)
+    }
+
+    /// Points a file at no content (empty), dropping its blob reference.
+    pub fn clear_content(&self, ino: Ino, mtime: i64) -> Result<Inode> {
+        let mut conn = self.store.conn();
+        let tx = conn.transaction()?;
+        let n = must_inode(&tx, ino)?;
+        let mut dead = Vec::new();
+        if let Some(h) = n.blob {
+            unref_blob(&tx, &h, &mut dead)?;
+        }
+        tx.execute(
+            "UPDATE inodes SET blob = NULL, size = 0, mtime = ?2, ctime = ?2 WHERE ino = ?1",
+            params![ino as i64, mtime],
+        )?;
+        let n = must_inode(&tx, ino)?;
+        self.store.commit_tx(tx)?;
+        self.store.remove_dead_blobs(&conn, &dead);
+        Ok(n)
+    }
+
+    /// Directory entries of `dir` with a cookie greater than `after`, at most `limit`.
+    /// Each item: (cookie, name, inode).
+    pub fn readdir(
+        &self,
+        dir: Ino,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, Vec<u8>, Inode)>> {
+        let conn = self.store.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT d.id, d.name, {INODE_COLS} FROM dirents d JOIN inodes i ON i.ino = d.ino
+             WHERE d.parent = ?1 AND d.id > ?2 ORDER BY d.id LIMIT ?3"
+        ))?;
+        let rows = stmt.query_map(params![dir as i64, after, limit as i64], |r| {
+            let cookie: i64 = r.get(0)?;
+            let name: Vec<u8> = r.get(1)?;
+            let inode = row_to_inode_at(r, 2)?;
+            Ok((cookie, name, inode))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Deletes an inode whose last name is gone (nlink 0) and drops its blob reference.
+    /// Called once nothing (kernel lookups, open handles) holds it any more.
+    pub fn purge(&self, ino: Ino) -> Result<()> {
+        let mut conn = self.store.conn();
+        let tx = conn.transaction()?;
+        let Some(n) = get_inode(&tx, ino)? else {
+            return Ok(());
+        };
+        if n.nlink != 0 {
+            return Ok(());
+        }
+        let mut dead = Vec::new();
+        if let Some(h) = n.blob {
+            unref_blob(&tx, &h, &mut dead)?;
+        }
+        tx.execute("DELETE FROM xattrs WHERE ino = ?1", [ino as i64])?;
+        tx.execute("DELETE FROM inodes WHERE ino = ?1", [ino as i64])?;
+        self.store.commit_tx(tx)?;
+        self.store.remove_dead_blobs(&conn, &dead);
+        Ok(())
+    }
+
+    /// Purges every unlinked inode; at open, nothing can hold one any more.
+    pub(crate) fn purge_unlinked(&self) -> Result<usize> {
+        let inos: Vec<u64> = {
+            let conn = self.store.conn();
+            let mut stmt = conn.prepare("SELECT ino FROM inodes WHERE nlink = 0")?;
+            let rows = stmt.query_map([], |r| r.get::<_, i64>(0))?;
+            rows.map(|r| r.map(|i| i as u64))
+                .collect::<rusqlite::Result<_>>()?
+        };
+        for &ino in &inos {
+            self.purge(ino)?;
+        }
+        Ok(inos.len())
+    }
+
+    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        let conn = self.store.conn();
+        must_inode(&conn, ino)?;
+        let v = conn
+            .prepare_cached("SELECT value FROM xattrs WHERE ino = ?1 AND name = ?2")?
+            .query_row(params![ino as i64, name], |r| r.get(0))
+            .optional()?;
+        v.ok_or(Error::NoAttr)
+    }
+
+    /// Sets an xattr. `create`: fail if it exists; `replace`: fail if it does not.
+    pub fn setxattr(
+        &self,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        create: bool,
+        replace: bool,
+    ) -> Result<()> {
+        let mut conn = self.store.conn();
+        let tx = conn.transaction()?;
+        must_inode(&tx, ino)?;
+        let exists = tx
+            .prepare_cached("SELECT 1 FROM xattrs WHERE ino = ?1 AND name = ?2")?
+            .query_row(params![ino as i64, name], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if create && exists {
+            return Err(Error::Exists);
+        }
+        if replace && !exists {
+            return Err(Error::NoAttr);
+        }
+        tx.prepare_cached("INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?1, ?2, ?3)")?
+            .execute(params![ino as i64, name, value])?;
+        tx.execute(
+            "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
+            params![ino as i64, now_ns()],
+        )?;
+        self.store.commit_tx(tx)?;
+        Ok(())
+    }
+
+    pub fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
+        let conn = self.store.conn();
+        must_inode(&conn, ino)?;
+        let mut stmt =
+            conn.prepare_cached("SELECT name FROM xattrs WHERE ino = ?1 ORDER BY name")?;
+        let rows = stmt.query_map([ino as i64], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        let conn = self.store.conn();
+        must_inode(&conn, ino)?;
+        let n = conn
+            .prepare_cached("DELETE FROM xattrs WHERE ino = ?1 AND name = ?2")?
+            .execute(params![ino as i64, name])?;
+        if n == 0 {
+            return Err(Error::NoAttr);
+        }
+        conn.execute(
+            "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
+            params![ino as i64, now_ns()],
+        )?;
+        Ok(())
+    }
+
     /// Volume id of an inode's tree, for cross-volume checks.
     pub fn volume_of(&self, ino: Ino) -> Result<i64> {
-        Ok(must_inode(&self.conn(), ino)?.volume)
+        Ok(must_inode(&self.store.conn(), ino)?.volume)
     }
 }
 

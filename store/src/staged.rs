@@ -68,7 +68,7 @@ impl Store {
     /// Commits staging file `path` as inode `ino`'s content if that inode is still a linked
     /// regular file. False when it is not (the caller deletes the file).
     fn keep_staged(&self, ino: Ino, path: &Path) -> Result<bool> {
-        let inode = match self.get(ino) {
+        let inode = match self.ns().get(ino) {
             Ok(i) => i,
             Err(crate::Error::NotFound) => return Ok(false),
             Err(e) => return Err(e),

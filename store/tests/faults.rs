@@ -61,17 +61,17 @@ impl Scenario {
             // The store pulled f from an upstream another store pushed it to: remote-only.
             let a = Store::open(&dir.join("a")).unwrap();
             let va = a.volume("default", true, 0, 0).unwrap();
-            let f = a.create(va.root, b"f", &node(Kind::File)).unwrap();
+            let f = a.ns().create(va.root, b"f", &node(Kind::File)).unwrap();
             commit(&a, f.ino, B);
             a.push(&upstream(dir), "default", "default", None, &mut |_| {})
                 .unwrap();
             s.pull(&remote(dir), "default", "default", &[]).unwrap();
             return;
         }
-        let f = s.create(vol.root, b"f", &node(Kind::File)).unwrap();
+        let f = s.ns().create(vol.root, b"f", &node(Kind::File)).unwrap();
         commit(&s, f.ino, A);
         if matches!(self, Scenario::Dedup | Scenario::Evict | Scenario::Gc) {
-            let g = s.create(vol.root, b"g", &node(Kind::File)).unwrap();
+            let g = s.ns().create(vol.root, b"g", &node(Kind::File)).unwrap();
             commit(&s, g.ino, B);
         }
     }
@@ -81,7 +81,7 @@ impl Scenario {
         let root = s.volume("default", false, 0, 0)?.root;
         match self {
             Scenario::Commit | Scenario::CommitFast | Scenario::Dedup => {
-                let f = s.lookup(root, b"f")?;
+                let f = s.ns().lookup(root, b"f")?;
                 let (file, path) = s.new_staging()?;
                 std::io::Write::write_all(&mut &file, B).unwrap();
                 let st = Staged {
@@ -101,6 +101,7 @@ impl Scenario {
                 res.map(drop)
             }
             Scenario::Evict => s
+                .lru()
                 .evict(
                     EvictPolicy {
                         target: Some(0),
@@ -110,13 +111,13 @@ impl Scenario {
                 )
                 .map(drop),
             Scenario::Fetch => {
-                let f = s.lookup(root, b"f")?;
+                let f = s.ns().lookup(root, b"f")?;
                 s.ensure_local(&f.blob.unwrap(), &remote(dir), &|| true)
                     .map(drop)
             }
             Scenario::Clone => s.clone_volume("default", "copy").map(drop),
             Scenario::Gc => {
-                s.unlink(root, b"g")?;
+                s.ns().unlink(root, b"g")?;
                 s.gc(|_| false).map(drop)
             }
         }
@@ -176,7 +177,7 @@ fn check(sc: Scenario, dir: &Path, what: &str) {
     for ((vol, name), allowed) in sc.allowed() {
         let shown = match s.volume(vol, false, 0, 0) {
             Err(_) => None,
-            Ok(v) => match s.lookup(v.root, name.as_bytes()) {
+            Ok(v) => match s.ns().lookup(v.root, name.as_bytes()) {
                 Err(kcache_store::Error::NotFound) => None,
                 Err(e) => panic!("{what}: lookup of {vol}/{name}: {e}"),
                 Ok(n) => {
@@ -317,7 +318,7 @@ fn a_remote_only_blob_keeps_its_upstream_state_through_the_lifecycle() {
     Scenario::Fetch.setup(d.path());
     let s = Arc::new(Store::open(&d.path().join("s")).unwrap());
     let root = s.volume("default", false, 0, 0).unwrap().root;
-    let h = s.lookup(root, b"f").unwrap().blob.unwrap();
+    let h = s.ns().lookup(root, b"f").unwrap().blob.unwrap();
     assert_eq!(s.blob_state(&h).unwrap(), Some(BlobState::RemoteOnly));
     assert!(s.ensure_local(&h, &remote(d.path()), &|| true).unwrap());
     assert_eq!(

@@ -24,7 +24,7 @@ fn pulled_with(
 ) -> (Arc<Store>, kcache_store::Hash, String, Vec<u8>) {
     let a = Store::open(&dir.join("a")).unwrap();
     let vol = a.volume("default", true, 0, 0).unwrap();
-    let f = a.create(vol.root, b"f", &node(Kind::File)).unwrap();
+    let f = a.ns().create(vol.root, b"f", &node(Kind::File)).unwrap();
     commit(&a, f.ino, &data);
     let url = format!("file://{}", dir.join("up").display());
     let up = Upstream::parse(&url).unwrap();
@@ -34,7 +34,7 @@ fn pulled_with(
     let remote = Remote::new(vec![up], FetchConfig::default()).unwrap();
     b.pull(&remote, "default", "default", &[]).unwrap();
     let vb = b.volume("default", false, 0, 0).unwrap();
-    let h = b.lookup(vb.root, b"f").unwrap().blob.unwrap();
+    let h = b.ns().lookup(vb.root, b"f").unwrap().blob.unwrap();
     assert!(b.is_remote_only(&h));
     (b, h, url, data)
 }
@@ -112,7 +112,7 @@ fn a_download_finishing_after_a_write_made_the_blob_local_keeps_the_written_file
         .expect("remote-only: a download starts");
     // The same bytes written to another file: the blob becomes local from the write.
     let vb = b.volume("default", false, 0, 0).unwrap();
-    let g = b.create(vb.root, b"g", &node(Kind::File)).unwrap();
+    let g = b.ns().create(vb.root, b"g", &node(Kind::File)).unwrap();
     commit(&b, g.ino, &data);
     assert!(!b.is_remote_only(&h));
     let written = std::fs::metadata(b.blob_path(&h)).unwrap().ino();
@@ -162,7 +162,7 @@ fn each_fetch_comes_from_the_upstreams_it_names() {
     let vol = a.volume("default", true, 0, 0).unwrap();
     let (p_data, q_data) = (content(300_000), content(300_001));
     for (name, data) in [(&b"p"[..], &p_data), (b"q", &q_data)] {
-        let f = a.create(vol.root, name, &node(Kind::File)).unwrap();
+        let f = a.ns().create(vol.root, name, &node(Kind::File)).unwrap();
         commit(&a, f.ino, data);
     }
     let (up_a, up_b) = (dir.path().join("up-a"), dir.path().join("up-b"));
@@ -180,8 +180,8 @@ fn each_fetch_comes_from_the_upstreams_it_names() {
     let b = Arc::new(Store::open(&dir.path().join("b")).unwrap());
     b.pull(&remote(&url_a), "default", "default", &[]).unwrap();
     let vb = b.volume("default", false, 0, 0).unwrap();
-    let p = b.lookup(vb.root, b"p").unwrap().blob.unwrap();
-    let q = b.lookup(vb.root, b"q").unwrap().blob.unwrap();
+    let p = b.ns().lookup(vb.root, b"p").unwrap().blob.unwrap();
+    let q = b.ns().lookup(vb.root, b"q").unwrap().blob.unwrap();
     std::fs::remove_file(upstream_blob(&up_a, &q)).unwrap();
     std::fs::remove_file(upstream_blob(&up_b, &p)).unwrap();
     let (ra, rb) = (remote(&url_a), remote(&url_b));
@@ -295,7 +295,7 @@ fn a_downloaded_blob_keeps_its_blocks_of_zeros_as_holes() {
         std::io::Read::read_to_end(&mut b.open_blob(&h).unwrap(), &mut got).unwrap();
         assert!(got == data, "{len}: content differs");
         let vb = b.volume("default", false, 0, 0).unwrap();
-        let f = b.lookup(vb.root, b"f").unwrap();
+        let f = b.ns().lookup(vb.root, b"f").unwrap();
         assert_eq!(f.blob_blocks, Some(meta.blocks()));
     }
 }

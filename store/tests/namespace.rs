@@ -11,56 +11,60 @@ fn rename_link_unlink_keep_counts_exact() {
     let dir = tempfile::tempdir().unwrap();
     let s = Store::open(dir.path()).unwrap();
     let root = s.volume("default", true, 0, 0).unwrap().root;
-    let d = s.create(root, b"d", &node(Kind::Dir)).unwrap();
-    assert_eq!(s.get(root).unwrap().nlink, 3);
-    let a = s.create(root, b"a", &node(Kind::File)).unwrap();
+    let d = s.ns().create(root, b"d", &node(Kind::Dir)).unwrap();
+    assert_eq!(s.ns().get(root).unwrap().nlink, 3);
+    let a = s.ns().create(root, b"a", &node(Kind::File)).unwrap();
     commit(&s, a.ino, b"shared content");
-    let b = s.create(d.ino, b"b", &node(Kind::File)).unwrap();
+    let b = s.ns().create(d.ino, b"b", &node(Kind::File)).unwrap();
     commit(&s, b.ino, b"shared content");
     assert_eq!(s.stats().unwrap().blobs, 1);
     assert!(matches!(
-        s.create(root, b"a", &node(Kind::File)),
+        s.ns().create(root, b"a", &node(Kind::File)),
         Err(Error::Exists)
     ));
 
     // Hard link, then rename over it: same inode, nothing happens.
-    s.link(a.ino, d.ino, b"a2").unwrap();
-    assert_eq!(s.get(a.ino).unwrap().nlink, 2);
+    s.ns().link(a.ino, d.ino, b"a2").unwrap();
+    assert_eq!(s.ns().get(a.ino).unwrap().nlink, 2);
     assert!(s
+        .ns()
         .rename(root, b"a", d.ino, b"a2", false, false)
         .unwrap()
         .replaced
         .is_none());
     // Rename b over a2: a loses a name, b moves.
-    let r = s.rename(d.ino, b"b", d.ino, b"a2", false, false).unwrap();
+    let r = s
+        .ns()
+        .rename(d.ino, b"b", d.ino, b"a2", false, false)
+        .unwrap();
     assert_eq!(r.replaced, Some((a.ino, 1)));
-    assert_eq!(s.lookup(d.ino, b"a2").unwrap().ino, b.ino);
+    assert_eq!(s.ns().lookup(d.ino, b"a2").unwrap().ino, b.ino);
     // Directory cycles and non-empty targets are refused.
-    let e = s.create(d.ino, b"e", &node(Kind::Dir)).unwrap();
+    let e = s.ns().create(d.ino, b"e", &node(Kind::Dir)).unwrap();
     assert!(matches!(
-        s.rename(root, b"d", e.ino, b"x", false, false),
+        s.ns().rename(root, b"d", e.ino, b"x", false, false),
         Err(Error::Invalid(_))
     ));
     assert!(matches!(
-        s.rename(d.ino, b"e", root, b"d", false, false),
+        s.ns().rename(d.ino, b"e", root, b"d", false, false),
         Err(Error::NotEmpty)
     ));
-    assert!(matches!(s.rmdir(root, b"d"), Err(Error::NotEmpty)));
+    assert!(matches!(s.ns().rmdir(root, b"d"), Err(Error::NotEmpty)));
     // Exchange swaps a directory and a file across parents and fixes parent link counts.
-    s.rename(d.ino, b"e", root, b"a", false, true).unwrap();
-    assert_eq!(s.lookup(root, b"a").unwrap().kind, Kind::Dir);
-    assert_eq!(s.lookup(d.ino, b"e").unwrap().kind, Kind::File);
-    assert_eq!(s.get(root).unwrap().nlink, 4);
-    assert_eq!(s.get(d.ino).unwrap().nlink, 2);
+    s.ns().rename(d.ino, b"e", root, b"a", false, true).unwrap();
+    assert_eq!(s.ns().lookup(root, b"a").unwrap().kind, Kind::Dir);
+    assert_eq!(s.ns().lookup(d.ino, b"e").unwrap().kind, Kind::File);
+    assert_eq!(s.ns().get(root).unwrap().nlink, 4);
+    assert_eq!(s.ns().get(d.ino).unwrap().nlink, 2);
 
     // Dropping every name and purging frees the blob and its file.
-    let (ino, n) = s.unlink(d.ino, b"e").unwrap();
+    let (ino, n) = s.ns().unlink(d.ino, b"e").unwrap();
     assert_eq!(n, 0);
-    s.purge(ino).unwrap();
+    s.ns().purge(ino).unwrap();
     assert_eq!(s.stats().unwrap().blobs, 1);
-    let (ino, n) = s.unlink(d.ino, b"a2").unwrap();
+    let (ino, n) = s.ns().unlink(d.ino, b"a2").unwrap();
     assert_eq!(n, 0);
-    s.purge(ino).unwrap();
+    s.ns().purge(ino).unwrap();
     let st = s.stats().unwrap();
     assert_eq!((st.blobs, st.stored_bytes), (0, 0));
     assert_eq!(
@@ -78,15 +82,15 @@ fn one_owner_and_recovery_at_open() {
     let s = Store::open(dir.path()).unwrap();
     assert!(matches!(Store::open(dir.path()), Err(Error::Locked { .. })));
     let root = s.volume("default", true, 0, 0).unwrap().root;
-    let f = s.create(root, b"f", &node(Kind::File)).unwrap();
+    let f = s.ns().create(root, b"f", &node(Kind::File)).unwrap();
     commit(&s, f.ino, b"gone after reopen");
     // Unlinked while "open" (never purged), and a staging file left by a crash.
-    s.unlink(root, b"f").unwrap();
+    s.ns().unlink(root, b"f").unwrap();
     let (_file, leftover) = s.new_staging().unwrap();
     drop(s);
     let s = Store::open(dir.path()).unwrap();
     assert!(!leftover.exists());
-    assert!(matches!(s.get(f.ino), Err(Error::NotFound)));
+    assert!(matches!(s.ns().get(f.ino), Err(Error::NotFound)));
     assert_eq!(s.stats().unwrap().blobs, 0);
     assert!(s.verify(|_, _| {}).unwrap().is_clean());
 }
@@ -99,33 +103,33 @@ fn eviction_follows_lru_order_across_reopen_and_removes_whole_files() {
         let s = Store::open(dir.path()).unwrap();
         let root = s.volume("default", true, 0, 0).unwrap().root;
         for name in [b"a", b"b", b"c"] {
-            let n = s.create(root, name, &node(Kind::File)).unwrap();
+            let n = s.ns().create(root, name, &node(Kind::File)).unwrap();
             commit(&s, n.ino, &[name[0]; 1000]);
             inos.push(n.ino);
         }
         // A second name for b's content: eviction must remove both.
-        let b2 = s.create(root, b"b2", &node(Kind::File)).unwrap();
+        let b2 = s.ns().create(root, b"b2", &node(Kind::File)).unwrap();
         commit(&s, b2.ino, &[b'b'; 1000]);
         // Commits count as accesses: the order is a, b, c, then b again (b2). Reading a makes
         // it the most recent; dropping the store writes that pending access.
-        let a = s.get(inos[0]).unwrap().blob.unwrap();
-        s.note_access(a);
+        let a = s.ns().get(inos[0]).unwrap().blob.unwrap();
+        s.lru().note_access(a);
     }
     let s = Store::open(dir.path()).unwrap();
     let root = s.volume("default", true, 0, 0).unwrap().root;
     // Oldest first: c, b, a.
-    let ev = s.evict_to(2000, |_| Some(())).unwrap();
+    let ev = s.lru().evict_to(2000, |_| Some(())).unwrap();
     assert_eq!((ev.blobs, ev.bytes), (1, 1000));
-    assert!(matches!(s.lookup(root, b"c"), Err(Error::NotFound)));
-    let ev = s.evict_to(1000, |_| Some(())).unwrap();
+    assert!(matches!(s.ns().lookup(root, b"c"), Err(Error::NotFound)));
+    let ev = s.lru().evict_to(1000, |_| Some(())).unwrap();
     assert_eq!(ev.blobs, 1);
     let mut gone: Vec<Vec<u8>> = ev.names.iter().map(|n| n.1.clone()).collect();
     gone.sort();
     assert_eq!(gone, vec![b"b".to_vec(), b"b2".to_vec()]);
-    assert_eq!(s.lookup(root, b"a").unwrap().size, 1000);
+    assert_eq!(s.ns().lookup(root, b"a").unwrap().size, 1000);
     // A blob in use is never evicted.
-    let a = s.lookup(root, b"a").unwrap().blob.unwrap();
-    let ev = s.evict_to(0, |h| (*h != a).then_some(())).unwrap();
+    let a = s.ns().lookup(root, b"a").unwrap().blob.unwrap();
+    let ev = s.lru().evict_to(0, |h| (*h != a).then_some(())).unwrap();
     assert_eq!(ev.blobs, 0);
     assert!(s.verify(|_, _| {}).unwrap().is_clean());
 }
@@ -138,10 +142,11 @@ fn usage_counter_pins_limits_and_clear_stay_exact() {
     let s = Store::open(dir.path()).unwrap();
     let root = s.volume("default", true, 0, 0).unwrap().root;
     let sum = |s: &Store| -> u64 { s.stats().unwrap().stored_bytes };
-    let d = s.create(root, b"d", &node(Kind::Dir)).unwrap();
+    let d = s.ns().create(root, b"d", &node(Kind::Dir)).unwrap();
     let mut files = Vec::new();
     for i in 0..6u8 {
         let n = s
+            .ns()
             .create(d.ino, &[b'f', b'0' + i], &node(Kind::File))
             .unwrap();
         // Two files share content: stored once.
@@ -152,9 +157,9 @@ fn usage_counter_pins_limits_and_clear_stay_exact() {
     // Overwrite, unlink + purge, evict: the counter follows each.
     commit(&s, files[0], &[9u8; 3000]);
     assert_eq!(s.stored_bytes().unwrap(), sum(&s));
-    let (ino, nlink) = s.unlink(d.ino, b"f1").unwrap();
+    let (ino, nlink) = s.ns().unlink(d.ino, b"f1").unwrap();
     assert_eq!(nlink, 0);
-    s.purge(ino).unwrap();
+    s.ns().purge(ino).unwrap();
     assert_eq!(s.stored_bytes().unwrap(), sum(&s));
 
     // Pins: over half the quota is refused; pinned blobs are never evicted.
@@ -168,10 +173,10 @@ fn usage_counter_pins_limits_and_clear_stay_exact() {
     assert_eq!(s.pin(files[2]).unwrap(), 1002);
     l.quota = None;
     s.set_limits(&l).unwrap();
-    let ev = s.evict_to(0, |_| Some(())).unwrap();
+    let ev = s.lru().evict_to(0, |_| Some(())).unwrap();
     assert_eq!(s.stored_bytes().unwrap(), 1002, "{ev:?}");
     assert_eq!(s.stored_bytes().unwrap(), sum(&s));
-    assert_eq!(s.lookup(d.ino, b"f2").unwrap().size, 1002);
+    assert_eq!(s.ns().lookup(d.ino, b"f2").unwrap().size, 1002);
     assert_eq!(s.pins(1).unwrap(), vec![(files[2], "/d/f2".to_string())]);
 
     // Clearing a tree leaves unlinked inodes for the caller to purge; gc purges them.
@@ -190,14 +195,16 @@ fn clone_copies_metadata_only_and_volumes_stay_independent() {
     let dir = tempfile::tempdir().unwrap();
     let s = Store::open(dir.path()).unwrap();
     let a = s.volume("a", true, 0, 0).unwrap();
-    let d = s.create(a.root, b"d", &node(Kind::Dir)).unwrap();
-    let f = s.create(d.ino, b"f", &node(Kind::File)).unwrap();
+    let d = s.ns().create(a.root, b"d", &node(Kind::Dir)).unwrap();
+    let f = s.ns().create(d.ino, b"f", &node(Kind::File)).unwrap();
     commit(&s, f.ino, b"shared content");
-    s.link(f.ino, a.root, b"hard").unwrap();
-    s.setxattr(f.ino, b"user.k", b"v", false, false).unwrap();
+    s.ns().link(f.ino, a.root, b"hard").unwrap();
+    s.ns()
+        .setxattr(f.ino, b"user.k", b"v", false, false)
+        .unwrap();
     let mut sym = node(Kind::Symlink);
     sym.target = Some(b"d/f".to_vec());
-    s.create(a.root, b"sym", &sym).unwrap();
+    s.ns().create(a.root, b"sym", &sym).unwrap();
     let blob_files = || walk_count(&dir.path().join("blobs"));
     let before = (s.stored_bytes().unwrap(), blob_files());
 
@@ -208,30 +215,33 @@ fn clone_copies_metadata_only_and_volumes_stay_independent() {
         before,
         "no data copied"
     );
-    let bd = s.lookup(b.root, b"d").unwrap();
-    let bf = s.lookup(bd.ino, b"f").unwrap();
+    let bd = s.ns().lookup(b.root, b"d").unwrap();
+    let bf = s.ns().lookup(bd.ino, b"f").unwrap();
     assert_ne!(bf.ino, f.ino);
     assert_eq!(bf.nlink, 2);
-    assert_eq!(s.lookup(b.root, b"hard").unwrap().ino, bf.ino);
-    assert_eq!(s.getxattr(bf.ino, b"user.k").unwrap(), b"v");
-    assert_eq!(s.get(bd.ino).unwrap().parent, Some(b.root));
+    assert_eq!(s.ns().lookup(b.root, b"hard").unwrap().ino, bf.ino);
+    assert_eq!(s.ns().getxattr(bf.ino, b"user.k").unwrap(), b"v");
+    assert_eq!(s.ns().get(bd.ino).unwrap().parent, Some(b.root));
     assert_eq!(
-        s.lookup(b.root, b"sym").unwrap().target.as_deref(),
+        s.ns().lookup(b.root, b"sym").unwrap().target.as_deref(),
         Some(&b"d/f"[..])
     );
     assert!(s.verify(|_, _| {}).unwrap().is_clean(), "refcounts exact");
 
     // Independent: new content and deletes in b never show in a.
     commit(&s, bf.ino, b"changed in b");
-    s.unlink(b.root, b"sym").unwrap();
+    s.ns().unlink(b.root, b"sym").unwrap();
     assert_eq!(
-        s.lookup(d.ino, b"f").unwrap().blob,
-        s.get(f.ino).unwrap().blob
+        s.ns().lookup(d.ino, b"f").unwrap().blob,
+        s.ns().get(f.ino).unwrap().blob
     );
-    assert_ne!(s.get(f.ino).unwrap().blob, s.get(bf.ino).unwrap().blob);
-    assert!(s.lookup(a.root, b"sym").is_ok());
+    assert_ne!(
+        s.ns().get(f.ino).unwrap().blob,
+        s.ns().get(bf.ino).unwrap().blob
+    );
+    assert!(s.ns().lookup(a.root, b"sym").is_ok());
     // A new inode in either volume gets a fresh number.
-    let n = s.create(a.root, b"new", &node(Kind::File)).unwrap();
+    let n = s.ns().create(a.root, b"new", &node(Kind::File)).unwrap();
     assert!(n.ino > bf.ino);
 
     // Removing b frees only what a does not use.

@@ -20,7 +20,7 @@ fn remote(dir: &Path) -> Remote {
 
 fn read(s: &Store, vol: &str, name: &str) -> Vec<u8> {
     let root = s.volume(vol, false, 0, 0).unwrap().root;
-    let h = s.lookup(root, name.as_bytes()).unwrap().blob.unwrap();
+    let h = s.ns().lookup(root, name.as_bytes()).unwrap().blob.unwrap();
     let mut got = Vec::new();
     s.open_blob(&h).unwrap().read_to_end(&mut got).unwrap();
     got
@@ -57,10 +57,13 @@ fn a_bad_manifest_leaves_the_volume_as_it_was_and_a_good_one_replaces_it_whole()
     // Store A publishes a tree under tag "good".
     let a = Store::open(&dir.join("a")).unwrap();
     let va = a.volume("default", true, 0, 0).unwrap();
-    let sub = a.create(va.root, b"sub", &node(Kind::Dir)).unwrap();
-    let f = a.create(sub.ino, b"f", &node(Kind::File)).unwrap();
+    let sub = a.ns().create(va.root, b"sub", &node(Kind::Dir)).unwrap();
+    let f = a.ns().create(sub.ino, b"f", &node(Kind::File)).unwrap();
     commit(&a, f.ino, b"pulled content");
-    let shared = a.create(va.root, b"shared", &node(Kind::File)).unwrap();
+    let shared = a
+        .ns()
+        .create(va.root, b"shared", &node(Kind::File))
+        .unwrap();
     commit(&a, shared.ino, b"content both trees hold");
     a.push(&upstream(dir), "default", "good", None, &mut |_| {})
         .unwrap();
@@ -68,9 +71,9 @@ fn a_bad_manifest_leaves_the_volume_as_it_was_and_a_good_one_replaces_it_whole()
     // Store B has its own volume "v", holding some of the same content.
     let b = Store::open(&dir.join("b")).unwrap();
     let vb = b.volume("v", true, 0, 0).unwrap();
-    let mine = b.create(vb.root, b"mine", &node(Kind::File)).unwrap();
+    let mine = b.ns().create(vb.root, b"mine", &node(Kind::File)).unwrap();
     commit(&b, mine.ino, b"local content");
-    let same = b.create(vb.root, b"same", &node(Kind::File)).unwrap();
+    let same = b.ns().create(vb.root, b"same", &node(Kind::File)).unwrap();
     commit(&b, same.ino, b"content both trees hold");
 
     let good = manifest_json(dir, "good");
@@ -123,10 +126,13 @@ fn a_bad_manifest_leaves_the_volume_as_it_was_and_a_good_one_replaces_it_whole()
     let r = b.pull(&remote(dir), "good", "v", &[]).unwrap();
     assert_eq!(r.files, 2);
     let root = b.volume("v", false, 0, 0).unwrap().root;
-    assert!(b.lookup(root, b"mine").is_err(), "the old tree is gone");
+    assert!(
+        b.ns().lookup(root, b"mine").is_err(),
+        "the old tree is gone"
+    );
     assert_eq!(read(&b, "v", "shared"), b"content both trees hold");
-    let sub = b.lookup(root, b"sub").unwrap();
-    let h = b.lookup(sub.ino, b"f").unwrap().blob.unwrap();
+    let sub = b.ns().lookup(root, b"sub").unwrap();
+    let h = b.ns().lookup(sub.ino, b"f").unwrap().blob.unwrap();
     assert!(b.is_remote_only(&h), "new content is fetched on open");
     let v = b.verify(|_, _| {}).unwrap();
     assert!(v.is_clean() && v.stray_removed == 0, "{v:?}");
@@ -140,7 +146,7 @@ fn a_bad_manifest_leaves_the_volume_as_it_was_and_a_good_one_replaces_it_whole()
 /// Every name of volume `vol`: (path, inode, link count, content hash or symlink target).
 fn tree(s: &Store, vol: &str) -> Vec<(String, u64, u32, String)> {
     fn walk(s: &Store, dir: u64, path: &str, out: &mut Vec<(String, u64, u32, String)>) {
-        for (_, name, n) in s.readdir(dir, 0, 100_000).unwrap() {
+        for (_, name, n) in s.ns().readdir(dir, 0, 100_000).unwrap() {
             let p = format!("{path}{}", String::from_utf8_lossy(&name));
             let what = match (&n.blob, &n.target) {
                 (Some(h), _) => h.to_hex().to_string(),
@@ -170,15 +176,15 @@ fn a_bad_manifest_leaves_the_volume_as_it_was_in_every_mode() {
     let dir = d.path();
     let a = Store::open(&dir.join("a")).unwrap();
     let va = a.volume("default", true, 0, 0).unwrap();
-    let f = a.create(va.root, b"f", &node(Kind::File)).unwrap();
+    let f = a.ns().create(va.root, b"f", &node(Kind::File)).unwrap();
     commit(&a, f.ino, b"pulled content");
-    let n = a.create(va.root, b"mine", &node(Kind::File)).unwrap();
+    let n = a.ns().create(va.root, b"mine", &node(Kind::File)).unwrap();
     commit(&a, n.ino, b"their mine");
     a.push(&upstream(dir), "default", "good", None, &mut |_| {})
         .unwrap();
     let b = Store::open(&dir.join("b")).unwrap();
     let vb = b.volume("v", true, 0, 0).unwrap();
-    let mine = b.create(vb.root, b"mine", &node(Kind::File)).unwrap();
+    let mine = b.ns().create(vb.root, b"mine", &node(Kind::File)).unwrap();
     commit(&b, mine.ino, b"local content");
     let before = tree(&b, "v");
 
@@ -229,32 +235,33 @@ fn a_bad_manifest_leaves_the_volume_as_it_was_in_every_mode() {
 fn conflicting_stores(dir: &Path) -> (Store, Store) {
     let a = Store::open(&dir.join("a")).unwrap();
     let va = a.volume("default", true, 0, 0).unwrap();
-    let sub = a.create(va.root, b"sub", &node(Kind::Dir)).unwrap();
-    let f = a.create(sub.ino, b"f", &node(Kind::File)).unwrap();
+    let sub = a.ns().create(va.root, b"sub", &node(Kind::Dir)).unwrap();
+    let f = a.ns().create(sub.ino, b"f", &node(Kind::File)).unwrap();
     commit(&a, f.ino, b"pulled content");
     let file = |name: &[u8], content: &[u8]| {
-        let n = a.create(va.root, name, &node(Kind::File)).unwrap();
+        let n = a.ns().create(va.root, name, &node(Kind::File)).unwrap();
         commit(&a, n.ino, content);
         n.ino
     };
     file(b"shared", b"content both trees hold");
     let c = file(b"conflict", b"theirs");
-    a.setxattr(c, b"user.side", b"theirs", false, false)
+    a.ns()
+        .setxattr(c, b"user.side", b"theirs", false, false)
         .unwrap();
     let h = file(b"h1", b"linked");
-    a.link(h, va.root, b"h2").unwrap();
+    a.ns().link(h, va.root, b"h2").unwrap();
     file(b"d", b"a file where the volume has a directory");
     file(b"x", b"a file where the volume has a tree");
     let mut l = node(Kind::Symlink);
     l.target = Some(b"sub/f".to_vec());
-    a.create(va.root, b"l", &l).unwrap();
+    a.ns().create(va.root, b"l", &l).unwrap();
     a.push(&upstream(dir), "default", "snap", None, &mut |_| {})
         .unwrap();
 
     let b = Store::open(&dir.join("b")).unwrap();
     let vb = b.volume("v", true, 0, 0).unwrap();
     let file = |name: &[u8], content: &[u8]| {
-        let n = b.create(vb.root, name, &node(Kind::File)).unwrap();
+        let n = b.ns().create(vb.root, name, &node(Kind::File)).unwrap();
         commit(&b, n.ino, content);
         n.ino
     };
@@ -262,9 +269,9 @@ fn conflicting_stores(dir: &Path) -> (Store, Store) {
     file(b"shared", b"content both trees hold");
     file(b"conflict", b"ours");
     file(b"h1", b"our h1");
-    b.create(vb.root, b"d", &node(Kind::Dir)).unwrap();
-    let x = b.create(vb.root, b"x", &node(Kind::Dir)).unwrap();
-    let y = b.create(x.ino, b"y", &node(Kind::File)).unwrap();
+    b.ns().create(vb.root, b"d", &node(Kind::Dir)).unwrap();
+    let x = b.ns().create(vb.root, b"x", &node(Kind::Dir)).unwrap();
+    let y = b.ns().create(x.ino, b"y", &node(Kind::File)).unwrap();
     commit(&b, y.ino, b"deep local");
     (a, b)
 }
@@ -297,21 +304,21 @@ fn a_merge_adds_what_is_missing_and_keeps_local_names_and_conflicts() {
     assert_eq!(read(&b, "v", "conflict"), b"ours");
     assert_eq!(read(&b, "v", "h1"), b"our h1");
     let root = b.volume("v", false, 0, 0).unwrap().root;
-    assert_eq!(b.lookup(root, b"d").unwrap().kind, Kind::Dir);
-    let x = b.lookup(root, b"x").unwrap();
-    assert!(b.lookup(x.ino, b"y").is_ok());
+    assert_eq!(b.ns().lookup(root, b"d").unwrap().kind, Kind::Dir);
+    let x = b.ns().lookup(root, b"x").unwrap();
+    assert!(b.ns().lookup(x.ino, b"y").is_ok());
     // h2 is new; its snapshot partner h1 was kept local, so h2 has one name.
-    let h2 = b.lookup(root, b"h2").unwrap();
+    let h2 = b.ns().lookup(root, b"h2").unwrap();
     assert_eq!(h2.nlink, 1);
     assert!(b.is_remote_only(&h2.blob.unwrap()));
-    let sub = b.lookup(root, b"sub").unwrap();
+    let sub = b.ns().lookup(root, b"sub").unwrap();
     assert_eq!(sub.nlink, 2);
-    assert!(b.lookup(sub.ino, b"f").unwrap().blob.is_some());
+    assert!(b.ns().lookup(sub.ino, b"f").unwrap().blob.is_some());
     assert_eq!(
-        b.lookup(root, b"l").unwrap().target.as_deref(),
+        b.ns().lookup(root, b"l").unwrap().target.as_deref(),
         Some(&b"sub/f"[..])
     );
-    assert_eq!(b.get(root).unwrap().nlink, 5, "root, ., d, x, sub");
+    assert_eq!(b.ns().get(root).unwrap().nlink, 5, "root, ., d, x, sub");
     let v = b.verify(|_, _| {}).unwrap();
     assert!(v.is_clean(), "{v:?}");
 
@@ -340,7 +347,7 @@ fn a_merge_with_theirs_replaces_conflicts_as_a_rename_over_them_would() {
     let dir = d.path();
     let (_a, b) = conflicting_stores(dir);
     let root = b.volume("v", false, 0, 0).unwrap().root;
-    let old = b.lookup(root, b"conflict").unwrap();
+    let old = b.ns().lookup(root, b"conflict").unwrap();
     let p = b
         .pull_with(&remote(dir), "snap", "v", &[], merge(true))
         .unwrap();
@@ -370,7 +377,7 @@ fn a_merge_with_theirs_replaces_conflicts_as_a_rename_over_them_would() {
         .replaced
         .unwrap();
     assert_eq!(gone, (old.ino, 0));
-    let orphan = b.get(old.ino).unwrap();
+    let orphan = b.ns().get(old.ino).unwrap();
     assert_eq!(orphan.nlink, 0);
     let mut got = Vec::new();
     b.open_blob(&orphan.blob.unwrap())
@@ -379,25 +386,25 @@ fn a_merge_with_theirs_replaces_conflicts_as_a_rename_over_them_would() {
         .unwrap();
     assert_eq!(got, b"ours");
 
-    let c = b.lookup(root, b"conflict").unwrap();
+    let c = b.ns().lookup(root, b"conflict").unwrap();
     assert_ne!(c.ino, old.ino);
-    assert_eq!(b.getxattr(c.ino, b"user.side").unwrap(), b"theirs");
-    let h1 = b.lookup(root, b"h1").unwrap();
-    let h2 = b.lookup(root, b"h2").unwrap();
+    assert_eq!(b.ns().getxattr(c.ino, b"user.side").unwrap(), b"theirs");
+    let h1 = b.ns().lookup(root, b"h1").unwrap();
+    let h2 = b.ns().lookup(root, b"h2").unwrap();
     assert_eq!(
         (h1.ino, h1.nlink),
         (h2.ino, 2),
         "hard links stay hard links"
     );
     assert_eq!(read(&b, "v", "mine"), b"local content");
-    assert_eq!(b.lookup(root, b"d").unwrap().kind, Kind::Dir);
+    assert_eq!(b.ns().lookup(root, b"d").unwrap().kind, Kind::Dir);
     assert!(b.verify(|_, _| {}).unwrap().is_clean());
 
     // Once nothing holds them the replaced inodes go, with content only they used.
     let blobs = b.stats().unwrap().blobs;
     for c in &p.changed {
         if let Some((ino, 0)) = c.replaced {
-            b.purge(ino).unwrap();
+            b.ns().purge(ino).unwrap();
         }
     }
     assert_eq!(b.stats().unwrap().blobs, blobs - 2, "ours and our h1 freed");
@@ -411,18 +418,20 @@ fn a_merge_into_an_empty_volume_takes_the_snapshot_root_as_it_is() {
     let dir = d.path();
     let a = Store::open(&dir.join("a")).unwrap();
     let va = a.volume("default", true, 0, 0).unwrap();
-    let f = a.create(va.root, b"f", &node(Kind::File)).unwrap();
+    let f = a.ns().create(va.root, b"f", &node(Kind::File)).unwrap();
     commit(&a, f.ino, b"content");
-    a.setattr(
-        va.root,
-        &kcache_store::SetAttr {
-            mode: Some(0o700),
-            uid: Some(7),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    a.setxattr(va.root, b"user.root", b"yes", false, false)
+    a.ns()
+        .setattr(
+            va.root,
+            &kcache_store::SetAttr {
+                mode: Some(0o700),
+                uid: Some(7),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    a.ns()
+        .setxattr(va.root, b"user.root", b"yes", false, false)
         .unwrap();
     a.push(&upstream(dir), "default", "t", None, &mut |_| {})
         .unwrap();
@@ -433,10 +442,10 @@ fn a_merge_into_an_empty_volume_takes_the_snapshot_root_as_it_is() {
         .unwrap()
         .report;
     assert_eq!((r.added, r.files), (1, 1), "{r:?}");
-    let root = b.get(vb.root).unwrap();
+    let root = b.ns().get(vb.root).unwrap();
     assert_eq!((root.mode, root.uid), (0o700, 7));
-    assert_eq!(b.getxattr(vb.root, b"user.root").unwrap(), b"yes");
-    let h = b.lookup(vb.root, b"f").unwrap().blob.unwrap();
+    assert_eq!(b.ns().getxattr(vb.root, b"user.root").unwrap(), b"yes");
+    let h = b.ns().lookup(vb.root, b"f").unwrap().blob.unwrap();
     assert!(b.is_remote_only(&h), "fetched on first open");
     assert!(b.verify(|_, _| {}).unwrap().is_clean());
 }

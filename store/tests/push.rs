@@ -23,7 +23,10 @@ fn a_push_adds_to_the_tag_and_replace_publishes_the_volume_alone() {
         let s = Store::open(&d.path().join(name)).unwrap();
         let v = s.volume("default", true, 0, 0).unwrap();
         for (f, c) in files {
-            let n = s.create(v.root, f.as_bytes(), &node(Kind::File)).unwrap();
+            let n = s
+                .ns()
+                .create(v.root, f.as_bytes(), &node(Kind::File))
+                .unwrap();
             commit(&s, n.ino, c.as_bytes());
         }
         s
@@ -42,7 +45,7 @@ fn a_push_adds_to_the_tag_and_replace_publishes_the_volume_alone() {
         let mut out: Vec<(String, String)> = ["a", "b", "both"]
             .iter()
             .filter_map(|n| {
-                let i = p.lookup(root, n.as_bytes()).ok()?;
+                let i = p.ns().lookup(root, n.as_bytes()).ok()?;
                 Some((n.to_string(), i.blob.unwrap().to_hex()))
             })
             .collect();

@@ -45,7 +45,7 @@ pub fn handle(
     let store = fs.store();
     match req {
         Request::Stats => {
-            store.flush_accesses().map_err(|e| e.to_string())?;
+            store.lru().flush_accesses().map_err(|e| e.to_string())?;
             let st = reader.stats().map_err(|e| e.to_string())?;
             let usage = fs.usage().map_err(|e| errno_msg("usage", e))?;
             Ok(Reply::Stats(StatsReply {

@@ -58,15 +58,17 @@ pub fn four_pushers_one_tag(up: &kcache_store::Upstream, tag: &str, jitter_ms: u
                 let s = Store::open(&root).unwrap();
                 let v = s.volume("default", true, 0, 0).unwrap();
                 let d = s
+                    .ns()
                     .create(v.root, format!("p{p}").as_bytes(), &node(Kind::Dir))
                     .unwrap();
                 for i in 0..FILES {
                     let f = s
+                        .ns()
                         .create(d.ino, format!("file-{i}").as_bytes(), &node(Kind::File))
                         .unwrap();
                     commit(&s, f.ino, &content(p, i));
                 }
-                let c = s.create(v.root, b"common", &node(Kind::File)).unwrap();
+                let c = s.ns().create(v.root, b"common", &node(Kind::File)).unwrap();
                 commit(&s, c.ino, format!("common from {p}").as_bytes());
                 barrier.wait();
                 let pause = (seed.wrapping_mul(p as u64 * 2654435761 + 7) >> 5) % (jitter_ms + 1);
@@ -85,10 +87,12 @@ pub fn four_pushers_one_tag(up: &kcache_store::Upstream, tag: &str, jitter_ms: u
     let root = puller.volume("default", false, 0, 0).unwrap().root;
     for p in 0..4 {
         let d = puller
+            .ns()
             .lookup(root, format!("p{p}").as_bytes())
             .unwrap_or_else(|e| panic!("tag {tag}: pusher {p}'s tree is missing: {e}"));
         for i in 0..FILES {
             let f = puller
+                .ns()
                 .lookup(d.ino, format!("file-{i}").as_bytes())
                 .unwrap_or_else(|e| panic!("tag {tag}: p{p}/file-{i} is missing: {e}"));
             assert_eq!(
@@ -100,6 +104,7 @@ pub fn four_pushers_one_tag(up: &kcache_store::Upstream, tag: &str, jitter_ms: u
     }
     // `common` is one pusher's, whole.
     let c = puller
+        .ns()
         .lookup(root, b"common")
         .unwrap()
         .blob
