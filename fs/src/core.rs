@@ -1394,14 +1394,14 @@ impl KcacheFs {
     /// file's mtime. Armed once complete: from then on a daemon crash does not lose what is
     /// written to it (the next open of the store commits it).
     fn new_staging(&self, ino: Ino, from: Option<Hash>, mtime: i64) -> Result<Staging> {
-        let (file, path) = self.store.new_staging()?;
+        let (file, path) = self.store.blobs().new_staging()?;
         let prepared = (|| -> Result<PathBuf> {
             if let Some(h) = from {
-                let blob = self.store.open_blob(&h)?;
+                let blob = self.store.blobs().open_blob(&h)?;
                 copy_content(&blob, &file)?;
             }
             set_file_mtime(&file, mtime)?;
-            Ok(self.store.arm_staging(&path, ino)?)
+            Ok(self.store.blobs().arm_staging(&path, ino)?)
         })();
         let path = match prepared {
             Ok(p) => p,
@@ -1446,7 +1446,7 @@ impl KcacheFs {
                 return Ok(f.clone());
             }
         }
-        let f = Arc::new(self.store.open_blob(&h)?);
+        let f = Arc::new(self.store.blobs().open_blob(&h)?);
         g.blob_file = Some((h, f.clone()));
         Ok(f)
     }
@@ -1717,7 +1717,7 @@ impl KcacheFs {
                 durable,
                 mtime: mtime_of(&meta),
             };
-            consumed = self.store.commit_staged(&staged)?.2;
+            consumed = self.store.blobs().commit_staged(&staged)?.2;
         }
         // Counted while this inode's lock is held, before the file can leave the open table.
         self.shared.commits.fetch_add(1, Ordering::SeqCst);

@@ -353,7 +353,7 @@ fn read_range(fs: &KcacheFs, fh: u64, off: u64, len: u64) -> Vec<u8> {
 fn blob_file_blocks(fs: &KcacheFs, ino: u64) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let h = fs.store().ns().get(ino).unwrap().blob.unwrap();
-    std::fs::metadata(fs.store().blob_path(&h))
+    std::fs::metadata(fs.store().blobs().blob_path(&h))
         .unwrap()
         .blocks()
 }
@@ -558,6 +558,7 @@ fn fallocate_modes_match_the_native_filesystem() {
         native.sync_all().unwrap();
         let blob = std::fs::File::open(
             fs.store()
+                .blobs()
                 .blob_path(&fs.store().ns().get(ino).unwrap().blob.unwrap()),
         )
         .unwrap();
@@ -677,7 +678,7 @@ fn release_under_database_errors_keeps_dirty_staged_content() {
     // The unmount commits what is still staged.
     fs.flush_all();
     assert_eq!(read_all(&fs, attr.ino), b"dirty data nobody committed yet");
-    assert!(fs.store().verify(|_, _| {}).unwrap().is_clean());
+    assert!(fs.store().blobs().verify(|_, _| {}).unwrap().is_clean());
 }
 
 #[test]
@@ -695,7 +696,7 @@ fn a_commit_whose_transaction_fails_is_retried_from_the_same_staged_bytes() {
     fs.store().faults().clear();
     fs.flush_all();
     assert_eq!(read_all(&fs, ino), b"content whose first commit fails");
-    let v = fs.store().verify(|_, _| {}).unwrap();
+    let v = fs.store().blobs().verify(|_, _| {}).unwrap();
     assert!(v.is_clean() && v.stray_removed == 0, "{v:?}");
 }
 

@@ -28,7 +28,7 @@ fn publish(dir: &std::path::Path) {
             target: None,
         };
         let f = a.ns().create(va.root, name.as_bytes(), &node).unwrap();
-        let (file, path) = a.new_staging().unwrap();
+        let (file, path) = a.blobs().new_staging().unwrap();
         std::io::Write::write_all(&mut &file, content.as_bytes()).unwrap();
         let st = Staged {
             ino: f.ino,
@@ -38,7 +38,7 @@ fn publish(dir: &std::path::Path) {
             durable: false,
             mtime: 1,
         };
-        if !a.commit_staged(&st).unwrap().2 {
+        if !a.blobs().commit_staged(&st).unwrap().2 {
             std::fs::remove_file(&path).unwrap();
         }
     }
@@ -106,5 +106,5 @@ fn a_replaced_file_lives_while_open_or_known_to_the_kernel() {
     // Once the kernel forgets it, it goes.
     fs.forget(c, 1);
     assert!(store.ns().get(c).is_err(), "purged once forgotten");
-    assert!(store.verify(|_, _| {}).unwrap().is_clean());
+    assert!(store.blobs().verify(|_, _| {}).unwrap().is_clean());
 }

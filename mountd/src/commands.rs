@@ -135,7 +135,7 @@ fn open_unmounted(store: &Path, purpose: &str) -> Result<Store> {
 
 fn verify(store: &Path, json: bool) -> Result<ExitCode> {
     let s = open_unmounted(store, "verification")?;
-    let report = s.verify(|_, _| {})?;
+    let report = s.blobs().verify(|_, _| {})?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -117,7 +117,7 @@ fn outboard(
     if let Some(b) = lock(cache).get(h) {
         return Some(b.clone());
     }
-    let mut file = store.open_blob(h).ok()?;
+    let mut file = store.blobs().open_blob(h).ok()?;
     let size = file.metadata().ok()?.len();
     if !kcache_store::outboard::needed(size) {
         return None;
@@ -129,7 +129,7 @@ fn outboard(
 
 /// A local blob, whole or one byte range.
 fn blob(store: &Store, h: &Hash, req: tiny_http::Request) {
-    let mut file: File = match store.open_blob(h) {
+    let mut file: File = match store.blobs().open_blob(h) {
         Ok(f) => f,
         Err(_) => {
             let _ = req.respond(text(404, "not here\n"));

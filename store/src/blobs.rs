@@ -121,15 +121,48 @@ impl VerifyReport {
 }
 
 impl Store {
+    /// Hashes a file's whole content.
+    pub fn hash_path(path: &Path) -> Result<(Hash, u64)> {
+        let sparse = fs::metadata(path)
+            .ctx(|| format!("hashing {}", path.display()))
+            .map(|m| m.blocks().saturating_mul(512) < m.len())?;
+        let mut hasher = blake3::Hasher::new();
+        if sparse {
+            hash_sparse(path, &mut hasher).ctx(|| format!("hashing {}", path.display()))?;
+        } else {
+            hasher
+                .update_mmap_rayon(path)
+                .ctx(|| format!("hashing {}", path.display()))?;
+        }
+        let size = hasher.count();
+        Ok((Hash(*hasher.finalize().as_bytes()), size))
+    }
+
+    /// Blob files and staging files.
+    pub fn blobs(&self) -> Blobs<'_> {
+        Blobs { store: self }
+    }
+}
+
+/// The store's files: staging files of writers, and blob files (one read-only file per
+/// distinct content) with their install path, reads, deletion and verification. Blob states
+/// and their transitions are `lifecycle`'s. A view over the store; `Store::blobs` gives one.
+#[derive(Clone, Copy)]
+pub struct Blobs<'s> {
+    store: &'s Store,
+}
+
+impl Blobs<'_> {
     pub fn blob_path(&self, hash: &Hash) -> PathBuf {
         let hex = hash.to_hex();
-        self.root.join("blobs").join(&hex[..2]).join(hex)
+        self.store.root.join("blobs").join(&hex[..2]).join(hex)
     }
 
     /// A fresh private file for staging writes, opened read-write.
     pub fn new_staging(&self) -> Result<(File, PathBuf)> {
-        let seq = self.staging_seq.fetch_add(1, Ordering::Relaxed);
+        let seq = self.store.staging_seq.fetch_add(1, Ordering::Relaxed);
         let path = self
+            .store
             .root
             .join("staging")
             .join(format!("{}-{seq}", std::process::id()));
@@ -158,30 +191,13 @@ impl Store {
         Ok(armed)
     }
 
-    /// Hashes a file's whole content.
-    pub fn hash_path(path: &Path) -> Result<(Hash, u64)> {
-        let sparse = fs::metadata(path)
-            .ctx(|| format!("hashing {}", path.display()))
-            .map(|m| m.blocks().saturating_mul(512) < m.len())?;
-        let mut hasher = blake3::Hasher::new();
-        if sparse {
-            hash_sparse(path, &mut hasher).ctx(|| format!("hashing {}", path.display()))?;
-        } else {
-            hasher
-                .update_mmap_rayon(path)
-                .ctx(|| format!("hashing {}", path.display()))?;
-        }
-        let size = hasher.count();
-        Ok((Hash(*hasher.finalize().as_bytes()), size))
-    }
-
     /// Turns staged content into a blob (deduplicated) and points inode `ino` at it, in one
     /// transaction. Returns the hash, the size, and whether the staging file itself was moved
     /// into the store (else it is still the caller's to delete).
     pub fn commit_staged(&self, st: &Staged<'_>) -> Result<(Hash, u64, bool)> {
         // Before the index lock: a large file's fsync must not stall every other commit.
         if st.durable {
-            self.faults.check(Step::SyncData)?;
+            self.store.faults.check(Step::SyncData)?;
             st.file
                 .sync_data()
                 .ctx(|| format!("syncing {}", st.path.display()))?;
@@ -192,7 +208,7 @@ impl Store {
         };
         let blob_path = self.blob_path(&hash);
 
-        let mut conn = self.conn();
+        let mut conn = self.store.conn();
         let existing = lifecycle::row(&conn, &hash)?;
         // The blob file's allocation (st_blocks), recorded so getattr need not stat it: a
         // sparse staging file keeps its holes through the rename, and a duplicate takes the
@@ -209,7 +225,7 @@ impl Store {
             // Deduplicated: the staged bytes are the caller's to delete; the file already
             // there is the one that must be durable.
             if st.durable {
-                self.faults.check(Step::SyncData)?;
+                self.store.faults.check(Step::SyncData)?;
                 File::open(&blob_path)
                     .and_then(|f| f.sync_all())
                     .ctx(|| format!("syncing blob {}", blob_path.display()))?;
@@ -235,7 +251,14 @@ impl Store {
             let Some(old) = old else {
                 return Err(Error::NotFound);
             };
-            lifecycle::commit_ref(&tx, &hash, size, file_ino, self.next_access_seq(), blocks)?;
+            lifecycle::commit_ref(
+                &tx,
+                &hash,
+                size,
+                file_ino,
+                self.store.next_access_seq(),
+                blocks,
+            )?;
             tx.execute("DELETE FROM dead_blobs WHERE hash = ?1", [&hash])?;
             tx.execute(
                 "UPDATE inodes SET blob = ?2, size = ?3, mtime = ?4, ctime = max(ctime, ?4)
@@ -246,7 +269,7 @@ impl Store {
             if let Some(h) = old {
                 crate::ns::unref_blob(&tx, &h, &mut dead)?;
             }
-            self.commit_tx(tx)?;
+            self.store.commit_tx(tx)?;
             Ok(dead)
         })();
         if st.durable {
@@ -296,15 +319,15 @@ impl Store {
     ) -> Result<(i64, i64)> {
         let blob_path = self.blob_path(hash);
         let dir = blob_path.parent().expect("blob path has a parent");
-        self.faults.check(Step::Seal)?;
+        self.store.faults.check(Step::Seal)?;
         file.set_permissions(fs::Permissions::from_mode(0o444))
             .ctx(|| format!("sealing {}", src.display()))?;
-        self.faults.check(Step::CreateDir)?;
+        self.store.faults.check(Step::CreateDir)?;
         fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
-        self.faults.check(Step::Rename)?;
+        self.store.faults.check(Step::Rename)?;
         fs::rename(src, &blob_path).ctx(|| format!("renaming {} to blob {hash}", src.display()))?;
         if durable {
-            self.faults.check(Step::SyncDir)?;
+            self.store.faults.check(Step::SyncDir)?;
             File::open(dir)
                 .and_then(|d| d.sync_all())
                 .ctx(|| format!("syncing {}", dir.display()))?;
@@ -318,7 +341,7 @@ impl Store {
     /// path into blob content: it checks the file is the one that was committed (size and
     /// inode number), so a blob replaced or truncated behind the daemon's back is refused.
     pub fn open_blob(&self, hash: &Hash) -> Result<File> {
-        let row = lifecycle::row(&self.conn(), hash)?;
+        let row = lifecycle::row(&self.store.conn(), hash)?;
         let Some(lifecycle::BlobRow {
             size,
             state,
@@ -370,6 +393,7 @@ impl Store {
         for h in dead {
             let p = self.blob_path(h);
             if let Err(e) = self
+                .store
                 .faults
                 .check(Step::Unlink)
                 .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
@@ -386,7 +410,7 @@ impl Store {
 
     /// Removes blob files of rows deleted earlier; returns how many there were.
     pub(crate) fn sweep_dead_blobs(&self) -> Result<u64> {
-        let conn = self.conn();
+        let conn = self.store.conn();
         let dead: Vec<Hash> = {
             let mut stmt = conn.prepare(
                 "SELECT d.hash FROM dead_blobs d WHERE NOT EXISTS
@@ -405,7 +429,7 @@ impl Store {
     pub fn verify(&self, mut progress: impl FnMut(u64, u64)) -> Result<VerifyReport> {
         let mut report = VerifyReport::default();
         let blobs: Vec<(Hash, u64, BlobState)> = {
-            let conn = self.conn();
+            let conn = self.store.conn();
             let mut stmt = conn.prepare("SELECT hash, size, state, remote FROM blobs")?;
             let rows = stmt.query_map([], |r| {
                 Ok((
@@ -433,7 +457,7 @@ impl Store {
             if !path.exists() {
                 tracing::error!(hash = %hash, "blob file is missing");
                 report.missing.push(hash.to_hex());
-                lifecycle::quarantine(&self.conn(), hash)?;
+                lifecycle::quarantine(&self.store.conn(), hash)?;
                 continue;
             }
             let (actual, actual_size) = Store::hash_path(&path)?;
@@ -441,21 +465,21 @@ impl Store {
             report.bytes += actual_size;
             if actual != *hash || actual_size != *size {
                 tracing::error!(hash = %hash, actual = %actual, "blob content does not match its name; quarantined");
-                let q = self.root.join("quarantine").join(hash.to_hex());
+                let q = self.store.root.join("quarantine").join(hash.to_hex());
                 fs::rename(&path, &q).ctx(|| format!("quarantining {}", path.display()))?;
-                lifecycle::quarantine(&self.conn(), hash)?;
+                lifecycle::quarantine(&self.store.conn(), hash)?;
                 report.quarantined.push(hash.to_hex());
             } else if let Ok(meta) = fs::metadata(&path) {
                 // The content is right: adopt the file even if it was replaced by a copy, so
                 // opens that refused it as "replaced behind the store's back" work again.
-                self.conn().execute(
+                self.store.conn().execute(
                     "UPDATE blobs SET file_ino = ?2, blocks = ?3 WHERE hash = ?1",
                     params![&hash.0[..], meta.ino() as i64, meta.blocks() as i64],
                 )?;
             }
         }
         // Blob files with no row are left from a crash between commit and unlink.
-        let blobs_dir = self.root.join("blobs");
+        let blobs_dir = self.store.root.join("blobs");
         for sub in fs::read_dir(&blobs_dir).ctx(|| format!("reading {}", blobs_dir.display()))? {
             let sub = sub.ctx(|| format!("reading {}", blobs_dir.display()))?;
             let Ok(entries) = fs::read_dir(sub.path()) else {
@@ -469,7 +493,7 @@ impl Store {
                 }
             }
         }
-        let conn = self.conn();
+        let conn = self.store.conn();
         report.bad_refcounts = conn.query_row(
             "SELECT count(*) FROM blobs b WHERE b.refs !=
                (SELECT count(*) FROM inodes i WHERE i.blob = b.hash)",

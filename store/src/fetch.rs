@@ -124,7 +124,7 @@ impl Store {
             return Ok(None);
         };
         let (flight, started) = self.downloads.join_or_start(h, || {
-            let (file, path) = self.new_staging()?;
+            let (file, path) = self.blobs().new_staging()?;
             if let Err(e) = reserve(&file, size) {
                 let _ = fs::remove_file(&path);
                 return Err(Error::io(
@@ -230,7 +230,7 @@ impl Store {
             let _ = fs::remove_file(&f.path);
             return Ok(());
         }
-        let (file_ino, blocks) = self.install_blob(&f.path, &f.file, &f.hash, true)?;
+        let (file_ino, blocks) = self.blobs().install_blob(&f.path, &f.file, &f.hash, true)?;
         self.faults.check(crate::faults::Step::DbCommit)?;
         crate::lifecycle::fetched(&conn, &f.hash, file_ino, self.next_access_seq(), blocks)?;
         Ok(())

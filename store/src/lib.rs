@@ -43,7 +43,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OpenFlags};
 
-pub use blobs::{Staged, StreamHasher, VerifyReport};
+pub use blobs::{Blobs, Staged, StreamHasher, VerifyReport};
 pub use error::{Error, Result};
 pub use faults::{Fault, Faults, Step, CRASH_EXIT};
 pub use fetch::Lease;
@@ -408,7 +408,7 @@ impl Store {
                 "purged unlinked inodes left open at an earlier shutdown"
             );
         }
-        self.sweep_dead_blobs()?;
+        self.blobs().sweep_dead_blobs()?;
         Ok(())
     }
 }

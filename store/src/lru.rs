@@ -231,7 +231,7 @@ impl Lru<'_> {
             self.store.commit_tx(tx)?;
             // A file left by a failed unlink is replaced by the next download's install.
             if self.store.faults.check(Step::Unlink).is_ok() {
-                let _ = std::fs::remove_file(self.store.blob_path(h));
+                let _ = std::fs::remove_file(self.store.blobs().blob_path(h));
             }
             out.blobs += 1;
             out.bytes += size as u64;
@@ -269,7 +269,7 @@ impl Lru<'_> {
         crate::maint::add_counter(&tx, "evictions", 1)?;
         crate::maint::add_counter(&tx, "evicted_bytes", size as u64)?;
         self.store.commit_tx(tx)?;
-        self.store.remove_dead_blobs(&conn, &[*h]);
+        self.store.blobs().remove_dead_blobs(&conn, &[*h]);
         out.blobs += 1;
         out.bytes += size as u64;
         Ok(size as u64)

@@ -560,7 +560,7 @@ impl Store {
             self.ns().purge(ino)?;
             report.purged_inodes += 1;
         }
-        report.dead_blobs_removed = self.sweep_dead_blobs()?;
+        report.dead_blobs_removed = self.blobs().sweep_dead_blobs()?;
         let blobs = self.root.join("blobs");
         for sub in fs::read_dir(&blobs).ctx(|| format!("reading {}", blobs.display()))? {
             let sub = sub.ctx(|| format!("reading {}", blobs.display()))?.path();

@@ -650,7 +650,7 @@ impl Namespace<'_> {
         )?;
         let n = must_inode(&tx, ino)?;
         self.store.commit_tx(tx)?;
-        self.store.remove_dead_blobs(&conn, &dead);
+        self.store.blobs().remove_dead_blobs(&conn, &dead);
         Ok(n)
     }
 
@@ -694,7 +694,7 @@ impl Namespace<'_> {
         tx.execute("DELETE FROM xattrs WHERE ino = ?1", [ino as i64])?;
         tx.execute("DELETE FROM inodes WHERE ino = ?1", [ino as i64])?;
         self.store.commit_tx(tx)?;
-        self.store.remove_dead_blobs(&conn, &dead);
+        self.store.blobs().remove_dead_blobs(&conn, &dead);
         Ok(())
     }
 

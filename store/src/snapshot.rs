@@ -365,14 +365,14 @@ impl Store {
     ) -> Result<()> {
         if outboard {
             // The blob file itself is the source: checked (size, inode) like any read.
-            let mut f = self.open_blob(h)?;
+            let mut f = self.blobs().open_blob(h)?;
             let ob = outboard::compute(&mut f, size)
                 .map_err(|e| Error::Remote(format!("computing the outboard of {h}: {e}")))?;
             Store::put_object(up, &outboard_key(h), None, &ob)?;
         }
         if blob {
-            drop(self.open_blob(h)?);
-            Store::put_object(up, &blob_key(h), Some(&self.blob_path(h)), &[])?;
+            drop(self.blobs().open_blob(h)?);
+            Store::put_object(up, &blob_key(h), Some(&self.blobs().blob_path(h)), &[])?;
         }
         Ok(())
     }
@@ -667,7 +667,7 @@ impl Store {
         }
         crate::volumes::bump_inode_sequence(&tx)?;
         self.commit_tx(tx)?;
-        self.remove_dead_blobs(&conn, &dead);
+        self.blobs().remove_dead_blobs(&conn, &dead);
         Ok(PullReport {
             manifest: mhash.to_owned(),
             files,

@@ -92,7 +92,7 @@ impl Store {
             durable: true,
             mtime,
         };
-        let (hash, size, renamed) = self.commit_staged(&st)?;
+        let (hash, size, renamed) = self.blobs().commit_staged(&st)?;
         if !renamed {
             let _ = fs::remove_file(path);
         }

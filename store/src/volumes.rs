@@ -84,7 +84,7 @@ impl Store {
         let tx = conn.transaction()?;
         let (files, dead) = delete_volume_rows(&tx, v.id)?;
         self.commit_tx(tx)?;
-        self.remove_dead_blobs(&conn, &dead);
+        self.blobs().remove_dead_blobs(&conn, &dead);
         Ok(files)
     }
 

@@ -82,7 +82,7 @@ impl Scenario {
         match self {
             Scenario::Commit | Scenario::CommitFast | Scenario::Dedup => {
                 let f = s.ns().lookup(root, b"f")?;
-                let (file, path) = s.new_staging()?;
+                let (file, path) = s.blobs().new_staging()?;
                 std::io::Write::write_all(&mut &file, B).unwrap();
                 let st = Staged {
                     ino: f.ino,
@@ -92,7 +92,7 @@ impl Scenario {
                     durable: !matches!(self, Scenario::CommitFast),
                     mtime: 2,
                 };
-                let res = s.commit_staged(&st);
+                let res = s.blobs().commit_staged(&st);
                 // As the filesystem does: staged bytes not moved into the store are deleted
                 // (also on failure: its own copy of the content lives on in memory there).
                 if !matches!(res, Ok((_, _, true))) {
@@ -194,6 +194,7 @@ fn check(sc: Scenario, dir: &Path, what: &str) {
                     let mut got = Vec::new();
                     std::io::Read::read_to_end(
                         &mut s
+                            .blobs()
                             .open_blob(&h)
                             .unwrap_or_else(|e| panic!("{what}: {vol}/{name}: {e}")),
                         &mut got,
@@ -222,7 +223,7 @@ fn check(sc: Scenario, dir: &Path, what: &str) {
         .unwrap();
     assert_eq!(counter, sum, "{what}: stored_bytes counter");
     s.gc(|_| false).unwrap();
-    let v = s.verify(|_, _| {}).unwrap();
+    let v = s.blobs().verify(|_, _| {}).unwrap();
     assert!(v.is_clean(), "{what}: verify after recovery: {v:?}");
     assert_eq!(
         v.stray_removed, 0,

@@ -115,19 +115,19 @@ fn a_download_finishing_after_a_write_made_the_blob_local_keeps_the_written_file
     let g = b.ns().create(vb.root, b"g", &node(Kind::File)).unwrap();
     commit(&b, g.ino, &data);
     assert!(!b.is_remote_only(&h));
-    let written = std::fs::metadata(b.blob_path(&h)).unwrap().ino();
+    let written = std::fs::metadata(b.blobs().blob_path(&h)).unwrap().ino();
     assert!(
         !first.is_done(),
         "the slow download ended first; the test proves nothing"
     );
     first.wait(&|| true).unwrap();
     assert_eq!(
-        std::fs::metadata(b.blob_path(&h)).unwrap().ino(),
+        std::fs::metadata(b.blobs().blob_path(&h)).unwrap().ino(),
         written,
         "the download replaced the written blob file"
     );
     let mut got = Vec::new();
-    std::io::Read::read_to_end(&mut b.open_blob(&h).unwrap(), &mut got).unwrap();
+    std::io::Read::read_to_end(&mut b.blobs().open_blob(&h).unwrap(), &mut got).unwrap();
     assert!(got == data, "the local blob is not the content");
     drop(first);
     assert_eq!(staging_files(&dir.path().join("b")), 0);
@@ -195,7 +195,7 @@ fn each_fetch_comes_from_the_upstreams_it_names() {
     assert!(b.ensure_local(&q, &rb, &|| true).unwrap());
     for (h, want) in [(p, &p_data), (q, &q_data)] {
         let mut got = Vec::new();
-        std::io::Read::read_to_end(&mut b.open_blob(&h).unwrap(), &mut got).unwrap();
+        std::io::Read::read_to_end(&mut b.blobs().open_blob(&h).unwrap(), &mut got).unwrap();
         assert!(&got == want);
     }
     assert_eq!(staging_files(&dir.path().join("b")), 0);
@@ -244,7 +244,7 @@ fn a_download_is_joined_whatever_upstreams_the_second_request_names_and_drained(
     );
     assert!(!b.is_fetching(&h));
     let mut got = Vec::new();
-    std::io::Read::read_to_end(&mut b.open_blob(&h).unwrap(), &mut got).unwrap();
+    std::io::Read::read_to_end(&mut b.blobs().open_blob(&h).unwrap(), &mut got).unwrap();
     assert!(got == data);
     assert_eq!(staging_files(&dir.path().join("b")), 0);
 }
@@ -284,7 +284,7 @@ fn a_downloaded_blob_keeps_its_blocks_of_zeros_as_holes() {
         data[zeros.clone()].fill(0);
         let (b, h, url, data) = pulled_with(dir.path(), data);
         assert!(b.ensure_local(&h, &remote(&url), &|| true).unwrap());
-        let meta = std::fs::metadata(b.blob_path(&h)).unwrap();
+        let meta = std::fs::metadata(b.blobs().blob_path(&h)).unwrap();
         let data_blocks = (len - zeros.len()) as u64 / 512;
         assert!(
             meta.blocks() <= data_blocks + 64,
@@ -292,7 +292,7 @@ fn a_downloaded_blob_keeps_its_blocks_of_zeros_as_holes() {
             meta.blocks()
         );
         let mut got = Vec::new();
-        std::io::Read::read_to_end(&mut b.open_blob(&h).unwrap(), &mut got).unwrap();
+        std::io::Read::read_to_end(&mut b.blobs().open_blob(&h).unwrap(), &mut got).unwrap();
         assert!(got == data, "{len}: content differs");
         let vb = b.volume("default", false, 0, 0).unwrap();
         let f = b.ns().lookup(vb.root, b"f").unwrap();
@@ -328,7 +328,7 @@ fn a_joined_download_that_fails_at_the_other_upstreams_is_fetched_from_ones_own(
     );
     assert!(first.wait(&|| true).is_err(), "the hung download succeeded");
     let mut got = Vec::new();
-    std::io::Read::read_to_end(&mut b.open_blob(&h).unwrap(), &mut got).unwrap();
+    std::io::Read::read_to_end(&mut b.blobs().open_blob(&h).unwrap(), &mut got).unwrap();
     assert!(got == data);
     drop(first);
     assert_eq!(staging_files(&dir.path().join("b")), 0);

@@ -60,5 +60,5 @@ fn eviction_goes_least_recently_used_first_and_skips_claimed_and_pinned_blobs() 
         "a pinned file was evicted"
     );
     assert_eq!(s.stored_bytes().unwrap(), 1000);
-    assert!(s.verify(|_, _| {}).unwrap().is_clean());
+    assert!(s.blobs().verify(|_, _| {}).unwrap().is_clean());
 }

@@ -86,13 +86,13 @@ fn one_owner_and_recovery_at_open() {
     commit(&s, f.ino, b"gone after reopen");
     // Unlinked while "open" (never purged), and a staging file left by a crash.
     s.ns().unlink(root, b"f").unwrap();
-    let (_file, leftover) = s.new_staging().unwrap();
+    let (_file, leftover) = s.blobs().new_staging().unwrap();
     drop(s);
     let s = Store::open(dir.path()).unwrap();
     assert!(!leftover.exists());
     assert!(matches!(s.ns().get(f.ino), Err(Error::NotFound)));
     assert_eq!(s.stats().unwrap().blobs, 0);
-    assert!(s.verify(|_, _| {}).unwrap().is_clean());
+    assert!(s.blobs().verify(|_, _| {}).unwrap().is_clean());
 }
 
 #[test]
@@ -131,7 +131,7 @@ fn eviction_follows_lru_order_across_reopen_and_removes_whole_files() {
     let a = s.ns().lookup(root, b"a").unwrap().blob.unwrap();
     let ev = s.lru().evict_to(0, |h| (*h != a).then_some(())).unwrap();
     assert_eq!(ev.blobs, 0);
-    assert!(s.verify(|_, _| {}).unwrap().is_clean());
+    assert!(s.blobs().verify(|_, _| {}).unwrap().is_clean());
 }
 
 /// The usage counter the triggers keep equals a full count of local blobs after every kind
@@ -187,7 +187,7 @@ fn usage_counter_pins_limits_and_clear_stay_exact() {
     assert_eq!(s.stored_bytes().unwrap(), 0);
     assert_eq!(sum(&s), 0);
     assert!(s.pins(1).unwrap().is_empty(), "pins die with their inode");
-    assert!(s.verify(|_, _| {}).unwrap().is_clean());
+    assert!(s.blobs().verify(|_, _| {}).unwrap().is_clean());
 }
 
 #[test]
@@ -226,7 +226,10 @@ fn clone_copies_metadata_only_and_volumes_stay_independent() {
         s.ns().lookup(b.root, b"sym").unwrap().target.as_deref(),
         Some(&b"d/f"[..])
     );
-    assert!(s.verify(|_, _| {}).unwrap().is_clean(), "refcounts exact");
+    assert!(
+        s.blobs().verify(|_, _| {}).unwrap().is_clean(),
+        "refcounts exact"
+    );
 
     // Independent: new content and deletes in b never show in a.
     commit(&s, bf.ino, b"changed in b");
@@ -251,7 +254,7 @@ fn clone_copies_metadata_only_and_volumes_stay_independent() {
         Err(Error::NoVolume(_))
     ));
     assert_eq!(s.stored_bytes().unwrap(), before.0);
-    assert!(s.verify(|_, _| {}).unwrap().is_clean());
+    assert!(s.blobs().verify(|_, _| {}).unwrap().is_clean());
 }
 
 fn walk_count(dir: &std::path::Path) -> usize {

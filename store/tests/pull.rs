@@ -22,7 +22,11 @@ fn read(s: &Store, vol: &str, name: &str) -> Vec<u8> {
     let root = s.volume(vol, false, 0, 0).unwrap().root;
     let h = s.ns().lookup(root, name.as_bytes()).unwrap().blob.unwrap();
     let mut got = Vec::new();
-    s.open_blob(&h).unwrap().read_to_end(&mut got).unwrap();
+    s.blobs()
+        .open_blob(&h)
+        .unwrap()
+        .read_to_end(&mut got)
+        .unwrap();
     got
 }
 
@@ -119,7 +123,7 @@ fn a_bad_manifest_leaves_the_volume_as_it_was_and_a_good_one_replaces_it_whole()
         assert!(e.contains(want), "{what}: expected {want:?} in {e:?}");
         assert_eq!(read(&b, "v", "mine"), b"local content", "{what}");
         assert_eq!(read(&b, "v", "same"), b"content both trees hold", "{what}");
-        assert!(b.verify(|_, _| {}).unwrap().is_clean(), "{what}");
+        assert!(b.blobs().verify(|_, _| {}).unwrap().is_clean(), "{what}");
     }
 
     // A good manifest replaces the volume whole; shared content stays local all along.
@@ -134,7 +138,7 @@ fn a_bad_manifest_leaves_the_volume_as_it_was_and_a_good_one_replaces_it_whole()
     let sub = b.ns().lookup(root, b"sub").unwrap();
     let h = b.ns().lookup(sub.ino, b"f").unwrap().blob.unwrap();
     assert!(b.is_remote_only(&h), "new content is fetched on open");
-    let v = b.verify(|_, _| {}).unwrap();
+    let v = b.blobs().verify(|_, _| {}).unwrap();
     assert!(v.is_clean() && v.stray_removed == 0, "{v:?}");
     assert_eq!(
         b.stats().unwrap().blobs,
@@ -224,7 +228,10 @@ fn a_bad_manifest_leaves_the_volume_as_it_was_in_every_mode() {
                 "{mode:?} {what}: expected {want:?} in {e:?}"
             );
             assert_eq!(tree(&b, "v"), before, "{mode:?} {what}");
-            assert!(b.verify(|_, _| {}).unwrap().is_clean(), "{mode:?} {what}");
+            assert!(
+                b.blobs().verify(|_, _| {}).unwrap().is_clean(),
+                "{mode:?} {what}"
+            );
         }
     }
 }
@@ -319,7 +326,7 @@ fn a_merge_adds_what_is_missing_and_keeps_local_names_and_conflicts() {
         Some(&b"sub/f"[..])
     );
     assert_eq!(b.ns().get(root).unwrap().nlink, 5, "root, ., d, x, sub");
-    let v = b.verify(|_, _| {}).unwrap();
+    let v = b.blobs().verify(|_, _| {}).unwrap();
     assert!(v.is_clean(), "{v:?}");
 
     // Merging the same snapshot again changes nothing (shared, h2, l, sub/f are the same;
@@ -380,7 +387,8 @@ fn a_merge_with_theirs_replaces_conflicts_as_a_rename_over_them_would() {
     let orphan = b.ns().get(old.ino).unwrap();
     assert_eq!(orphan.nlink, 0);
     let mut got = Vec::new();
-    b.open_blob(&orphan.blob.unwrap())
+    b.blobs()
+        .open_blob(&orphan.blob.unwrap())
         .unwrap()
         .read_to_end(&mut got)
         .unwrap();
@@ -398,7 +406,7 @@ fn a_merge_with_theirs_replaces_conflicts_as_a_rename_over_them_would() {
     );
     assert_eq!(read(&b, "v", "mine"), b"local content");
     assert_eq!(b.ns().lookup(root, b"d").unwrap().kind, Kind::Dir);
-    assert!(b.verify(|_, _| {}).unwrap().is_clean());
+    assert!(b.blobs().verify(|_, _| {}).unwrap().is_clean());
 
     // Once nothing holds them the replaced inodes go, with content only they used.
     let blobs = b.stats().unwrap().blobs;
@@ -408,7 +416,7 @@ fn a_merge_with_theirs_replaces_conflicts_as_a_rename_over_them_would() {
         }
     }
     assert_eq!(b.stats().unwrap().blobs, blobs - 2, "ours and our h1 freed");
-    let v = b.verify(|_, _| {}).unwrap();
+    let v = b.blobs().verify(|_, _| {}).unwrap();
     assert!(v.is_clean() && v.stray_removed == 0, "{v:?}");
 }
 
@@ -447,7 +455,7 @@ fn a_merge_into_an_empty_volume_takes_the_snapshot_root_as_it_is() {
     assert_eq!(b.ns().getxattr(vb.root, b"user.root").unwrap(), b"yes");
     let h = b.ns().lookup(vb.root, b"f").unwrap().blob.unwrap();
     assert!(b.is_remote_only(&h), "fetched on first open");
-    assert!(b.verify(|_, _| {}).unwrap().is_clean());
+    assert!(b.blobs().verify(|_, _| {}).unwrap().is_clean());
 }
 
 #[test]
@@ -467,6 +475,6 @@ fn a_merge_whose_transaction_fails_leaves_the_volume_as_it_was() {
         assert!(e.is_err(), "theirs {theirs}");
         assert_eq!(tree(&b, "v"), before, "theirs {theirs}");
         assert_eq!(b.stats().unwrap().blobs, blobs, "no blob row taken");
-        assert!(b.verify(|_, _| {}).unwrap().is_clean());
+        assert!(b.blobs().verify(|_, _| {}).unwrap().is_clean());
     }
 }

@@ -18,7 +18,7 @@ pub fn node(kind: Kind) -> NewNode {
 
 /// Gives inode `ino` the content `content`, as a closed writer's commit does.
 pub fn commit(store: &Store, ino: u64, content: &[u8]) {
-    let (file, path) = store.new_staging().unwrap();
+    let (file, path) = store.blobs().new_staging().unwrap();
     std::io::Write::write_all(&mut &file, content).unwrap();
     let st = Staged {
         ino,
@@ -28,7 +28,7 @@ pub fn commit(store: &Store, ino: u64, content: &[u8]) {
         durable: false,
         mtime: 1,
     };
-    let (_, size, renamed) = store.commit_staged(&st).unwrap();
+    let (_, size, renamed) = store.blobs().commit_staged(&st).unwrap();
     assert_eq!(size, content.len() as u64);
     if !renamed {
         std::fs::remove_file(&path).unwrap();
@@ -117,5 +117,5 @@ pub fn four_pushers_one_tag(up: &kcache_store::Upstream, tag: &str, jitter_ms: u
                 .to_string()),
         "tag {tag}: common names content no pusher had"
     );
-    assert!(puller.verify(|_, _| {}).unwrap().is_clean());
+    assert!(puller.blobs().verify(|_, _| {}).unwrap().is_clean());
 }
