@@ -184,6 +184,10 @@ struct OpenInode {
     blob_file: Option<(Hash, Arc<File>)>,
     /// Removed from the table of open inodes; whoever still holds it must look again.
     dead: bool,
+    /// Opens for writing waiting for the passthrough readers to close (see `open_gated`):
+    /// while there are any, new readers wait too instead of joining (and prolonging) the
+    /// passthrough, and once it is gone they do not start a new one.
+    writers_waiting: u32,
 }
 
 struct Handle {
@@ -1020,7 +1024,7 @@ impl KcacheFs {
     fn release_open_inode(&self, ino: Ino, oi: &Arc<Mutex<OpenInode>>) {
         let mut open = lock(&self.open);
         let mut g = lock(oi);
-        if g.handles == 0 && g.staging.is_none() && !g.dead {
+        if g.handles == 0 && g.staging.is_none() && g.writers_waiting == 0 && !g.dead {
             g.dead = true;
             drop(g);
             if open.get(&ino).is_some_and(|cur| Arc::ptr_eq(cur, oi)) {
@@ -1231,26 +1235,38 @@ impl KcacheFs {
     ) -> Result<Opened> {
         const PASSTHROUGH_WAIT: Duration = Duration::from_secs(10);
         let deadline = Instant::now() + PASSTHROUGH_WAIT;
-        loop {
+        let mut counted = false;
+        let res = loop {
             match self.open_gated_once(ino, writable, trunc, backing, lease.clone()) {
                 Err(e) if e == Errno::PASSTHROUGH_HELD => {
                     let Some(pid) = wait else {
                         // From a request thread: the adapter repeats it on a thread of its own.
-                        return Err(Errno::WOULD_BLOCK);
+                        break Err(Errno::WOULD_BLOCK);
                     };
+                    if writable && !counted {
+                        counted = true;
+                        self.with_open_inode(ino, |g| g.writers_waiting += 1);
+                    }
                     if Instant::now() >= deadline || (pid != 0 && !pid_alive(pid)) {
                         tracing::warn!(
                             ino,
-                            "an open for writing waited {} s for readers served by kernel passthrough to close; refusing it (ETXTBSY)",
+                            writable,
+                            "an open waited {} s for readers served by kernel passthrough to close; refusing it (ETXTBSY)",
                             PASSTHROUGH_WAIT.as_secs()
                         );
-                        return Err(Errno(libc::ETXTBSY));
+                        break Err(Errno(libc::ETXTBSY));
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                res => return res,
+                res => break res,
             }
+        };
+        if counted {
+            self.with_open_inode(ino, |g| {
+                g.writers_waiting = g.writers_waiting.saturating_sub(1)
+            });
         }
+        res
     }
 
     fn open_gated_once(
@@ -1312,7 +1328,7 @@ impl KcacheFs {
     ) -> Result<IoMode> {
         // The kernel refuses any handle but a passthrough one on an inode that has
         // passthrough handles open; a writer must wait for them to close (see `open_gated`).
-        if writable && g.pt.is_some() {
+        if g.pt.is_some() && (writable || g.writers_waiting > 0) {
             return Err(Errno::PASSTHROUGH_HELD);
         }
         if trunc {
@@ -1336,7 +1352,7 @@ impl KcacheFs {
         // write land in a file that has become a blob. The kernel requires all passthrough
         // handles of an inode to share one backing file and admits no other kind of handle
         // while there are any, so readers join them and writers wait (checked above).
-        let quiet = !writable && g.writers == 0 && g.staging.is_none();
+        let quiet = !writable && g.writers == 0 && g.staging.is_none() && g.writers_waiting == 0;
         let mode = match (
             &mut g.pt,
             backing.filter(|_| self.passthrough() && !streaming),

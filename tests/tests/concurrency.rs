@@ -206,6 +206,9 @@ fn a_writer_waits_out_readers_held_by_passthrough_and_readers_see_whole_versions
     let Some(m) = Mount::new() else { return };
     let path = m.path("bucket");
     fs::write(&path, b"line 0\n").unwrap();
+    // Committed first (the kernel releases asynchronously): only committed content is
+    // served by passthrough.
+    m.settle();
     // One reader in the middle of a read while a writer comes.
     let mut reader = fs::File::open(&path).unwrap();
     let mut head = [0u8; 4];
