@@ -1410,12 +1410,18 @@ impl KcacheFs {
     /// file's mtime. Armed once complete: from then on a daemon crash does not lose what is
     /// written to it (the next open of the store commits it).
     fn new_staging(&self, ino: Ino, from: Option<Hash>, mtime: i64) -> Result<Staging> {
-        let (file, path) = self.store.blobs().new_staging()?;
+        // An empty start is complete at once: made armed, without the rename a copy needs.
+        let (file, path) = match from {
+            None => self.store.blobs().new_armed_staging(ino)?,
+            Some(_) => self.store.blobs().new_staging()?,
+        };
         let prepared = (|| -> Result<PathBuf> {
-            if let Some(h) = from {
-                let blob = self.store.blobs().open_blob(&h)?;
-                copy_content(&blob, &file)?;
-            }
+            let Some(h) = from else {
+                set_file_mtime(&file, mtime)?;
+                return Ok(path.clone());
+            };
+            let blob = self.store.blobs().open_blob(&h)?;
+            copy_content(&blob, &file)?;
             set_file_mtime(&file, mtime)?;
             Ok(self.store.blobs().arm_staging(&path, ino)?)
         })();

@@ -160,12 +160,22 @@ impl Blobs<'_> {
 
     /// A fresh private file for staging writes, opened read-write.
     pub fn new_staging(&self) -> Result<(File, PathBuf)> {
+        self.create_staging(None)
+    }
+
+    /// A fresh, empty staging file already armed for inode `ino` (see `arm_staging`): an
+    /// empty file is complete as a starting point, so it needs no copy and no rename.
+    pub fn new_armed_staging(&self, ino: Ino) -> Result<(File, PathBuf)> {
+        self.create_staging(Some(ino))
+    }
+
+    fn create_staging(&self, armed_for: Option<Ino>) -> Result<(File, PathBuf)> {
         let seq = self.store.staging_seq.fetch_add(1, Ordering::Relaxed);
-        let path = self
-            .store
-            .root
-            .join("staging")
-            .join(format!("{}-{seq}", std::process::id()));
+        let mut name = format!("{}-{seq}", std::process::id());
+        if let Some(ino) = armed_for {
+            name = crate::staged::armed_name(&name, ino, boot_id());
+        }
+        let path = self.store.root.join("staging").join(name);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
