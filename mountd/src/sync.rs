@@ -170,6 +170,24 @@ impl PushJob {
         }
     }
 
+    /// More queued than an unmount should wait for (`UNMOUNT_UPLOAD` bytes): the final
+    /// publish is then left to the next mount of the volume, which finds the queue as it was.
+    fn too_much_left(&self) -> bool {
+        const UNMOUNT_UPLOAD: u64 = 256 << 20;
+        let volume = &self.fs.volume().name;
+        match self.fs.store().unpushed_blobs(volume, u64::MAX >> 1) {
+            Ok(q) => {
+                let bytes: u64 = q.iter().map(|b| b.1).sum();
+                if bytes > UNMOUNT_UPLOAD {
+                    tracing::warn!(blobs = q.len(), bytes, upstream = %self.url, "unmounting with content not yet pushed; the next mount uploads it and publishes");
+                    return true;
+                }
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
     fn publish(&self) -> Result<(), String> {
         let volume = &self.fs.volume().name;
         let r = self
@@ -193,6 +211,10 @@ impl PushJob {
         let mut published_at_commits: Option<u64> = None;
         loop {
             let stopping = stop.stopped();
+            if stopping && self.too_much_left() {
+                // Uploading it all would hold up the unmount; it goes at the next mount.
+                return;
+            }
             let res = self.drain().and_then(|()| {
                 let commits = self.fs.commits();
                 let due = stopping || Instant::now() >= next_publish;
@@ -234,15 +256,28 @@ struct FollowJob {
 impl FollowJob {
     fn run(self, stop: &Stop) {
         let mut failing = Duration::from_secs(1);
+        // The manifest last merged.
+        let mut merged: Option<String> = None;
         loop {
             let store = self.fs.store();
             let volume = self.fs.volume().name.clone();
+            // An unchanged tag costs one small read, not a merge (which walks the whole tree
+            // in one transaction).
+            if let (Ok(m), Some(last)) = (store.tag_manifest(&self.remote, &self.tag), &merged) {
+                if &m == last {
+                    if stop.sleep(self.every) {
+                        return;
+                    }
+                    continue;
+                }
+            }
             let res = store
                 .trusted_keys()
                 .and_then(|trusted| self.fs.pull_merge(&self.remote, &self.tag, &trusted, false))
                 .map_err(|e| e.to_string());
             let outcome = match res {
                 Ok(r) => {
+                    merged = Some(r.manifest.clone());
                     if r.added + r.updated > 0 {
                         tracing::info!(tag = %self.tag, added = r.added, updated = r.updated, kept = r.kept, "merged the followed snapshot");
                     }

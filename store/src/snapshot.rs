@@ -544,6 +544,19 @@ impl Store {
         }
     }
 
+    /// The manifest hash tag `tag` names now on `remote` (unchecked: a change detector for
+    /// `follow=`, which then pulls, and checks, as any pull does).
+    pub fn tag_manifest(&self, remote: &Remote, tag: &str) -> Result<String> {
+        valid_tag(tag)?;
+        let pointer = Store::get_object(remote, &format!("tags/{tag}"))?;
+        Ok(String::from_utf8_lossy(&pointer)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned())
+    }
+
     /// The manifest tag `tag` names, checked whole: signature, hash, format, consistency.
     fn fetch_manifest(
         &self,
