@@ -48,6 +48,11 @@ struct Args {
     /// Skip the bindfs column even if bindfs is installed
     #[arg(long)]
     no_bindfs: bool,
+
+    /// Passes of each target workload (native, kcache, bindfs, native, kcache, ...): the
+    /// table shows each phase's median, since this kind of VM is noisy
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    passes: u32,
 }
 
 /// One directory the workloads run in.
@@ -171,7 +176,7 @@ fn run(args: &Args) -> Result<()> {
         &targets,
         &kcache_bin,
         &run_dir,
-        sizes,
+        (sizes, args.passes),
         &probe,
         &mut rows,
     );
@@ -197,7 +202,7 @@ fn run_all(
     targets: &[Target<'_>],
     kcache_bin: &Path,
     run_dir: &RunDir,
-    sizes: Sizes,
+    (sizes, passes): (Sizes, u32),
     probe: &requests::Probe,
     rows: &mut Vec<Row>,
 ) -> Result<()> {
@@ -242,26 +247,48 @@ fn run_all(
             }
             continue;
         }
-        let mut per_target: Vec<Vec<Phase>> = Vec::new();
-        for (ti, target) in targets.iter().enumerate() {
-            let dir = target.root.join(workload.name());
-            fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            // Distinct data per workload and target, so no layer can dedup across them.
-            let seed = base_seed ^ ((wi as u64) << 56) ^ ((ti as u64 + 1) << 48);
-            let probe = (target.name == "kcache").then_some(probe);
-            let phases = workloads::run(workload, &dir, sizes, seed, probe)
-                .with_context(|| format!("{} on {}", workload.name(), target.name))?;
-            for (pi, p) in phases.iter().enumerate() {
-                let native = per_target.first().map(|native| ("native", &native[pi]));
-                print_phase(target.name, p, native);
-                if let Some(r) = &p.requests {
-                    println!("  {:<8} {:<56} FUSE requests per file: {r}", "", "");
+        // passes[target][pass]: the targets alternate within each pass, so a slow spell of
+        // the machine hits all of them rather than one.
+        let mut runs: Vec<Vec<Vec<Phase>>> = vec![Vec::new(); targets.len()];
+        for pass in 0..passes {
+            if passes > 1 {
+                println!("  -- pass {} of {passes}", pass + 1);
+            }
+            for (ti, target) in targets.iter().enumerate() {
+                let dir = target.root.join(format!("{}-{pass}", workload.name()));
+                fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                // Distinct data per workload, target and pass, so no layer can dedup across
+                // them.
+                let seed = base_seed
+                    ^ ((wi as u64) << 56)
+                    ^ ((ti as u64 + 1) << 48)
+                    ^ (u64::from(pass) << 40);
+                let probe = (target.name == "kcache").then_some(probe);
+                let phases = workloads::run(workload, &dir, sizes, seed, probe)
+                    .with_context(|| format!("{} on {}", workload.name(), target.name))?;
+                for (pi, p) in phases.iter().enumerate() {
+                    let native = (ti > 0).then(|| ("native", &runs[0][pass as usize][pi]));
+                    print_phase(target.name, p, native);
+                    if let Some(r) = &p.requests {
+                        println!("  {:<8} {:<56} FUSE requests per file: {r}", "", "");
+                    }
+                }
+                // No cleanup between targets: a mass delete can slow the file system's
+                // inode allocation for a while (seen on a journal-less ext4), which would
+                // penalise whichever target runs next. Everything goes when the run dir is
+                // removed.
+                runs[ti].push(phases);
+            }
+        }
+        let per_target: Vec<Vec<Phase>> = runs.into_iter().map(median_phases).collect();
+        if passes > 1 {
+            println!("  -- median of {passes} passes");
+            for (ti, target) in targets.iter().enumerate() {
+                for (pi, p) in per_target[ti].iter().enumerate() {
+                    let native = (ti > 0).then(|| ("native", &per_target[0][pi]));
+                    print_phase(target.name, p, native);
                 }
             }
-            // No cleanup between targets: a mass delete can slow the file system's inode
-            // allocation for a while (seen on a journal-less ext4), which would penalise
-            // whichever target runs next. Everything goes when the run dir is removed.
-            per_target.push(phases);
         }
         let mut per_target = per_target.into_iter();
         let native = per_target.next().unwrap_or_default();
@@ -278,6 +305,27 @@ fn run_all(
         }
     }
     Ok(())
+}
+
+/// Each phase of a workload's passes with its median time (and the last pass's request
+/// counts).
+fn median_phases(passes: Vec<Vec<Phase>>) -> Vec<Phase> {
+    let mut passes = passes.into_iter();
+    let Some(mut first) = passes.next() else {
+        return Vec::new();
+    };
+    let rest: Vec<Vec<Phase>> = passes.collect();
+    for (pi, p) in first.iter_mut().enumerate() {
+        let mut secs: Vec<f64> = std::iter::once(p.secs)
+            .chain(rest.iter().filter_map(|r| r.get(pi).map(|q| q.secs)))
+            .collect();
+        secs.sort_by(f64::total_cmp);
+        p.secs = secs[secs.len() / 2];
+        if let Some(last) = rest.last().and_then(|r| r.get(pi)) {
+            p.requests.clone_from(&last.requests);
+        }
+    }
+    first
 }
 
 fn ratio(native: &Phase, other: &Phase) -> f64 {
@@ -469,5 +517,34 @@ fn fs_type(path: &Path) -> String {
         0x2FC1_2FC1 => "zfs".into(),
         0x6573_5546 => "fuse".into(),
         other => format!("fs magic {other:#x}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use workloads::Amount;
+
+    fn phase(secs: f64) -> Phase {
+        Phase {
+            label: "p".into(),
+            goal: None,
+            max_secs: None,
+            amount: Amount::Files(1),
+            secs,
+            requests: Some(format!("{secs}")),
+        }
+    }
+
+    #[test]
+    fn each_phase_takes_the_median_of_its_passes() {
+        let m = median_phases(vec![
+            vec![phase(5.0), phase(1.0)],
+            vec![phase(1.0), phase(3.0)],
+            vec![phase(3.0), phase(2.0)],
+        ]);
+        assert_eq!(m.iter().map(|p| p.secs).collect::<Vec<_>>(), [3.0, 2.0]);
+        assert_eq!(m[1].requests.as_deref(), Some("2"));
+        assert!(median_phases(Vec::new()).is_empty());
     }
 }
