@@ -170,6 +170,10 @@ struct Staging {
 struct PtState {
     token: BackingToken,
     handles: u32,
+    /// The blob the backing file holds: once the inode's content has moved on (a truncate
+    /// by path committed meanwhile), new opens wait for these handles to go rather than
+    /// join them and read the old content.
+    hash: Hash,
 }
 
 /// Per-inode state while any handle is open or staged content is uncommitted.
@@ -1328,7 +1332,9 @@ impl KcacheFs {
     ) -> Result<IoMode> {
         // The kernel refuses any handle but a passthrough one on an inode that has
         // passthrough handles open; a writer must wait for them to close (see `open_gated`).
-        if g.pt.is_some() && (writable || g.writers_waiting > 0) {
+        if g.pt.as_ref().is_some_and(|pt| {
+            writable || g.writers_waiting > 0 || inode.blob != Some(pt.hash) || g.staging.is_some()
+        }) {
             return Err(Errno::PASSTHROUGH_HELD);
         }
         if trunc {
@@ -1371,6 +1377,7 @@ impl KcacheFs {
                         g.pt = Some(PtState {
                             token: token.clone(),
                             handles: 1,
+                            hash: inode.blob.expect("checked above"),
                         });
                         IoMode::Passthrough(token)
                     }

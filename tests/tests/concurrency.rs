@@ -262,3 +262,37 @@ fn a_writer_waits_out_readers_held_by_passthrough_and_readers_see_whole_versions
     let text = fs::read_to_string(&path).unwrap();
     assert_eq!(text.lines().count(), 40, "{text}");
 }
+
+/// A file extended by a truncate by path while a reader holds it through passthrough: a new
+/// reader does not join the old passthrough (which would show the old content, ending at the
+/// old length), it waits for it to end and then reads what the file holds now.
+#[test]
+fn a_reader_after_a_truncate_by_path_never_sees_the_old_content() {
+    use std::io::Read;
+    use std::os::unix::ffi::OsStrExt;
+    let Some(m) = Mount::new() else { return };
+    let path = m.path("t");
+    fs::write(&path, b"old content").unwrap();
+    m.settle();
+    let mut old_reader = fs::File::open(&path).unwrap();
+    let mut first = [0u8; 3];
+    old_reader.read_exact(&mut first).unwrap();
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid C path.
+    assert_eq!(unsafe { libc::truncate(c.as_ptr(), 20) }, 0);
+    let closer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(old_reader);
+    });
+    let t = Instant::now();
+    let now = fs::read(&path).unwrap();
+    let mut want = b"old content".to_vec();
+    want.resize(20, 0);
+    assert_eq!(now, want, "a new reader saw {now:?}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "the new reader did not wait ({:?}): the old reader was not passthrough",
+        t.elapsed()
+    );
+    closer.join().unwrap();
+}
