@@ -318,6 +318,8 @@ pub struct MountOpts {
     pub push: Option<(String, Option<String>)>,
     /// Seconds between snapshot publishes of `push=`.
     pub push_interval: Option<u64>,
+    /// `push_sign=KEYFILE`: sign the snapshots `push=` publishes (a key from `kcache keygen`).
+    pub push_sign: Option<PathBuf>,
     /// `follow=URL:TAG`: merge that snapshot into the volume periodically.
     pub follow: Option<(String, String)>,
     /// Seconds between merges of `follow=`.
@@ -396,6 +398,13 @@ impl MountOpts {
                     kcache_store::Upstream::parse(&url)?;
                     let tag = tag.ok_or_else(|| format!("'{opt}' needs a tag: follow=URL:TAG"))?;
                     o.follow = Some((url, tag));
+                }
+                ("push_sign", _) => {
+                    let p = PathBuf::from(need("a key file")?);
+                    if !p.is_absolute() {
+                        return Err(format!("'{opt}': the key file needs an absolute path"));
+                    }
+                    o.push_sign = Some(p);
                 }
                 ("push_interval" | "follow_interval", _) => {
                     let secs = need("seconds")?

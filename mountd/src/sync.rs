@@ -71,6 +71,19 @@ impl Syncers {
         if let Some((url, tag)) = &opts.push {
             let up = Upstream::parse_with(url, timeout, None).map_err(|e| anyhow::anyhow!(e))?;
             let tag = tag.clone().unwrap_or_else(|| fs.volume().name.clone());
+            // Read (and checked) at mount: a bad key fails the mount, not every publish.
+            let sign = match &opts.push_sign {
+                Some(p) => {
+                    let k = std::fs::read_to_string(p)
+                        .map_err(|e| anyhow::anyhow!("push_sign: reading {}: {e}", p.display()))?
+                        .trim()
+                        .to_owned();
+                    kcache_store::public_key_of(&k)
+                        .map_err(|e| anyhow::anyhow!("push_sign: {}: {e}", p.display()))?;
+                    Some(k)
+                }
+                None => None,
+            };
             let every = Duration::from_secs(opts.push_interval.unwrap_or(DEFAULT_INTERVAL));
             tracing::info!(upstream = %url, %tag, every_s = every.as_secs(), "pushing in the background");
             let job = PushJob {
@@ -79,6 +92,7 @@ impl Syncers {
                 url: url.clone(),
                 tag,
                 every,
+                sign,
             };
             let stop = stop.clone();
             threads.push(
@@ -133,6 +147,8 @@ struct PushJob {
     url: String,
     tag: String,
     every: Duration,
+    /// Secret key (hex) the published snapshots are signed with.
+    sign: Option<String>,
 }
 
 impl PushJob {
@@ -193,7 +209,14 @@ impl PushJob {
         let r = self
             .fs
             .store()
-            .push_with(&self.up, volume, &self.tag, None, false, &mut |_| {})
+            .push_with(
+                &self.up,
+                volume,
+                &self.tag,
+                self.sign.as_deref(),
+                false,
+                &mut |_| {},
+            )
             .map_err(|e| e.to_string())?;
         tracing::info!(tag = %self.tag, manifest = %r.manifest, uploaded = r.blobs_uploaded, "published the volume's snapshot");
         self.record(SyncOutcome::Done {

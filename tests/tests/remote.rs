@@ -1401,3 +1401,62 @@ fn push_on_one_machine_follow_on_another_through_crashes_and_an_outage() {
     assert_eq!(live["url"], offline["url"]);
     assert_eq!(offline["queued_blobs"], 0);
 }
+
+/// `push_sign=` signs what a background push publishes: a store that trusts the key pulls it,
+/// one that trusts another key refuses it.
+#[test]
+fn a_background_push_signs_its_snapshots_with_push_sign() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    kcache_ok(&["keygen", "--out", key.to_str().unwrap()]);
+    let public = fs::read_to_string(key.with_extension("pub")).unwrap();
+    let other = dir.path().join("other");
+    kcache_ok(&["keygen", "--out", other.to_str().unwrap()]);
+    let other_public = fs::read_to_string(other.with_extension("pub")).unwrap();
+    let url = format!("file://{}", dir.path().join("up").display());
+    let Some(a) = Mount::with_opts(&[
+        &format!("push={url}:signed"),
+        &format!("push_sign={}", key.display()),
+        "push_interval=1",
+    ]) else {
+        return;
+    };
+    fs::write(a.path("f"), b"signed content").unwrap();
+    eventually(20, "a publish after the write", &mut || {
+        a.stats()["sync"][0]["runs"].as_u64().unwrap_or(0) > 0
+            && dir.path().join("up/tags/signed").exists()
+            && fs::read_to_string(dir.path().join("up/tags/signed"))
+                .unwrap()
+                .contains(public.trim())
+    });
+    // Once a.f is in the published snapshot (the first publish may predate the write).
+    let pulled = |trust: &str, store: &Path| {
+        kcache(&[
+            "pull",
+            "--store",
+            store.to_str().unwrap(),
+            "--trusted-key",
+            trust.trim(),
+            &format!("{url}:signed"),
+        ])
+    };
+    eventually(
+        20,
+        "the signed snapshot pulled by a store trusting the key",
+        &mut || {
+            let s = dir.path().join(format!("b{}", rand_suffix()));
+            let (code, out) = pulled(&public, &s);
+            code == 0 && out.contains("1 files")
+        },
+    );
+    let (code, out) = pulled(&other_public, &dir.path().join("c"));
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("not a trusted key"), "{out}");
+}
+
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+}
