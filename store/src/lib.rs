@@ -22,6 +22,7 @@ mod maint;
 mod manifest;
 mod merge;
 mod ns;
+pub mod objstore;
 pub mod outboard;
 mod remote;
 pub mod s3;

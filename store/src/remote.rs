@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::s3::{S3Error, S3};
+use crate::objstore::{ObjError, ObjStore};
 use crate::{Hash, Store};
 
 /// One place blobs and manifests can come from (and, for `file://`, go to).
@@ -28,7 +28,7 @@ pub enum Upstream {
     /// Any static HTTP server (or `kcache serve`): read-only.
     Http(String),
     /// An S3-compatible bucket (and key prefix): read and write.
-    S3(Arc<S3>),
+    Object(Arc<ObjStore>),
 }
 
 impl std::fmt::Display for Upstream {
@@ -36,7 +36,7 @@ impl std::fmt::Display for Upstream {
         match self {
             Upstream::File(p) => write!(f, "file://{}", p.display()),
             Upstream::Http(u) => f.write_str(u),
-            Upstream::S3(s) => f.write_str(s.url_of("").trim_end_matches('/')),
+            Upstream::Object(s) => f.write_str(s.url_of("").trim_end_matches('/')),
         }
     }
 }
@@ -54,12 +54,12 @@ pub(crate) enum GetError {
     NoRange,
 }
 
-impl From<S3Error> for GetError {
-    fn from(e: S3Error) -> GetError {
+impl From<ObjError> for GetError {
+    fn from(e: ObjError) -> GetError {
         match e {
-            S3Error::Missing => GetError::Missing,
-            S3Error::Transient(m) => GetError::Transient(m),
-            S3Error::Fatal(m) => GetError::Fatal(m),
+            ObjError::Missing => GetError::Missing,
+            ObjError::Transient(m) => GetError::Transient(m),
+            ObjError::Fatal(m) => GetError::Fatal(m),
         }
     }
 }
@@ -89,7 +89,7 @@ impl Upstream {
             return Ok(Upstream::Http(url.trim_end_matches('/').to_owned()));
         }
         if url.starts_with("s3://") {
-            return S3::parse_in(url, timeout, env).map(|s| Upstream::S3(Arc::new(s)));
+            return crate::s3::parse_in(url, timeout, env).map(|s| Upstream::Object(Arc::new(s)));
         }
         Err(format!(
             "upstream '{url}': expected file:///path, http(s)://host/prefix or s3://bucket/prefix"
@@ -100,7 +100,7 @@ impl Upstream {
         match self {
             Upstream::File(p) => p.join(key).display().to_string(),
             Upstream::Http(base) => format!("{base}/{key}"),
-            Upstream::S3(s) => s.url_of(key),
+            Upstream::Object(s) => s.url_of(key),
         }
     }
 
@@ -175,7 +175,7 @@ impl Upstream {
                 }
                 Ok(body)
             }
-            Upstream::S3(s) => {
+            Upstream::Object(s) => {
                 // S3 honours ranges, so nothing is ever skipped.
                 let range = (start > 0 || end.is_some()).then_some((start, end));
                 Ok(s.get(key, range)?)
@@ -238,7 +238,7 @@ impl Upstream {
                 }
                 Ok(out)
             }
-            Upstream::S3(s) => s
+            Upstream::Object(s) => s
                 .list(prefix)
                 .map(|keys| keys.into_iter().collect())
                 .map_err(|e| e.to_string()),
@@ -273,7 +273,7 @@ impl Upstream {
                 Ok(())
             }
             // A PUT replaces an object whole: readers see the old one or the new one.
-            Upstream::S3(s) => match src {
+            Upstream::Object(s) => match src {
                 Some(path) => s.put_file(key, path),
                 None => s.put_bytes(key, data),
             }
