@@ -10,12 +10,14 @@
 //! The store knows nothing of FUSE, kernels or command lines: it offers namespace transactions
 //! and blob files, and keeps reference counts exact.
 
+pub mod azure;
 mod blobs;
 mod codec;
 mod downloads;
 mod error;
 mod faults;
 mod fetch;
+pub mod gcs;
 mod lifecycle;
 mod lru;
 mod maint;

@@ -85,6 +85,48 @@ impl fmt::Debug for ObjStore {
     }
 }
 
+/// The parts of a store URL after the scheme: `bucket[/prefix]` → (bucket, prefix without
+/// surrounding '/'), with the prefix checked as an object path.
+pub(crate) fn split_url<'a>(
+    url: &str,
+    rest: &'a str,
+    form: &str,
+) -> Result<(&'a str, String), String> {
+    if rest.contains(['?', '#']) {
+        return Err(format!(
+            "upstream '{url}': query strings and fragments are not part of the URL (expected {form})"
+        ));
+    }
+    let (first, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if first.is_empty() {
+        return Err(format!(
+            "upstream '{url}': no bucket name (expected {form})"
+        ));
+    }
+    let prefix = prefix.trim_matches('/');
+    if !prefix.is_empty() && Path::parse(prefix).is_err() {
+        return Err(format!(
+            "upstream '{url}': invalid prefix '{prefix}' (empty, '.' or '..' segments, or control characters)"
+        ));
+    }
+    Ok((first, prefix.to_owned()))
+}
+
+/// Bucket and container names: broader than any one store's rules, but nothing that could
+/// change the meaning of a request URL.
+pub(crate) fn valid_bucket(url: &str, name: &str, form: &str) -> Result<(), String> {
+    if name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "upstream '{url}': '{name}' is not a valid bucket or container name (expected {form})"
+        ))
+    }
+}
+
 /// HTTP client options for a store's reader (`reader`: with a read timeout) or writer.
 pub(crate) fn client_options(timeout: Duration, reader: bool) -> ClientOptions {
     let opts = ClientOptions::new()

@@ -27,7 +27,8 @@ pub enum Upstream {
     File(PathBuf),
     /// Any static HTTP server (or `kcache serve`): read-only.
     Http(String),
-    /// An S3-compatible bucket (and key prefix): read and write.
+    /// An object store bucket or container (and key prefix), `s3://`, `gs://` or `az://`:
+    /// read and write, through the one client of `objstore.rs`.
     Object(Arc<ObjStore>),
 }
 
@@ -66,14 +67,15 @@ impl From<ObjError> for GetError {
 
 impl Upstream {
     /// An upstream from its URL, with the default timeout and this process's environment
-    /// (for `s3://`: credentials, region and endpoint).
+    /// (for object stores: credentials, region and endpoint).
     pub fn parse(url: &str) -> Result<Upstream, String> {
         Upstream::parse_with(url, FetchConfig::default().timeout, None)
     }
 
-    /// An upstream from its URL. `timeout` bounds each request's idle time (S3; HTTP takes
-    /// it from the `Remote`'s client); `env`, when given, replaces this process's
-    /// environment for the S3 settings: a daemon acting for a command uses the command's.
+    /// An upstream from its URL. `timeout` bounds each request's idle time (object stores;
+    /// HTTP takes it from the `Remote`'s client); `env`, when given, replaces this process's
+    /// environment for the object store settings (AWS_*, GOOGLE_*, STORAGE_EMULATOR_HOST,
+    /// AZURE_*): a daemon acting for a command uses the command's.
     pub fn parse_with(
         url: &str,
         timeout: Duration,
@@ -88,12 +90,19 @@ impl Upstream {
         if url.starts_with("http://") || url.starts_with("https://") {
             return Ok(Upstream::Http(url.trim_end_matches('/').to_owned()));
         }
-        if url.starts_with("s3://") {
-            return crate::s3::parse_in(url, timeout, env).map(|s| Upstream::Object(Arc::new(s)));
-        }
-        Err(format!(
-            "upstream '{url}': expected file:///path, http(s)://host/prefix or s3://bucket/prefix"
-        ))
+        let object = if url.starts_with("s3://") {
+            crate::s3::parse_in(url, timeout, env)
+        } else if url.starts_with("gs://") {
+            crate::gcs::parse_in(url, timeout, env)
+        } else if url.starts_with("az://") {
+            crate::azure::parse_in(url, timeout, env)
+        } else {
+            return Err(format!(
+                "upstream '{url}': expected file:///path, http(s)://host/prefix, s3://bucket/prefix, \
+                 gs://bucket/prefix or az://container/prefix"
+            ));
+        };
+        object.map(|s| Upstream::Object(Arc::new(s)))
     }
 
     pub(crate) fn url_of(&self, key: &str) -> String {
@@ -176,7 +185,7 @@ impl Upstream {
                 Ok(body)
             }
             Upstream::Object(s) => {
-                // S3 honours ranges, so nothing is ever skipped.
+                // Object stores honour ranges, so nothing is ever skipped.
                 let range = (start > 0 || end.is_some()).then_some((start, end));
                 Ok(s.get(key, range)?)
             }

@@ -59,9 +59,6 @@ pub fn parse_in(
     ObjStore::new(base, format!("bucket '{bucket}'"), prefix, pair, timeout)
 }
 
-/// The variables of this process's environment that upstream settings are read from.
-pub use crate::objstore::settings_env;
-
 /// `s3://bucket[/prefix]` → (bucket, prefix without surrounding '/').
 fn parse_url(url: &str) -> Result<(String, String), String> {
     let rest = url
