@@ -20,7 +20,22 @@ use crate::error::{Error, Result};
 use crate::objstore::{ObjError, ObjStore};
 use crate::{Hash, Store};
 
-/// One place blobs and manifests can come from (and, for `file://`, go to).
+/// One place blobs and manifests can come from (and, except `http(s)://`, go to).
+///
+/// Object stores (`s3://`, `gs://`, `az://`) all go through `objstore.rs`. `file://` and
+/// `http(s)://` stay hand-written here, where object_store's `LocalFileSystem` and
+/// `HttpStore` cannot do the job:
+/// - `http(s)://` is any static server, and many (`python3 -m http.server`, some CDNs)
+///   answer a ranged GET with the whole object: kcache then reads past the prefix for a
+///   whole-blob fetch, or reports `GetError::NoRange` for a far read, where `HttpStore`
+///   fails the request (`NotPartial`); and it lists and writes only over WebDAV (PROPFIND,
+///   MKCOL, PUT), which kcache's read-only HTTP upstreams never need.
+/// - `file://` reads are a plain `File` (seek, then read straight into the caller's
+///   buffer), where `LocalFileSystem` would hand every chunk across the shared runtime on a
+///   blocking task; its puts are `fs::copy` (copy_file_range / reflink) + fsync + rename,
+///   where `LocalFileSystem` copies through memory; and a tag update needs the `flock` of
+///   `tags.rs` anyway, since `LocalFileSystem` has no conditional update
+///   (`PutMode::Update` is not implemented there).
 #[derive(Clone, Debug)]
 pub enum Upstream {
     /// A directory, e.g. on NFS: read and write.

@@ -171,6 +171,24 @@ fn push_pull_fetch(up: &Upstream, dir: &Path) {
     assert!(b.verify(|_, _| {}).unwrap().is_clean());
 }
 
+/// A store nothing listens for: each request fails as worth another try, in time.
+fn unreachable_is_transient(up: &Upstream) {
+    let Upstream::Object(s) = up else {
+        unreachable!()
+    };
+    let t = Instant::now();
+    match s.get("tags/t", None) {
+        Err(ObjError::Transient(m)) => eprintln!("get from nothing: {:?}: {m}", t.elapsed()),
+        Err(e) => panic!("get from nothing: {e:?}"),
+        Ok(_) => panic!("get from nothing succeeded"),
+    }
+    assert!(matches!(
+        s.put_bytes("tags/t", b"x"),
+        Err(ObjError::Transient(_))
+    ));
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+}
+
 /// The pinned test venv's Python, if it has gcp-storage-emulator.
 fn gcs_python() -> Option<PathBuf> {
     let p = std::env::var_os("KCACHE_TEST_PYTHON")
@@ -239,6 +257,12 @@ fn gs_against_gcp_storage_emulator() {
         Err(ObjError::Fatal(m)) => assert!(m.contains("nosuchbucket"), "{m}"),
         other => panic!("list in a missing bucket: {other:?}"),
     }
+    let dead = env(&[(
+        "STORAGE_EMULATOR_HOST",
+        &format!("127.0.0.1:{}", free_port()),
+    )]);
+    let short = Duration::from_secs(2);
+    unreachable_is_transient(&Upstream::parse_with("gs://b", short, Some(&dead)).unwrap());
     eprintln!("gs:// done after {:?}", t0.elapsed());
 }
 
@@ -350,5 +374,14 @@ fn az_against_azurite() {
         Err(e) => panic!("a wrong key: {e:?}"),
         Ok(_) => panic!("a wrong key was accepted"),
     }
+    let dead = env(&[(
+        "AZURE_STORAGE_CONNECTION_STRING",
+        &cs.replace(
+            &endpoint,
+            &format!("http://127.0.0.1:{}/{DEV_ACCOUNT}", free_port()),
+        ),
+    )]);
+    let short = Duration::from_secs(2);
+    unreachable_is_transient(&Upstream::parse_with("az://c", short, Some(&dead)).unwrap());
     eprintln!("az:// done after {:?}", t0.elapsed());
 }
