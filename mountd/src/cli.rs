@@ -143,7 +143,8 @@ pub enum Command {
         /// (by default a push adds to the tag: names only the tag had stay)
         #[arg(long)]
         replace: bool,
-        /// s3://bucket/prefix or file:///path (http upstreams are read-only)
+        /// s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or file:///path (http
+        /// upstreams are read-only)
         upstream: String,
     },
     /// Fetch the content of files (or whole trees) in a mount now, instead of on first open
@@ -613,8 +614,9 @@ mod tests {
 pub fn split_source(s: &str) -> (String, Option<String>) {
     // Only after the host: "http://host:8080" has a port, not a tag.
     let host_start = s.find("://").map_or(0, |i| i + 3);
-    if s.starts_with("s3://") && !s[host_start..].contains('/') {
-        // A bucket has no port: "s3://bucket:tag".
+    let object_store = ["s3://", "gs://", "az://"].iter().any(|p| s.starts_with(p));
+    if object_store && !s[host_start..].contains('/') {
+        // A bucket or container has no port: "s3://bucket:tag".
         if let Some(i) = s[host_start..].find(':') {
             let i = host_start + i;
             return (s[..i].to_owned(), Some(s[i + 1..].to_owned()));
@@ -669,5 +671,13 @@ mod source_tests {
             ("s3://bucket/team/pip".into(), Some("main".into()))
         );
         assert_eq!(split_source("s3://bucket"), ("s3://bucket".into(), None));
+        assert_eq!(
+            split_source("gs://bucket:main"),
+            ("gs://bucket".into(), Some("main".into()))
+        );
+        assert_eq!(
+            split_source("az://container/p:main"),
+            ("az://container/p".into(), Some("main".into()))
+        );
     }
 }

@@ -10,18 +10,21 @@
 //! The store knows nothing of FUSE, kernels or command lines: it offers namespace transactions
 //! and blob files, and keeps reference counts exact.
 
+pub mod azure;
 mod blobs;
 mod codec;
 mod downloads;
 mod error;
 mod faults;
 mod fetch;
+pub mod gcs;
 mod lifecycle;
 mod lru;
 mod maint;
 mod manifest;
 mod merge;
 mod ns;
+pub mod objstore;
 pub mod outboard;
 mod remote;
 pub mod s3;

@@ -17,18 +17,34 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::s3::{S3Error, S3};
+use crate::objstore::{ObjError, ObjStore};
 use crate::{Hash, Store};
 
-/// One place blobs and manifests can come from (and, for `file://`, go to).
+/// One place blobs and manifests can come from (and, except `http(s)://`, go to).
+///
+/// Object stores (`s3://`, `gs://`, `az://`) all go through `objstore.rs`. `file://` and
+/// `http(s)://` stay hand-written here, where object_store's `LocalFileSystem` and
+/// `HttpStore` cannot do the job:
+/// - `http(s)://` is any static server, and many (`python3 -m http.server`, some CDNs)
+///   answer a ranged GET with the whole object: kcache then reads past the prefix for a
+///   whole-blob fetch, or reports `GetError::NoRange` for a far read, where `HttpStore`
+///   fails the request (`NotPartial`); and it lists and writes only over WebDAV (PROPFIND,
+///   MKCOL, PUT), which kcache's read-only HTTP upstreams never need.
+/// - `file://` reads are a plain `File` (seek, then read straight into the caller's
+///   buffer), where `LocalFileSystem` would hand every chunk across the shared runtime on a
+///   blocking task; its puts are `fs::copy` (copy_file_range / reflink) + fsync + rename,
+///   where `LocalFileSystem` copies through memory; and a tag update needs the `flock` of
+///   `tags.rs` anyway, since `LocalFileSystem` has no conditional update
+///   (`PutMode::Update` is not implemented there).
 #[derive(Clone, Debug)]
 pub enum Upstream {
     /// A directory, e.g. on NFS: read and write.
     File(PathBuf),
     /// Any static HTTP server (or `kcache serve`): read-only.
     Http(String),
-    /// An S3-compatible bucket (and key prefix): read and write.
-    S3(Arc<S3>),
+    /// An object store bucket or container (and key prefix), `s3://`, `gs://` or `az://`:
+    /// read and write, through the one client of `objstore.rs`.
+    Object(Arc<ObjStore>),
 }
 
 impl std::fmt::Display for Upstream {
@@ -36,7 +52,7 @@ impl std::fmt::Display for Upstream {
         match self {
             Upstream::File(p) => write!(f, "file://{}", p.display()),
             Upstream::Http(u) => f.write_str(u),
-            Upstream::S3(s) => f.write_str(s.url_of("").trim_end_matches('/')),
+            Upstream::Object(s) => f.write_str(s.url_of("").trim_end_matches('/')),
         }
     }
 }
@@ -54,26 +70,27 @@ pub(crate) enum GetError {
     NoRange,
 }
 
-impl From<S3Error> for GetError {
-    fn from(e: S3Error) -> GetError {
+impl From<ObjError> for GetError {
+    fn from(e: ObjError) -> GetError {
         match e {
-            S3Error::Missing => GetError::Missing,
-            S3Error::Transient(m) => GetError::Transient(m),
-            S3Error::Fatal(m) => GetError::Fatal(m),
+            ObjError::Missing => GetError::Missing,
+            ObjError::Transient(m) => GetError::Transient(m),
+            ObjError::Fatal(m) => GetError::Fatal(m),
         }
     }
 }
 
 impl Upstream {
     /// An upstream from its URL, with the default timeout and this process's environment
-    /// (for `s3://`: credentials, region and endpoint).
+    /// (for object stores: credentials, region and endpoint).
     pub fn parse(url: &str) -> Result<Upstream, String> {
         Upstream::parse_with(url, FetchConfig::default().timeout, None)
     }
 
-    /// An upstream from its URL. `timeout` bounds each request's idle time (S3; HTTP takes
-    /// it from the `Remote`'s client); `env`, when given, replaces this process's
-    /// environment for the S3 settings: a daemon acting for a command uses the command's.
+    /// An upstream from its URL. `timeout` bounds each request's idle time (object stores;
+    /// HTTP takes it from the `Remote`'s client); `env`, when given, replaces this process's
+    /// environment for the object store settings (AWS_*, GOOGLE_*, STORAGE_EMULATOR_HOST,
+    /// AZURE_*): a daemon acting for a command uses the command's.
     pub fn parse_with(
         url: &str,
         timeout: Duration,
@@ -88,19 +105,26 @@ impl Upstream {
         if url.starts_with("http://") || url.starts_with("https://") {
             return Ok(Upstream::Http(url.trim_end_matches('/').to_owned()));
         }
-        if url.starts_with("s3://") {
-            return S3::parse_in(url, timeout, env).map(|s| Upstream::S3(Arc::new(s)));
-        }
-        Err(format!(
-            "upstream '{url}': expected file:///path, http(s)://host/prefix or s3://bucket/prefix"
-        ))
+        let object = if url.starts_with("s3://") {
+            crate::s3::parse_in(url, timeout, env)
+        } else if url.starts_with("gs://") {
+            crate::gcs::parse_in(url, timeout, env)
+        } else if url.starts_with("az://") {
+            crate::azure::parse_in(url, timeout, env)
+        } else {
+            return Err(format!(
+                "upstream '{url}': expected file:///path, http(s)://host/prefix, s3://bucket/prefix, \
+                 gs://bucket/prefix or az://container/prefix"
+            ));
+        };
+        object.map(|s| Upstream::Object(Arc::new(s)))
     }
 
     pub(crate) fn url_of(&self, key: &str) -> String {
         match self {
             Upstream::File(p) => p.join(key).display().to_string(),
             Upstream::Http(base) => format!("{base}/{key}"),
-            Upstream::S3(s) => s.url_of(key),
+            Upstream::Object(s) => s.url_of(key),
         }
     }
 
@@ -175,8 +199,8 @@ impl Upstream {
                 }
                 Ok(body)
             }
-            Upstream::S3(s) => {
-                // S3 honours ranges, so nothing is ever skipped.
+            Upstream::Object(s) => {
+                // Object stores honour ranges, so nothing is ever skipped.
                 let range = (start > 0 || end.is_some()).then_some((start, end));
                 Ok(s.get(key, range)?)
             }
@@ -238,7 +262,7 @@ impl Upstream {
                 }
                 Ok(out)
             }
-            Upstream::S3(s) => s
+            Upstream::Object(s) => s
                 .list(prefix)
                 .map(|keys| keys.into_iter().collect())
                 .map_err(|e| e.to_string()),
@@ -273,7 +297,7 @@ impl Upstream {
                 Ok(())
             }
             // A PUT replaces an object whole: readers see the old one or the new one.
-            Upstream::S3(s) => match src {
+            Upstream::Object(s) => match src {
                 Some(path) => s.put_file(key, path),
                 None => s.put_bytes(key, data),
             }

@@ -1,7 +1,8 @@
 //! Moving a tag without losing another pusher's update: read the tag, compute the new
 //! pointer from it, and write it only if the tag is still what was read, else start again
 //! from the newer one. A `file://` upstream does the three steps under an exclusive lock on a
-//! file beside the tag; S3 checks the version itself (a conditional PUT on the ETag).
+//! file beside the tag; an object store checks the version itself (a conditional PUT on the
+//! ETag, or on GCS the generation).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -66,23 +67,23 @@ impl Upstream {
                 drop(lock);
                 Ok(())
             }
-            Upstream::S3(s) => {
+            Upstream::Object(s) => {
                 for attempt in 0..ATTEMPTS {
                     let current = s
                         .get_versioned(&key)
                         .map_err(|e| Error::Remote(e.to_string()))?;
-                    let (bytes, etag) = match &current {
-                        Some((b, etag)) => (Some(&b[..]), etag.as_deref()),
+                    let (bytes, version) = match &current {
+                        Some((b, v)) => (Some(&b[..]), Some(v)),
                         None => (None, None),
                     };
-                    if current.is_some() && etag.is_none() {
+                    if version.is_some_and(|v| v.e_tag.is_none() && v.version.is_none()) {
                         return Err(Error::Remote(format!(
-                            "{}: the store gave no ETag, so the tag cannot be updated safely",
+                            "{}: the store gave no ETag or generation, so the tag cannot be updated safely",
                             s.url_of(&key)
                         )));
                     }
                     let new = next(bytes)?;
-                    if s.put_if(&key, &new, etag)
+                    if s.put_if(&key, &new, version)
                         .map_err(|e| Error::Remote(e.to_string()))?
                     {
                         return Ok(());

@@ -11,7 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kcache_store::s3::{S3Error, S3};
+use kcache_store::objstore::{ObjError as S3Error, ObjStore as S3, UpdateVersion};
+use kcache_store::s3;
 
 mod common;
 
@@ -236,12 +237,12 @@ fn s3_against_moto() {
 
     // URLs.
     for bad in ["s3://", "s3:///x", "s3:/x", "https://x"] {
-        let err = S3::parse(bad, timeout).unwrap_err();
+        let err = s3::parse(bad, timeout).unwrap_err();
         assert!(err.contains(bad), "error for {bad} does not name it: {err}");
     }
-    let s3 = Arc::new(S3::parse(&format!("s3://{BUCKET}"), timeout).unwrap());
+    let s3 = Arc::new(s3::parse(&format!("s3://{BUCKET}"), timeout).unwrap());
     assert_eq!(s3.url_of("tags/x"), format!("s3://{BUCKET}/tags/x"));
-    let pfx = S3::parse(&format!("s3://{BUCKET}/some/prefix/"), timeout).unwrap();
+    let pfx = s3::parse(&format!("s3://{BUCKET}/some/prefix/"), timeout).unwrap();
     assert_eq!(
         pfx.url_of("blobs/ab/abcd"),
         format!("s3://{BUCKET}/some/prefix/blobs/ab/abcd")
@@ -256,9 +257,16 @@ fn s3_against_moto() {
     );
     let (got, etag) = s3.get_versioned("tags/cas").unwrap().unwrap();
     assert_eq!(got, b"one");
-    let etag = etag.expect("moto gives ETags");
+    assert!(etag.e_tag.is_some(), "moto gives ETags");
     assert!(!s3
-        .put_if("tags/cas", b"two", Some("\"not-the-etag\""))
+        .put_if(
+            "tags/cas",
+            b"two",
+            Some(&UpdateVersion {
+                e_tag: Some("\"not-the-etag\"".into()),
+                version: None,
+            })
+        )
         .unwrap());
     assert!(s3.put_if("tags/cas", b"two", Some(&etag)).unwrap());
     assert!(
@@ -419,7 +427,7 @@ fn s3_against_moto() {
     assert!(!pfx.head("tags/hello").unwrap());
 
     // A bucket that does not exist is not "missing object" but a configuration error.
-    let nob = S3::parse("s3://no-such-bucket", timeout).unwrap();
+    let nob = s3::parse("s3://no-such-bucket", timeout).unwrap();
     match nob.list("") {
         Err(S3Error::Fatal(m)) => {
             eprintln!("list of a missing bucket: {m}");
@@ -439,7 +447,7 @@ fn s3_against_moto() {
     // Nobody listening: a transient error, quickly.
     let short = Duration::from_secs(2);
     std::env::set_var("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{dead}"));
-    let down = S3::parse(&format!("s3://{BUCKET}"), short).unwrap();
+    let down = s3::parse(&format!("s3://{BUCKET}"), short).unwrap();
     type Op<'a> = Box<dyn Fn() -> Result<(), S3Error> + 'a>;
     let ops: [(&str, Op); 4] = [
         ("get", Box::new(|| down.get("tags/hello", None).map(drop))),
@@ -469,7 +477,7 @@ fn s3_against_moto() {
         "AWS_ENDPOINT_URL",
         format!("http://127.0.0.1:{}", silent.port),
     );
-    let mute = S3::parse(&format!("s3://{BUCKET}"), short).unwrap();
+    let mute = s3::parse(&format!("s3://{BUCKET}"), short).unwrap();
     let t = Instant::now();
     match mute.get("blobs/st/stall", None).map(drop) {
         Err(S3Error::Transient(m)) => eprintln!("get from a silent server: {:?}: {m}", t.elapsed()),
@@ -488,7 +496,7 @@ fn s3_against_moto() {
         "AWS_ENDPOINT_URL",
         format!("http://127.0.0.1:{}", staller.port),
     );
-    let stalled = S3::parse(&format!("s3://{BUCKET}"), short).unwrap();
+    let stalled = s3::parse(&format!("s3://{BUCKET}"), short).unwrap();
     let t = Instant::now();
     let mut r = stalled.get("blobs/st/stall", None).unwrap();
     let mut buf = vec![0u8; 1 << 16];
@@ -537,12 +545,12 @@ fn s3_against_moto() {
         ("AWS_SHARED_CREDENTIALS_FILE", creds.to_str().unwrap()),
         ("AWS_PROFILE", "moto"),
     ]);
-    let from_files = S3::parse(&format!("s3://{BUCKET}"), timeout).unwrap();
+    let from_files = s3::parse(&format!("s3://{BUCKET}"), timeout).unwrap();
     assert_eq!(read_all(&from_files, "tags/hello", None), b"bye");
     from_files.put_bytes("tags/from-files", b"ok").unwrap();
     assert!(s3.head("tags/from-files").unwrap());
     std::env::set_var("AWS_PROFILE", "absent");
-    let err = S3::parse(&format!("s3://{BUCKET}"), timeout).unwrap_err();
+    let err = s3::parse(&format!("s3://{BUCKET}"), timeout).unwrap_err();
     assert!(
         err.contains("absent") && err.contains(&format!("s3://{BUCKET}")),
         "{err}"

@@ -1460,3 +1460,166 @@ fn rand_suffix() -> u32 {
         .unwrap()
         .subsec_nanos()
 }
+
+/// An emulator on a free loopback port, killed on drop.
+struct Emulator(Child);
+
+impl Emulator {
+    fn start(mut cmd: Command, port: u16, name: &str) -> Emulator {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let mut em = Emulator(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = em.0.try_wait().unwrap() {
+                panic!("{name} exited: {status}");
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{name} did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        em
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn loopback_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Azurite's well-known development account.
+const AZ_ACCOUNT: &str = "devstoreaccount1";
+const AZ_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+#[test]
+fn gs_and_az_push_from_a_mounted_store_pull_and_fetch_lazily() {
+    let Some(py) = venv_python() else { return };
+    let azurite = workspace().join(".ci/azurite/node_modules/.bin/azurite-blob");
+    if !azurite.exists() {
+        assert!(
+            std::env::var_os("REQUIRE_FUSE").is_none(),
+            "no Azurite at {} (.ci/run installs it)",
+            azurite.display()
+        );
+        eprintln!("skipping: no Azurite at {}", azurite.display());
+        return;
+    }
+    let Some(a) = Mount::new() else { return };
+    fs::create_dir(a.path("d")).unwrap();
+    fs::write(a.path("d/big"), pseudo_random(3, 3 << 20)).unwrap();
+    fs::write(a.path("small"), b"hello over object stores").unwrap();
+    a.settle();
+    let store_a = a.store.to_str().unwrap().to_owned();
+    let want = tree(&a.path(""));
+
+    let gs_port = loopback_port();
+    let mut cmd = Command::new(&py);
+    cmd.arg(workspace().join("tests/py/gcs_emulator.py")).args([
+        "127.0.0.1",
+        &gs_port.to_string(),
+        "kcachetest",
+    ]);
+    let _gcs = Emulator::start(cmd, gs_port, "gcp-storage-emulator");
+    let az_dir = tempfile::tempdir().unwrap();
+    let az_port = loopback_port();
+    let mut cmd = Command::new(&azurite);
+    cmd.args([
+        "--blobHost",
+        "127.0.0.1",
+        "--blobPort",
+        &az_port.to_string(),
+    ])
+    .arg("--location")
+    .arg(az_dir.path())
+    .args(["--silent", "--skipApiVersionCheck", "--disableTelemetry"]);
+    let _az = Emulator::start(cmd, az_port, "Azurite");
+    let endpoint = format!("http://127.0.0.1:{az_port}/{AZ_ACCOUNT}");
+    // Azurite starts with no container: one Shared Key signed PUT makes it.
+    let script = r#"
+import base64, hashlib, hmac, sys, urllib.parse, urllib.request
+from email.utils import formatdate
+endpoint, account, key, container = sys.argv[1:5]
+date, ver = formatdate(usegmt=True), "2021-08-06"
+resource = f"/{account}{urllib.parse.urlparse(endpoint).path}/{container}\nrestype:container"
+sts = "PUT\n\n\n\n\napplication/octet-stream\n\n\n\n\n\n\n" + f"x-ms-date:{date}\nx-ms-version:{ver}\n" + resource
+sig = base64.b64encode(hmac.new(base64.b64decode(key), sts.encode(), hashlib.sha256).digest()).decode()
+req = urllib.request.Request(f"{endpoint}/{container}?restype=container", method="PUT", data=b"",
+    headers={"Content-Type": "application/octet-stream", "x-ms-date": date, "x-ms-version": ver,
+             "Authorization": f"SharedKey {account}:{sig}"})
+urllib.request.urlopen(req)
+"#;
+    let out = Command::new(&py)
+        .args(["-c", script, &endpoint, AZ_ACCOUNT, AZ_KEY, "kcachetest"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cs = format!(
+        "DefaultEndpointsProtocol=http;AccountName={AZ_ACCOUNT};AccountKey={AZ_KEY};BlobEndpoint={endpoint};"
+    );
+    let gs_host = format!("127.0.0.1:{gs_port}");
+
+    for (url, var, value) in [
+        ("gs://kcachetest/team", "STORAGE_EMULATOR_HOST", &gs_host),
+        (
+            "az://kcachetest/team",
+            "AZURE_STORAGE_CONNECTION_STRING",
+            &cs,
+        ),
+    ] {
+        // Store A is mounted: its daemon pushes, with the settings this command hands it.
+        let env = [(var, &value[..])];
+        let (code, out) = kcache_env(&["push", "--store", &store_a, url, "--tag", "ci"], &env);
+        assert_eq!(code, 0, "push to {url}: {out}");
+        let dir = tempfile::tempdir().unwrap();
+        let store_b = dir.path().join("store");
+        let (code, out) = kcache_env(
+            &[
+                "pull",
+                "--store",
+                store_b.to_str().unwrap(),
+                &format!("{url}:ci"),
+            ],
+            &env,
+        );
+        assert!(
+            code == 0 && out.contains("to fetch on first open"),
+            "{url}: {out}"
+        );
+        let mnt = dir.path().join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        // The mount's daemon fetches with its own environment: the mount command's.
+        let (code, out) = kcache_env(
+            &[
+                "mount",
+                "--store",
+                store_b.to_str().unwrap(),
+                mnt.to_str().unwrap(),
+            ],
+            &env,
+        );
+        assert_eq!(code, 0, "mount: {out}");
+        assert_eq!(tree(&mnt), want, "pulled from {url}");
+        kcache_ok(&["umount", mnt.to_str().unwrap()]);
+    }
+}

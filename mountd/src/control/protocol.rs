@@ -101,7 +101,8 @@ pub enum Request {
         tag: String,
         /// Secret signing key, hex (the socket is the daemon user's only).
         sign: Option<Secret>,
-        /// The command's AWS settings (variables), for an s3:// upstream.
+        /// The command's object store settings (AWS_*, GOOGLE_*, STORAGE_EMULATOR_HOST,
+        /// AZURE_*, HOME), for an s3://, gs:// or az:// upstream.
         #[serde(default)]
         env: Vec<(String, Secret)>,
         /// Publish exactly this volume instead of adding it to what the tag names.
@@ -422,9 +423,10 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// The variables of this process that S3 settings come from, for the daemon acting for it.
+/// The variables of this process that object store settings come from, for the daemon
+/// acting for it.
 pub fn command_settings() -> Vec<(String, Secret)> {
-    kcache_store::s3::settings_env()
+    kcache_store::objstore::settings_env()
         .into_iter()
         .map(|(k, v)| (k, Secret(v)))
         .collect()
