@@ -216,6 +216,9 @@ pub struct KcacheFs {
     pub(crate) volume: VolumeInfo,
     read_only: bool,
     passthrough: AtomicBool,
+    /// The FUSE transport serving this filesystem ("classic", "io_uring"), for stats; set
+    /// by the session once FUSE_INIT settled it.
+    transport: Mutex<&'static str>,
     next_fh: AtomicU64,
     pub(crate) lookups: Mutex<HashMap<Ino, u64>>,
     open: Mutex<HashMap<Ino, Arc<Mutex<OpenInode>>>>,
@@ -447,6 +450,7 @@ impl KcacheFs {
             volume,
             read_only,
             passthrough: AtomicBool::new(false),
+            transport: Mutex::new("none"),
             next_fh: AtomicU64::new(1),
             lookups: Mutex::new(HashMap::new()),
             open: Mutex::new(HashMap::new()),
@@ -526,6 +530,16 @@ impl KcacheFs {
 
     pub fn passthrough(&self) -> bool {
         self.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// Records which FUSE transport serves this filesystem (the session calls it).
+    pub fn set_transport(&self, t: &'static str) {
+        *lock(&self.transport) = t;
+    }
+
+    /// "classic", "io_uring", or "none" before the kernel's FUSE_INIT.
+    pub fn transport(&self) -> &'static str {
+        *lock(&self.transport)
     }
 
     /// Kernel inode number -> store inode number.

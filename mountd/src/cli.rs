@@ -282,7 +282,7 @@ pub struct MountArgs {
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
     /// Mount options, comma separated: ro, rw, allow_other, default_permissions, nopassthrough,
-    /// quota=SIZE, min_free=SIZE|PERCENT, low_watermark=PERCENT, metrics=ADDR, volume=NAME,
+    /// io_uring, noio_uring, quota=SIZE, min_free=SIZE|PERCENT, low_watermark=PERCENT, metrics=ADDR, volume=NAME,
     /// uid=N, gid=N, umask=OCTAL (owner and mode of the root), nosuid, nodev, noexec
     #[arg(short = 'o', value_name = "OPTS")]
     pub options: Vec<String>,
@@ -298,6 +298,9 @@ pub struct MountOpts {
     pub read_only: bool,
     pub allow_other: bool,
     pub passthrough: bool,
+    /// `io_uring` (Some(true)): FUSE over io_uring or fail; `noio_uring` (Some(false)):
+    /// /dev/fuse only; neither: io_uring when the kernel allows it.
+    pub uring: Option<bool>,
     pub quota: Option<u64>,
     pub min_free: Option<MinFree>,
     pub low_watermark: Option<u8>,
@@ -360,6 +363,8 @@ impl MountOpts {
                 ("default_permissions", None) => {}
                 ("nopassthrough", None) => o.passthrough = false,
                 ("passthrough", None) => o.passthrough = true,
+                ("io_uring", None) => o.uring = Some(true),
+                ("noio_uring", None) => o.uring = Some(false),
                 ("quota", _) => o.quota = Some(parse_size(need("a size")?)?),
                 ("min_free", _) => {
                     o.min_free = Some(parse_min_free(need("a size or percentage")?)?)
@@ -545,6 +550,15 @@ mod tests {
         let o =
             MountOpts::parse(&["ro,allow_other".into(), "nopassthrough,quota=2G".into()]).unwrap();
         assert!(o.read_only && o.allow_other && !o.passthrough);
+        assert_eq!(o.uring, None);
+        assert_eq!(
+            MountOpts::parse(&["io_uring".into()]).unwrap().uring,
+            Some(true)
+        );
+        assert_eq!(
+            MountOpts::parse(&["noio_uring".into()]).unwrap().uring,
+            Some(false)
+        );
         assert_eq!(o.quota, Some(2 << 30));
         let o =
             MountOpts::parse(&["min_free=5%,low_watermark=80,metrics=127.0.0.1:9".into()]).unwrap();

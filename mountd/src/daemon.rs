@@ -14,8 +14,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use fuser::{Config, MountOption, Session, SessionACL};
-use kcache_fs::{KcacheFs, KcacheFuse};
+use kcache_fs::session::{MountOptions, Session, SessionConfig, UringChoice};
+use kcache_fs::KcacheFs;
 use kcache_store::Store;
 
 use crate::cli::{default_store, MountArgs, MountOpts};
@@ -217,7 +217,7 @@ fn add_to_running(args: &MountArgs, opts: &MountOpts, store_dir: &Path) -> Resul
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KCACHE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=error"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -442,54 +442,42 @@ impl Daemon {
         mountpoint: &Path,
         opts: &MountOpts,
     ) -> Result<()> {
-        let mut mount_options = vec![
-            MountOption::FSName(self.store_dir.display().to_string()),
-            // The kernel takes subtype as a mount option, so /proc/mounts says "fuse.kcache".
-            MountOption::CUSTOM("subtype=kcache".into()),
-            MountOption::DefaultPermissions,
-            MountOption::NoAtime,
-        ];
-        if opts.read_only {
-            mount_options.push(MountOption::RO);
-        }
-        for (on, o) in [
-            (opts.nosuid, MountOption::NoSuid),
-            (opts.nodev, MountOption::NoDev),
-            (opts.noexec, MountOption::NoExec),
-        ] {
-            if on {
-                mount_options.push(o);
-            }
-        }
-        let mut config = Config::default();
-        config.mount_options = mount_options;
-        config.acl = if opts.allow_other {
-            SessionACL::All
-        } else {
-            SessionACL::Owner
+        let mount = MountOptions {
+            fsname: self.store_dir.display().to_string(),
+            // /proc/mounts says "fuse.kcache".
+            subtype: "kcache".into(),
+            read_only: opts.read_only,
+            allow_other: opts.allow_other,
+            default_permissions: true,
+            nosuid: opts.nosuid,
+            nodev: opts.nodev,
+            noexec: opts.noexec,
+            noatime: true,
         };
-        // Request threads: KCACHE_THREADS overrides (for tuning); default one per core, at
-        // least 2.
-        config.n_threads = Some(
-            std::env::var("KCACHE_THREADS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|n: &usize| *n > 0)
-                .unwrap_or_else(|| {
-                    std::thread::available_parallelism()
-                        .map_or(2, |n| n.get())
-                        .max(2)
-                }),
-        );
-        config.clone_fd = true;
-
-        let session = Session::new(
-            KcacheFuse::new(fs.clone(), opts.passthrough),
-            mountpoint,
-            &config,
-        )
-        .with_context(|| format!("mounting at {}", mountpoint.display()))?;
-        fs.set_kernel_cache(Arc::new(kcache_fs::NotifierCache(session.notifier())));
+        // Request threads of the classic transport: KCACHE_THREADS overrides (for tuning);
+        // default one per core, at least 2.
+        let threads = std::env::var("KCACHE_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n: &usize| *n > 0)
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map_or(2, |n| n.get())
+                    .max(2)
+            });
+        let config = SessionConfig {
+            mount,
+            threads,
+            uring: match opts.uring {
+                None => UringChoice::Auto,
+                Some(true) => UringChoice::Force,
+                Some(false) => UringChoice::Off,
+            },
+            passthrough: opts.passthrough,
+        };
+        let session = Session::mount(fs.clone(), mountpoint, config)
+            .with_context(|| format!("mounting at {}", mountpoint.display()))?;
+        fs.set_kernel_cache(Arc::new(session.notifier()));
         fs.register();
         // Recorded before the session runs (so a volume being mounted counts as mounted) and
         // removed by its own id when the session ends (a lazily detached old session at the
