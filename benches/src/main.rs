@@ -53,6 +53,17 @@ struct Args {
     /// table shows each phase's median, since this kind of VM is noisy
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     passes: u32,
+
+    /// FUSE transport of the kcache mounts: io-uring or classic (-o io_uring / -o
+    /// noio_uring); default: what kcache picks (io_uring when the kernel allows it)
+    #[arg(long, value_name = "NAME", value_enum)]
+    transport: Option<BenchTransport>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BenchTransport {
+    IoUring,
+    Classic,
 }
 
 /// One directory the workloads run in.
@@ -105,6 +116,10 @@ fn run(args: &Args) -> Result<()> {
             .collect()
     };
     let sizes = Sizes::new(args.quick);
+    Mount::set_transport_option(args.transport.map(|t| match t {
+        BenchTransport::IoUring => "io_uring",
+        BenchTransport::Classic => "noio_uring",
+    }));
 
     // Declared before the mounts so it is dropped (and deleted) after they unmount.
     let run_dir = RunDir::create(&args.dir)?;
@@ -121,6 +136,17 @@ fn run(args: &Args) -> Result<()> {
         fs_type(run_dir.path())
     );
     println!("  kcache:  {}", kcache_bin.display());
+    println!(
+        "  fuse:    {} (enable_uring={})",
+        match args.transport {
+            Some(BenchTransport::IoUring) => "io_uring (-o io_uring)",
+            Some(BenchTransport::Classic) => "classic (-o noio_uring)",
+            None => "kcache's choice",
+        },
+        fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "absent".into())
+    );
     match &bindfs {
         Some(p) => println!("  bindfs:  {}", p.display()),
         None => println!("  bindfs:  not used (not on PATH or --no-bindfs)"),

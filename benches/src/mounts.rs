@@ -20,6 +20,9 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long we keep polling for a mount to appear after its helper returned.
 const MOUNT_APPEAR_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// `-o io_uring` or `-o noio_uring` for every kcache mount, or neither (the default choice).
+static TRANSPORT_OPTION: std::sync::OnceLock<Option<&'static str>> = std::sync::OnceLock::new();
+
 /// A directory of scratch space under the base dir, removed on drop unless a mount
 /// inside it could not be unmounted (deleting through a live mount would be wrong, and
 /// walking a dead one can hang).
@@ -104,6 +107,11 @@ impl Mount {
     /// `kcache mount --store STORE [--quota BYTES] [--metrics ADDR] MNT`: the CLI daemonizes
     /// and returns once the mount answers, so we only double-check that the mountpoint changed
     /// device.
+    /// The `-o` option every kcache mount of this run gets (`--transport`).
+    pub fn set_transport_option(opt: Option<&'static str>) {
+        let _ = TRANSPORT_OPTION.set(opt);
+    }
+
     pub fn kcache(
         bin: &Path,
         store: &Path,
@@ -119,6 +127,9 @@ impl Mount {
         }
         if let Some(addr) = metrics {
             cmd.arg("--metrics").arg(addr);
+        }
+        if let Some(Some(o)) = TRANSPORT_OPTION.get() {
+            cmd.arg("-o").arg(o);
         }
         cmd.arg(mountpoint);
         let mount = Self::start(

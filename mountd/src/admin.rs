@@ -175,6 +175,7 @@ pub fn stats(at: &StoreAt, json: bool) -> Result<ExitCode> {
         human(v.min_free_bytes)
     );
     println!("disk available:   {}", bytes(v.disk_available_bytes));
+    println!("transport:        {}", v.transport);
     println!(
         "pinned:           {} in {} pins",
         bytes(st.pinned_bytes),

@@ -53,6 +53,7 @@ pub fn handle(
                 disk_available_bytes: usage.disk_available,
                 min_free_bytes: usage.min_free,
                 volume: fs.volume().name.clone(),
+                transport: fs.transport().into(),
                 sync: reader.sync_statuses().map_err(|e| e.to_string())?,
             }))
         }

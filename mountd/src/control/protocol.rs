@@ -176,10 +176,18 @@ pub struct StatsReply {
     /// The volume the answer is about: the daemon's first mount, or an unmounted store's
     /// first volume.
     pub volume: String,
+    /// The FUSE transport serving that volume: "io_uring", "classic", or "none" when
+    /// it is not mounted.
+    #[serde(default = "no_transport")]
+    pub transport: String,
     /// Background pushes and follows (mount options `push=`, `follow=`): what each last did,
     /// and each push's upload queue.
     #[serde(default)]
     pub sync: Vec<kcache_store::SyncStatus>,
+}
+
+fn no_transport() -> String {
+    "none".into()
 }
 
 /// What `kcache evict` freed.

@@ -1,0 +1,151 @@
+//! Which FUSE transport a mount uses, and that both carry the same requests: io_uring when
+//! the kernel allows it (`enable_uring`), /dev/fuse otherwise or with `-o noio_uring`, and a
+//! clear failure for `-o io_uring` where the kernel does not allow it.
+
+use std::path::Path;
+
+use kcache_tests::*;
+
+const PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Sets `enable_uring` for the life of the guard, then puts back what was there.
+struct UringParam(Option<String>);
+
+impl UringParam {
+    fn set(on: bool) -> Option<UringParam> {
+        let old = std::fs::read_to_string(PARAM).ok()?;
+        std::fs::write(PARAM, if on { "Y" } else { "N" }).ok()?;
+        Some(UringParam(Some(old.trim().to_owned())))
+    }
+}
+
+impl Drop for UringParam {
+    fn drop(&mut self) {
+        if let Some(old) = self.0.take() {
+            let _ = std::fs::write(PARAM, old);
+        }
+    }
+}
+
+/// Files written through a temp name and renamed, then read back: what a cache does.
+fn small_file_workload(root: &Path, n: usize) {
+    for d in 0..4 {
+        std::fs::create_dir_all(root.join(format!("d{d}"))).unwrap();
+    }
+    for i in 0..n {
+        let tmp = root.join(format!("d{}/.tmp{i}", i % 4));
+        std::fs::write(&tmp, pseudo_random(i as u64, 4096 + i)).unwrap();
+        std::fs::rename(&tmp, root.join(format!("d{}/f{i}", i % 4))).unwrap();
+    }
+    for i in 0..n {
+        let p = root.join(format!("d{}/f{i}", i % 4));
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), (4096 + i) as u64);
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            pseudo_random(i as u64, 4096 + i)
+        );
+    }
+}
+
+/// The kcache_fuse_requests_total counters of the mount's metrics endpoint, by op.
+fn request_counts(addr: &str) -> std::collections::BTreeMap<String, u64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("kcache_fuse_requests_total{op=\""))
+        .filter_map(|l| {
+            let (op, rest) = l.split_once("\"}")?;
+            Some((op.to_owned(), rest.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+fn mount_on(opts: &[&str]) -> (Mount, String) {
+    let addr = free_addr();
+    let mut all = vec![format!("metrics={addr}")];
+    all.extend(opts.iter().map(|s| s.to_string()));
+    let all: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
+    (Mount::with_opts(&all).expect("FUSE"), addr)
+}
+
+#[test]
+fn the_transport_follows_enable_uring_and_the_mount_options() {
+    if !fuse_available() {
+        return;
+    }
+    let Some(guard) = UringParam::set(true) else {
+        // A kernel without FUSE over io_uring: classic, and -o io_uring refuses to mount.
+        assert!(
+            std::fs::metadata(PARAM).is_err(),
+            "{PARAM} exists but cannot be written (not root?)"
+        );
+        let (m, _) = mount_on(&[]);
+        assert_eq!(m.stats()["transport"], "classic");
+        return;
+    };
+
+    // Allowed: io_uring by default and with -o io_uring; classic with -o noio_uring. The
+    // same workload costs the same requests either way (one dispatch path), and the daemon
+    // says which transport it took.
+    let mut counts = Vec::new();
+    for (opts, want) in [
+        (&[][..], "io_uring"),
+        (&["io_uring"][..], "io_uring"),
+        (&["noio_uring"][..], "classic"),
+    ] {
+        let (mut m, addr) = mount_on(opts);
+        let s = m.stats();
+        assert_eq!(s["transport"], want, "{opts:?}: {s}");
+        assert!(
+            m.log_text()
+                .contains(&format!("fuse transport transport=\"{want}\"")),
+            "{}",
+            m.log_text()
+        );
+        small_file_workload(&m.mnt, 200);
+        let c = request_counts(&addr);
+        m.unmount();
+        counts.push(c);
+    }
+    for op in ["create", "rename", "write", "release", "mkdir"] {
+        let per: Vec<u64> = counts
+            .iter()
+            .map(|c| c.get(op).copied().unwrap_or(0))
+            .collect();
+        assert!(per[0] > 0, "no {op} counted: {counts:?}");
+        assert!(
+            per.iter().all(|&n| n == per[0]),
+            "{op} requests differ between transports: {per:?}"
+        );
+    }
+
+    // Not allowed: classic by default; -o io_uring fails, naming the parameter.
+    drop(guard);
+    let _off = UringParam::set(false).unwrap();
+    let (m, _) = mount_on(&[]);
+    assert_eq!(m.stats()["transport"], "classic");
+    small_file_workload(&m.mnt, 20);
+    drop(m);
+    let dir = tempfile::tempdir().unwrap();
+    let (mnt, store) = (dir.path().join("m"), dir.path().join("s"));
+    std::fs::create_dir(&mnt).unwrap();
+    let (code, out) = kcache(&[
+        "mount",
+        "--foreground",
+        "--store",
+        store.to_str().unwrap(),
+        "-o",
+        "io_uring",
+        mnt.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("enable_uring"), "{out}");
+}
