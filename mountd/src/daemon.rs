@@ -34,7 +34,14 @@ fn is_dead_fuse_mount(mp: &Path) -> bool {
     // SAFETY: statvfs fills a zeroed struct for a valid C path.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
-    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
+    rc != 0 && is_dead_errno(std::io::Error::last_os_error().raw_os_error())
+}
+
+/// What a request to a FUSE mount whose daemon died returns: ENOTCONN once the kernel has
+/// aborted the connection, ECONNABORTED for a request that was queued on an io_uring queue
+/// while the dead daemon's ring was being torn down.
+fn is_dead_errno(e: Option<i32>) -> bool {
+    matches!(e, Some(libc::ENOTCONN) | Some(libc::ECONNABORTED))
 }
 
 fn detach(mp: &Path) -> Result<()> {
@@ -57,7 +64,7 @@ fn prepare_mountpoint(mp: &Path) -> Result<PathBuf> {
     match std::fs::metadata(mp) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => bail!("mountpoint {} is not a directory", mp.display()),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => detach(mp)?,
+        Err(e) if is_dead_errno(e.raw_os_error()) => detach(mp)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             bail!("mountpoint {} does not exist", mp.display())
         }
