@@ -1,0 +1,366 @@
+//! The open table: the handles the kernel holds (by fh) and the per-inode state shared by
+//! every handle of an open inode (counts, staging file, passthrough registration), with the
+//! rules for when that state is made and dropped.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kcache_store::{Hash, Ino, Lease};
+
+use crate::core::lock;
+use crate::staging::Staging;
+use crate::types::{BackingToken, IoMode};
+
+pub(crate) struct PtState {
+    pub(crate) token: BackingToken,
+    pub(crate) handles: u32,
+    /// The blob the backing file holds: once the inode's content has moved on (a truncate
+    /// by path committed meanwhile), new opens wait for these handles to go rather than
+    /// join them and read the old content.
+    pub(crate) hash: Hash,
+}
+
+/// Per-inode state while any handle is open or staged content is uncommitted.
+#[derive(Default)]
+pub(crate) struct OpenInode {
+    pub(crate) handles: u32,
+    pub(crate) writers: u32,
+    pub(crate) cached_handles: u32,
+    pub(crate) staging: Option<Staging>,
+    pub(crate) pt: Option<PtState>,
+    /// The committed blob, open for reads served by the daemon.
+    pub(crate) blob_file: Option<(Hash, Arc<File>)>,
+    /// Removed from the table of open inodes; whoever still holds it must look again.
+    pub(crate) dead: bool,
+    /// Opens for writing waiting for the passthrough readers to close (see `open_gated`):
+    /// while there are any, new readers wait too instead of joining (and prolonging) the
+    /// passthrough, and once it is gone they do not start a new one.
+    pub(crate) writers_waiting: u32,
+}
+
+impl OpenInode {
+    /// Nothing needs this state any more: no handle, nothing staged, no writer waiting.
+    fn unused(&self) -> bool {
+        self.handles == 0 && self.staging.is_none() && self.writers_waiting == 0 && !self.dead
+    }
+
+    /// Takes released handle `h` off the counts (and the passthrough registration with its
+    /// last passthrough handle).
+    pub(crate) fn drop_handle(&mut self, h: &Handle) {
+        self.handles -= 1;
+        if h.writable {
+            self.writers -= 1;
+        }
+        match h.mode_kind {
+            ModeKind::Passthrough => {
+                if let Some(pt) = &mut self.pt {
+                    pt.handles -= 1;
+                    if pt.handles == 0 {
+                        self.pt = None;
+                    }
+                }
+            }
+            ModeKind::Cached => self.cached_handles -= 1,
+            ModeKind::Direct => {}
+        }
+    }
+}
+
+pub(crate) struct Handle {
+    pub(crate) ino: Ino,
+    pub(crate) writable: bool,
+    pub(crate) mode_kind: ModeKind,
+    /// The download this read-only handle reads through while its content arrives. Held
+    /// here, so the last handle's release cancels a download nobody else wants.
+    pub(crate) lease: Option<Arc<Lease>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum ModeKind {
+    Passthrough,
+    Cached,
+    Direct,
+}
+
+impl ModeKind {
+    pub(crate) fn of(mode: &IoMode) -> ModeKind {
+        match mode {
+            IoMode::Passthrough(_) => ModeKind::Passthrough,
+            IoMode::Cached { .. } => ModeKind::Cached,
+            IoMode::Direct => ModeKind::Direct,
+        }
+    }
+}
+
+type OpenMap = HashMap<Ino, Arc<Mutex<OpenInode>>>;
+
+/// The handles of one filesystem and the state of its open inodes. Lock order: the map of
+/// open inodes before an inode's own lock, never the other way round.
+pub(crate) struct OpenTable {
+    next_fh: AtomicU64,
+    open: Mutex<OpenMap>,
+    handles: Mutex<HashMap<u64, Handle>>,
+}
+
+impl Default for OpenTable {
+    fn default() -> OpenTable {
+        OpenTable {
+            next_fh: AtomicU64::new(1),
+            open: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl OpenTable {
+    // ---- handles ---------------------------------------------------------------------
+
+    /// A new file handle number, never given before by this table.
+    pub(crate) fn next_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn insert_handle(&self, fh: u64, h: Handle) {
+        lock(&self.handles).insert(fh, h);
+    }
+
+    /// The inode behind handle `fh`, and whether the handle may write.
+    pub(crate) fn handle_ino(&self, fh: u64) -> Option<(Ino, bool)> {
+        lock(&self.handles).get(&fh).map(|h| (h.ino, h.writable))
+    }
+
+    /// The inode behind handle `fh`, and the download it reads through, if any.
+    pub(crate) fn handle_lease(&self, fh: u64) -> Option<(Ino, Option<Arc<Lease>>)> {
+        lock(&self.handles)
+            .get(&fh)
+            .map(|h| (h.ino, h.lease.clone()))
+    }
+
+    pub(crate) fn remove_handle(&self, fh: u64) -> Option<Handle> {
+        lock(&self.handles).remove(&fh)
+    }
+
+    // ---- open inodes -----------------------------------------------------------------
+
+    /// The map of open inodes, locked, for a caller that must hold it across another step.
+    pub(crate) fn inodes(&self) -> MutexGuard<'_, OpenMap> {
+        lock(&self.open)
+    }
+
+    /// The state of `ino` if it is open.
+    pub(crate) fn get(&self, ino: Ino) -> Option<Arc<Mutex<OpenInode>>> {
+        lock(&self.open).get(&ino).cloned()
+    }
+
+    pub(crate) fn contains(&self, ino: Ino) -> bool {
+        lock(&self.open).contains_key(&ino)
+    }
+
+    /// The inodes open now.
+    pub(crate) fn inos(&self) -> Vec<Ino> {
+        lock(&self.open).keys().copied().collect()
+    }
+
+    /// Every open inode with its state.
+    pub(crate) fn all(&self) -> Vec<(Ino, Arc<Mutex<OpenInode>>)> {
+        lock(&self.open)
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect()
+    }
+
+    /// Runs `f` on the live per-inode state of `ino` (created if needed) with its lock held,
+    /// then drops the state again if `f` left nothing in it. Retries when it raced with
+    /// another caller dropping the entry it found.
+    pub(crate) fn with_inode<R>(&self, ino: Ino, f: impl FnOnce(&mut OpenInode) -> R) -> R {
+        loop {
+            let oi = lock(&self.open).entry(ino).or_default().clone();
+            let mut g = lock(&oi);
+            if g.dead {
+                continue;
+            }
+            let r = f(&mut g);
+            drop(g);
+            self.release_inode(ino, &oi);
+            return r;
+        }
+    }
+
+    /// Drops the per-inode state if nothing uses it any more.
+    pub(crate) fn release_inode(&self, ino: Ino, oi: &Arc<Mutex<OpenInode>>) {
+        let mut open = lock(&self.open);
+        let mut g = lock(oi);
+        if g.unused() {
+            g.dead = true;
+            drop(g);
+            if open.get(&ino).is_some_and(|cur| Arc::ptr_eq(cur, oi)) {
+                open.remove(&ino);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn handle(ino: Ino, writable: bool, mode_kind: ModeKind) -> Handle {
+        Handle {
+            ino,
+            writable,
+            mode_kind,
+            lease: None,
+        }
+    }
+
+    #[test]
+    fn file_handles_are_unique_across_threads() {
+        let t = Arc::new(OpenTable::default());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let t = t.clone();
+                std::thread::spawn(move || (0..1000).map(|_| t.next_fh()).collect::<Vec<_>>())
+            })
+            .collect();
+        let mut seen = HashSet::new();
+        for th in threads {
+            for fh in th.join().unwrap() {
+                assert!(fh != 0, "fh 0 is never given");
+                assert!(seen.insert(fh), "fh {fh} given twice");
+            }
+        }
+        assert_eq!(seen.len(), 4000);
+    }
+
+    #[test]
+    fn handles_insert_look_up_and_remove() {
+        let t = OpenTable::default();
+        let fh = t.next_fh();
+        assert_eq!(t.handle_ino(fh), None);
+        t.insert_handle(fh, handle(7, true, ModeKind::Cached));
+        assert_eq!(t.handle_ino(fh), Some((7, true)));
+        let (ino, lease) = t.handle_lease(fh).unwrap();
+        assert_eq!(ino, 7);
+        assert!(lease.is_none());
+        let h = t.remove_handle(fh).unwrap();
+        assert_eq!(
+            (h.ino, h.writable, h.mode_kind),
+            (7, true, ModeKind::Cached)
+        );
+        assert!(t.remove_handle(fh).is_none());
+        assert_eq!(t.handle_ino(fh), None);
+        assert!(t.handle_lease(fh).is_none());
+    }
+
+    #[test]
+    fn inode_state_lives_from_first_open_to_last_release() {
+        let t = OpenTable::default();
+        assert!(!t.contains(3));
+        // Left with nothing in it, the state goes at once.
+        t.with_inode(3, |g| assert_eq!(g.handles, 0));
+        assert!(!t.contains(3));
+        assert!(t.get(3).is_none());
+
+        // Two opens.
+        let hs = [
+            handle(3, false, ModeKind::Cached),
+            handle(3, true, ModeKind::Direct),
+        ];
+        for h in &hs {
+            t.with_inode(3, |g| {
+                g.handles += 1;
+                if h.writable {
+                    g.writers += 1;
+                }
+                if h.mode_kind == ModeKind::Cached {
+                    g.cached_handles += 1;
+                }
+            });
+        }
+        assert!(t.contains(3));
+        assert_eq!(t.inos(), vec![3]);
+        let oi = t.get(3).unwrap();
+        {
+            let g = lock(&oi);
+            assert_eq!((g.handles, g.writers, g.cached_handles), (2, 1, 1));
+        }
+
+        // First release: still open.
+        lock(&oi).drop_handle(&hs[0]);
+        t.release_inode(3, &oi);
+        assert!(t.contains(3));
+        assert!(!lock(&oi).dead);
+
+        // Last release: dropped, and marked so that a holder of the old state looks again.
+        lock(&oi).drop_handle(&hs[1]);
+        t.release_inode(3, &oi);
+        assert!(!t.contains(3));
+        assert!(lock(&oi).dead);
+        assert!(t.all().is_empty());
+
+        // The next open makes a fresh state rather than reviving the dead one.
+        t.with_inode(3, |g| {
+            assert!(!g.dead);
+            g.handles += 1;
+        });
+        let fresh = t.get(3).unwrap();
+        assert!(!Arc::ptr_eq(&fresh, &oi));
+    }
+
+    #[test]
+    fn a_waiting_writer_keeps_the_state() {
+        let t = OpenTable::default();
+        t.with_inode(4, |g| g.writers_waiting += 1);
+        assert!(t.contains(4));
+        t.with_inode(4, |g| g.writers_waiting -= 1);
+        assert!(!t.contains(4));
+    }
+
+    #[test]
+    fn releasing_a_stale_state_leaves_the_current_one() {
+        let t = OpenTable::default();
+        let stale: Arc<Mutex<OpenInode>> = Arc::default();
+        t.with_inode(5, |g| g.handles += 1);
+        t.release_inode(5, &stale);
+        assert!(lock(&stale).dead);
+        assert!(t.contains(5));
+    }
+
+    #[test]
+    fn the_last_passthrough_handle_drops_the_registration() {
+        let mut g = OpenInode {
+            handles: 3,
+            writers: 0,
+            cached_handles: 1,
+            pt: Some(PtState {
+                token: Arc::new(()),
+                handles: 2,
+                hash: Hash([0; 32]),
+            }),
+            ..Default::default()
+        };
+        let pt = handle(1, false, ModeKind::Passthrough);
+        g.drop_handle(&pt);
+        assert_eq!(g.pt.as_ref().map(|p| p.handles), Some(1));
+        g.drop_handle(&pt);
+        assert!(g.pt.is_none());
+        g.drop_handle(&handle(1, false, ModeKind::Cached));
+        assert_eq!((g.handles, g.cached_handles), (0, 0));
+    }
+
+    #[test]
+    fn mode_kind_follows_the_io_mode() {
+        assert_eq!(
+            ModeKind::of(&IoMode::Passthrough(Arc::new(()))),
+            ModeKind::Passthrough
+        );
+        assert_eq!(
+            ModeKind::of(&IoMode::Cached { keep_cache: false }),
+            ModeKind::Cached
+        );
+        assert_eq!(ModeKind::of(&IoMode::Direct), ModeKind::Direct);
+    }
+}
