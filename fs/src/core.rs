@@ -5,7 +5,7 @@
 //! handle of that inode uses until the last writer releases it, when the content is hashed and
 //! committed into the store in one transaction (see `release`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
@@ -16,16 +16,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kcache_store::{
-    Counter, Hash, Ino, Inode, Kind, Lease, Limits, NewNode, Remote, SetAttr, Staged, Store,
-    StreamHasher, VolumeInfo,
+    Counter, Hash, Ino, Inode, Kind, Lease, Limits, NewNode, Remote, SetAttr, Store, VolumeInfo,
 };
 
 use crate::error::{Errno, Result};
 pub use crate::names::ROOT_INO;
-use crate::names::{check_name, check_target, kernel_ino, store_ino, Lookups, NAME_MAX};
-use crate::open_table::{Handle, ModeKind, OpenInode, OpenTable, PtState};
-use crate::staging::{seek_raw, set_file_mtime, Staging};
-use crate::types::mtime_of;
+use crate::names::{
+    check_name, check_target, check_xattr, kernel_ino, store_ino, Lookups, NAME_MAX,
+};
+use crate::open_table::{Handle, ModeKind, OpenInode, OpenTable, PageCache};
+use crate::staging::{seek_raw, set_file_mtime};
+use crate::types::{access_by_mode, new_node, new_node_owner};
 pub use crate::types::{
     Attr, Backing, BackingToken, Ctx, IoMode, KernelCache, Opened, SetAttrIn, StatFs, TimeSet,
 };
@@ -60,7 +61,7 @@ pub struct KcacheFs {
     /// Handles and the state of open inodes.
     open: OpenTable,
     /// Blob whose pages the kernel may still cache for an inode, to set keep_cache on reopen.
-    page_cache: Mutex<HashMap<Ino, Hash>>,
+    page_cache: PageCache,
     pub(crate) kernel_cache: Mutex<Option<Arc<dyn KernelCache>>>,
     /// Where this filesystem fetches content only an upstream has: its mount's `upstream=`
     /// options, or the store's remembered upstreams (set by the daemon, `with_remote`).
@@ -158,7 +159,7 @@ impl KcacheFs {
             transport: Mutex::new("none"),
             lookups: Lookups::default(),
             open: OpenTable::default(),
-            page_cache: Mutex::new(HashMap::new()),
+            page_cache: PageCache::default(),
             kernel_cache: Mutex::new(None),
             remote: Mutex::new(None),
             kept_until_forgotten: Mutex::new(HashSet::new()),
@@ -374,7 +375,7 @@ impl KcacheFs {
         let ino = self.sino(ino);
         if self.lookups.forget(ino, nlookup) {
             // The kernel dropped the inode, and its pages with it.
-            lock(&self.page_cache).remove(&ino);
+            self.page_cache.forget(ino);
             self.maybe_purge(ino);
         }
     }
@@ -385,32 +386,6 @@ impl KcacheFs {
         self.attr_since(&inode, Some(seen))
     }
 
-    fn node(kind: Kind, mode: u32, rdev: u32, target: Option<Vec<u8>>) -> NewNode {
-        NewNode {
-            kind,
-            mode,
-            uid: 0,
-            gid: 0,
-            rdev,
-            target,
-        }
-    }
-
-    fn new_node_owner(&self, parent: &Inode, ctx: Ctx, kind: Kind, mode: u32) -> (u32, u32) {
-        // BSD group semantics on setgid directories: new entries take the directory's group,
-        // and new subdirectories inherit the setgid bit.
-        let mut mode = mode & 0o7777;
-        let gid = if parent.mode & libc::S_ISGID != 0 {
-            if kind == Kind::Dir {
-                mode |= libc::S_ISGID;
-            }
-            parent.gid
-        } else {
-            ctx.gid
-        };
-        (mode, gid)
-    }
-
     /// Creates `name` in `parent` owned by the caller; `node`'s uid and gid are filled in here.
     fn make(&self, parent: u64, name: &OsStr, ctx: Ctx, mut node: NewNode) -> Result<Inode> {
         self.writable()?;
@@ -419,7 +394,7 @@ impl KcacheFs {
         if parent.kind != Kind::Dir {
             return Err(Errno::ENOTDIR);
         }
-        let (mode, gid) = self.new_node_owner(&parent, ctx, node.kind, node.mode);
+        let (mode, gid) = new_node_owner(&parent, ctx, node.kind, node.mode);
         node.mode = mode;
         node.uid = ctx.uid;
         node.gid = gid;
@@ -427,7 +402,7 @@ impl KcacheFs {
     }
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, ctx: Ctx) -> Result<Attr> {
-        let n = self.make(parent, name, ctx, Self::node(Kind::Dir, mode, 0, None))?;
+        let n = self.make(parent, name, ctx, new_node(Kind::Dir, mode, 0, None))?;
         self.entry(&n)
     }
 
@@ -440,7 +415,7 @@ impl KcacheFs {
             libc::S_IFBLK => Kind::BlockDev,
             _ => return Err(Errno::EINVAL),
         };
-        let n = self.make(parent, name, ctx, Self::node(kind, mode, rdev, None))?;
+        let n = self.make(parent, name, ctx, new_node(kind, mode, rdev, None))?;
         self.entry(&n)
     }
 
@@ -450,7 +425,7 @@ impl KcacheFs {
             parent,
             name,
             ctx,
-            Self::node(Kind::Symlink, 0o777, 0, Some(t.to_vec())),
+            new_node(Kind::Symlink, 0o777, 0, Some(t.to_vec())),
         )?;
         self.entry(&n)
     }
@@ -657,7 +632,7 @@ impl KcacheFs {
         self.open.with_inode(ino, |g| {
             if g.handles > 0 || g.staging.is_some() {
                 // Open: change the staged content; the last writer's release commits it.
-                let file = self.staging_for_write(ino, g)?;
+                let file = g.staging_for_write(&self.store, ino)?;
                 file.set_len(size)?;
                 if g.writers == 0 {
                     self.commit(ino, g, false)?;
@@ -668,7 +643,7 @@ impl KcacheFs {
                 self.store.ns().clear_content(ino, kcache_store::now_ns())?;
                 return Ok(());
             }
-            let file = self.staging_for_write(ino, g)?;
+            let file = g.staging_for_write(&self.store, ino)?;
             file.set_len(size)?;
             set_file_mtime(&file, kcache_store::now_ns())?;
             self.commit(ino, g, false)
@@ -716,7 +691,7 @@ impl KcacheFs {
         backing: Option<&dyn Backing>,
         wait: Option<u32>,
     ) -> Result<(Attr, Opened)> {
-        let inode = match self.make(parent, name, ctx, Self::node(Kind::File, mode, 0, None)) {
+        let inode = match self.make(parent, name, ctx, new_node(Kind::File, mode, 0, None)) {
             Ok(n) => n,
             // Lost a race with another creator: without O_EXCL that is an ordinary open.
             Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {
@@ -937,7 +912,16 @@ impl KcacheFs {
             }
             // A download still under way: reads go through it.
             let lease = lease.filter(|l| inode.blob == Some(l.hash()) && !l.is_done());
-            let mode = self.open_locked(&inode, g, writable, trunc, backing, lease.is_some())?;
+            let mode = g.open_handle(
+                &self.store,
+                &self.page_cache,
+                &self.passthrough,
+                &inode,
+                writable,
+                trunc,
+                backing,
+                lease.is_some(),
+            )?;
             Ok((mode, lease))
         })?;
         let (mode, lease) = mode;
@@ -957,132 +941,6 @@ impl KcacheFs {
         Ok(Opened { fh, mode })
     }
 
-    fn open_locked(
-        &self,
-        inode: &Inode,
-        g: &mut OpenInode,
-        writable: bool,
-        trunc: bool,
-        backing: Option<&dyn Backing>,
-        streaming: bool,
-    ) -> Result<IoMode> {
-        // The kernel refuses any handle but a passthrough one on an inode that has
-        // passthrough handles open; a writer must wait for them to close (see `open_gated`).
-        if g.pt.as_ref().is_some_and(|pt| {
-            writable || g.writers_waiting > 0 || inode.blob != Some(pt.hash) || g.staging.is_some()
-        }) {
-            return Err(Errno::PASSTHROUGH_HELD);
-        }
-        if trunc {
-            // O_TRUNC on an existing file updates its mtime and ctime, even if it was empty.
-            let now = kcache_store::now_ns();
-            match &mut g.staging {
-                Some(st) => st.reset(now)?,
-                None => g.staging = Some(self.new_staging(inode.ino, None, now)?),
-            }
-            if let Some(st) = &mut g.staging {
-                st.dirty = true;
-            }
-        }
-
-        // Decide the I/O mode. Passthrough is only for committed content that nobody writes:
-        // writes must reach the daemon so that it knows exactly what changed and never lets a
-        // write land in a file that has become a blob. The kernel requires all passthrough
-        // handles of an inode to share one backing file and admits no other kind of handle
-        // while there are any, so readers join them and writers wait (checked above).
-        let quiet = !writable && g.writers == 0 && g.staging.is_none() && g.writers_waiting == 0;
-        let mode = match (
-            &mut g.pt,
-            backing.filter(|_| self.passthrough() && !streaming),
-        ) {
-            // Readers join passthrough readers (the only handle the kernel lets in), even
-            // when a truncate by path has staged new content meanwhile: they then see the
-            // content they would have seen had they opened a moment earlier.
-            (Some(pt), _) => {
-                pt.handles += 1;
-                IoMode::Passthrough(pt.token.clone())
-            }
-            (None, Some(b)) if quiet && g.cached_handles == 0 && inode.blob.is_some() => {
-                let file = self.blob_file(g, inode.blob.expect("checked above"))?;
-                match b.register(&file) {
-                    Ok(token) => {
-                        g.pt = Some(PtState {
-                            token: token.clone(),
-                            handles: 1,
-                            hash: inode.blob.expect("checked above"),
-                        });
-                        IoMode::Passthrough(token)
-                    }
-                    Err(e) => {
-                        tracing::warn!(ino = inode.ino, error = %e, "passthrough refused; serving this file from the daemon");
-                        g.cached_handles += 1;
-                        IoMode::Cached { keep_cache: false }
-                    }
-                }
-            }
-            (None, _) => {
-                g.cached_handles += 1;
-                let keep_cache = match (&g.staging, inode.blob) {
-                    (None, Some(h)) if g.writers == 0 && !streaming => {
-                        lock(&self.page_cache).insert(inode.ino, h) == Some(h)
-                    }
-                    _ => {
-                        lock(&self.page_cache).remove(&inode.ino);
-                        false
-                    }
-                };
-                IoMode::Cached { keep_cache }
-            }
-        };
-        g.handles += 1;
-        if writable {
-            g.writers += 1;
-        }
-        if let Some(h) = inode.blob {
-            // Every open counts for the LRU; noted in memory, written in batches.
-            self.store.lru().note_access(h);
-        }
-        Ok(mode)
-    }
-
-    /// A new staging file for inode `ino` (see `Staging::new`).
-    fn new_staging(&self, ino: Ino, from: Option<Hash>, mtime: i64) -> Result<Staging> {
-        Staging::new(&self.store.blobs(), ino, from, mtime)
-    }
-
-    /// The staging file of an open inode, made from the committed content on first use, and
-    /// marked dirty: the caller is about to change it.
-    fn staging_mut<'g>(&self, ino: Ino, g: &'g mut OpenInode) -> Result<&'g mut Staging> {
-        if g.staging.is_none() {
-            let inode = self.store.ns().get(ino)?;
-            g.staging = Some(self.new_staging(ino, inode.blob, inode.mtime)?);
-        }
-        let st = g.staging.as_mut().expect("just made");
-        st.dirty = true;
-        Ok(st)
-    }
-
-    /// Like `staging_mut` for a change other than an in-order write: the streamed hash no
-    /// longer describes the content.
-    fn staging_for_write(&self, ino: Ino, g: &mut OpenInode) -> Result<Arc<File>> {
-        let st = self.staging_mut(ino, g)?;
-        st.stream = None;
-        Ok(st.file.clone())
-    }
-
-    /// The open committed blob for daemon-served reads, opened through the store's one
-    /// "make local" path.
-    fn blob_file(&self, g: &mut OpenInode, h: Hash) -> Result<Arc<File>> {
-        if let Some((bh, f)) = &g.blob_file {
-            if *bh == h {
-                return Ok(f.clone());
-            }
-        }
-        let f = Arc::new(self.store.blobs().open_blob(&h)?);
-        g.blob_file = Some((h, f.clone()));
-        Ok(f)
-    }
-
     /// The file daemon-served I/O on `ino` goes to: staged content, else the committed blob.
     fn source(&self, ino: Ino) -> Result<Option<Arc<File>>> {
         let oi = self.open.get(ino).ok_or(Errno::EBADF)?;
@@ -1092,7 +950,7 @@ impl KcacheFs {
         }
         let inode = self.store.ns().get(ino)?;
         match inode.blob {
-            Some(h) => Ok(Some(self.blob_file(&mut g, h)?)),
+            Some(h) => Ok(Some(g.blob_file(&self.store, h)?)),
             None => Ok(None),
         }
     }
@@ -1178,7 +1036,7 @@ impl KcacheFs {
         let mut retried = false;
         loop {
             let mut g = lock(&oi);
-            let st = self.staging_mut(ino, &mut g)?;
+            let st = g.staging_mut(&self.store, ino)?;
             match st.file.write_all_at(data, offset) {
                 Ok(()) => {
                     st.note_write(offset, data);
@@ -1239,7 +1097,7 @@ impl KcacheFs {
                 self.make_room(bytes, size)?;
             }
             let mut g = lock(&oi);
-            let file = self.staging_for_write(ino, &mut g)?;
+            let file = g.staging_for_write(&self.store, ino)?;
             // SAFETY: fallocate on a valid descriptor we own.
             if unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) } == 0 {
                 return Ok(());
@@ -1306,49 +1164,15 @@ impl KcacheFs {
         Ok(())
     }
 
-    /// Hashes the staged content and points the inode at the resulting blob, then lets go of
-    /// the staging file: it became the blob (renamed), or the content was already stored.
-    /// The next write makes a fresh staging file. Nothing else can be writing it: writes take
-    /// the inode lock the caller holds, and the kernel never writes staging files directly.
+    /// Commits `ino`'s staged content (see `OpenInode::commit`); the caller holds its lock.
     fn commit(&self, ino: Ino, g: &mut OpenInode, durable: bool) -> Result<()> {
-        let Some(st) = &g.staging else {
-            return Ok(());
-        };
-        let inode = self.store.ns().get(ino)?;
-        if inode.nlink == 0 {
-            // Unlinked while open: the content dies with the last handle.
-            return Ok(());
-        }
-        let meta = st.file.metadata()?;
-        let mut consumed = false;
-        if meta.len() == 0 {
-            self.store.ns().clear_content(ino, mtime_of(&meta))?;
-        } else {
-            let known = st
-                .stream
-                .as_ref()
-                .map(StreamHasher::finish)
-                .filter(|k| k.1 == meta.len());
-            let staged = Staged {
-                ino,
-                path: &st.path,
-                file: &st.file,
-                known,
-                durable,
-                mtime: mtime_of(&meta),
-            };
-            consumed = self.store.blobs().commit_staged(&staged)?.2;
-        }
-        // Counted while this inode's lock is held, before the file can leave the open table.
-        self.shared.commits.fetch_add(1, Ordering::SeqCst);
-        if let Some(st) = g.staging.take() {
-            if !consumed {
-                st.discard();
-            }
-        }
-        lock(&self.page_cache).remove(&ino);
-        g.blob_file = None;
-        Ok(())
+        g.commit(
+            &self.store,
+            ino,
+            durable,
+            &self.shared.commits,
+            &self.page_cache,
+        )
     }
 
     pub fn release(&self, fh: u64) -> Result<()> {
@@ -1371,23 +1195,7 @@ impl KcacheFs {
             }
         }
         if g.handles == 0 {
-            g.blob_file = None;
-            let clean = g.staging.as_ref().is_some_and(|s| !s.dirty);
-            // Dirty content goes only with its last name. A row that cannot be read says
-            // nothing: keep the staged bytes (the next close or the unmount commits them).
-            let unlinked = match self.store.ns().get(ino) {
-                Ok(n) => n.nlink == 0,
-                Err(kcache_store::Error::NotFound) => true,
-                Err(e) => {
-                    tracing::error!(ino, error = %e, "reading a closed file's row failed; its staged content is kept");
-                    false
-                }
-            };
-            if clean || unlinked {
-                if let Some(st) = g.staging.take() {
-                    st.discard();
-                }
-            }
+            g.last_handle_closed(&self.store, ino);
         }
         drop(g);
         self.open.release_inode(ino, &oi);
@@ -1424,13 +1232,7 @@ impl KcacheFs {
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         self.writable()?;
-        let name = name.as_bytes();
-        if name.is_empty() || name.len() > 255 {
-            return Err(Errno::ERANGE);
-        }
-        if value.len() > 65536 {
-            return Err(Errno(libc::E2BIG));
-        }
+        let name = check_xattr(name, value)?;
         Ok(self.store.ns().setxattr(
             self.sino(ino),
             name,
@@ -1460,30 +1262,7 @@ impl KcacheFs {
     /// access(2) by mode bits (only asked when the kernel does not check permissions itself).
     pub fn access(&self, ino: u64, mask: i32, ctx: Ctx) -> Result<()> {
         let n = self.store.ns().get(self.sino(ino))?;
-        if mask == libc::F_OK {
-            return Ok(());
-        }
-        if mask & libc::W_OK != 0 && self.read_only {
-            return Err(Errno::EROFS);
-        }
-        if ctx.uid == 0 {
-            // Root may do anything except execute a file nobody may execute.
-            if mask & libc::X_OK != 0 && n.kind != Kind::Dir && n.mode & 0o111 == 0 {
-                return Err(Errno::EACCES);
-            }
-            return Ok(());
-        }
-        let bits = if ctx.uid == n.uid {
-            (n.mode >> 6) & 7
-        } else if ctx.gid == n.gid {
-            (n.mode >> 3) & 7
-        } else {
-            n.mode & 7
-        };
-        if (mask as u32) & !bits & 7 != 0 {
-            return Err(Errno::EACCES);
-        }
-        Ok(())
+        access_by_mode(&n, mask, ctx, self.read_only)
     }
 
     pub fn statfs(&self) -> Result<StatFs> {

@@ -41,6 +41,19 @@ pub(crate) fn check_target(target: &OsStr) -> Result<&[u8]> {
     Ok(t)
 }
 
+/// An extended attribute to set: a name of 1 to 255 bytes, a value of at most 64 KiB (the
+/// limits of Linux's xattr calls).
+pub(crate) fn check_xattr<'n>(name: &'n OsStr, value: &[u8]) -> Result<&'n [u8]> {
+    let name = name.as_bytes();
+    if name.is_empty() || name.len() > 255 {
+        return Err(Errno::ERANGE);
+    }
+    if value.len() > 65536 {
+        return Err(Errno(libc::E2BIG));
+    }
+    Ok(name)
+}
+
 /// Kernel inode number -> store inode number, for a volume whose root is `root`.
 pub(crate) fn store_ino(ino: u64, root: Ino) -> Ino {
     if ino == ROOT_INO {
@@ -123,6 +136,21 @@ mod tests {
             Err(Errno::ENAMETOOLONG)
         );
         assert_eq!(check_target(OsStr::new("")), Err(Errno(libc::ENOENT)));
+    }
+
+    #[test]
+    fn xattr_names_and_values_keep_to_linuxs_limits() {
+        assert_eq!(check_xattr(OsStr::new("user.a"), b"v").unwrap(), b"user.a");
+        assert_eq!(check_xattr(OsStr::new(""), b"v"), Err(Errno::ERANGE));
+        let long = format!("user.{}", "x".repeat(251));
+        assert_eq!(check_xattr(OsStr::new(&long), b""), Err(Errno::ERANGE));
+        assert!(check_xattr(OsStr::new(&long[1..]), &[0; 65536]).is_ok());
+        assert_eq!(
+            check_xattr(OsStr::new("user.a"), &[0; 65537]),
+            Err(Errno(libc::E2BIG))
+        );
+        // A bad name is reported before a bad value.
+        assert_eq!(check_xattr(OsStr::new(""), &[0; 65537]), Err(Errno::ERANGE));
     }
 
     #[test]

@@ -4,14 +4,16 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kcache_store::{Hash, Ino, Lease};
+use kcache_store::{Hash, Ino, Inode, Lease, Staged, Store, StreamHasher};
 
 use crate::core::lock;
+use crate::error::{Errno, Result};
 use crate::staging::Staging;
-use crate::types::{BackingToken, IoMode};
+use crate::types::mtime_of;
+use crate::types::{Backing, BackingToken, IoMode};
 
 pub(crate) struct PtState {
     pub(crate) token: BackingToken,
@@ -34,7 +36,7 @@ pub(crate) struct OpenInode {
     pub(crate) blob_file: Option<(Hash, Arc<File>)>,
     /// Removed from the table of open inodes; whoever still holds it must look again.
     pub(crate) dead: bool,
-    /// Opens for writing waiting for the passthrough readers to close (see `open_gated`):
+    /// Opens for writing waiting for the passthrough readers to close (see `KcacheFs::open_gated`):
     /// while there are any, new readers wait too instead of joining (and prolonging) the
     /// passthrough, and once it is gone they do not start a new one.
     pub(crate) writers_waiting: u32,
@@ -44,6 +46,213 @@ impl OpenInode {
     /// Nothing needs this state any more: no handle, nothing staged, no writer waiting.
     fn unused(&self) -> bool {
         self.handles == 0 && self.staging.is_none() && self.writers_waiting == 0 && !self.dead
+    }
+
+    /// Counts a new handle of this inode (`inode`, read under this state's lock) and decides
+    /// how the kernel does its I/O; with O_TRUNC (`trunc`), empties the staged content first.
+    /// `streaming`: reads go through a download under way. Fails with
+    /// `Errno::PASSTHROUGH_HELD` while passthrough handles keep this open out (see `KcacheFs::open_gated`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn open_handle(
+        &mut self,
+        store: &Store,
+        page_cache: &PageCache,
+        passthrough: &AtomicBool,
+        inode: &Inode,
+        writable: bool,
+        trunc: bool,
+        backing: Option<&dyn Backing>,
+        streaming: bool,
+    ) -> Result<IoMode> {
+        // The kernel refuses any handle but a passthrough one on an inode that has
+        // passthrough handles open; a writer must wait for them to close (see `KcacheFs::open_gated`).
+        if self.pt.as_ref().is_some_and(|pt| {
+            writable
+                || self.writers_waiting > 0
+                || inode.blob != Some(pt.hash)
+                || self.staging.is_some()
+        }) {
+            return Err(Errno::PASSTHROUGH_HELD);
+        }
+        if trunc {
+            // O_TRUNC on an existing file updates its mtime and ctime, even if it was empty.
+            let now = kcache_store::now_ns();
+            match &mut self.staging {
+                Some(st) => st.reset(now)?,
+                None => self.staging = Some(Staging::new(&store.blobs(), inode.ino, None, now)?),
+            }
+            if let Some(st) = &mut self.staging {
+                st.dirty = true;
+            }
+        }
+
+        // Decide the I/O mode. Passthrough is only for committed content that nobody writes:
+        // writes must reach the daemon so that it knows exactly what changed and never lets a
+        // write land in a file that has become a blob. The kernel requires all passthrough
+        // handles of an inode to share one backing file and admits no other kind of handle
+        // while there are any, so readers join them and writers wait (checked above).
+        let quiet =
+            !writable && self.writers == 0 && self.staging.is_none() && self.writers_waiting == 0;
+        let mode = match (
+            &mut self.pt,
+            backing.filter(|_| passthrough.load(Ordering::Relaxed) && !streaming),
+        ) {
+            // Readers join passthrough readers (the only handle the kernel lets in), even
+            // when a truncate by path has staged new content meanwhile: they then see the
+            // content they would have seen had they opened a moment earlier.
+            (Some(pt), _) => {
+                pt.handles += 1;
+                IoMode::Passthrough(pt.token.clone())
+            }
+            (None, Some(b)) if quiet && self.cached_handles == 0 && inode.blob.is_some() => {
+                let file = self.blob_file(store, inode.blob.expect("checked above"))?;
+                match b.register(&file) {
+                    Ok(token) => {
+                        self.pt = Some(PtState {
+                            token: token.clone(),
+                            handles: 1,
+                            hash: inode.blob.expect("checked above"),
+                        });
+                        IoMode::Passthrough(token)
+                    }
+                    Err(e) => {
+                        tracing::warn!(ino = inode.ino, error = %e, "passthrough refused; serving this file from the daemon");
+                        self.cached_handles += 1;
+                        IoMode::Cached { keep_cache: false }
+                    }
+                }
+            }
+            (None, _) => {
+                self.cached_handles += 1;
+                let keep_cache = match (&self.staging, inode.blob) {
+                    (None, Some(h)) if self.writers == 0 && !streaming => {
+                        page_cache.keep(inode.ino, h)
+                    }
+                    _ => {
+                        page_cache.forget(inode.ino);
+                        false
+                    }
+                };
+                IoMode::Cached { keep_cache }
+            }
+        };
+        self.handles += 1;
+        if writable {
+            self.writers += 1;
+        }
+        if let Some(h) = inode.blob {
+            // Every open counts for the LRU; noted in memory, written in batches.
+            store.lru().note_access(h);
+        }
+        Ok(mode)
+    }
+
+    /// The staging file of this open inode (`ino`), made from the committed content on first
+    /// use, and marked dirty: the caller is about to change it.
+    pub(crate) fn staging_mut(&mut self, store: &Store, ino: Ino) -> Result<&mut Staging> {
+        if self.staging.is_none() {
+            let inode = store.ns().get(ino)?;
+            self.staging = Some(Staging::new(&store.blobs(), ino, inode.blob, inode.mtime)?);
+        }
+        let st = self.staging.as_mut().expect("just made");
+        st.dirty = true;
+        Ok(st)
+    }
+
+    /// Like `staging_mut` for a change other than an in-order write: the streamed hash no
+    /// longer describes the content.
+    pub(crate) fn staging_for_write(&mut self, store: &Store, ino: Ino) -> Result<Arc<File>> {
+        let st = self.staging_mut(store, ino)?;
+        st.stream = None;
+        Ok(st.file.clone())
+    }
+
+    /// The open committed blob for daemon-served reads, opened through the store's one
+    /// "make local" path.
+    pub(crate) fn blob_file(&mut self, store: &Store, h: Hash) -> Result<Arc<File>> {
+        if let Some((bh, f)) = &self.blob_file {
+            if *bh == h {
+                return Ok(f.clone());
+            }
+        }
+        let f = Arc::new(store.blobs().open_blob(&h)?);
+        self.blob_file = Some((h, f.clone()));
+        Ok(f)
+    }
+
+    /// Hashes the staged content and points the inode at the resulting blob, then lets go of
+    /// the staging file: it became the blob (renamed), or the content was already stored.
+    /// The next write makes a fresh staging file. Nothing else can be writing it: writes take
+    /// the inode lock the caller holds (on this state), and the kernel never writes staging
+    /// files directly.
+    pub(crate) fn commit(
+        &mut self,
+        store: &Store,
+        ino: Ino,
+        durable: bool,
+        commits: &AtomicU64,
+        page_cache: &PageCache,
+    ) -> Result<()> {
+        let Some(st) = &self.staging else {
+            return Ok(());
+        };
+        let inode = store.ns().get(ino)?;
+        if inode.nlink == 0 {
+            // Unlinked while open: the content dies with the last handle.
+            return Ok(());
+        }
+        let meta = st.file.metadata()?;
+        let mut consumed = false;
+        if meta.len() == 0 {
+            store.ns().clear_content(ino, mtime_of(&meta))?;
+        } else {
+            let known = st
+                .stream
+                .as_ref()
+                .map(StreamHasher::finish)
+                .filter(|k| k.1 == meta.len());
+            let staged = Staged {
+                ino,
+                path: &st.path,
+                file: &st.file,
+                known,
+                durable,
+                mtime: mtime_of(&meta),
+            };
+            consumed = store.blobs().commit_staged(&staged)?.2;
+        }
+        // Counted while this inode's lock is held, before the file can leave the open table.
+        commits.fetch_add(1, Ordering::SeqCst);
+        if let Some(st) = self.staging.take() {
+            if !consumed {
+                st.discard();
+            }
+        }
+        page_cache.forget(ino);
+        self.blob_file = None;
+        Ok(())
+    }
+
+    /// After the last handle closed: the blob file goes, and so does staged content that
+    /// nobody will commit (unchanged, or its file has no name left).
+    pub(crate) fn last_handle_closed(&mut self, store: &Store, ino: Ino) {
+        self.blob_file = None;
+        let clean = self.staging.as_ref().is_some_and(|s| !s.dirty);
+        // Dirty content goes only with its last name. A row that cannot be read says
+        // nothing: keep the staged bytes (the next close or the unmount commits them).
+        let unlinked = match store.ns().get(ino) {
+            Ok(n) => n.nlink == 0,
+            Err(kcache_store::Error::NotFound) => true,
+            Err(e) => {
+                tracing::error!(ino, error = %e, "reading a closed file's row failed; its staged content is kept");
+                false
+            }
+        };
+        if clean || unlinked {
+            if let Some(st) = self.staging.take() {
+                st.discard();
+            }
+        }
     }
 
     /// Takes released handle `h` off the counts (and the passthrough registration with its
@@ -91,6 +300,23 @@ impl ModeKind {
             IoMode::Cached { .. } => ModeKind::Cached,
             IoMode::Direct => ModeKind::Direct,
         }
+    }
+}
+
+/// Blob whose pages the kernel may still cache for an inode, to set keep_cache on reopen.
+#[derive(Default)]
+pub(crate) struct PageCache(Mutex<HashMap<Ino, Hash>>);
+
+impl PageCache {
+    /// Notes that the kernel caches blob `h`'s pages for `ino` from now on. True when it
+    /// already did: pages from an earlier open of the same content may be kept.
+    pub(crate) fn keep(&self, ino: Ino, h: Hash) -> bool {
+        lock(&self.0).insert(ino, h) == Some(h)
+    }
+
+    /// The kernel's pages of `ino` are gone, or no longer the content.
+    pub(crate) fn forget(&self, ino: Ino) {
+        lock(&self.0).remove(&ino);
     }
 }
 
