@@ -432,6 +432,7 @@ impl OpenTable {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+    use std::os::unix::fs::FileExt;
 
     fn handle(ino: Ino, writable: bool, mode_kind: ModeKind) -> Handle {
         Handle {
@@ -575,6 +576,191 @@ mod tests {
         assert!(g.pt.is_none());
         g.drop_handle(&handle(1, false, ModeKind::Cached));
         assert_eq!((g.handles, g.cached_handles), (0, 0));
+    }
+
+    struct Registers(bool);
+
+    impl Backing for Registers {
+        fn register(&self, _file: &File) -> std::io::Result<BackingToken> {
+            if self.0 {
+                Ok(Arc::new(()))
+            } else {
+                Err(std::io::Error::from_raw_os_error(libc::EPERM))
+            }
+        }
+    }
+
+    /// A store holding one committed file with `data`, and its row.
+    fn store_with_file(data: &[u8]) -> (tempfile::TempDir, Arc<Store>, Inode) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let vol = store.volume("default", true, 0, 0).unwrap();
+        let fs = crate::KcacheFs::new(store.clone(), vol, false);
+        let flags = libc::O_WRONLY | libc::O_CREAT;
+        let name = std::ffi::OsStr::new("f");
+        let (attr, o) = fs
+            .create(
+                crate::ROOT_INO,
+                name,
+                0o644,
+                flags,
+                crate::Ctx::root(),
+                None,
+            )
+            .unwrap();
+        fs.write(o.fh, 0, data).unwrap();
+        fs.release(o.fh).unwrap();
+        let inode = store.ns().get(attr.ino).unwrap();
+        assert!(inode.blob.is_some());
+        (dir, store, inode)
+    }
+
+    /// Opens a handle on `g` without O_TRUNC, reads going to the committed content.
+    fn open(
+        g: &mut OpenInode,
+        store: &Store,
+        pc: &PageCache,
+        pt: &AtomicBool,
+        inode: &Inode,
+        writable: bool,
+        backing: Option<&dyn Backing>,
+    ) -> Result<IoMode> {
+        g.open_handle(store, pc, pt, inode, writable, false, backing, false)
+    }
+
+    #[test]
+    fn readers_reopening_unchanged_content_keep_the_page_cache() {
+        let (_dir, store, inode) = store_with_file(b"hello");
+        let (pc, off) = (PageCache::default(), AtomicBool::new(false));
+        let mut g = OpenInode::default();
+        let m = open(&mut g, &store, &pc, &off, &inode, false, None).unwrap();
+        assert!(matches!(m, IoMode::Cached { keep_cache: false }));
+        let m = open(&mut g, &store, &pc, &off, &inode, false, None).unwrap();
+        assert!(matches!(m, IoMode::Cached { keep_cache: true }));
+        assert_eq!((g.handles, g.writers, g.cached_handles), (2, 0, 2));
+        // A writer joins with the pages kept, but while it has the file open, new readers
+        // drop them: the content may change under them.
+        let m = open(&mut g, &store, &pc, &off, &inode, true, None).unwrap();
+        assert!(matches!(m, IoMode::Cached { keep_cache: true }));
+        let m = open(&mut g, &store, &pc, &off, &inode, false, None).unwrap();
+        assert!(matches!(m, IoMode::Cached { keep_cache: false }));
+        assert_eq!((g.handles, g.writers), (4, 1));
+    }
+
+    #[test]
+    fn passthrough_readers_share_one_registration_and_keep_writers_out() {
+        let (_dir, store, inode) = store_with_file(b"hello");
+        let (pc, on) = (PageCache::default(), AtomicBool::new(true));
+        let yes = Registers(true);
+        let mut g = OpenInode::default();
+        for n in 1..=2 {
+            let m = open(&mut g, &store, &pc, &on, &inode, false, Some(&yes)).unwrap();
+            assert!(matches!(m, IoMode::Passthrough(_)));
+            assert_eq!(g.pt.as_ref().map(|p| p.handles), Some(n));
+        }
+        assert!(g.blob_file.is_some());
+        let e = open(&mut g, &store, &pc, &on, &inode, true, Some(&yes)).unwrap_err();
+        assert_eq!(e, Errno::PASSTHROUGH_HELD);
+        // Refused before anything was counted.
+        assert_eq!((g.handles, g.writers, g.cached_handles), (2, 0, 0));
+
+        // Passthrough switched off, or no backing: served by the daemon.
+        let mut g = OpenInode::default();
+        let off = AtomicBool::new(false);
+        let m = open(&mut g, &store, &pc, &off, &inode, false, Some(&yes)).unwrap();
+        assert!(matches!(m, IoMode::Cached { .. }));
+    }
+
+    #[test]
+    fn a_refused_registration_serves_the_file_from_the_daemon() {
+        let (_dir, store, inode) = store_with_file(b"hello");
+        let (pc, on) = (PageCache::default(), AtomicBool::new(true));
+        let mut g = OpenInode::default();
+        let m = open(
+            &mut g,
+            &store,
+            &pc,
+            &on,
+            &inode,
+            false,
+            Some(&Registers(false)),
+        )
+        .unwrap();
+        assert!(matches!(m, IoMode::Cached { keep_cache: false }));
+        assert!(g.pt.is_none());
+        assert_eq!((g.handles, g.cached_handles), (1, 1));
+    }
+
+    #[test]
+    fn o_trunc_stages_empty_content_and_commit_stores_it() {
+        let (_dir, store, inode) = store_with_file(b"hello");
+        let (pc, off) = (PageCache::default(), AtomicBool::new(false));
+        let commits = AtomicU64::new(0);
+        let mut g = OpenInode::default();
+        let m = g
+            .open_handle(&store, &pc, &off, &inode, true, true, None, false)
+            .unwrap();
+        assert!(matches!(m, IoMode::Cached { keep_cache: false }));
+        let st = g.staging.as_ref().unwrap();
+        assert!(st.dirty);
+        assert_eq!(st.len().unwrap(), 0);
+        let path = st.path.clone();
+
+        g.staging_for_write(&store, inode.ino)
+            .unwrap()
+            .write_all_at(b"new", 0)
+            .unwrap();
+        g.commit(&store, inode.ino, false, &commits, &pc).unwrap();
+        assert!(g.staging.is_none());
+        assert!(g.blob_file.is_none());
+        assert_eq!(commits.load(Ordering::SeqCst), 1);
+        let row = store.ns().get(inode.ino).unwrap();
+        assert_eq!(row.size, 3);
+        assert_ne!(row.blob, inode.blob);
+        // The staging file became the blob or went away.
+        assert!(!path.exists());
+
+        // Nothing staged: nothing to commit, and nothing counted.
+        g.commit(&store, inode.ino, false, &commits, &pc).unwrap();
+        assert_eq!(commits.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn staging_is_made_from_the_committed_content_on_first_change() {
+        let (_dir, store, inode) = store_with_file(b"hello");
+        let mut g = OpenInode::default();
+        let st = g.staging_mut(&store, inode.ino).unwrap();
+        assert!(st.dirty);
+        let mut buf = [0u8; 5];
+        st.file.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"hello");
+        assert!(st.stream.is_none(), "a copy is not streamed");
+        // The blob file is opened once and reused.
+        let h = inode.blob.unwrap();
+        let a = g.blob_file(&store, h).unwrap();
+        let b = g.blob_file(&store, h).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+    }
+
+    #[test]
+    fn the_last_close_drops_unchanged_staging_and_keeps_changed_content_of_a_named_file() {
+        let (_dir, store, inode) = store_with_file(b"hello");
+        let mut g = OpenInode::default();
+        let st = Staging::new(&store.blobs(), inode.ino, inode.blob, inode.mtime).unwrap();
+        let path = st.path.clone();
+        g.staging = Some(st);
+        g.last_handle_closed(&store, inode.ino);
+        assert!(g.staging.is_none());
+        assert!(!path.exists());
+
+        g.staging_mut(&store, inode.ino).unwrap();
+        g.blob_file(&store, inode.blob.unwrap()).unwrap();
+        g.last_handle_closed(&store, inode.ino);
+        assert!(
+            g.staging.is_some(),
+            "dirty content of a named file waits for its commit"
+        );
+        assert!(g.blob_file.is_none());
     }
 
     #[test]
