@@ -4,6 +4,11 @@
 //! Content lives in blobs; a file opened for writing gets a private staging file that every
 //! handle of that inode uses until the last writer releases it, when the content is hashed and
 //! committed into the store in one transaction (see `release`).
+//!
+//! `KcacheFs` composes the parts that need no filesystem around them: the value types the
+//! kernel side sees (`types`), name checks, inode translation and lookup counts (`names`),
+//! the handles and per-inode open state (`open_table`), and staging files (`staging`). This
+//! file keeps the operations, which take the locks in the order those parts document.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
