@@ -4,68 +4,37 @@
 //! Content lives in blobs; a file opened for writing gets a private staging file that every
 //! handle of that inode uses until the last writer releases it, when the content is hashed and
 //! committed into the store in one transaction (see `release`).
+//!
+//! `KcacheFs` composes the parts that need no filesystem around them: the value types the
+//! kernel side sees (`types`), name checks, inode translation and lookup counts (`names`),
+//! the handles and per-inode open state (`open_table`), and staging files (`staging`). This
+//! file keeps the operations, which take the locks in the order those parts document.
 
-use std::any::Any;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kcache_store::{
-    Counter, Hash, Ino, Inode, Kind, Lease, Limits, NewNode, Remote, SetAttr, Staged, Store,
-    StreamHasher, VolumeInfo,
+    Counter, Hash, Ino, Inode, Kind, Lease, Limits, NewNode, Remote, SetAttr, Store, VolumeInfo,
 };
 
 use crate::error::{Errno, Result};
-
-/// The inode number the kernel uses for the root.
-pub const ROOT_INO: u64 = 1;
-const NAME_MAX: usize = 255;
-const PATH_MAX: usize = 4096;
-
-/// Who is asking.
-#[derive(Clone, Copy, Debug)]
-pub struct Ctx {
-    pub uid: u32,
-    pub gid: u32,
-    pub pid: u32,
-}
-
-impl Ctx {
-    pub fn root() -> Ctx {
-        Ctx {
-            uid: 0,
-            gid: 0,
-            pid: 0,
-        }
-    }
-}
-
-/// Attributes as the kernel sees them (inode number already translated).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Attr {
-    pub ino: u64,
-    pub kind: Kind,
-    pub perm: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub size: u64,
-    /// 512-byte blocks the content takes on disk (st_blocks): the staging file's while
-    /// staged, else the blob file's as measured when it became local; the size rounded up
-    /// where it was never measured (blobs from before schema 5, never local).
-    pub blocks: u64,
-    pub atime: i64,
-    pub mtime: i64,
-    pub ctime: i64,
-    pub nlink: u32,
-    pub rdev: u32,
-}
+pub use crate::names::ROOT_INO;
+use crate::names::{
+    check_name, check_target, check_xattr, kernel_ino, store_ino, Lookups, NAME_MAX,
+};
+use crate::open_table::{Handle, ModeKind, OpenInode, OpenTable, PageCache};
+use crate::staging::{seek_raw, set_file_mtime};
+use crate::types::{access_by_mode, new_node, new_node_owner};
+pub use crate::types::{
+    Attr, Backing, BackingToken, Ctx, IoMode, KernelCache, Opened, SetAttrIn, StatFs, TimeSet,
+};
 
 /// Whether process `pid` (in the daemon's pid namespace, as the kernel reports it) still
 /// lives; 0 means no process to watch. A zombie counts as gone: it reads nothing any more.
@@ -83,133 +52,6 @@ fn pid_alive(pid: u32) -> bool {
     }
 }
 
-/// An opaque kernel passthrough registration of a backing file. Dropping it unregisters.
-pub type BackingToken = Arc<dyn Any + Send + Sync>;
-
-/// Registers files with the kernel for passthrough reads and writes. The FUSE adapter
-/// implements it; tests without a mount pass `None`.
-pub trait Backing {
-    fn register(&self, file: &File) -> std::io::Result<BackingToken>;
-}
-
-/// Tells the kernel to drop what it caches about names the daemon removed on its own
-/// (eviction). The FUSE adapter implements it with fuser's notifier.
-pub trait KernelCache: Send + Sync {
-    fn name_gone(&self, parent: u64, name: &OsStr, ino: u64);
-}
-
-/// How the kernel should do I/O on a handle.
-#[derive(Clone)]
-pub enum IoMode {
-    /// The kernel reads and writes the backing file directly.
-    Passthrough(BackingToken),
-    /// Reads and writes come to the daemon; the kernel page cache is used (kept across opens
-    /// when `keep_cache`).
-    Cached { keep_cache: bool },
-    /// Reads and writes come to the daemon, no page cache: used only while older passthrough
-    /// handles pin a different backing file of the same inode.
-    Direct,
-}
-
-impl std::fmt::Debug for IoMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            IoMode::Passthrough(_) => f.write_str("Passthrough"),
-            IoMode::Cached { keep_cache } => write!(f, "Cached(keep_cache={keep_cache})"),
-            IoMode::Direct => f.write_str("Direct"),
-        }
-    }
-}
-
-#[derive(Debug)]
-pub struct Opened {
-    pub fh: u64,
-    pub mode: IoMode,
-}
-
-/// Changes requested by setattr.
-#[derive(Clone, Debug, Default)]
-pub struct SetAttrIn {
-    pub mode: Option<u32>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub size: Option<u64>,
-    pub atime: Option<TimeSet>,
-    pub mtime: Option<TimeSet>,
-}
-
-#[derive(Clone, Copy, Debug)]
-pub enum TimeSet {
-    Now,
-    At(i64),
-}
-
-/// Filesystem statistics.
-#[derive(Clone, Copy, Debug)]
-pub struct StatFs {
-    pub blocks: u64,
-    pub bfree: u64,
-    pub bavail: u64,
-    pub files: u64,
-    pub ffree: u64,
-    pub bsize: u32,
-    pub namelen: u32,
-    pub frsize: u32,
-}
-
-struct Staging {
-    file: Arc<File>,
-    path: PathBuf,
-    /// Changed since it was made from the committed content (or created empty).
-    dirty: bool,
-    /// Hash of the content so far while it has only been written front to back (the common
-    /// case: a new file written in order); `None` once anything else happened.
-    stream: Option<StreamHasher>,
-}
-
-struct PtState {
-    token: BackingToken,
-    handles: u32,
-    /// The blob the backing file holds: once the inode's content has moved on (a truncate
-    /// by path committed meanwhile), new opens wait for these handles to go rather than
-    /// join them and read the old content.
-    hash: Hash,
-}
-
-/// Per-inode state while any handle is open or staged content is uncommitted.
-#[derive(Default)]
-struct OpenInode {
-    handles: u32,
-    writers: u32,
-    cached_handles: u32,
-    staging: Option<Staging>,
-    pt: Option<PtState>,
-    /// The committed blob, open for reads served by the daemon.
-    blob_file: Option<(Hash, Arc<File>)>,
-    /// Removed from the table of open inodes; whoever still holds it must look again.
-    dead: bool,
-    /// Opens for writing waiting for the passthrough readers to close (see `open_gated`):
-    /// while there are any, new readers wait too instead of joining (and prolonging) the
-    /// passthrough, and once it is gone they do not start a new one.
-    writers_waiting: u32,
-}
-
-struct Handle {
-    ino: Ino,
-    writable: bool,
-    mode_kind: ModeKind,
-    /// The download this read-only handle reads through while its content arrives. Held
-    /// here, so the last handle's release cancels a download nobody else wants.
-    lease: Option<Arc<Lease>>,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum ModeKind {
-    Passthrough,
-    Cached,
-    Direct,
-}
-
 /// The filesystem over one volume of a store.
 pub struct KcacheFs {
     pub(crate) store: Arc<Store>,
@@ -219,12 +61,12 @@ pub struct KcacheFs {
     /// The FUSE transport serving this filesystem ("classic", "io_uring"), for stats; set
     /// by the session once FUSE_INIT settled it.
     transport: Mutex<&'static str>,
-    next_fh: AtomicU64,
-    pub(crate) lookups: Mutex<HashMap<Ino, u64>>,
-    open: Mutex<HashMap<Ino, Arc<Mutex<OpenInode>>>>,
-    handles: Mutex<HashMap<u64, Handle>>,
+    /// Lookups the kernel holds on each inode.
+    lookups: Lookups,
+    /// Handles and the state of open inodes.
+    open: OpenTable,
     /// Blob whose pages the kernel may still cache for an inode, to set keep_cache on reopen.
-    page_cache: Mutex<HashMap<Ino, Hash>>,
+    page_cache: PageCache,
     pub(crate) kernel_cache: Mutex<Option<Arc<dyn KernelCache>>>,
     /// Where this filesystem fetches content only an upstream has: its mount's `upstream=`
     /// options, or the store's remembered upstreams (set by the daemon, `with_remote`).
@@ -259,137 +101,6 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves its map consistent, so a panic elsewhere does not poison
     // the filesystem for other callers.
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn check_name(name: &OsStr) -> Result<&[u8]> {
-    let b = name.as_bytes();
-    if b.len() > NAME_MAX {
-        return Err(Errno::ENAMETOOLONG);
-    }
-    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
-        return Err(Errno::EINVAL);
-    }
-    Ok(b)
-}
-
-fn ts(t: i64) -> (i64, i64) {
-    (t.div_euclid(1_000_000_000), t.rem_euclid(1_000_000_000))
-}
-
-fn mtime_of(meta: &std::fs::Metadata) -> i64 {
-    meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
-}
-
-fn ctime_of(meta: &std::fs::Metadata) -> i64 {
-    meta.ctime() * 1_000_000_000 + meta.ctime_nsec()
-}
-
-fn set_file_mtime(file: &File, mtime: i64) -> std::io::Result<()> {
-    let (s, ns) = ts(mtime);
-    let times = [
-        libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        libc::timespec {
-            tv_sec: s,
-            tv_nsec: ns,
-        },
-    ];
-    // SAFETY: valid fd and a two-element timespec array.
-    if unsafe { libc::futimens(file.as_raw_fd(), times.as_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// lseek(2) on a descriptor, for SEEK_DATA and SEEK_HOLE (only the answer is used: every
-/// read and write here is positional, so moving the shared file offset does no harm).
-fn seek_raw(file: &File, offset: i64, whence: i32) -> std::io::Result<i64> {
-    // SAFETY: lseek on a valid descriptor; no memory is passed.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(r)
-}
-
-/// Copies `src` into `dst` (an empty file): a reflink where the filesystem has them, else
-/// the data extents only, found with SEEK_DATA/SEEK_HOLE, so holes stay holes (a byte-wise
-/// copy would allocate every zero of a sparse file). The length is set at the end, which
-/// keeps a trailing hole.
-fn copy_content(src: &File, dst: &File) -> std::io::Result<()> {
-    const FICLONE: libc::c_ulong = 0x4004_9409;
-    // SAFETY: FICLONE takes the source descriptor as its argument.
-    if unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE, src.as_raw_fd()) } == 0 {
-        return Ok(());
-    }
-    let len = src.metadata()?.len();
-    let end = i64::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
-    let mut pos = 0i64;
-    while pos < end {
-        let data = match seek_raw(src, pos, libc::SEEK_DATA) {
-            Ok(d) => d,
-            // Only a hole up to the end.
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
-            Err(e) => return Err(e),
-        };
-        let hole = seek_raw(src, data, libc::SEEK_HOLE)?.min(end);
-        copy_range(src, dst, data as u64, (hole - data) as u64)?;
-        pos = hole;
-    }
-    dst.set_len(len)
-}
-
-/// Copies `len` bytes at `offset` of `src` to the same offset of `dst`: in the kernel
-/// (copy_file_range) where it can, else through a buffer.
-fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    let mut done = 0u64;
-    while done < len {
-        let mut off_in = (offset + done) as libc::loff_t;
-        let mut off_out = off_in;
-        let want = (len - done).min(1 << 30) as usize;
-        // SAFETY: valid descriptors and offsets that live across the call.
-        let n = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut off_in,
-                dst.as_raw_fd(),
-                &mut off_out,
-                want,
-                0,
-            )
-        };
-        if n > 0 {
-            done += n as u64;
-            continue;
-        }
-        if n == 0 {
-            // The source ended early (it is never written, so this is damage).
-            return Err(std::io::Error::from_raw_os_error(libc::EIO));
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
-                return copy_buffered(src, dst, offset + done, len - done);
-            }
-            _ => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-fn copy_buffered(src: &File, dst: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    let mut buf = vec![0u8; (1 << 20).min(len as usize)];
-    let mut done = 0u64;
-    while done < len {
-        let want = buf.len().min((len - done) as usize);
-        src.read_exact_at(&mut buf[..want], offset + done)?;
-        dst.write_all_at(&buf[..want], offset + done)?;
-        done += want as u64;
-    }
-    Ok(())
 }
 
 impl KcacheFs {
@@ -451,11 +162,9 @@ impl KcacheFs {
             read_only,
             passthrough: AtomicBool::new(false),
             transport: Mutex::new("none"),
-            next_fh: AtomicU64::new(1),
-            lookups: Mutex::new(HashMap::new()),
-            open: Mutex::new(HashMap::new()),
-            handles: Mutex::new(HashMap::new()),
-            page_cache: Mutex::new(HashMap::new()),
+            lookups: Lookups::default(),
+            open: OpenTable::default(),
+            page_cache: PageCache::default(),
             kernel_cache: Mutex::new(None),
             remote: Mutex::new(None),
             kept_until_forgotten: Mutex::new(HashSet::new()),
@@ -481,7 +190,7 @@ impl KcacheFs {
 
     /// True while the kernel or a handle holds inode `ino`.
     pub(crate) fn is_held(&self, ino: Ino) -> bool {
-        lock(&self.open).contains_key(&ino) || lock(&self.lookups).contains_key(&ino)
+        self.open.inodes().contains_key(&ino) || self.lookups.contains(ino)
     }
 
     /// Makes this filesystem one of the mounted set: eviction checks its open files and
@@ -513,7 +222,7 @@ impl KcacheFs {
     /// cannot be read counts as holding it: eviction must never take an open file's bytes
     /// on a guess.
     pub(crate) fn blob_in_use(&self, h: &Hash) -> bool {
-        let inos: Vec<Ino> = lock(&self.open).keys().copied().collect();
+        let inos: Vec<Ino> = self.open.inos();
         inos.into_iter().any(|ino| match self.store.ns().get(ino) {
             Ok(n) => n.blob == Some(*h),
             Err(e) => {
@@ -544,20 +253,12 @@ impl KcacheFs {
 
     /// Kernel inode number -> store inode number.
     fn sino(&self, ino: u64) -> Ino {
-        if ino == ROOT_INO {
-            self.volume.root
-        } else {
-            ino
-        }
+        store_ino(ino, self.volume.root)
     }
 
     /// Store inode number -> kernel inode number.
     pub(crate) fn kino(&self, ino: Ino) -> u64 {
-        if ino == self.volume.root {
-            ROOT_INO
-        } else {
-            ino
-        }
+        kernel_ino(ino, self.volume.root)
     }
 
     pub(crate) fn writable(&self) -> Result<()> {
@@ -584,7 +285,7 @@ impl KcacheFs {
     /// A row that cannot be read again is an error: an older size would cut the file short.
     fn attr_since(&self, inode: &Inode, seen: Option<u64>) -> Result<Attr> {
         let oi = if inode.kind == Kind::File {
-            lock(&self.open).get(&inode.ino).cloned()
+            self.open.get(inode.ino)
         } else {
             None
         };
@@ -610,37 +311,18 @@ impl KcacheFs {
         let mut attr = self.plain_attr(&fresh);
         if let Some(st) = &g.staging {
             if let Ok(meta) = st.file.metadata() {
-                attr.size = meta.len();
-                attr.blocks = meta.blocks();
-                attr.mtime = mtime_of(&meta);
-                attr.ctime = attr.ctime.max(ctime_of(&meta));
+                attr.overlay_staged(&meta);
             }
         }
         Ok(attr)
     }
 
     fn plain_attr(&self, inode: &Inode) -> Attr {
-        Attr {
-            ino: self.kino(inode.ino),
-            kind: inode.kind,
-            perm: inode.mode & 0o7777,
-            uid: inode.uid,
-            gid: inode.gid,
-            size: inode.size,
-            // Old rows (and blobs never local) have no figure: assume no holes.
-            blocks: inode
-                .blob_blocks
-                .unwrap_or_else(|| inode.size.div_ceil(512)),
-            atime: inode.atime,
-            mtime: inode.mtime,
-            ctime: inode.ctime,
-            nlink: inode.nlink,
-            rdev: inode.rdev,
-        }
+        Attr::from_inode(inode, self.kino(inode.ino))
     }
 
     fn remember(&self, ino: Ino) {
-        *lock(&self.lookups).entry(ino).or_insert(0) += 1;
+        self.lookups.remember(ino);
     }
 
     fn entry(&self, inode: &Inode) -> Result<Attr> {
@@ -661,7 +343,7 @@ impl KcacheFs {
     /// so it goes at once and its space is freed even while the kernel still caches the inode.
     /// A directory waits until the kernel forgets it: it may still be someone's cwd.
     pub(crate) fn maybe_purge(&self, ino: Ino) {
-        if lock(&self.open).contains_key(&ino) {
+        if self.open.contains(ino) {
             return;
         }
         match self.store.ns().get(ino) {
@@ -669,7 +351,7 @@ impl KcacheFs {
                 // Checked after reading the row: a merge marks what it unlinks before its
                 // transaction commits.
                 if (n.kind == Kind::Dir || lock(&self.kept_until_forgotten).contains(&ino))
-                    && lock(&self.lookups).contains_key(&ino)
+                    && self.lookups.contains(ino)
                 {
                     return;
                 }
@@ -696,23 +378,9 @@ impl KcacheFs {
 
     pub fn forget(&self, ino: u64, nlookup: u64) {
         let ino = self.sino(ino);
-        let gone = {
-            let mut l = lock(&self.lookups);
-            match l.get_mut(&ino) {
-                Some(n) if *n > nlookup => {
-                    *n -= nlookup;
-                    false
-                }
-                Some(_) => {
-                    l.remove(&ino);
-                    true
-                }
-                None => false,
-            }
-        };
-        if gone {
+        if self.lookups.forget(ino, nlookup) {
             // The kernel dropped the inode, and its pages with it.
-            lock(&self.page_cache).remove(&ino);
+            self.page_cache.forget(ino);
             self.maybe_purge(ino);
         }
     }
@@ -723,32 +391,6 @@ impl KcacheFs {
         self.attr_since(&inode, Some(seen))
     }
 
-    fn node(kind: Kind, mode: u32, rdev: u32, target: Option<Vec<u8>>) -> NewNode {
-        NewNode {
-            kind,
-            mode,
-            uid: 0,
-            gid: 0,
-            rdev,
-            target,
-        }
-    }
-
-    fn new_node_owner(&self, parent: &Inode, ctx: Ctx, kind: Kind, mode: u32) -> (u32, u32) {
-        // BSD group semantics on setgid directories: new entries take the directory's group,
-        // and new subdirectories inherit the setgid bit.
-        let mut mode = mode & 0o7777;
-        let gid = if parent.mode & libc::S_ISGID != 0 {
-            if kind == Kind::Dir {
-                mode |= libc::S_ISGID;
-            }
-            parent.gid
-        } else {
-            ctx.gid
-        };
-        (mode, gid)
-    }
-
     /// Creates `name` in `parent` owned by the caller; `node`'s uid and gid are filled in here.
     fn make(&self, parent: u64, name: &OsStr, ctx: Ctx, mut node: NewNode) -> Result<Inode> {
         self.writable()?;
@@ -757,7 +399,7 @@ impl KcacheFs {
         if parent.kind != Kind::Dir {
             return Err(Errno::ENOTDIR);
         }
-        let (mode, gid) = self.new_node_owner(&parent, ctx, node.kind, node.mode);
+        let (mode, gid) = new_node_owner(&parent, ctx, node.kind, node.mode);
         node.mode = mode;
         node.uid = ctx.uid;
         node.gid = gid;
@@ -765,7 +407,7 @@ impl KcacheFs {
     }
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, ctx: Ctx) -> Result<Attr> {
-        let n = self.make(parent, name, ctx, Self::node(Kind::Dir, mode, 0, None))?;
+        let n = self.make(parent, name, ctx, new_node(Kind::Dir, mode, 0, None))?;
         self.entry(&n)
     }
 
@@ -778,23 +420,17 @@ impl KcacheFs {
             libc::S_IFBLK => Kind::BlockDev,
             _ => return Err(Errno::EINVAL),
         };
-        let n = self.make(parent, name, ctx, Self::node(kind, mode, rdev, None))?;
+        let n = self.make(parent, name, ctx, new_node(kind, mode, rdev, None))?;
         self.entry(&n)
     }
 
     pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, ctx: Ctx) -> Result<Attr> {
-        let t = target.as_bytes();
-        if t.len() >= PATH_MAX {
-            return Err(Errno::ENAMETOOLONG);
-        }
-        if t.is_empty() {
-            return Err(Errno(libc::ENOENT));
-        }
+        let t = check_target(target)?;
         let n = self.make(
             parent,
             name,
             ctx,
-            Self::node(Kind::Symlink, 0o777, 0, Some(t.to_vec())),
+            new_node(Kind::Symlink, 0o777, 0, Some(t.to_vec())),
         )?;
         self.entry(&n)
     }
@@ -987,7 +623,7 @@ impl KcacheFs {
         let updated = self.store.ns().setattr(sino, &sa)?;
         if let Some(m) = mtime {
             // While staged, the staging file's mtime is the file's mtime; keep them equal.
-            if let Some(oi) = lock(&self.open).get(&sino).cloned() {
+            if let Some(oi) = self.open.inodes().get(&sino).cloned() {
                 if let Some(st) = &lock(&oi).staging {
                     let _ = set_file_mtime(&st.file, m);
                 }
@@ -998,10 +634,10 @@ impl KcacheFs {
 
     /// Sets a file's length: through its staging file when open, else as a one-shot commit.
     fn truncate(&self, ino: Ino, size: u64) -> Result<()> {
-        self.with_open_inode(ino, |g| {
+        self.open.with_inode(ino, |g| {
             if g.handles > 0 || g.staging.is_some() {
                 // Open: change the staged content; the last writer's release commits it.
-                let file = self.staging_for_write(ino, g)?;
+                let file = g.staging_for_write(&self.store, ino)?;
                 file.set_len(size)?;
                 if g.writers == 0 {
                     self.commit(ino, g, false)?;
@@ -1012,7 +648,7 @@ impl KcacheFs {
                 self.store.ns().clear_content(ino, kcache_store::now_ns())?;
                 return Ok(());
             }
-            let file = self.staging_for_write(ino, g)?;
+            let file = g.staging_for_write(&self.store, ino)?;
             file.set_len(size)?;
             set_file_mtime(&file, kcache_store::now_ns())?;
             self.commit(ino, g, false)
@@ -1020,36 +656,6 @@ impl KcacheFs {
     }
 
     // ---- open files ------------------------------------------------------------------
-
-    /// Runs `f` on the live per-inode state of `ino` (created if needed) with its lock held,
-    /// then drops the state again if `f` left nothing in it. Retries when it raced with
-    /// another caller dropping the entry it found.
-    fn with_open_inode<R>(&self, ino: Ino, f: impl FnOnce(&mut OpenInode) -> R) -> R {
-        loop {
-            let oi = lock(&self.open).entry(ino).or_default().clone();
-            let mut g = lock(&oi);
-            if g.dead {
-                continue;
-            }
-            let r = f(&mut g);
-            drop(g);
-            self.release_open_inode(ino, &oi);
-            return r;
-        }
-    }
-
-    /// Drops the per-inode state if nothing uses it any more.
-    fn release_open_inode(&self, ino: Ino, oi: &Arc<Mutex<OpenInode>>) {
-        let mut open = lock(&self.open);
-        let mut g = lock(oi);
-        if g.handles == 0 && g.staging.is_none() && g.writers_waiting == 0 && !g.dead {
-            g.dead = true;
-            drop(g);
-            if open.get(&ino).is_some_and(|cur| Arc::ptr_eq(cur, oi)) {
-                open.remove(&ino);
-            }
-        }
-    }
 
     /// Creates and opens a file (or opens it, without O_EXCL, if the name exists), waiting
     /// for a download of an existing file's content if one is needed.
@@ -1090,7 +696,7 @@ impl KcacheFs {
         backing: Option<&dyn Backing>,
         wait: Option<u32>,
     ) -> Result<(Attr, Opened)> {
-        let inode = match self.make(parent, name, ctx, Self::node(Kind::File, mode, 0, None)) {
+        let inode = match self.make(parent, name, ctx, new_node(Kind::File, mode, 0, None)) {
             Ok(n) => n,
             // Lost a race with another creator: without O_EXCL that is an ordinary open.
             Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {
@@ -1263,7 +869,7 @@ impl KcacheFs {
                     };
                     if writable && !counted {
                         counted = true;
-                        self.with_open_inode(ino, |g| g.writers_waiting += 1);
+                        self.open.with_inode(ino, |g| g.writers_waiting += 1);
                     }
                     if Instant::now() >= deadline || (pid != 0 && !pid_alive(pid)) {
                         tracing::warn!(
@@ -1280,7 +886,7 @@ impl KcacheFs {
             }
         };
         if counted {
-            self.with_open_inode(ino, |g| {
+            self.open.with_inode(ino, |g| {
                 g.writers_waiting = g.writers_waiting.saturating_sub(1)
             });
         }
@@ -1302,7 +908,7 @@ impl KcacheFs {
             .unwrap_or_else(|p| p.into_inner());
         // Read the inode under the per-inode lock: a concurrent release may be committing new
         // content for it right now, and a copy read before the lock could be stale.
-        let mode = self.with_open_inode(ino, |g| {
+        let mode = self.open.with_inode(ino, |g| {
             let inode = self.store.ns().get(ino)?;
             match inode.kind {
                 Kind::File => {}
@@ -1311,19 +917,24 @@ impl KcacheFs {
             }
             // A download still under way: reads go through it.
             let lease = lease.filter(|l| inode.blob == Some(l.hash()) && !l.is_done());
-            let mode = self.open_locked(&inode, g, writable, trunc, backing, lease.is_some())?;
+            let mode = g.open_handle(
+                &self.store,
+                &self.page_cache,
+                &self.passthrough,
+                &inode,
+                writable,
+                trunc,
+                backing,
+                lease.is_some(),
+            )?;
             Ok((mode, lease))
         })?;
         let (mode, lease) = mode;
-        let mode_kind = match &mode {
-            IoMode::Passthrough(_) => ModeKind::Passthrough,
-            IoMode::Cached { .. } => ModeKind::Cached,
-            IoMode::Direct => ModeKind::Direct,
-        };
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let mode_kind = ModeKind::of(&mode);
+        let fh = self.open.next_fh();
         self.store.count(Counter::Opens, 1);
         tracing::debug!(ino, fh, ?mode, writable, trunc, "open");
-        lock(&self.handles).insert(
+        self.open.insert_handle(
             fh,
             Handle {
                 ino,
@@ -1335,175 +946,16 @@ impl KcacheFs {
         Ok(Opened { fh, mode })
     }
 
-    fn open_locked(
-        &self,
-        inode: &Inode,
-        g: &mut OpenInode,
-        writable: bool,
-        trunc: bool,
-        backing: Option<&dyn Backing>,
-        streaming: bool,
-    ) -> Result<IoMode> {
-        // The kernel refuses any handle but a passthrough one on an inode that has
-        // passthrough handles open; a writer must wait for them to close (see `open_gated`).
-        if g.pt.as_ref().is_some_and(|pt| {
-            writable || g.writers_waiting > 0 || inode.blob != Some(pt.hash) || g.staging.is_some()
-        }) {
-            return Err(Errno::PASSTHROUGH_HELD);
-        }
-        if trunc {
-            // O_TRUNC on an existing file updates its mtime and ctime, even if it was empty.
-            let now = kcache_store::now_ns();
-            match &mut g.staging {
-                Some(st) => {
-                    st.file.set_len(0)?;
-                    set_file_mtime(&st.file, now)?;
-                    st.stream = Some(StreamHasher::default());
-                }
-                None => g.staging = Some(self.new_staging(inode.ino, None, now)?),
-            }
-            if let Some(st) = &mut g.staging {
-                st.dirty = true;
-            }
-        }
-
-        // Decide the I/O mode. Passthrough is only for committed content that nobody writes:
-        // writes must reach the daemon so that it knows exactly what changed and never lets a
-        // write land in a file that has become a blob. The kernel requires all passthrough
-        // handles of an inode to share one backing file and admits no other kind of handle
-        // while there are any, so readers join them and writers wait (checked above).
-        let quiet = !writable && g.writers == 0 && g.staging.is_none() && g.writers_waiting == 0;
-        let mode = match (
-            &mut g.pt,
-            backing.filter(|_| self.passthrough() && !streaming),
-        ) {
-            // Readers join passthrough readers (the only handle the kernel lets in), even
-            // when a truncate by path has staged new content meanwhile: they then see the
-            // content they would have seen had they opened a moment earlier.
-            (Some(pt), _) => {
-                pt.handles += 1;
-                IoMode::Passthrough(pt.token.clone())
-            }
-            (None, Some(b)) if quiet && g.cached_handles == 0 && inode.blob.is_some() => {
-                let file = self.blob_file(g, inode.blob.expect("checked above"))?;
-                match b.register(&file) {
-                    Ok(token) => {
-                        g.pt = Some(PtState {
-                            token: token.clone(),
-                            handles: 1,
-                            hash: inode.blob.expect("checked above"),
-                        });
-                        IoMode::Passthrough(token)
-                    }
-                    Err(e) => {
-                        tracing::warn!(ino = inode.ino, error = %e, "passthrough refused; serving this file from the daemon");
-                        g.cached_handles += 1;
-                        IoMode::Cached { keep_cache: false }
-                    }
-                }
-            }
-            (None, _) => {
-                g.cached_handles += 1;
-                let keep_cache = match (&g.staging, inode.blob) {
-                    (None, Some(h)) if g.writers == 0 && !streaming => {
-                        lock(&self.page_cache).insert(inode.ino, h) == Some(h)
-                    }
-                    _ => {
-                        lock(&self.page_cache).remove(&inode.ino);
-                        false
-                    }
-                };
-                IoMode::Cached { keep_cache }
-            }
-        };
-        g.handles += 1;
-        if writable {
-            g.writers += 1;
-        }
-        if let Some(h) = inode.blob {
-            // Every open counts for the LRU; noted in memory, written in batches.
-            self.store.lru().note_access(h);
-        }
-        Ok(mode)
-    }
-
-    /// A new staging file for inode `ino` holding `from`'s content (or nothing), with the
-    /// file's mtime. Armed once complete: from then on a daemon crash does not lose what is
-    /// written to it (the next open of the store commits it).
-    fn new_staging(&self, ino: Ino, from: Option<Hash>, mtime: i64) -> Result<Staging> {
-        // An empty start is complete at once: made armed, without the rename a copy needs.
-        let (file, path) = match from {
-            None => self.store.blobs().new_armed_staging(ino)?,
-            Some(_) => self.store.blobs().new_staging()?,
-        };
-        let prepared = (|| -> Result<PathBuf> {
-            let Some(h) = from else {
-                set_file_mtime(&file, mtime)?;
-                return Ok(path.clone());
-            };
-            let blob = self.store.blobs().open_blob(&h)?;
-            copy_content(&blob, &file)?;
-            set_file_mtime(&file, mtime)?;
-            Ok(self.store.blobs().arm_staging(&path, ino)?)
-        })();
-        let path = match prepared {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = std::fs::remove_file(&path);
-                return Err(e);
-            }
-        };
-        Ok(Staging {
-            file: Arc::new(file),
-            path,
-            dirty: false,
-            stream: from.is_none().then(StreamHasher::default),
-        })
-    }
-
-    /// The staging file of an open inode, made from the committed content on first use, and
-    /// marked dirty: the caller is about to change it.
-    fn staging_mut<'g>(&self, ino: Ino, g: &'g mut OpenInode) -> Result<&'g mut Staging> {
-        if g.staging.is_none() {
-            let inode = self.store.ns().get(ino)?;
-            g.staging = Some(self.new_staging(ino, inode.blob, inode.mtime)?);
-        }
-        let st = g.staging.as_mut().expect("just made");
-        st.dirty = true;
-        Ok(st)
-    }
-
-    /// Like `staging_mut` for a change other than an in-order write: the streamed hash no
-    /// longer describes the content.
-    fn staging_for_write(&self, ino: Ino, g: &mut OpenInode) -> Result<Arc<File>> {
-        let st = self.staging_mut(ino, g)?;
-        st.stream = None;
-        Ok(st.file.clone())
-    }
-
-    /// The open committed blob for daemon-served reads, opened through the store's one
-    /// "make local" path.
-    fn blob_file(&self, g: &mut OpenInode, h: Hash) -> Result<Arc<File>> {
-        if let Some((bh, f)) = &g.blob_file {
-            if *bh == h {
-                return Ok(f.clone());
-            }
-        }
-        let f = Arc::new(self.store.blobs().open_blob(&h)?);
-        g.blob_file = Some((h, f.clone()));
-        Ok(f)
-    }
-
     /// The file daemon-served I/O on `ino` goes to: staged content, else the committed blob.
     fn source(&self, ino: Ino) -> Result<Option<Arc<File>>> {
-        let oi = lock(&self.open).get(&ino).cloned().ok_or(Errno::EBADF)?;
+        let oi = self.open.get(ino).ok_or(Errno::EBADF)?;
         let mut g = lock(&oi);
         if let Some(st) = &g.staging {
             return Ok(Some(st.file.clone()));
         }
         let inode = self.store.ns().get(ino)?;
         match inode.blob {
-            Some(h) => Ok(Some(self.blob_file(&mut g, h)?)),
+            Some(h) => Ok(Some(g.blob_file(&self.store, h)?)),
             None => Ok(None),
         }
     }
@@ -1511,7 +963,7 @@ impl KcacheFs {
     /// Whether reads of `ino` still go through download `l`: nothing is staged and the file
     /// still has the content being downloaded.
     fn reads_through(&self, ino: Ino, l: &Lease) -> Result<bool> {
-        let Some(oi) = lock(&self.open).get(&ino).cloned() else {
+        let Some(oi) = self.open.get(ino) else {
             return Ok(false);
         };
         if lock(&oi).staging.is_some() {
@@ -1521,10 +973,7 @@ impl KcacheFs {
     }
 
     fn handle_ino(&self, fh: u64) -> Result<(Ino, bool)> {
-        lock(&self.handles)
-            .get(&fh)
-            .map(|h| (h.ino, h.writable))
-            .ok_or(Errno::EBADF)
+        self.open.handle_ino(fh).ok_or(Errno::EBADF)
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
@@ -1537,10 +986,7 @@ impl KcacheFs {
     }
 
     fn read_inner(&self, fh: u64, offset: u64, size: u32, wait: bool) -> Result<Vec<u8>> {
-        let (ino, lease) = lock(&self.handles)
-            .get(&fh)
-            .map(|h| (h.ino, h.lease.clone()))
-            .ok_or(Errno::EBADF)?;
+        let (ino, lease) = self.open.handle_lease(fh).ok_or(Errno::EBADF)?;
         let lease = match lease {
             Some(l) if self.reads_through(ino, &l)? => Some(l),
             _ => None,
@@ -1582,7 +1028,7 @@ impl KcacheFs {
         if !writable {
             return Err(Errno::EBADF);
         }
-        let oi = lock(&self.open).get(&ino).cloned().ok_or(Errno::EBADF)?;
+        let oi = self.open.get(ino).ok_or(Errno::EBADF)?;
         Ok((ino, oi))
     }
 
@@ -1595,13 +1041,10 @@ impl KcacheFs {
         let mut retried = false;
         loop {
             let mut g = lock(&oi);
-            let st = self.staging_mut(ino, &mut g)?;
+            let st = g.staging_mut(&self.store, ino)?;
             match st.file.write_all_at(data, offset) {
                 Ok(()) => {
-                    match &mut st.stream {
-                        Some(h) if h.len() == offset => h.update(data),
-                        _ => st.stream = None,
-                    }
+                    st.note_write(offset, data);
                     break;
                 }
                 Err(e) => {
@@ -1659,7 +1102,7 @@ impl KcacheFs {
                 self.make_room(bytes, size)?;
             }
             let mut g = lock(&oi);
-            let file = self.staging_for_write(ino, &mut g)?;
+            let file = g.staging_for_write(&self.store, ino)?;
             // SAFETY: fallocate on a valid descriptor we own.
             if unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) } == 0 {
                 return Ok(());
@@ -1678,7 +1121,7 @@ impl KcacheFs {
     /// The current length of an open inode's content (staged, else committed).
     fn staged_size(&self, ino: Ino, oi: &Mutex<OpenInode>) -> Result<u64> {
         if let Some(st) = &lock(oi).staging {
-            return Ok(st.file.metadata()?.len());
+            return Ok(st.len()?);
         }
         Ok(self.store.ns().get(ino)?.size)
     }
@@ -1693,10 +1136,7 @@ impl KcacheFs {
         if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
             return Err(Errno::EINVAL);
         }
-        let (ino, lease) = lock(&self.handles)
-            .get(&fh)
-            .map(|h| (h.ino, h.lease.clone()))
-            .ok_or(Errno::EBADF)?;
+        let (ino, lease) = self.open.handle_lease(fh).ok_or(Errno::EBADF)?;
         let through = match &lease {
             Some(l) if !l.is_done() => self.reads_through(ino, l)?,
             _ => false,
@@ -1719,7 +1159,7 @@ impl KcacheFs {
     /// Commits staged content now (fsync): durable when this returns.
     pub fn fsync(&self, fh: u64) -> Result<()> {
         let (ino, _) = self.handle_ino(fh)?;
-        let oi = lock(&self.open).get(&ino).cloned().ok_or(Errno::EBADF)?;
+        let oi = self.open.get(ino).ok_or(Errno::EBADF)?;
         let mut g = lock(&oi);
         if g.staging.as_ref().is_some_and(|s| s.dirty) {
             self.commit(ino, &mut g, true)?;
@@ -1729,77 +1169,28 @@ impl KcacheFs {
         Ok(())
     }
 
-    /// Hashes the staged content and points the inode at the resulting blob, then lets go of
-    /// the staging file: it became the blob (renamed), or the content was already stored.
-    /// The next write makes a fresh staging file. Nothing else can be writing it: writes take
-    /// the inode lock the caller holds, and the kernel never writes staging files directly.
+    /// Commits `ino`'s staged content (see `OpenInode::commit`); the caller holds its lock.
     fn commit(&self, ino: Ino, g: &mut OpenInode, durable: bool) -> Result<()> {
-        let Some(st) = &g.staging else {
-            return Ok(());
-        };
-        let inode = self.store.ns().get(ino)?;
-        if inode.nlink == 0 {
-            // Unlinked while open: the content dies with the last handle.
-            return Ok(());
-        }
-        let meta = st.file.metadata()?;
-        let mut consumed = false;
-        if meta.len() == 0 {
-            self.store.ns().clear_content(ino, mtime_of(&meta))?;
-        } else {
-            let known = st
-                .stream
-                .as_ref()
-                .map(StreamHasher::finish)
-                .filter(|k| k.1 == meta.len());
-            let staged = Staged {
-                ino,
-                path: &st.path,
-                file: &st.file,
-                known,
-                durable,
-                mtime: mtime_of(&meta),
-            };
-            consumed = self.store.blobs().commit_staged(&staged)?.2;
-        }
-        // Counted while this inode's lock is held, before the file can leave the open table.
-        self.shared.commits.fetch_add(1, Ordering::SeqCst);
-        if let Some(st) = g.staging.take() {
-            if !consumed {
-                let _ = std::fs::remove_file(&st.path);
-            }
-        }
-        lock(&self.page_cache).remove(&ino);
-        g.blob_file = None;
-        Ok(())
+        g.commit(
+            &self.store,
+            ino,
+            durable,
+            &self.shared.commits,
+            &self.page_cache,
+        )
     }
 
     pub fn release(&self, fh: u64) -> Result<()> {
-        let Some(h) = lock(&self.handles).remove(&fh) else {
+        let Some(h) = self.open.remove_handle(fh) else {
             return Err(Errno::EBADF);
         };
         let ino = h.ino;
         tracing::debug!(ino, fh, "release");
-        let Some(oi) = lock(&self.open).get(&ino).cloned() else {
+        let Some(oi) = self.open.get(ino) else {
             return Ok(());
         };
         let mut g = lock(&oi);
-        g.handles -= 1;
-        if h.writable {
-            g.writers -= 1;
-        }
-        match h.mode_kind {
-            ModeKind::Passthrough => {
-                if let Some(pt) = &mut g.pt {
-                    pt.handles -= 1;
-                    if pt.handles == 0 {
-                        g.pt = None;
-                    }
-                }
-            }
-            ModeKind::Cached => g.cached_handles -= 1,
-            ModeKind::Direct => {}
-        }
+        g.drop_handle(&h);
         let mut res = Ok(());
         let committing = g.writers == 0 && g.staging.as_ref().is_some_and(|s| s.dirty);
         if committing {
@@ -1809,26 +1200,10 @@ impl KcacheFs {
             }
         }
         if g.handles == 0 {
-            g.blob_file = None;
-            let clean = g.staging.as_ref().is_some_and(|s| !s.dirty);
-            // Dirty content goes only with its last name. A row that cannot be read says
-            // nothing: keep the staged bytes (the next close or the unmount commits them).
-            let unlinked = match self.store.ns().get(ino) {
-                Ok(n) => n.nlink == 0,
-                Err(kcache_store::Error::NotFound) => true,
-                Err(e) => {
-                    tracing::error!(ino, error = %e, "reading a closed file's row failed; its staged content is kept");
-                    false
-                }
-            };
-            if clean || unlinked {
-                if let Some(st) = g.staging.take() {
-                    let _ = std::fs::remove_file(&st.path);
-                }
-            }
+            g.last_handle_closed(&self.store, ino);
         }
         drop(g);
-        self.release_open_inode(ino, &oi);
+        self.open.release_inode(ino, &oi);
         self.maybe_purge(ino);
         if committing {
             self.after_commit();
@@ -1843,10 +1218,7 @@ impl KcacheFs {
 
     /// Commits everything still staged (unmount).
     pub fn flush_all(&self) {
-        let all: Vec<(Ino, Arc<Mutex<OpenInode>>)> = lock(&self.open)
-            .iter()
-            .map(|(k, v)| (*k, v.clone()))
-            .collect();
+        let all: Vec<(Ino, Arc<Mutex<OpenInode>>)> = self.open.all();
         for (ino, oi) in all {
             let mut g = lock(&oi);
             if g.staging.as_ref().is_some_and(|s| s.dirty) {
@@ -1865,13 +1237,7 @@ impl KcacheFs {
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         self.writable()?;
-        let name = name.as_bytes();
-        if name.is_empty() || name.len() > 255 {
-            return Err(Errno::ERANGE);
-        }
-        if value.len() > 65536 {
-            return Err(Errno(libc::E2BIG));
-        }
+        let name = check_xattr(name, value)?;
         Ok(self.store.ns().setxattr(
             self.sino(ino),
             name,
@@ -1901,30 +1267,7 @@ impl KcacheFs {
     /// access(2) by mode bits (only asked when the kernel does not check permissions itself).
     pub fn access(&self, ino: u64, mask: i32, ctx: Ctx) -> Result<()> {
         let n = self.store.ns().get(self.sino(ino))?;
-        if mask == libc::F_OK {
-            return Ok(());
-        }
-        if mask & libc::W_OK != 0 && self.read_only {
-            return Err(Errno::EROFS);
-        }
-        if ctx.uid == 0 {
-            // Root may do anything except execute a file nobody may execute.
-            if mask & libc::X_OK != 0 && n.kind != Kind::Dir && n.mode & 0o111 == 0 {
-                return Err(Errno::EACCES);
-            }
-            return Ok(());
-        }
-        let bits = if ctx.uid == n.uid {
-            (n.mode >> 6) & 7
-        } else if ctx.gid == n.gid {
-            (n.mode >> 3) & 7
-        } else {
-            n.mode & 7
-        };
-        if (mask as u32) & !bits & 7 != 0 {
-            return Err(Errno::EACCES);
-        }
-        Ok(())
+        access_by_mode(&n, mask, ctx, self.read_only)
     }
 
     pub fn statfs(&self) -> Result<StatFs> {

@@ -5,8 +5,12 @@ pub mod admin;
 pub mod core;
 pub mod error;
 pub mod evict;
+mod names;
+mod open_table;
 pub mod requests;
 pub mod session;
+mod staging;
+mod types;
 
 pub use crate::core::{
     Attr, Backing, BackingToken, Ctx, IoMode, KcacheFs, KernelCache, Opened, SetAttrIn, Shared,

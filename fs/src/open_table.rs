@@ -1,0 +1,778 @@
+//! The open table: the handles the kernel holds (by fh) and the per-inode state shared by
+//! every handle of an open inode (counts, staging file, passthrough registration), with the
+//! rules for when that state is made and dropped.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kcache_store::{Hash, Ino, Inode, Lease, Staged, Store, StreamHasher};
+
+use crate::core::lock;
+use crate::error::{Errno, Result};
+use crate::staging::Staging;
+use crate::types::mtime_of;
+use crate::types::{Backing, BackingToken, IoMode};
+
+pub(crate) struct PtState {
+    pub(crate) token: BackingToken,
+    pub(crate) handles: u32,
+    /// The blob the backing file holds: once the inode's content has moved on (a truncate
+    /// by path committed meanwhile), new opens wait for these handles to go rather than
+    /// join them and read the old content.
+    pub(crate) hash: Hash,
+}
+
+/// Per-inode state while any handle is open or staged content is uncommitted.
+#[derive(Default)]
+pub(crate) struct OpenInode {
+    pub(crate) handles: u32,
+    pub(crate) writers: u32,
+    pub(crate) cached_handles: u32,
+    pub(crate) staging: Option<Staging>,
+    pub(crate) pt: Option<PtState>,
+    /// The committed blob, open for reads served by the daemon.
+    pub(crate) blob_file: Option<(Hash, Arc<File>)>,
+    /// Removed from the table of open inodes; whoever still holds it must look again.
+    pub(crate) dead: bool,
+    /// Opens for writing waiting for the passthrough readers to close (see `KcacheFs::open_gated`):
+    /// while there are any, new readers wait too instead of joining (and prolonging) the
+    /// passthrough, and once it is gone they do not start a new one.
+    pub(crate) writers_waiting: u32,
+}
+
+impl OpenInode {
+    /// Nothing needs this state any more: no handle, nothing staged, no writer waiting.
+    fn unused(&self) -> bool {
+        self.handles == 0 && self.staging.is_none() && self.writers_waiting == 0 && !self.dead
+    }
+
+    /// Counts a new handle of this inode (`inode`, read under this state's lock) and decides
+    /// how the kernel does its I/O; with O_TRUNC (`trunc`), empties the staged content first.
+    /// `streaming`: reads go through a download under way. Fails with
+    /// `Errno::PASSTHROUGH_HELD` while passthrough handles keep this open out (see `KcacheFs::open_gated`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn open_handle(
+        &mut self,
+        store: &Store,
+        page_cache: &PageCache,
+        passthrough: &AtomicBool,
+        inode: &Inode,
+        writable: bool,
+        trunc: bool,
+        backing: Option<&dyn Backing>,
+        streaming: bool,
+    ) -> Result<IoMode> {
+        // The kernel refuses any handle but a passthrough one on an inode that has
+        // passthrough handles open; a writer must wait for them to close (see `KcacheFs::open_gated`).
+        if self.pt.as_ref().is_some_and(|pt| {
+            writable
+                || self.writers_waiting > 0
+                || inode.blob != Some(pt.hash)
+                || self.staging.is_some()
+        }) {
+            return Err(Errno::PASSTHROUGH_HELD);
+        }
+        if trunc {
+            // O_TRUNC on an existing file updates its mtime and ctime, even if it was empty.
+            let now = kcache_store::now_ns();
+            match &mut self.staging {
+                Some(st) => st.reset(now)?,
+                None => self.staging = Some(Staging::new(&store.blobs(), inode.ino, None, now)?),
+            }
+            if let Some(st) = &mut self.staging {
+                st.dirty = true;
+            }
+        }
+
+        // Decide the I/O mode. Passthrough is only for committed content that nobody writes:
+        // writes must reach the daemon so that it knows exactly what changed and never lets a
+        // write land in a file that has become a blob. The kernel requires all passthrough
+        // handles of an inode to share one backing file and admits no other kind of handle
+        // while there are any, so readers join them and writers wait (checked above).
+        let quiet =
+            !writable && self.writers == 0 && self.staging.is_none() && self.writers_waiting == 0;
+        let mode = match (
+            &mut self.pt,
+            backing.filter(|_| passthrough.load(Ordering::Relaxed) && !streaming),
+        ) {
+            // Readers join passthrough readers (the only handle the kernel lets in), even
+            // when a truncate by path has staged new content meanwhile: they then see the
+            // content they would have seen had they opened a moment earlier.
+            (Some(pt), _) => {
+                pt.handles += 1;
+                IoMode::Passthrough(pt.token.clone())
+            }
+            (None, Some(b)) if quiet && self.cached_handles == 0 && inode.blob.is_some() => {
+                let file = self.blob_file(store, inode.blob.expect("checked above"))?;
+                match b.register(&file) {
+                    Ok(token) => {
+                        self.pt = Some(PtState {
+                            token: token.clone(),
+                            handles: 1,
+                            hash: inode.blob.expect("checked above"),
+                        });
+                        IoMode::Passthrough(token)
+                    }
+                    Err(e) => {
+                        tracing::warn!(ino = inode.ino, error = %e, "passthrough refused; serving this file from the daemon");
+                        self.cached_handles += 1;
+                        IoMode::Cached { keep_cache: false }
+                    }
+                }
+            }
+            (None, _) => {
+                self.cached_handles += 1;
+                let keep_cache = match (&self.staging, inode.blob) {
+                    (None, Some(h)) if self.writers == 0 && !streaming => {
+                        page_cache.keep(inode.ino, h)
+                    }
+                    _ => {
+                        page_cache.forget(inode.ino);
+                        false
+                    }
+                };
+                IoMode::Cached { keep_cache }
+            }
+        };
+        self.handles += 1;
+        if writable {
+            self.writers += 1;
+        }
+        if let Some(h) = inode.blob {
+            // Every open counts for the LRU; noted in memory, written in batches.
+            store.lru().note_access(h);
+        }
+        Ok(mode)
+    }
+
+    /// The staging file of this open inode (`ino`), made from the committed content on first
+    /// use, and marked dirty: the caller is about to change it.
+    pub(crate) fn staging_mut(&mut self, store: &Store, ino: Ino) -> Result<&mut Staging> {
+        if self.staging.is_none() {
+            let inode = store.ns().get(ino)?;
+            self.staging = Some(Staging::new(&store.blobs(), ino, inode.blob, inode.mtime)?);
+        }
+        let st = self.staging.as_mut().expect("just made");
+        st.dirty = true;
+        Ok(st)
+    }
+
+    /// Like `staging_mut` for a change other than an in-order write: the streamed hash no
+    /// longer describes the content.
+    pub(crate) fn staging_for_write(&mut self, store: &Store, ino: Ino) -> Result<Arc<File>> {
+        let st = self.staging_mut(store, ino)?;
+        st.stream = None;
+        Ok(st.file.clone())
+    }
+
+    /// The open committed blob for daemon-served reads, opened through the store's one
+    /// "make local" path.
+    pub(crate) fn blob_file(&mut self, store: &Store, h: Hash) -> Result<Arc<File>> {
+        if let Some((bh, f)) = &self.blob_file {
+            if *bh == h {
+                return Ok(f.clone());
+            }
+        }
+        let f = Arc::new(store.blobs().open_blob(&h)?);
+        self.blob_file = Some((h, f.clone()));
+        Ok(f)
+    }
+
+    /// Hashes the staged content and points the inode at the resulting blob, then lets go of
+    /// the staging file: it became the blob (renamed), or the content was already stored.
+    /// The next write makes a fresh staging file. Nothing else can be writing it: writes take
+    /// the inode lock the caller holds (on this state), and the kernel never writes staging
+    /// files directly.
+    pub(crate) fn commit(
+        &mut self,
+        store: &Store,
+        ino: Ino,
+        durable: bool,
+        commits: &AtomicU64,
+        page_cache: &PageCache,
+    ) -> Result<()> {
+        let Some(st) = &self.staging else {
+            return Ok(());
+        };
+        let inode = store.ns().get(ino)?;
+        if inode.nlink == 0 {
+            // Unlinked while open: the content dies with the last handle.
+            return Ok(());
+        }
+        let meta = st.file.metadata()?;
+        let mut consumed = false;
+        if meta.len() == 0 {
+            store.ns().clear_content(ino, mtime_of(&meta))?;
+        } else {
+            let known = st
+                .stream
+                .as_ref()
+                .map(StreamHasher::finish)
+                .filter(|k| k.1 == meta.len());
+            let staged = Staged {
+                ino,
+                path: &st.path,
+                file: &st.file,
+                known,
+                durable,
+                mtime: mtime_of(&meta),
+            };
+            consumed = store.blobs().commit_staged(&staged)?.2;
+        }
+        // Counted while this inode's lock is held, before the file can leave the open table.
+        commits.fetch_add(1, Ordering::SeqCst);
+        if let Some(st) = self.staging.take() {
+            if !consumed {
+                st.discard();
+            }
+        }
+        page_cache.forget(ino);
+        self.blob_file = None;
+        Ok(())
+    }
+
+    /// After the last handle closed: the blob file goes, and so does staged content that
+    /// nobody will commit (unchanged, or its file has no name left).
+    pub(crate) fn last_handle_closed(&mut self, store: &Store, ino: Ino) {
+        self.blob_file = None;
+        let clean = self.staging.as_ref().is_some_and(|s| !s.dirty);
+        // Dirty content goes only with its last name. A row that cannot be read says
+        // nothing: keep the staged bytes (the next close or the unmount commits them).
+        let unlinked = match store.ns().get(ino) {
+            Ok(n) => n.nlink == 0,
+            Err(kcache_store::Error::NotFound) => true,
+            Err(e) => {
+                tracing::error!(ino, error = %e, "reading a closed file's row failed; its staged content is kept");
+                false
+            }
+        };
+        if clean || unlinked {
+            if let Some(st) = self.staging.take() {
+                st.discard();
+            }
+        }
+    }
+
+    /// Takes released handle `h` off the counts (and the passthrough registration with its
+    /// last passthrough handle).
+    pub(crate) fn drop_handle(&mut self, h: &Handle) {
+        self.handles -= 1;
+        if h.writable {
+            self.writers -= 1;
+        }
+        match h.mode_kind {
+            ModeKind::Passthrough => {
+                if let Some(pt) = &mut self.pt {
+                    pt.handles -= 1;
+                    if pt.handles == 0 {
+                        self.pt = None;
+                    }
+                }
+            }
+            ModeKind::Cached => self.cached_handles -= 1,
+            ModeKind::Direct => {}
+        }
+    }
+}
+
+pub(crate) struct Handle {
+    pub(crate) ino: Ino,
+    pub(crate) writable: bool,
+    pub(crate) mode_kind: ModeKind,
+    /// The download this read-only handle reads through while its content arrives. Held
+    /// here, so the last handle's release cancels a download nobody else wants.
+    pub(crate) lease: Option<Arc<Lease>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum ModeKind {
+    Passthrough,
+    Cached,
+    Direct,
+}
+
+impl ModeKind {
+    pub(crate) fn of(mode: &IoMode) -> ModeKind {
+        match mode {
+            IoMode::Passthrough(_) => ModeKind::Passthrough,
+            IoMode::Cached { .. } => ModeKind::Cached,
+            IoMode::Direct => ModeKind::Direct,
+        }
+    }
+}
+
+/// Blob whose pages the kernel may still cache for an inode, to set keep_cache on reopen.
+#[derive(Default)]
+pub(crate) struct PageCache(Mutex<HashMap<Ino, Hash>>);
+
+impl PageCache {
+    /// Notes that the kernel caches blob `h`'s pages for `ino` from now on. True when it
+    /// already did: pages from an earlier open of the same content may be kept.
+    pub(crate) fn keep(&self, ino: Ino, h: Hash) -> bool {
+        lock(&self.0).insert(ino, h) == Some(h)
+    }
+
+    /// The kernel's pages of `ino` are gone, or no longer the content.
+    pub(crate) fn forget(&self, ino: Ino) {
+        lock(&self.0).remove(&ino);
+    }
+}
+
+type OpenMap = HashMap<Ino, Arc<Mutex<OpenInode>>>;
+
+/// The handles of one filesystem and the state of its open inodes. Lock order: the map of
+/// open inodes before an inode's own lock, never the other way round.
+pub(crate) struct OpenTable {
+    next_fh: AtomicU64,
+    open: Mutex<OpenMap>,
+    handles: Mutex<HashMap<u64, Handle>>,
+}
+
+impl Default for OpenTable {
+    fn default() -> OpenTable {
+        OpenTable {
+            next_fh: AtomicU64::new(1),
+            open: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl OpenTable {
+    // ---- handles ---------------------------------------------------------------------
+
+    /// A new file handle number, never given before by this table.
+    pub(crate) fn next_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn insert_handle(&self, fh: u64, h: Handle) {
+        lock(&self.handles).insert(fh, h);
+    }
+
+    /// The inode behind handle `fh`, and whether the handle may write.
+    pub(crate) fn handle_ino(&self, fh: u64) -> Option<(Ino, bool)> {
+        lock(&self.handles).get(&fh).map(|h| (h.ino, h.writable))
+    }
+
+    /// The inode behind handle `fh`, and the download it reads through, if any.
+    pub(crate) fn handle_lease(&self, fh: u64) -> Option<(Ino, Option<Arc<Lease>>)> {
+        lock(&self.handles)
+            .get(&fh)
+            .map(|h| (h.ino, h.lease.clone()))
+    }
+
+    pub(crate) fn remove_handle(&self, fh: u64) -> Option<Handle> {
+        lock(&self.handles).remove(&fh)
+    }
+
+    // ---- open inodes -----------------------------------------------------------------
+
+    /// The map of open inodes, locked, for a caller that must hold it across another step.
+    pub(crate) fn inodes(&self) -> MutexGuard<'_, OpenMap> {
+        lock(&self.open)
+    }
+
+    /// The state of `ino` if it is open.
+    pub(crate) fn get(&self, ino: Ino) -> Option<Arc<Mutex<OpenInode>>> {
+        lock(&self.open).get(&ino).cloned()
+    }
+
+    pub(crate) fn contains(&self, ino: Ino) -> bool {
+        lock(&self.open).contains_key(&ino)
+    }
+
+    /// The inodes open now.
+    pub(crate) fn inos(&self) -> Vec<Ino> {
+        lock(&self.open).keys().copied().collect()
+    }
+
+    /// Every open inode with its state.
+    pub(crate) fn all(&self) -> Vec<(Ino, Arc<Mutex<OpenInode>>)> {
+        lock(&self.open)
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect()
+    }
+
+    /// Runs `f` on the live per-inode state of `ino` (created if needed) with its lock held,
+    /// then drops the state again if `f` left nothing in it. Retries when it raced with
+    /// another caller dropping the entry it found.
+    pub(crate) fn with_inode<R>(&self, ino: Ino, f: impl FnOnce(&mut OpenInode) -> R) -> R {
+        loop {
+            let oi = lock(&self.open).entry(ino).or_default().clone();
+            let mut g = lock(&oi);
+            if g.dead {
+                continue;
+            }
+            let r = f(&mut g);
+            drop(g);
+            self.release_inode(ino, &oi);
+            return r;
+        }
+    }
+
+    /// Drops the per-inode state if nothing uses it any more.
+    pub(crate) fn release_inode(&self, ino: Ino, oi: &Arc<Mutex<OpenInode>>) {
+        let mut open = lock(&self.open);
+        let mut g = lock(oi);
+        if g.unused() {
+            g.dead = true;
+            drop(g);
+            if open.get(&ino).is_some_and(|cur| Arc::ptr_eq(cur, oi)) {
+                open.remove(&ino);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::os::unix::fs::FileExt;
+
+    fn handle(ino: Ino, writable: bool, mode_kind: ModeKind) -> Handle {
+        Handle {
+            ino,
+            writable,
+            mode_kind,
+            lease: None,
+        }
+    }
+
+    #[test]
+    fn file_handles_are_unique_across_threads() {
+        let t = Arc::new(OpenTable::default());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let t = t.clone();
+                std::thread::spawn(move || (0..1000).map(|_| t.next_fh()).collect::<Vec<_>>())
+            })
+            .collect();
+        let mut seen = HashSet::new();
+        for th in threads {
+            for fh in th.join().unwrap() {
+                assert!(fh != 0, "fh 0 is never given");
+                assert!(seen.insert(fh), "fh {fh} given twice");
+            }
+        }
+        assert_eq!(seen.len(), 4000);
+    }
+
+    #[test]
+    fn handles_insert_look_up_and_remove() {
+        let t = OpenTable::default();
+        let fh = t.next_fh();
+        assert_eq!(t.handle_ino(fh), None);
+        t.insert_handle(fh, handle(7, true, ModeKind::Cached));
+        assert_eq!(t.handle_ino(fh), Some((7, true)));
+        let (ino, lease) = t.handle_lease(fh).unwrap();
+        assert_eq!(ino, 7);
+        assert!(lease.is_none());
+        let h = t.remove_handle(fh).unwrap();
+        assert_eq!(
+            (h.ino, h.writable, h.mode_kind),
+            (7, true, ModeKind::Cached)
+        );
+        assert!(t.remove_handle(fh).is_none());
+        assert_eq!(t.handle_ino(fh), None);
+        assert!(t.handle_lease(fh).is_none());
+    }
+
+    #[test]
+    fn inode_state_lives_from_first_open_to_last_release() {
+        let t = OpenTable::default();
+        assert!(!t.contains(3));
+        // Left with nothing in it, the state goes at once.
+        t.with_inode(3, |g| assert_eq!(g.handles, 0));
+        assert!(!t.contains(3));
+        assert!(t.get(3).is_none());
+
+        // Two opens.
+        let hs = [
+            handle(3, false, ModeKind::Cached),
+            handle(3, true, ModeKind::Direct),
+        ];
+        for h in &hs {
+            t.with_inode(3, |g| {
+                g.handles += 1;
+                if h.writable {
+                    g.writers += 1;
+                }
+                if h.mode_kind == ModeKind::Cached {
+                    g.cached_handles += 1;
+                }
+            });
+        }
+        assert!(t.contains(3));
+        assert_eq!(t.inos(), vec![3]);
+        let oi = t.get(3).unwrap();
+        {
+            let g = lock(&oi);
+            assert_eq!((g.handles, g.writers, g.cached_handles), (2, 1, 1));
+        }
+
+        // First release: still open.
+        lock(&oi).drop_handle(&hs[0]);
+        t.release_inode(3, &oi);
+        assert!(t.contains(3));
+        assert!(!lock(&oi).dead);
+
+        // Last release: dropped, and marked so that a holder of the old state looks again.
+        lock(&oi).drop_handle(&hs[1]);
+        t.release_inode(3, &oi);
+        assert!(!t.contains(3));
+        assert!(lock(&oi).dead);
+        assert!(t.all().is_empty());
+
+        // The next open makes a fresh state rather than reviving the dead one.
+        t.with_inode(3, |g| {
+            assert!(!g.dead);
+            g.handles += 1;
+        });
+        let fresh = t.get(3).unwrap();
+        assert!(!Arc::ptr_eq(&fresh, &oi));
+    }
+
+    #[test]
+    fn a_waiting_writer_keeps_the_state() {
+        let t = OpenTable::default();
+        t.with_inode(4, |g| g.writers_waiting += 1);
+        assert!(t.contains(4));
+        t.with_inode(4, |g| g.writers_waiting -= 1);
+        assert!(!t.contains(4));
+    }
+
+    #[test]
+    fn releasing_a_stale_state_leaves_the_current_one() {
+        let t = OpenTable::default();
+        let stale: Arc<Mutex<OpenInode>> = Arc::default();
+        t.with_inode(5, |g| g.handles += 1);
+        t.release_inode(5, &stale);
+        assert!(lock(&stale).dead);
+        assert!(t.contains(5));
+    }
+
+    #[test]
+    fn the_last_passthrough_handle_drops_the_registration() {
+        let mut g = OpenInode {
+            handles: 3,
+            writers: 0,
+            cached_handles: 1,
+            pt: Some(PtState {
+                token: Arc::new(()),
+                handles: 2,
+                hash: Hash([0; 32]),
+            }),
+            ..Default::default()
+        };
+        let pt = handle(1, false, ModeKind::Passthrough);
+        g.drop_handle(&pt);
+        assert_eq!(g.pt.as_ref().map(|p| p.handles), Some(1));
+        g.drop_handle(&pt);
+        assert!(g.pt.is_none());
+        g.drop_handle(&handle(1, false, ModeKind::Cached));
+        assert_eq!((g.handles, g.cached_handles), (0, 0));
+    }
+
+    struct Registers(bool);
+
+    impl Backing for Registers {
+        fn register(&self, _file: &File) -> std::io::Result<BackingToken> {
+            if self.0 {
+                Ok(Arc::new(()))
+            } else {
+                Err(std::io::Error::from_raw_os_error(libc::EPERM))
+            }
+        }
+    }
+
+    /// A store holding one committed file with `data`, and its row.
+    fn store_with_file(data: &[u8]) -> (tempfile::TempDir, Arc<Store>, Inode) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let vol = store.volume("default", true, 0, 0).unwrap();
+        let fs = crate::KcacheFs::new(store.clone(), vol, false);
+        let flags = libc::O_WRONLY | libc::O_CREAT;
+        let name = std::ffi::OsStr::new("f");
+        let (attr, o) = fs
+            .create(
+                crate::ROOT_INO,
+                name,
+                0o644,
+                flags,
+                crate::Ctx::root(),
+                None,
+            )
+            .unwrap();
+        fs.write(o.fh, 0, data).unwrap();
+        fs.release(o.fh).unwrap();
+        let inode = store.ns().get(attr.ino).unwrap();
+        assert!(inode.blob.is_some());
+        (dir, store, inode)
+    }
+
+    /// Opens a handle on `g` without O_TRUNC, reads going to the committed content.
+    fn open(
+        g: &mut OpenInode,
+        store: &Store,
+        pc: &PageCache,
+        pt: &AtomicBool,
+        inode: &Inode,
+        writable: bool,
+        backing: Option<&dyn Backing>,
+    ) -> Result<IoMode> {
+        g.open_handle(store, pc, pt, inode, writable, false, backing, false)
+    }
+
+    #[test]
+    fn readers_reopening_unchanged_content_keep_the_page_cache() {
+        let (_dir, store, inode) = store_with_file(b"hello");
+        let (pc, off) = (PageCache::default(), AtomicBool::new(false));
+        let mut g = OpenInode::default();
+        let m = open(&mut g, &store, &pc, &off, &inode, false, None).unwrap();
+        assert!(matches!(m, IoMode::Cached { keep_cache: false }));
+        let m = open(&mut g, &store, &pc, &off, &inode, false, None).unwrap();
+        assert!(matches!(m, IoMode::Cached { keep_cache: true }));
+        assert_eq!((g.handles, g.writers, g.cached_handles), (2, 0, 2));
+        // A writer joins with the pages kept, but while it has the file open, new readers
+        // drop them: the content may change under them.
+        let m = open(&mut g, &store, &pc, &off, &inode, true, None).unwrap();
+        assert!(matches!(m, IoMode::Cached { keep_cache: true }));
+        let m = open(&mut g, &store, &pc, &off, &inode, false, None).unwrap();
+        assert!(matches!(m, IoMode::Cached { keep_cache: false }));
+        assert_eq!((g.handles, g.writers), (4, 1));
+    }
+
+    #[test]
+    fn passthrough_readers_share_one_registration_and_keep_writers_out() {
+        let (_dir, store, inode) = store_with_file(b"hello");
+        let (pc, on) = (PageCache::default(), AtomicBool::new(true));
+        let yes = Registers(true);
+        let mut g = OpenInode::default();
+        for n in 1..=2 {
+            let m = open(&mut g, &store, &pc, &on, &inode, false, Some(&yes)).unwrap();
+            assert!(matches!(m, IoMode::Passthrough(_)));
+            assert_eq!(g.pt.as_ref().map(|p| p.handles), Some(n));
+        }
+        assert!(g.blob_file.is_some());
+        let e = open(&mut g, &store, &pc, &on, &inode, true, Some(&yes)).unwrap_err();
+        assert_eq!(e, Errno::PASSTHROUGH_HELD);
+        // Refused before anything was counted.
+        assert_eq!((g.handles, g.writers, g.cached_handles), (2, 0, 0));
+
+        // Passthrough switched off, or no backing: served by the daemon.
+        let mut g = OpenInode::default();
+        let off = AtomicBool::new(false);
+        let m = open(&mut g, &store, &pc, &off, &inode, false, Some(&yes)).unwrap();
+        assert!(matches!(m, IoMode::Cached { .. }));
+    }
+
+    #[test]
+    fn a_refused_registration_serves_the_file_from_the_daemon() {
+        let (_dir, store, inode) = store_with_file(b"hello");
+        let (pc, on) = (PageCache::default(), AtomicBool::new(true));
+        let mut g = OpenInode::default();
+        let m = open(
+            &mut g,
+            &store,
+            &pc,
+            &on,
+            &inode,
+            false,
+            Some(&Registers(false)),
+        )
+        .unwrap();
+        assert!(matches!(m, IoMode::Cached { keep_cache: false }));
+        assert!(g.pt.is_none());
+        assert_eq!((g.handles, g.cached_handles), (1, 1));
+    }
+
+    #[test]
+    fn o_trunc_stages_empty_content_and_commit_stores_it() {
+        let (_dir, store, inode) = store_with_file(b"hello");
+        let (pc, off) = (PageCache::default(), AtomicBool::new(false));
+        let commits = AtomicU64::new(0);
+        let mut g = OpenInode::default();
+        let m = g
+            .open_handle(&store, &pc, &off, &inode, true, true, None, false)
+            .unwrap();
+        assert!(matches!(m, IoMode::Cached { keep_cache: false }));
+        let st = g.staging.as_ref().unwrap();
+        assert!(st.dirty);
+        assert_eq!(st.len().unwrap(), 0);
+        let path = st.path.clone();
+
+        g.staging_for_write(&store, inode.ino)
+            .unwrap()
+            .write_all_at(b"new", 0)
+            .unwrap();
+        g.commit(&store, inode.ino, false, &commits, &pc).unwrap();
+        assert!(g.staging.is_none());
+        assert!(g.blob_file.is_none());
+        assert_eq!(commits.load(Ordering::SeqCst), 1);
+        let row = store.ns().get(inode.ino).unwrap();
+        assert_eq!(row.size, 3);
+        assert_ne!(row.blob, inode.blob);
+        // The staging file became the blob or went away.
+        assert!(!path.exists());
+
+        // Nothing staged: nothing to commit, and nothing counted.
+        g.commit(&store, inode.ino, false, &commits, &pc).unwrap();
+        assert_eq!(commits.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn staging_is_made_from_the_committed_content_on_first_change() {
+        let (_dir, store, inode) = store_with_file(b"hello");
+        let mut g = OpenInode::default();
+        let st = g.staging_mut(&store, inode.ino).unwrap();
+        assert!(st.dirty);
+        let mut buf = [0u8; 5];
+        st.file.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"hello");
+        assert!(st.stream.is_none(), "a copy is not streamed");
+        // The blob file is opened once and reused.
+        let h = inode.blob.unwrap();
+        let a = g.blob_file(&store, h).unwrap();
+        let b = g.blob_file(&store, h).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+    }
+
+    #[test]
+    fn the_last_close_drops_unchanged_staging_and_keeps_changed_content_of_a_named_file() {
+        let (_dir, store, inode) = store_with_file(b"hello");
+        let mut g = OpenInode::default();
+        let st = Staging::new(&store.blobs(), inode.ino, inode.blob, inode.mtime).unwrap();
+        let path = st.path.clone();
+        g.staging = Some(st);
+        g.last_handle_closed(&store, inode.ino);
+        assert!(g.staging.is_none());
+        assert!(!path.exists());
+
+        g.staging_mut(&store, inode.ino).unwrap();
+        g.blob_file(&store, inode.blob.unwrap()).unwrap();
+        g.last_handle_closed(&store, inode.ino);
+        assert!(
+            g.staging.is_some(),
+            "dirty content of a named file waits for its commit"
+        );
+        assert!(g.blob_file.is_none());
+    }
+
+    #[test]
+    fn mode_kind_follows_the_io_mode() {
+        assert_eq!(
+            ModeKind::of(&IoMode::Passthrough(Arc::new(()))),
+            ModeKind::Passthrough
+        );
+        assert_eq!(
+            ModeKind::of(&IoMode::Cached { keep_cache: false }),
+            ModeKind::Cached
+        );
+        assert_eq!(ModeKind::of(&IoMode::Direct), ModeKind::Direct);
+    }
+}
