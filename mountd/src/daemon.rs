@@ -521,8 +521,12 @@ impl Daemon {
                 if let Some(m) = lock(&me.mounts).iter_mut().find(|m| m.id == id) {
                     m.ending = true;
                 }
-                // Commit what is still staged before the mount counts as gone.
+                // Commit what is still staged before the mount counts as gone, and the
+                // group it joined.
                 run_fs.flush_all();
+                if let Err(e) = run_fs.store().commit_group() {
+                    tracing::error!(error = %e, "committing at unmount failed");
+                }
                 syncers.stop();
                 lock(&me.mounts).retain(|m| m.id != id);
                 tracing::info!(mountpoint = %mp.display(), "unmounted");
@@ -703,6 +707,8 @@ fn serve(
     apply_root_owner(&store, volume.root, opts)?;
     let remote = mount_remote(&store, opts)?;
     let store = Arc::new(store);
+    // Namespace changes are committed in groups (see ARCHITECTURE.md, crash contract).
+    store.start_group_commit(kcache_store::GROUP_COMMIT_INTERVAL);
     let fs = Arc::new(KcacheFs::new(store.clone(), volume, opts.read_only).with_remote(remote));
     apply_limits(&fs, opts)?;
     // Long read-only queries (stats, du, metrics) use a connection of their own.

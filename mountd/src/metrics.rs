@@ -50,6 +50,8 @@ pub fn serve(addr: &str, fs: Arc<KcacheFs>, reader: Arc<Store>) -> Result<()> {
 /// holds up the filesystem's database connection.
 pub fn render(fs: &KcacheFs, reader: &Store) -> Result<String> {
     fs.store().lru().flush_accesses()?;
+    // As of now for the read-only connection, not as of the last group commit.
+    fs.store().commit_group()?;
     let st = reader.stats()?;
     let usage = fs
         .usage()

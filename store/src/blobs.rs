@@ -218,7 +218,13 @@ impl Blobs<'_> {
         };
         let blob_path = self.blob_path(&hash);
 
-        let mut conn = self.store.conn();
+        // A durable commit is a transaction of its own (after the open group), so its FULL
+        // sync covers it and everything before it.
+        let mut conn = if st.durable {
+            self.store.conn_direct()?
+        } else {
+            self.store.conn()
+        };
         let existing = lifecycle::row(&conn, &hash)?;
         // The blob file's allocation (st_blocks), recorded so getattr need not stat it: a
         // sparse staging file keeps its holes through the rename, and a duplicate takes the
@@ -250,7 +256,7 @@ impl Blobs<'_> {
             conn.pragma_update(None, "synchronous", "FULL")?;
         }
         let res = (|| -> Result<Vec<Hash>> {
-            let tx = conn.transaction()?;
+            let tx = conn.savepoint()?;
             let old: Option<Option<Hash>> = tx
                 .query_row(
                     "SELECT blob FROM inodes WHERE ino = ?1",
@@ -400,6 +406,16 @@ impl Blobs<'_> {
     /// Deletes blob files whose rows went away in a committed transaction. Runs with the
     /// connection lock held so a concurrent commit of the same content cannot interleave.
     pub(crate) fn remove_dead_blobs(&self, conn: &rusqlite::Connection, dead: &[Hash]) {
+        if dead.is_empty() {
+            return;
+        }
+        // Under group commit the rows' removal must be committed before the files go, or a
+        // crash would bring back rows whose files are gone. If it cannot be, the files stay
+        // (gc removes them once nothing names them).
+        if let Err(e) = crate::settle(conn) {
+            tracing::error!(error = %e, "committing before removing unreferenced blobs failed; keeping them");
+            return;
+        }
         for h in dead {
             let p = self.blob_path(h);
             if let Err(e) = self

@@ -195,6 +195,10 @@ pub struct OpenOptionsStore {
     pub read_only: bool,
 }
 
+/// How long namespace changes may wait in an open group before they are committed, when
+/// group commit is on (the daemon): the most a crash of the daemon can lose.
+pub const GROUP_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// An open store. Cheap to share behind an `Arc`; all methods take `&self`.
 pub struct Store {
     root: PathBuf,
@@ -214,6 +218,8 @@ pub struct Store {
     downloads: std::sync::Arc<downloads::Downloads<fetch::Flight>>,
     /// Test seam over every protocol step (see `faults`); nothing is armed in production.
     faults: Faults,
+    /// Group commit is on (`start_group_commit`).
+    group: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Store {
@@ -256,6 +262,7 @@ impl Store {
                 pending_counters: Default::default(),
                 downloads: Default::default(),
                 faults: Faults::default(),
+                group: Default::default(),
             });
         }
 
@@ -312,6 +319,7 @@ impl Store {
             pending_counters: Default::default(),
             downloads: Default::default(),
             faults: Faults::default(),
+            group: Default::default(),
         };
         store.recover()?;
         let seq: i64 =
@@ -358,10 +366,54 @@ impl Store {
     }
 
     /// Commits a transaction: every protocol's commit point, so faults can be injected there.
-    pub(crate) fn commit_tx(&self, tx: rusqlite::Transaction<'_>) -> Result<()> {
+    /// Outside group commit the savepoint is the outermost, so this is the transaction's
+    /// commit; inside a group it joins the group (see `start_group_commit`).
+    pub(crate) fn commit_tx(&self, tx: rusqlite::Savepoint<'_>) -> Result<()> {
         self.faults.check(Step::DbCommit)?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Group commit: from now on every transaction joins one open database transaction
+    /// that is committed at most `interval` after it began (by a thread of its own), at
+    /// `sync` (fsync), before blob files whose rows went away are deleted, and when the store
+    /// is dropped. A crash of the process then loses at most the last interval of namespace
+    /// changes, and what it keeps is a prefix of what was done (one transaction, in order).
+    pub fn start_group_commit(self: &std::sync::Arc<Self>, interval: std::time::Duration) {
+        if self.read_only || self.group.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let weak = std::sync::Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("group-commit".into())
+            .spawn(move || loop {
+                std::thread::sleep(interval);
+                let Some(store) = weak.upgrade() else { return };
+                if let Err(e) = store.commit_group() {
+                    tracing::error!(error = %e, "group commit failed; retrying");
+                }
+            });
+        if let Err(e) = spawned {
+            // Without the committing thread, stay with one commit per transaction.
+            self.group.store(false, std::sync::atomic::Ordering::SeqCst);
+            tracing::warn!(error = %e, "no thread for group commit; committing each change");
+        }
+    }
+
+    /// Commits the open group, if any (everything done so far becomes visible to other
+    /// processes and survives a crash of this one).
+    pub fn commit_group(&self) -> Result<()> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        settle(&conn)
+    }
+
+    /// The connection outside any group: what was grouped so far is committed first, and no
+    /// new group begins, so the caller's transaction is a transaction of its own (durable
+    /// commits, pragmas, checkpoints).
+    pub(crate) fn conn_direct(&self) -> Result<MutexGuard<'_, Connection>> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        settle(&conn)?;
+        Ok(conn)
     }
 
     /// The fault plan tests arm to make a protocol step fail or crash.
@@ -384,7 +436,14 @@ impl Store {
     pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves SQLite itself consistent (the transaction
         // rolls back on drop), so a poisoned mutex is safe to keep using.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if self.group.load(std::sync::atomic::Ordering::Relaxed) && conn.is_autocommit() {
+            // Open the group; a failure leaves each transaction committing on its own.
+            if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+                tracing::warn!(error = %e, "could not open a group commit");
+            }
+        }
+        conn
     }
 
     /// Undoes what a crash left behind: staging files (committing what was written to
@@ -422,7 +481,19 @@ impl Drop for Store {
         if let Err(e) = self.lru().flush_accesses() {
             tracing::warn!(error = %e, "recording the last accesses failed");
         }
+        // And everything grouped since the last group commit.
+        if let Err(e) = self.commit_group() {
+            tracing::error!(error = %e, "committing the last group at close failed");
+        }
     }
+}
+
+/// Commits the connection's open group transaction, if any.
+pub(crate) fn settle(conn: &Connection) -> Result<()> {
+    if !conn.is_autocommit() {
+        conn.execute_batch("COMMIT")?;
+    }
+    Ok(())
 }
 
 fn check_readable(conn: &Connection, path: &Path) -> Result<()> {

@@ -109,7 +109,7 @@ impl Lru<'_> {
         }
         let mut conn = self.store.conn();
         let res = (|| {
-            let tx = conn.transaction()?;
+            let tx = conn.savepoint()?;
             {
                 let mut stmt = tx.prepare_cached(
                     "UPDATE blobs SET last_access = max(last_access, ?2) WHERE hash = ?1",
@@ -208,7 +208,7 @@ impl Lru<'_> {
     /// that just deduplicated onto it, say) is not evicted.
     fn evict_blob(&self, h: &Hash, last: i64, out: &mut Evicted) -> Result<u64> {
         let mut conn = self.store.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         let Some((size, state)) = tx
             .query_row(
                 "SELECT size, state, remote FROM blobs WHERE hash = ?1 AND last_access = ?2",
@@ -229,6 +229,8 @@ impl Lru<'_> {
             crate::maint::add_counter(&tx, "evictions", 1)?;
             crate::maint::add_counter(&tx, "evicted_bytes", size as u64)?;
             self.store.commit_tx(tx)?;
+            // Committed (out of any group) before the file goes: see `remove_dead_blobs`.
+            crate::settle(&conn)?;
             // A file left by a failed unlink is replaced by the next download's install.
             if self.store.faults.check(Step::Unlink).is_ok() {
                 let _ = std::fs::remove_file(self.store.blobs().blob_path(h));

@@ -225,7 +225,7 @@ impl Store {
             return Err(Error::Invalid("low watermark must be 1-100% of the quota"));
         }
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         for (k, v) in [
             ("quota", l.quota.unwrap_or(0).to_string()),
             ("low_watermark_pct", l.low_watermark_pct.to_string()),
@@ -340,7 +340,7 @@ impl Store {
     pub fn pin(&self, ino: Ino) -> Result<u64> {
         let limits = self.limits()?;
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         let n = crate::ns::must_inode(&tx, ino)?;
         if n.nlink == 0 {
             return Err(Error::NotFound);
@@ -519,7 +519,7 @@ impl Store {
             }
         }
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         let now = now_ns();
         for (name, ino, _) in entries {
             // Renamed or replaced since it was listed: leave it alone.
@@ -573,7 +573,9 @@ impl Store {
                 let hash = name.to_str().and_then(Hash::from_hex);
                 // Checked and removed under the database lock: a commit renames its blob
                 // file into place and records it while holding the same lock.
-                let conn = self.conn();
+                // Out of any group: a row deleted only in an uncommitted group would come
+                // back after a crash, without the file removed here.
+                let conn = self.conn_direct()?;
                 // A remote-only row has no file: one there is left by an eviction whose
                 // unlink failed (an install renames and records under this same lock).
                 let known = match hash {
@@ -592,7 +594,7 @@ impl Store {
             let _ = fs::remove_dir(&sub); // only succeeds when empty
         }
         {
-            let conn = self.conn();
+            let conn = self.conn_direct()?;
             conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
             conn.execute_batch("PRAGMA optimize")?;
         }

@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use rusqlite::{params, OptionalExtension, Transaction};
+use rusqlite::{params, OptionalExtension};
 
 use crate::error::{Error, Result};
 use crate::manifest::{MInode, Manifest};
@@ -36,7 +36,7 @@ struct Local {
     rdev: i64,
 }
 
-fn local_entry(tx: &Transaction<'_>, dir: Ino, name: &[u8]) -> Result<Option<Local>> {
+fn local_entry(tx: &rusqlite::Connection, dir: Ino, name: &[u8]) -> Result<Option<Local>> {
     Ok(tx
         .prepare_cached(
             "SELECT i.ino, i.kind, i.size, i.blob, i.target, i.rdev
@@ -113,7 +113,7 @@ impl<'m> Index<'m> {
 
 /// The merge's state inside its transaction.
 struct Merge<'a, 'm> {
-    tx: &'a Transaction<'a>,
+    tx: &'a rusqlite::Connection,
     ix: Index<'m>,
     volume: i64,
     now: i64,
@@ -301,7 +301,7 @@ impl Store {
         before_commit: &mut dyn FnMut(&[NameChange]),
     ) -> Result<Pulled> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         let found: Option<(i64, i64)> = tx
             .query_row(
                 "SELECT id, root FROM volumes WHERE name = ?1",

@@ -3,7 +3,7 @@
 //! Every public method is one SQLite transaction, so a crash at any point leaves either the old
 //! or the new namespace, never a half-done rename or a wrong link count.
 
-use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::error::{Error, Result};
 use crate::{now_ns, Hash, Ino, Inode, Kind, NewNode, Store};
@@ -147,7 +147,11 @@ fn is_empty_dir(conn: &Connection, dir: Ino) -> Result<bool> {
 }
 
 /// Drops one reference to a blob; records it in `dead` when that was the last.
-pub(crate) fn unref_blob(tx: &Transaction<'_>, hash: &Hash, dead: &mut Vec<Hash>) -> Result<()> {
+pub(crate) fn unref_blob(
+    tx: &rusqlite::Connection,
+    hash: &Hash,
+    dead: &mut Vec<Hash>,
+) -> Result<()> {
     tx.prepare_cached("UPDATE blobs SET refs = refs - 1 WHERE hash = ?1")?
         .execute([&hash.0[..]])?;
     let refs: Option<i64> = tx
@@ -166,7 +170,7 @@ pub(crate) fn unref_blob(tx: &Transaction<'_>, hash: &Hash, dead: &mut Vec<Hash>
 
 /// Removes one name; returns the inode it named and that inode's new link count.
 pub(crate) fn drop_link(
-    tx: &Transaction<'_>,
+    tx: &rusqlite::Connection,
     parent: Ino,
     name: &[u8],
     ino: Ino,
@@ -214,7 +218,7 @@ impl Store {
         if name.is_empty() || name.len() > 128 || name.contains('/') {
             return Err(Error::Invalid("volume names are 1-128 bytes without '/'"));
         }
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         let now = now_ns();
         tx.execute(
             "INSERT INTO volumes (name, root, created) VALUES (?1, 0, ?2)",
@@ -312,7 +316,8 @@ impl Store {
     /// Commits run with synchronous=NORMAL, which survives a crash of the process but not of
     /// the machine; one small FULL transaction syncs the whole write-ahead log.
     pub fn sync(&self) -> Result<()> {
-        let conn = self.conn();
+        // The open group is committed first; the FULL transaction then syncs it too.
+        let conn = self.conn_direct()?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         let res = conn.execute(
             "INSERT INTO counters (name, value) VALUES ('namespace_syncs', 1)
@@ -357,7 +362,7 @@ impl Namespace<'_> {
     /// Creates a new inode named `name` in `parent`.
     pub fn create(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Inode> {
         let mut conn = self.store.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         let dir = must_dir(&tx, parent)?;
         if lookup_ino(&tx, parent, name)?.is_some() {
             return Err(Error::Exists);
@@ -398,7 +403,7 @@ impl Namespace<'_> {
     /// Adds a hard link `newparent/newname` to `ino`.
     pub fn link(&self, ino: Ino, newparent: Ino, newname: &[u8]) -> Result<Inode> {
         let mut conn = self.store.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         let node = must_inode(&tx, ino)?;
         if node.kind == Kind::Dir {
             return Err(Error::NotPermitted("hard links to directories"));
@@ -430,7 +435,7 @@ impl Namespace<'_> {
     /// Removes a non-directory name. Returns the inode number and its new link count.
     pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<(Ino, u32)> {
         let mut conn = self.store.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         must_inode(&tx, parent)?;
         let ino = lookup_ino(&tx, parent, name)?.ok_or(Error::NotFound)?;
         let node = must_inode(&tx, ino)?;
@@ -447,7 +452,7 @@ impl Namespace<'_> {
     /// Removes an empty directory. Returns its inode number.
     pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<Ino> {
         let mut conn = self.store.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         let ino = lookup_ino(&tx, parent, name)?.ok_or(Error::NotFound)?;
         let node = must_inode(&tx, ino)?;
         if node.kind != Kind::Dir {
@@ -475,7 +480,7 @@ impl Namespace<'_> {
         exchange: bool,
     ) -> Result<Renamed> {
         let mut conn = self.store.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         let src_ino = lookup_ino(&tx, parent, name)?.ok_or(Error::NotFound)?;
         let src = must_inode(&tx, src_ino)?;
         let newdir = must_dir(&tx, newparent)?;
@@ -596,7 +601,7 @@ impl Namespace<'_> {
     /// filesystem layer owns the bytes). Returns the updated inode.
     pub fn setattr(&self, ino: Ino, a: &SetAttr) -> Result<Inode> {
         let mut conn = self.store.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         let mut n = must_inode(&tx, ino)?;
         if let Some(m) = a.mode {
             n.mode = m & 0o7777;
@@ -638,7 +643,7 @@ impl Namespace<'_> {
     /// Points a file at no content (empty), dropping its blob reference.
     pub fn clear_content(&self, ino: Ino, mtime: i64) -> Result<Inode> {
         let mut conn = self.store.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         let n = must_inode(&tx, ino)?;
         let mut dead = Vec::new();
         if let Some(h) = n.blob {
@@ -680,7 +685,7 @@ impl Namespace<'_> {
     /// Called once nothing (kernel lookups, open handles) holds it any more.
     pub fn purge(&self, ino: Ino) -> Result<()> {
         let mut conn = self.store.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         let Some(n) = get_inode(&tx, ino)? else {
             return Ok(());
         };
@@ -733,7 +738,7 @@ impl Namespace<'_> {
         replace: bool,
     ) -> Result<()> {
         let mut conn = self.store.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         must_inode(&tx, ino)?;
         let exists = tx
             .prepare_cached("SELECT 1 FROM xattrs WHERE ino = ?1 AND name = ?2")?

@@ -383,7 +383,7 @@ impl Store {
     /// Marks blobs as having a copy on an upstream (so eviction may drop only the local bytes).
     pub(crate) fn mark_remote(&self, hashes: &[Hash]) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         for h in hashes {
             crate::lifecycle::mark_upstream(&tx, h)?;
         }

@@ -283,7 +283,7 @@ impl Store {
         let v = self.volume(volume, false, 0, 0)?;
         let mut conn = self.conn();
         // One read transaction: a consistent view even while the volume is in use.
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         let inodes: Vec<MInode> = {
             let mut stmt = tx.prepare(
                 "SELECT ino, kind, mode, uid, gid, size, atime, mtime, ctime, nlink, rdev, blob, target
@@ -580,7 +580,7 @@ impl Store {
         mode: &str,
     ) -> Result<PullReport> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         let old: Option<i64> = tx
             .query_row("SELECT id FROM volumes WHERE name = ?1", [volume], |r| {
                 r.get(0)

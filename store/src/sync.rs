@@ -163,7 +163,7 @@ impl Store {
     ) -> Result<()> {
         let now = now_ns();
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         tx.execute(
             "INSERT INTO sync_state (kind, url, tag, volume) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT DO NOTHING",

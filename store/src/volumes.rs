@@ -11,7 +11,7 @@ use crate::{now_ns, Store, VolumeInfo};
 /// Inserts the row of a new volume (its root is set by the caller once it exists) and returns
 /// its id with the first free inode number: new inodes are numbered above every number ever
 /// used (AUTOINCREMENT never reuses them). Callers finish with `bump_inode_sequence`.
-pub(crate) fn new_volume_row(tx: &rusqlite::Transaction<'_>, name: &str) -> Result<(i64, i64)> {
+pub(crate) fn new_volume_row(tx: &rusqlite::Connection, name: &str) -> Result<(i64, i64)> {
     tx.execute(
         "INSERT INTO volumes (name, root, created) VALUES (?1, 0, ?2)",
         params![name, now_ns()],
@@ -27,7 +27,7 @@ pub(crate) fn new_volume_row(tx: &rusqlite::Transaction<'_>, name: &str) -> Resu
 }
 
 /// Records explicitly numbered inodes in AUTOINCREMENT's counter.
-pub(crate) fn bump_inode_sequence(tx: &rusqlite::Transaction<'_>) -> Result<()> {
+pub(crate) fn bump_inode_sequence(tx: &rusqlite::Connection) -> Result<()> {
     tx.execute(
         "UPDATE sqlite_sequence SET seq = (SELECT max(ino) FROM inodes) WHERE name = 'inodes'",
         [],
@@ -39,7 +39,7 @@ pub(crate) fn bump_inode_sequence(tx: &rusqlite::Transaction<'_>) -> Result<()> 
 /// returns its file count and the blobs left without references, whose rows are deleted and
 /// queued in `dead_blobs` (their files go once the transaction commits).
 pub(crate) fn delete_volume_rows(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &rusqlite::Connection,
     id: i64,
 ) -> Result<(u64, Vec<crate::Hash>)> {
     let files: i64 = tx.query_row(
@@ -81,7 +81,7 @@ impl Store {
     pub fn remove_volume(&self, name: &str) -> Result<u64> {
         let v = self.volume(name, false, 0, 0)?;
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         let (files, dead) = delete_volume_rows(&tx, v.id)?;
         self.commit_tx(tx)?;
         self.blobs().remove_dead_blobs(&conn, &dead);
@@ -99,7 +99,7 @@ impl Store {
             return Err(Error::Invalid("volume names are 1-128 bytes without '/'"));
         }
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         let (id, first) = new_volume_row(&tx, dst)?;
         tx.execute_batch(
             "DROP TABLE IF EXISTS temp.clone_map;

@@ -61,6 +61,10 @@ pub fn venv_python() -> Option<PathBuf> {
     None
 }
 
+/// The most namespace changes a crash of the daemon may lose (kcache_store's group-commit
+/// interval, with room for the commit itself).
+pub const GROUP_COMMIT_BOUND: Duration = Duration::from_millis(100);
+
 /// A running `kcache mount --foreground` over a temporary store.
 pub struct Mount {
     pub store: PathBuf,
@@ -208,8 +212,18 @@ impl Mount {
         );
     }
 
-    /// Kills the daemon with SIGKILL, leaving a dead mount behind, as a crash would.
+    /// Kills the daemon with SIGKILL, leaving a dead mount behind, as a crash would. It first
+    /// lets the group-commit bound pass (twice over), since the crash contract promises what
+    /// was done before it: what callers check afterwards is what the contract keeps.
     pub fn kill9(&mut self) {
+        std::thread::sleep(2 * GROUP_COMMIT_BOUND);
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGKILL at once, without waiting out the group-commit bound: for tests of the bound.
+    pub fn kill9_now(&mut self) {
         let mut child = self.child.take().unwrap();
         child.kill().unwrap();
         child.wait().unwrap();

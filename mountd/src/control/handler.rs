@@ -43,9 +43,13 @@ pub fn handle(
         }
     };
     let store = fs.store();
+    // `reader` sees only committed transactions: answer as of now, not as of the last
+    // group commit.
+    store.commit_group().map_err(|e| e.to_string())?;
     match req {
         Request::Stats => {
             store.lru().flush_accesses().map_err(|e| e.to_string())?;
+            store.commit_group().map_err(|e| e.to_string())?;
             let st = reader.stats().map_err(|e| e.to_string())?;
             let usage = fs.usage().map_err(|e| errno_msg("usage", e))?;
             Ok(Reply::Stats(StatsReply {
