@@ -814,6 +814,11 @@ fn serve(
     if let Err(e) = store.lru().flush_accesses() {
         tracing::warn!(error = %e, "recording the last accesses failed");
     }
+    // Everything above (downloads kept, last commits, accesses) joined the open group; the
+    // process may end before the store is dropped, so commit it here.
+    if let Err(e) = store.commit_group() {
+        tracing::error!(error = %e, "committing the last group failed");
+    }
     // Last, so that while the daemon holds the store its socket answers (if only "leaving");
     // the lock goes with the process a moment later.
     control.close(Duration::from_secs(30));
