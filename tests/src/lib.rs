@@ -271,14 +271,18 @@ impl Mount {
         )
     }
 
-    /// Waits until every closed file is committed: the kernel sends release asynchronously
-    /// after close(), so a test that inspects the store must let the daemon catch up.
+    /// Waits until every closed file is committed and visible to other processes: the kernel
+    /// sends release asynchronously
+    /// after close(), and commits reach the database in groups (see `GROUP_COMMIT_BOUND`).
     pub fn settle(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.staging_files() > 0 {
             assert!(Instant::now() < deadline, "staged files never committed");
             std::thread::sleep(Duration::from_millis(10));
         }
+        // And past the group-commit bound, so other processes (`kcache serve`, a reader of
+        // the database) see the commits too.
+        std::thread::sleep(GROUP_COMMIT_BOUND);
     }
 
     /// Files left in the store's staging directory.
