@@ -419,25 +419,14 @@ impl Dispatcher {
                 Reply::ok(w.0)
             }
             Operation::Releasedir => Reply::empty(),
-            Operation::Readdir {
-                offset,
-                size,
-                plus: false,
-            } => {
+            Operation::Readdir { offset, size, plus } => {
                 let mut d = DirBuf::new(size);
-                let r = fs.readdir(ino, offset, false, |ino, off, kind, name, _| {
-                    d.add(ino, off, kind, name)
-                });
-                Reply::from(r.map(|()| d.into_bytes()))
-            }
-            Operation::Readdir {
-                offset,
-                size,
-                plus: true,
-            } => {
-                let mut d = DirBuf::new(size);
-                let r = fs.readdir(ino, offset, true, |ino, off, kind, name, attr| {
-                    d.add_plus(ino, off, kind, name, ttl, attr)
+                let r = fs.readdir(ino, offset, plus, |ino, off, kind, name, attr| {
+                    if plus {
+                        d.add_plus(ino, off, kind, name, ttl, attr)
+                    } else {
+                        d.add(ino, off, kind, name)
+                    }
                 });
                 Reply::from(r.map(|()| d.into_bytes()))
             }

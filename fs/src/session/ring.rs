@@ -359,7 +359,8 @@ impl Queue {
         let op_len = abi::op_in_len(h.opcode).min(uring::OP_IN_LEN);
         let op_in = &hb[uring::OP_IN_OFFSET..uring::OP_IN_OFFSET + op_len];
         let payload = &ent.payload.as_slice()[..payload_sz.min(ent.payload.len())];
-        let (tx, waker) = (self.tx.clone(), self.waker.clone());
+        // Cloned only for a request that waits, not for every request.
+        let (tx, waker) = (&self.tx, &self.waker);
         let mut later = || -> Box<dyn Responder> {
             Box::new(RingResponder {
                 tx: tx.clone(),
