@@ -52,6 +52,17 @@ fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// `mode` without setuid, and without setgid when group execution is on (setgid without it
+/// marks mandatory locking, which Linux keeps): the bits a write, truncate or chown by a
+/// caller without CAP_FSETID clears.
+pub(crate) fn killed_mode(mode: u32) -> u32 {
+    let mut m = mode & !(libc::S_ISUID as u32);
+    if m & libc::S_IXGRP as u32 != 0 {
+        m &= !(libc::S_ISGID as u32);
+    }
+    m
+}
+
 /// The filesystem over one volume of a store.
 pub struct KcacheFs {
     pub(crate) store: Arc<Store>,
@@ -585,6 +596,48 @@ impl KcacheFs {
         }
     }
 
+    /// Clears setuid, and setgid where group execution makes it a real setgid, and drops
+    /// `security.capability`: what Linux does to a file written, truncated or chowned by a
+    /// caller without CAP_FSETID. The kernel decides when (HANDLE_KILLPRIV_V2 flags it on
+    /// WRITE, SETATTR and O_TRUNC opens); the daemon does it, so the kernel no longer asks
+    /// for `security.capability` before every write(2).
+    pub fn kill_suidgid(&self, ino: u64) -> Result<()> {
+        self.kill_suidgid_sino(self.sino(ino))
+    }
+
+    /// `kill_suidgid` for the file behind handle `fh`.
+    pub fn kill_suidgid_fh(&self, fh: u64) -> Result<()> {
+        let (ino, _) = self.handle_ino(fh)?;
+        self.kill_suidgid_sino(ino)
+    }
+
+    fn kill_suidgid_sino(&self, ino: Ino) -> Result<()> {
+        self.writable()?;
+        let inode = self.store.ns().get(ino)?;
+        if inode.kind != Kind::File {
+            return Ok(());
+        }
+        let killed = killed_mode(inode.mode);
+        if killed != inode.mode {
+            let sa = SetAttr {
+                mode: Some(killed),
+                ctime: Some(kcache_store::now_ns()),
+                ..SetAttr::default()
+            };
+            self.store.ns().setattr(ino, &sa)?;
+        }
+        self.drop_capability(ino)
+    }
+
+    /// Removes `security.capability`, if the file has it.
+    fn drop_capability(&self, ino: Ino) -> Result<()> {
+        match self.store.ns().removexattr(ino, b"security.capability") {
+            Ok(()) => Ok(()),
+            Err(kcache_store::Error::NoAttr) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Permission checks (who may chown, set times, clear setgid) are the kernel's: the mount
     /// always uses `default_permissions`.
     pub fn setattr(&self, ino: u64, a: &SetAttrIn) -> Result<Attr> {
@@ -611,8 +664,19 @@ impl KcacheFs {
                 mtime = Some(now);
             }
         }
+        let mut mode = a.mode;
+        if a.kill_suidgid {
+            // As the kernel would for a truncate or chown by this caller (HANDLE_KILLPRIV_V2):
+            // on the mode being set, or the file's own.
+            let from = mode.unwrap_or(inode.mode);
+            let killed = killed_mode(from);
+            if killed != from {
+                mode = Some(killed);
+            }
+            self.drop_capability(sino)?;
+        }
         let sa = SetAttr {
-            mode: a.mode,
+            mode,
             uid: a.uid,
             gid: a.gid,
             size: None,
@@ -659,6 +723,11 @@ impl KcacheFs {
 
     /// Creates and opens a file (or opens it, without O_EXCL, if the name exists), waiting
     /// for a download of an existing file's content if one is needed.
+    ///
+    /// `kill_suidgid`: an existing file opened this way (O_TRUNC by a caller without
+    /// CAP_FSETID) loses setuid/setgid, see `kill_suidgid`; a file created here keeps the
+    /// mode it was created with.
+    #[allow(clippy::too_many_arguments)]
     pub fn create(
         &self,
         parent: u64,
@@ -666,13 +735,16 @@ impl KcacheFs {
         mode: u32,
         flags: i32,
         ctx: Ctx,
+        kill_suidgid: bool,
         backing: Option<&dyn Backing>,
     ) -> Result<(Attr, Opened)> {
-        self.create_inner(parent, name, mode, flags, ctx, backing, Some(ctx.pid))
+        let wait = Some(ctx.pid);
+        self.create_inner(parent, name, mode, flags, ctx, kill_suidgid, backing, wait)
     }
 
     /// Like `create`, but answers `Errno::WOULD_BLOCK` instead of waiting for a download (an
     /// existing file whose content only an upstream has); calling `create` again then waits.
+    #[allow(clippy::too_many_arguments)]
     pub fn create_nowait(
         &self,
         parent: u64,
@@ -680,9 +752,10 @@ impl KcacheFs {
         mode: u32,
         flags: i32,
         ctx: Ctx,
+        kill_suidgid: bool,
         backing: Option<&dyn Backing>,
     ) -> Result<(Attr, Opened)> {
-        self.create_inner(parent, name, mode, flags, ctx, backing, None)
+        self.create_inner(parent, name, mode, flags, ctx, kill_suidgid, backing, None)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -693,19 +766,26 @@ impl KcacheFs {
         mode: u32,
         flags: i32,
         ctx: Ctx,
+        kill_suidgid: bool,
         backing: Option<&dyn Backing>,
         wait: Option<u32>,
     ) -> Result<(Attr, Opened)> {
-        let inode = match self.make(parent, name, ctx, new_node(Kind::File, mode, 0, None)) {
-            Ok(n) => n,
-            // Lost a race with another creator: without O_EXCL that is an ordinary open.
-            Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {
-                self.store.ns().lookup(self.sino(parent), name.as_bytes())?
-            }
-            Err(e) => return Err(e),
-        };
+        let (inode, existed) =
+            match self.make(parent, name, ctx, new_node(Kind::File, mode, 0, None)) {
+                Ok(n) => (n, false),
+                // Lost a race with another creator: without O_EXCL that is an ordinary open.
+                Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => (
+                    self.store.ns().lookup(self.sino(parent), name.as_bytes())?,
+                    true,
+                ),
+                Err(e) => return Err(e),
+            };
         if inode.kind == Kind::Dir {
             return Err(Errno::EISDIR);
+        }
+        if existed && kill_suidgid {
+            // Before the open: failing it leaves no handle behind.
+            self.kill_suidgid_sino(inode.ino)?;
         }
         let opened = self.open_sino(inode.ino, flags, backing, wait)?;
         let inode = self.store.ns().get(inode.ino)?;

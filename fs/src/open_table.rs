@@ -605,6 +605,7 @@ mod tests {
                 0o644,
                 flags,
                 crate::Ctx::root(),
+                false,
                 None,
             )
             .unwrap();

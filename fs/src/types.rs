@@ -136,6 +136,9 @@ pub struct SetAttrIn {
     pub size: Option<u64>,
     pub atime: Option<TimeSet>,
     pub mtime: Option<TimeSet>,
+    /// Clear setuid/setgid and capabilities as a truncate or chown by this caller does
+    /// (the kernel's FATTR_KILL_SUIDGID; see `KcacheFs::kill_suidgid`).
+    pub kill_suidgid: bool,
 }
 
 #[derive(Clone, Copy, Debug)]

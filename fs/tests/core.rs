@@ -29,6 +29,7 @@ fn write_file(fs: &KcacheFs, parent: u64, name: &str, data: &[u8]) -> u64 {
             0o644,
             libc::O_WRONLY | libc::O_CREAT,
             ctx(),
+            false,
             None,
         )
         .unwrap();
@@ -218,6 +219,7 @@ fn lookups_racing_a_commit_never_report_the_size_before_the_writes() {
                 0o644,
                 libc::O_WRONLY | libc::O_CREAT,
                 ctx(),
+                false,
                 None,
             )
             .unwrap();
@@ -331,6 +333,7 @@ fn create_rw(fs: &KcacheFs, name: &str) -> (u64, u64) {
             0o644,
             libc::O_RDWR | libc::O_CREAT,
             ctx(),
+            false,
             None,
         )
         .unwrap();
@@ -664,6 +667,7 @@ fn release_under_database_errors_keeps_dirty_staged_content() {
             0o644,
             libc::O_WRONLY | libc::O_CREAT,
             ctx(),
+            false,
             None,
         )
         .unwrap();

@@ -59,6 +59,7 @@ fn write_file(fs: &KcacheFs, name: &str, data: &[u8]) -> u64 {
             0o644,
             libc::O_WRONLY | libc::O_CREAT,
             ctx,
+            false,
             None,
         )
         .unwrap();

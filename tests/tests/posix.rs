@@ -569,3 +569,98 @@ fn read_only_mount_refuses_changes() {
     );
     assert_eq!(errno_of(fs::remove_file(m.path("kept"))), libc::EROFS);
 }
+
+/// Runs `sh -c script` as nobody (65534:65534, no supplementary groups, so without
+/// CAP_FSETID) with `$F` set to `f`.
+fn as_nobody(script: &str, f: &Path) {
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+        ])
+        .arg(script)
+        .env("F", f)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The mode bits left after each way Linux clears setuid/setgid (write, truncate, O_TRUNC
+/// open and chown, with and without CAP_FSETID), run in `dir`.
+fn modes_after_privilege_kills(dir: &Path) -> Vec<(&'static str, u32)> {
+    use std::os::unix::fs::chown;
+    let f = dir.join("f");
+    let reset = |mode: u32| {
+        fs::write(&f, b"abc").unwrap();
+        chown(&f, Some(65534), Some(65534)).unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let mode = || fs::metadata(&f).unwrap().mode() & 0o7777;
+    let mut seen = Vec::new();
+    reset(0o6755);
+    as_nobody("printf x >> \"$F\"", &f);
+    seen.push(("write by nobody", mode()));
+    reset(0o6755);
+    as_nobody("truncate -s 1 \"$F\"", &f);
+    seen.push(("truncate by nobody", mode()));
+    reset(0o6755);
+    as_nobody(": > \"$F\"", &f);
+    seen.push(("O_TRUNC open by nobody", mode()));
+    reset(0o2745);
+    as_nobody("printf x >> \"$F\"", &f);
+    seen.push(("write by nobody, setgid without group exec", mode()));
+    reset(0o6755);
+    OpenOptions::new()
+        .append(true)
+        .open(&f)
+        .unwrap()
+        .write_all(b"root")
+        .unwrap();
+    seen.push(("write by root", mode()));
+    reset(0o6755);
+    chown(&f, Some(1), Some(1)).unwrap();
+    seen.push(("chown by root", mode()));
+    let d = dir.join("d");
+    fs::create_dir(&d).unwrap();
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o2775)).unwrap();
+    chown(&d, Some(1), Some(1)).unwrap();
+    seen.push((
+        "chown of a setgid directory",
+        fs::metadata(&d).unwrap().mode() & 0o7777,
+    ));
+    // The content is whole after each of them.
+    assert_eq!(fs::read(&f).unwrap(), b"abc");
+    seen
+}
+
+#[test]
+fn setuid_and_setgid_are_cleared_as_on_ext4() {
+    // The daemon clears them itself (FUSE_HANDLE_KILLPRIV_V2); the kernel only flags when.
+    let Some(m) = Mount::with_opts(&["allow_other"]) else {
+        return;
+    };
+    fs::set_permissions(&m.mnt, fs::Permissions::from_mode(0o777)).unwrap();
+    let native = m.mnt.parent().unwrap().join("native-kill");
+    fs::create_dir_all(&native).unwrap();
+    fs::set_permissions(&native, fs::Permissions::from_mode(0o777)).unwrap();
+    let want = modes_after_privilege_kills(&native);
+    // The cases differ from each other, so a no-op or an always-clear would both fail.
+    assert!(want.iter().any(|(_, m)| m & 0o6000 != 0));
+    assert!(want.iter().any(|(_, m)| m & 0o6000 == 0));
+    let got = modes_after_privilege_kills(&m.mnt);
+    for (w, g) in want.iter().zip(&got) {
+        assert_eq!(
+            format!("{}: {:o}", w.0, w.1),
+            format!("{}: {:o}", g.0, g.1),
+            "kcache differs from ext4"
+        );
+    }
+    fs::remove_dir_all(&native).unwrap();
+}

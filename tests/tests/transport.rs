@@ -149,3 +149,26 @@ fn the_transport_follows_enable_uring_and_the_mount_options() {
     assert_ne!(code, 0, "{out}");
     assert!(out.contains("enable_uring"), "{out}");
 }
+
+#[test]
+fn many_writes_to_one_file_ask_for_security_capability_once() {
+    // With FUSE_HANDLE_KILLPRIV_V2 the kernel checks `security.capability` only on a
+    // file's first write after its attributes were refreshed; without it, before every
+    // write(2), a round trip each.
+    if !fuse_available() {
+        return;
+    }
+    let (m, addr) = mount_on(&[]);
+    let before = request_counts(&addr);
+    let mut f = std::fs::File::create(m.path("many-writes")).unwrap();
+    for i in 0..64u64 {
+        std::io::Write::write_all(&mut f, &pseudo_random(i, 8192)).unwrap();
+    }
+    drop(f);
+    let after = request_counts(&addr);
+    let delta = |op: &str| after.get(op).unwrap_or(&0) - before.get(op).unwrap_or(&0);
+    assert_eq!(delta("write"), 64, "{after:?}");
+    assert!(delta("getxattr") <= 2, "getxattr per write: {after:?}");
+    let want: Vec<u8> = (0..64u64).flat_map(|i| pseudo_random(i, 8192)).collect();
+    assert_eq!(std::fs::read(m.path("many-writes")).unwrap(), want);
+}

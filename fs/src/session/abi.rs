@@ -83,6 +83,10 @@ pub mod init {
     pub const PARALLEL_DIROPS: u64 = 1 << 18;
     pub const MAX_PAGES: u64 = 1 << 22;
     pub const CACHE_SYMLINKS: u64 = 1 << 23;
+    /// The daemon clears setuid/setgid (and capabilities) on write, truncate and chown, as
+    /// the kernel flags them; the kernel then checks `security.capability` only once per
+    /// inode instead of before every write(2).
+    pub const HANDLE_KILLPRIV_V2: u64 = 1 << 28;
     pub const INIT_EXT: u64 = 1 << 30;
     pub const DIRECT_IO_ALLOW_MMAP: u64 = 1 << 36;
     pub const PASSTHROUGH: u64 = 1 << 37;
@@ -106,7 +110,16 @@ pub mod fattr {
     pub const MTIME: u32 = 1 << 5;
     pub const ATIME_NOW: u32 = 1 << 7;
     pub const MTIME_NOW: u32 = 1 << 8;
+    /// Clear setuid/setgid as a write by the caller would (HANDLE_KILLPRIV_V2).
+    pub const KILL_SUIDGID: u32 = 1 << 11;
 }
+
+/// fuse_write_in.write_flags: clear setuid/setgid before writing (HANDLE_KILLPRIV_V2).
+pub const WRITE_KILL_SUIDGID: u32 = 1 << 2;
+
+/// fuse_open_in.open_flags / fuse_create_in.open_flags: an O_TRUNC open that clears
+/// setuid/setgid (HANDLE_KILLPRIV_V2).
+pub const OPEN_KILL_SUIDGID: u32 = 1 << 0;
 
 /// Notification codes, sent in fuse_out_header.error with unique 0.
 pub mod notify {

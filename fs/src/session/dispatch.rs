@@ -155,7 +155,7 @@ fn counted(op: &Operation) -> Option<Op> {
         Operation::Rmdir(_) => Op::Rmdir,
         Operation::Rename { .. } => Op::Rename,
         Operation::Link(..) => Op::Link,
-        Operation::Open(_) => Op::Open,
+        Operation::Open(..) => Op::Open,
         Operation::Read { .. } => Op::Read,
         Operation::Write { .. } => Op::Write,
         Operation::Statfs => Op::Statfs,
@@ -242,6 +242,7 @@ impl Dispatcher {
             | init::CACHE_SYMLINKS
             | init::DIRECT_IO_ALLOW_MMAP
             | init::ASYNC_DIO
+            | init::HANDLE_KILLPRIV_V2
             | init::INIT_EXT;
         let mut mode = "userspace reads with the kernel page cache";
         let mut stack_depth = 0;
@@ -358,6 +359,7 @@ impl Dispatcher {
                     size: (s.valid & fattr::SIZE != 0).then_some(s.size),
                     atime: t(fattr::ATIME_NOW, fattr::ATIME, s.atime),
                     mtime: t(fattr::MTIME_NOW, fattr::MTIME, s.mtime),
+                    kill_suidgid: s.valid & fattr::KILL_SUIDGID != 0,
                 };
                 Reply::from(fs.setattr(ino, &a).map(|a| reply::attr_reply(ttl, &a)))
             }
@@ -374,7 +376,14 @@ impl Dispatcher {
                 flags,
             } => empty(fs.rename(ino, name, newdir, newname, flags)),
             Operation::Link(old, newname) => entry(fs.link(old, ino, newname)),
-            Operation::Open(flags) => {
+            Operation::Open(flags, kill_suidgid) => {
+                // Before the open (an O_TRUNC open by a caller without CAP_FSETID): a failed
+                // kill refuses the open and leaves no handle behind.
+                if kill_suidgid {
+                    if let Err(e) = fs.kill_suidgid(ino) {
+                        return Handled::Now(Reply::err(e));
+                    }
+                }
                 match fs.open_nowait(ino, flags, Some(&DevBacking(&self.dev))) {
                     Err(e) if e == Errno::WOULD_BLOCK => {
                         // The content must be downloaded first: wait on a thread of our own,
@@ -404,8 +413,22 @@ impl Dispatcher {
                 }
                 res => Reply::from(res),
             },
-            Operation::Write { fh, offset, data } => {
-                Reply::from(fs.write(fh, offset, data).map(reply::write_reply))
+            Operation::Write {
+                fh,
+                offset,
+                data,
+                kill_suidgid,
+            } => {
+                // Killed before the bytes land, as the kernel itself would; a failed kill
+                // refuses the write.
+                let killed = if kill_suidgid {
+                    fs.kill_suidgid_fh(fh)
+                } else {
+                    Ok(())
+                };
+                Reply::from(
+                    killed.and_then(|()| fs.write(fh, offset, data).map(reply::write_reply)),
+                )
             }
             // Nothing to do at close(2): writes are already in the staging file and commits
             // happen at release. ENOSYS tells the kernel to stop sending FLUSH, saving a round
@@ -439,17 +462,23 @@ impl Dispatcher {
             Operation::Listxattr(size) => xattr_reply(size, fs.listxattr(ino)),
             Operation::Removexattr(name) => empty(fs.removexattr(ino, name)),
             Operation::Access(mask) => empty(fs.access(ino, mask, ctx(h))),
-            Operation::Create { name, mode, flags } => {
+            Operation::Create {
+                name,
+                mode,
+                flags,
+                kill_suidgid: kill,
+            } => {
                 let c = ctx(h);
-                match fs.create_nowait(ino, name, mode, flags, c, Some(&DevBacking(&self.dev))) {
+                let backing = DevBacking(&self.dev);
+                match fs.create_nowait(ino, name, mode, flags, c, kill, Some(&backing)) {
                     Err(e) if e == Errno::WOULD_BLOCK => {
                         // The name exists and its content must be downloaded first (an open
                         // for writing without O_TRUNC): wait off the request threads.
                         let (fs, dev, name, r) =
                             (fs.clone(), self.dev.clone(), name.to_owned(), later());
                         spawn_waiter("kcache-create", move || {
-                            let res =
-                                fs.create(ino, &name, mode, flags, c, Some(&DevBacking(&dev)));
+                            let backing = DevBacking(&dev);
+                            let res = fs.create(ino, &name, mode, flags, c, kill, Some(&backing));
                             r.send(create_reply(&fs, res))
                         });
                         return Handled::Later;

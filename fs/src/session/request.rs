@@ -80,7 +80,8 @@ pub enum Operation<'a> {
         flags: u32,
     },
     Link(u64, &'a OsStr),
-    Open(i32),
+    /// Open flags, and whether the open clears setuid/setgid (`OPEN_KILL_SUIDGID`).
+    Open(i32, bool),
     Read {
         fh: u64,
         offset: u64,
@@ -90,6 +91,8 @@ pub enum Operation<'a> {
         fh: u64,
         offset: u64,
         data: &'a [u8],
+        /// Clear setuid/setgid first (`WRITE_KILL_SUIDGID`).
+        kill_suidgid: bool,
     },
     Statfs,
     Release(u64),
@@ -116,6 +119,8 @@ pub enum Operation<'a> {
         name: &'a OsStr,
         mode: u32,
         flags: i32,
+        /// An existing file opened with O_TRUNC clears setuid/setgid (`OPEN_KILL_SUIDGID`).
+        kill_suidgid: bool,
     },
     Fallocate {
         fh: u64,
@@ -247,7 +252,10 @@ pub fn decode<'a>(
             let old = r.u64()?;
             Operation::Link(old, p.name()?)
         }
-        OPEN => Operation::Open(r.u32()? as i32),
+        OPEN => {
+            let flags = r.u32()? as i32;
+            Operation::Open(flags, r.u32()? & abi::OPEN_KILL_SUIDGID != 0)
+        }
         READ => {
             let fh = r.u64()?;
             let offset = r.u64()?;
@@ -261,10 +269,12 @@ pub fn decode<'a>(
             let fh = r.u64()?;
             let offset = r.u64()?;
             let size = r.u32()? as usize;
+            let write_flags = r.u32()?;
             Operation::Write {
                 fh,
                 offset,
                 data: p.bytes(size)?,
+                kill_suidgid: write_flags & abi::WRITE_KILL_SUIDGID != 0,
             }
         }
         STATFS => Operation::Statfs,
@@ -303,10 +313,13 @@ pub fn decode<'a>(
         CREATE => {
             let flags = r.u32()? as i32;
             let mode = r.u32()?;
+            r.skip(4)?; // umask
+            let open_flags = r.u32()?;
             Operation::Create {
                 name: p.name()?,
                 mode,
                 flags,
+                kill_suidgid: open_flags & abi::OPEN_KILL_SUIDGID != 0,
             }
         }
         FALLOCATE => {
@@ -415,6 +428,7 @@ mod tests {
                 name: OsStr::new("file.tmp"),
                 mode: 0o100644,
                 flags: libc::O_WRONLY,
+                kill_suidgid: false,
             }
         );
     }

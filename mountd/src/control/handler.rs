@@ -302,6 +302,7 @@ mod tests {
                 0o644,
                 libc::O_WRONLY | libc::O_CREAT,
                 ctx,
+                false,
                 None,
             )
             .unwrap();
