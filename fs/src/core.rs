@@ -56,9 +56,9 @@ fn pid_alive(pid: u32) -> bool {
 /// marks mandatory locking, which Linux keeps): the bits a write, truncate or chown by a
 /// caller without CAP_FSETID clears.
 pub(crate) fn killed_mode(mode: u32) -> u32 {
-    let mut m = mode & !(libc::S_ISUID as u32);
-    if m & libc::S_IXGRP as u32 != 0 {
-        m &= !(libc::S_ISGID as u32);
+    let mut m = mode & !(libc::S_ISUID);
+    if m & libc::S_IXGRP != 0 {
+        m &= !(libc::S_ISGID);
     }
     m
 }
