@@ -11,6 +11,7 @@ mod mounts;
 mod own_stores;
 mod remote;
 mod requests;
+mod tar_x;
 mod workloads;
 
 use std::fs;
@@ -327,6 +328,17 @@ fn run_all(
             }
             continue;
         }
+        // Made once per run, outside every timer, and extracted by every target and pass.
+        let tarball = if workload == Workload::TarX {
+            let dir = run_dir.subdir("tar-x-source")?;
+            let seed = base_seed ^ ((wi as u64) << 56);
+            Some(
+                tar_x::Tarball::create(&dir, sizes.tar_files, seed)
+                    .context("making the tarball")?,
+            )
+        } else {
+            None
+        };
         // passes[target][pass]: the targets alternate within each pass, so a slow spell of
         // the machine hits all of them rather than one.
         let mut runs: Vec<Vec<Vec<Phase>>> = vec![Vec::new(); targets.len()];
@@ -344,7 +356,7 @@ fn run_all(
                     ^ ((ti as u64 + 1) << 48)
                     ^ (u64::from(pass) << 40);
                 let probe = (target.name == "kcache").then_some(probe);
-                let phases = workloads::run(workload, &dir, sizes, seed, probe)
+                let phases = workloads::run(workload, &dir, sizes, seed, probe, tarball.as_ref())
                     .with_context(|| format!("{} on {}", workload.name(), target.name))?;
                 for (pi, p) in phases.iter().enumerate() {
                     let native = (ti > 0).then(|| ("native", &runs[0][pass as usize][pi]));

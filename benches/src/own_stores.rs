@@ -60,6 +60,7 @@ pub fn run(workload: Workload, env: &Env<'_>, sizes: Sizes, seed: u64) -> Result
         Workload::SeqRead
         | Workload::SmallFiles
         | Workload::SmallFilesShared
+        | Workload::TarX
         | Workload::FsyncWrite => bail!(
             "{} runs in each target directory, not with stores of its own",
             workload.name()

@@ -1,6 +1,6 @@
 //! The timed workloads. Each runs inside one target directory (native, kcache mount or a
-//! reference mount: bindfs, passthrough_hp) using plain std::fs/libc calls, and returns one
-//! timing per phase.
+//! reference mount: bindfs, passthrough_hp) using plain std::fs/libc calls (`tar-x`, in
+//! `tar_x.rs`, runs GNU tar), and returns one timing per phase.
 //!
 //! Data generation, setup and verification happen outside the timed sections so that
 //! only file system work is measured. The workloads that need kcache stores of their own
@@ -18,6 +18,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::ValueEnum;
 
 use crate::requests::{per_file, Counts, Probe};
+use crate::tar_x::Tarball;
 
 pub const MIB: usize = 1 << 20;
 pub const SMALL_FILE_SIZE: usize = 4096;
@@ -43,13 +44,16 @@ pub enum Workload {
     RemotePull,
     /// i) as small-files, but every file has the same 4 KiB content
     SmallFilesShared,
+    /// j) GNU tar extracting a source tree (many small files, nested dirs, a few symlinks)
+    TarX,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 9] = [
+    pub const ALL: [Workload; 10] = [
         Workload::SeqRead,
         Workload::SmallFiles,
         Workload::SmallFilesShared,
+        Workload::TarX,
         Workload::FsyncWrite,
         Workload::QuotaOverhead,
         Workload::Evict,
@@ -69,6 +73,7 @@ impl Workload {
             Workload::RemoteTtfb => "remote-ttfb",
             Workload::RemotePull => "remote-pull",
             Workload::SmallFilesShared => "small-files-shared",
+            Workload::TarX => "tar-x",
         }
     }
 
@@ -91,6 +96,8 @@ impl Workload {
 pub struct Sizes {
     pub big_file: usize,
     pub small_files: usize,
+    /// Files in the tree `tar-x` extracts.
+    pub tar_files: usize,
     /// The file `remote-fetch` downloads.
     pub remote_file: usize,
     /// The cold file `remote-ttfb` reads the start of.
@@ -105,6 +112,7 @@ impl Sizes {
             Self {
                 big_file: 64 * MIB,
                 small_files: 2_000,
+                tar_files: 2_000,
                 remote_file: 256 * MIB,
                 remote_big_file: 1024 * MIB,
                 remote_files: 10_000,
@@ -113,6 +121,7 @@ impl Sizes {
             Self {
                 big_file: 1024 * MIB,
                 small_files: 20_000,
+                tar_files: 20_000,
                 remote_file: 1024 * MIB,
                 remote_big_file: 4096 * MIB,
                 remote_files: 100_000,
@@ -165,13 +174,15 @@ pub struct Phase {
     pub requests: Option<String>,
 }
 
-/// Runs `workload` in `dir`; `probe` reads the FUSE request counters of a kcache target.
+/// Runs `workload` in `dir`; `probe` reads the FUSE request counters of a kcache target;
+/// `tarball` is the run's tarball for `tar-x`.
 pub fn run(
     workload: Workload,
     dir: &Path,
     sizes: Sizes,
     seed: u64,
     probe: Option<&Probe>,
+    tarball: Option<&Tarball>,
 ) -> Result<Vec<Phase>> {
     match workload {
         Workload::SeqRead => seq_read(dir, sizes.big_file, seed),
@@ -179,6 +190,9 @@ pub fn run(
         Workload::SmallFilesShared => {
             small_files(dir, sizes.small_files, seed, probe, Content::Shared)
         }
+        Workload::TarX => tarball
+            .context("tar-x runs without its tarball")?
+            .extract(dir, probe),
         Workload::FsyncWrite => fsync_write(dir, sizes.big_file, seed),
         Workload::QuotaOverhead
         | Workload::Evict
