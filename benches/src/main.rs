@@ -1,5 +1,6 @@
-//! kcache-bench: measures a kcache mount against a native directory (and bindfs, when
-//! installed) in the same run on the same disk, and prints kcache/native ratios.
+//! kcache-bench: measures a kcache mount against a native directory (and the reference
+//! FUSE file systems bindfs and libfuse's passthrough_hp, when available) in the same run on
+//! the same disk, and prints kcache/native ratios.
 //!
 //! Ratio = native_time / other_time, so 1.0 means "as fast as native" and higher is
 //! better; a few rows compare with another baseline instead (a kcache mount without a
@@ -10,6 +11,7 @@ mod mounts;
 mod own_stores;
 mod remote;
 mod requests;
+mod tar_x;
 mod workloads;
 
 use std::fs;
@@ -25,7 +27,8 @@ use workloads::{Amount, Phase, Sizes, Workload};
 #[derive(Parser, Debug)]
 #[command(
     name = "kcache-bench",
-    about = "Compare a kcache mount with a native directory (and bindfs) on the same disk"
+    about = "Compare a kcache mount with a native directory (and bindfs, passthrough_hp) on \
+             the same disk"
 )]
 struct Args {
     /// kcache binary [default: `kcache` in the same directory as this program]
@@ -49,8 +52,13 @@ struct Args {
     #[arg(long)]
     no_bindfs: bool,
 
-    /// Passes of each target workload (native, kcache, bindfs, native, kcache, ...): the
-    /// table shows each phase's median, since this kind of VM is noisy
+    /// libfuse's reference file system `passthrough_hp` (built from libfuse's examples), to
+    /// run the target workloads on as one more column [default: $KCACHE_BENCH_PASSTHROUGH_HP]
+    #[arg(long, value_name = "PATH")]
+    passthrough_hp: Option<PathBuf>,
+
+    /// Passes of each target workload (native, kcache, bindfs, passthrough_hp, native,
+    /// kcache, ...): the table shows each phase's median, since this kind of VM is noisy
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     passes: u32,
 
@@ -72,13 +80,25 @@ struct Target<'a> {
     root: &'a Path,
 }
 
+/// A FUSE file system that stores nothing of its own, measured beside kcache as a
+/// yardstick for what any FUSE file system costs here: one table column each, "n/a" when
+/// it is not used.
+struct Reference {
+    name: &'static str,
+    mount: Option<Mount>,
+}
+
+/// Width of the target column in the progress lines (the longest target name).
+const TARGET_WIDTH: usize = 14;
+
 /// Results of one phase across targets, i.e. one table row.
 struct Row {
     /// Who ran the phase in the `native` column ("native" except for rows that compare
     /// kcache with kcache or with a tool) and its result; `None` for rows judged by time.
     native: Option<(&'static str, Phase)>,
     kcache: Option<Phase>,
-    bindfs: Option<Phase>,
+    /// The reference targets' results, by name.
+    references: Vec<(&'static str, Phase)>,
 }
 
 impl Row {
@@ -107,6 +127,14 @@ fn run(args: &Args) -> Result<()> {
     } else {
         find_in_path("bindfs")
     };
+    let passthrough_hp = resolve_passthrough_hp(args.passthrough_hp.as_deref())?;
+    let enable_uring = fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "absent".into());
+    // The reference runs on the transport kcache is asked for (or picks by default), so
+    // the columns compare like with like.
+    let passthrough_hp_uring =
+        enable_uring == "Y" && args.transport != Some(BenchTransport::Classic);
     let selected: Vec<Workload> = if args.only.is_empty() {
         Workload::ALL.to_vec()
     } else {
@@ -143,13 +171,25 @@ fn run(args: &Args) -> Result<()> {
             Some(BenchTransport::Classic) => "classic (-o noio_uring)",
             None => "kcache's choice",
         },
-        fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_else(|_| "absent".into())
+        enable_uring
     );
     match &bindfs {
         Some(p) => println!("  bindfs:  {}", p.display()),
         None => println!("  bindfs:  not used (not on PATH or --no-bindfs)"),
+    }
+    match &passthrough_hp {
+        Some(p) => println!(
+            "  passthrough_hp: {} ({})",
+            p.display(),
+            if passthrough_hp_uring {
+                "io_uring"
+            } else {
+                "classic"
+            }
+        ),
+        None => println!(
+            "  passthrough_hp: not used (no --passthrough-hp or KCACHE_BENCH_PASSTHROUGH_HP)"
+        ),
     }
     println!();
 
@@ -167,17 +207,24 @@ fn run(args: &Args) -> Result<()> {
         Some(probe.addr()),
     )
     .context("mounting kcache")?;
-    let mut bindfs_mount = match bindfs {
-        Some(_) => {
-            let src = run_dir.subdir("bindfs-src")?;
-            let mnt = run_dir.subdir("bindfs-mnt")?;
-            Some(
-                Mount::bindfs(&src, &mnt, &run_dir.path().join("bindfs.log"))
-                    .context("mounting bindfs")?,
-            )
-        }
-        None => None,
-    };
+    let mut references = vec![
+        Reference {
+            name: "bindfs",
+            mount: bindfs
+                .map(|_| mount_reference(&run_dir, "bindfs", Mount::bindfs))
+                .transpose()?,
+        },
+        Reference {
+            name: "passthrough_hp",
+            mount: passthrough_hp
+                .map(|bin| {
+                    mount_reference(&run_dir, "passthrough_hp", |src, mnt, log| {
+                        Mount::passthrough_hp(&bin, src, mnt, log, passthrough_hp_uring)
+                    })
+                })
+                .transpose()?,
+        },
+    ];
 
     let mut targets = vec![
         Target {
@@ -189,11 +236,13 @@ fn run(args: &Args) -> Result<()> {
             root: kcache.path(),
         },
     ];
-    if let Some(m) = &bindfs_mount {
-        targets.push(Target {
-            name: "bindfs",
-            root: m.path(),
-        });
+    for r in &references {
+        if let Some(m) = &r.mount {
+            targets.push(Target {
+                name: r.name,
+                root: m.path(),
+            });
+        }
     }
 
     let mut rows = Vec::new();
@@ -209,14 +258,20 @@ fn run(args: &Args) -> Result<()> {
     drop(targets);
 
     if !rows.is_empty() {
-        print_table(&rows, bindfs_mount.is_some());
+        let columns: Vec<(&str, bool)> = references
+            .iter()
+            .map(|r| (r.name, r.mount.is_some()))
+            .collect();
+        print_table(&rows, &columns);
     }
 
     // Unmount explicitly so failures are reported (Drop would only warn).
     let unmounted = kcache.unmount().context("unmounting kcache");
-    if let Some(m) = &mut bindfs_mount {
-        if let Err(e) = m.unmount() {
-            eprintln!("warning: unmounting bindfs: {e:#}");
+    for r in &mut references {
+        if let Some(m) = &mut r.mount {
+            if let Err(e) = m.unmount() {
+                eprintln!("warning: unmounting {}: {e:#}", r.name);
+            }
         }
     }
     outcome?;
@@ -268,11 +323,22 @@ fn run_all(
                 rows.push(Row {
                     native: pair.baseline,
                     kcache: Some(pair.measured),
-                    bindfs: None,
+                    references: Vec::new(),
                 });
             }
             continue;
         }
+        // Made once per run, outside every timer, and extracted by every target and pass.
+        let tarball = if workload == Workload::TarX {
+            let dir = run_dir.subdir("tar-x-source")?;
+            let seed = base_seed ^ ((wi as u64) << 56);
+            Some(
+                tar_x::Tarball::create(&dir, sizes.tar_files, seed)
+                    .context("making the tarball")?,
+            )
+        } else {
+            None
+        };
         // passes[target][pass]: the targets alternate within each pass, so a slow spell of
         // the machine hits all of them rather than one.
         let mut runs: Vec<Vec<Vec<Phase>>> = vec![Vec::new(); targets.len()];
@@ -290,13 +356,16 @@ fn run_all(
                     ^ ((ti as u64 + 1) << 48)
                     ^ (u64::from(pass) << 40);
                 let probe = (target.name == "kcache").then_some(probe);
-                let phases = workloads::run(workload, &dir, sizes, seed, probe)
+                let phases = workloads::run(workload, &dir, sizes, seed, probe, tarball.as_ref())
                     .with_context(|| format!("{} on {}", workload.name(), target.name))?;
                 for (pi, p) in phases.iter().enumerate() {
                     let native = (ti > 0).then(|| ("native", &runs[0][pass as usize][pi]));
                     print_phase(target.name, p, native);
                     if let Some(r) = &p.requests {
-                        println!("  {:<8} {:<56} FUSE requests per file: {r}", "", "");
+                        println!(
+                            "  {:<TARGET_WIDTH$} {:<56} FUSE requests per file: {r}",
+                            "", ""
+                        );
                     }
                 }
                 // No cleanup between targets: a mass delete can slow the file system's
@@ -316,17 +385,24 @@ fn run_all(
                 }
             }
         }
+        // Targets are native, kcache, then the references in use.
         let mut per_target = per_target.into_iter();
         let native = per_target.next().unwrap_or_default();
-        let kcache = per_target.next().unwrap_or_default();
-        let bindfs = per_target.next().unwrap_or_default();
-        let mut kcache = kcache.into_iter();
-        let mut bindfs = bindfs.into_iter();
+        let mut kcache = per_target.next().unwrap_or_default().into_iter();
+        let mut references: Vec<(&'static str, std::vec::IntoIter<Phase>)> = targets
+            .iter()
+            .skip(2)
+            .map(|t| t.name)
+            .zip(per_target.map(Vec::into_iter))
+            .collect();
         for n in native {
             rows.push(Row {
                 native: Some(("native", n)),
                 kcache: kcache.next(),
-                bindfs: bindfs.next(),
+                references: references
+                    .iter_mut()
+                    .filter_map(|(name, phases)| phases.next().map(|p| (*name, p)))
+                    .collect(),
             });
         }
     }
@@ -406,7 +482,7 @@ fn print_phase(target: &str, p: &Phase, baseline: Option<(&str, &Phase)>) {
         ratio.push_str(&format!("{sep}(goal <= {max} s: {})", verdict_secs(p, max)));
     }
     println!(
-        "  {:<8} {:<56} {:>9.3} s {:>14}{ratio}",
+        "  {:<TARGET_WIDTH$} {:<56} {:>9.3} s {:>14}{ratio}",
         target,
         p.label,
         p.secs,
@@ -421,11 +497,44 @@ fn cell(p: &Phase) -> String {
     }
 }
 
-/// Markdown, so it can be pasted into the README as is.
-fn print_table(rows: &[Row], with_bindfs: bool) {
+/// Markdown, so it can be pasted into the README as is. `references` are the reference
+/// columns, each with whether it ran in this run.
+fn print_table(rows: &[Row], references: &[(&str, bool)]) {
     println!();
-    println!("| workload | native | kcache | ratio | goal | bindfs ratio |");
-    println!("| --- | ---: | ---: | ---: | --- | ---: |");
+    for line in table_lines(rows, references) {
+        println!("{line}");
+    }
+    println!();
+    println!("ratio = native time / kcache time (1.00 = as fast as native, higher is better)");
+    for baseline in rows
+        .iter()
+        .filter_map(|r| r.native.as_ref().map(|(name, _)| *name))
+        .filter(|&b| b != "native")
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        if baseline == "kcache" {
+            println!(
+                "rows \"A vs B\" compare two {baseline} setups: B's time is in the native \
+                 column, ratio = B time / A time"
+            );
+        } else {
+            println!(
+                "rows with \"({baseline})\" in the native column compare kcache with \
+                 {baseline}: ratio = {baseline} time / kcache time"
+            );
+        }
+    }
+}
+
+/// The table's header, rule and one line per row.
+fn table_lines(rows: &[Row], references: &[(&str, bool)]) -> Vec<String> {
+    let mut header = "| workload | native | kcache | ratio | goal |".to_string();
+    let mut rule = "| --- | ---: | ---: | ---: | --- |".to_string();
+    for (name, _) in references {
+        header.push_str(&format!(" {name} ratio |"));
+        rule.push_str(" ---: |");
+    }
+    let mut lines = vec![header, rule];
     for r in rows {
         let native = r.native.as_ref().map(|(_, p)| p);
         let mut goals = Vec::new();
@@ -450,38 +559,33 @@ fn print_table(rows: &[Row], with_bindfs: bool) {
             (Some(n), Some(k)) => fmt_ratio(ratio(n, k)),
             _ => "-".into(),
         };
-        let bf = match (native, &r.bindfs, with_bindfs) {
-            (Some(n), Some(b), _) => fmt_ratio(ratio(n, b)),
-            (_, None, false) => "n/a".into(),
-            _ => "-".into(),
-        };
+        let refs: String = references
+            .iter()
+            .map(|&(name, used)| {
+                let phase = r
+                    .references
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, p)| p);
+                let cell = match (native, phase, used) {
+                    (Some(n), Some(b), _) => fmt_ratio(ratio(n, b)),
+                    (_, None, false) => "n/a".into(),
+                    _ => "-".into(),
+                };
+                format!(" {cell} |")
+            })
+            .collect();
         let nat = match &r.native {
             Some((name, p)) if *name == "native" || *name == "kcache" => cell(p),
             Some((name, p)) => format!("{} ({name})", cell(p)),
             None => "-".into(),
         };
-        println!("| {} | {nat} | {kc} | {rt} | {goal} | {bf} |", r.label());
+        lines.push(format!(
+            "| {} | {nat} | {kc} | {rt} | {goal} |{refs}",
+            r.label()
+        ));
     }
-    println!();
-    println!("ratio = native time / kcache time (1.00 = as fast as native, higher is better)");
-    for baseline in rows
-        .iter()
-        .filter_map(|r| r.native.as_ref().map(|(name, _)| *name))
-        .filter(|&b| b != "native")
-        .collect::<std::collections::BTreeSet<_>>()
-    {
-        if baseline == "kcache" {
-            println!(
-                "rows \"A vs B\" compare two {baseline} setups: B's time is in the native \
-                 column, ratio = B time / A time"
-            );
-        } else {
-            println!(
-                "rows with \"({baseline})\" in the native column compare kcache with \
-                 {baseline}: ratio = {baseline} time / kcache time"
-            );
-        }
-    }
+    lines
 }
 
 fn resolve_kcache(given: Option<&Path>) -> Result<PathBuf> {
@@ -502,6 +606,44 @@ fn resolve_kcache(given: Option<&Path>) -> Result<PathBuf> {
     }
     // Made absolute because mount helpers may chdir, and we call it again to unmount.
     path.canonicalize()
+        .with_context(|| format!("resolving {}", path.display()))
+}
+
+/// Mounts reference `name` over `<name>-src` at `<name>-mnt`, both directly under the run
+/// dir (where `RunDir` looks for mounts left behind), logging to `<name>.log`.
+fn mount_reference(
+    run_dir: &RunDir,
+    name: &str,
+    mount: impl FnOnce(&Path, &Path, &Path) -> Result<Mount>,
+) -> Result<Mount> {
+    let src = run_dir.subdir(&format!("{name}-src"))?;
+    let mnt = run_dir.subdir(&format!("{name}-mnt"))?;
+    let log = run_dir.path().join(format!("{name}.log"));
+    mount(&src, &mnt, &log).with_context(|| format!("mounting {name}"))
+}
+
+/// `--passthrough-hp`, else `$KCACHE_BENCH_PASSTHROUGH_HP`; a path given that is not an
+/// executable file is an error rather than a silently missing column.
+fn resolve_passthrough_hp(given: Option<&Path>) -> Result<Option<PathBuf>> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = match given {
+        Some(p) => p.to_path_buf(),
+        None => match std::env::var_os("KCACHE_BENCH_PASSTHROUGH_HP") {
+            Some(v) if !v.is_empty() => PathBuf::from(v),
+            _ => return Ok(None),
+        },
+    };
+    let meta = fs::metadata(&path)
+        .with_context(|| format!("passthrough_hp not found at {}", path.display()))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        bail!(
+            "passthrough_hp at {} is not an executable file",
+            path.display()
+        );
+    }
+    // Absolute because the daemon is started with the run dir's paths, from any cwd.
+    path.canonicalize()
+        .map(Some)
         .with_context(|| format!("resolving {}", path.display()))
 }
 
@@ -560,6 +702,34 @@ mod tests {
             secs,
             requests: Some(format!("{secs}")),
         }
+    }
+
+    #[test]
+    fn each_reference_has_a_column_with_its_ratio_or_n_a_when_unused() {
+        let rows = [
+            Row {
+                native: Some(("native", phase(1.0))),
+                kcache: Some(phase(2.0)),
+                references: vec![("passthrough_hp", phase(4.0))],
+            },
+            Row {
+                native: Some(("curl", phase(1.0))),
+                kcache: Some(phase(1.0)),
+                references: Vec::new(),
+            },
+        ];
+        let lines = table_lines(&rows, &[("bindfs", false), ("passthrough_hp", true)]);
+        assert_eq!(
+            lines[0],
+            "| workload | native | kcache | ratio | goal | bindfs ratio | passthrough_hp ratio |"
+        );
+        assert_eq!(lines[1], "| --- | ---: | ---: | ---: | --- | ---: | ---: |");
+        assert!(
+            lines[2].ends_with("| 0.50 | - | n/a | 0.25 |"),
+            "{}",
+            lines[2]
+        );
+        assert!(lines[3].ends_with("| 1.00 | - | n/a | - |"), "{}", lines[3]);
     }
 
     #[test]

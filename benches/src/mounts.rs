@@ -1,4 +1,5 @@
-//! Mount guards for the kcache and bindfs targets, plus the scratch run directory.
+//! Mount guards for the kcache target and the reference targets (bindfs, libfuse's
+//! passthrough_hp), plus the scratch run directory.
 //!
 //! Every mount is owned by a guard whose `Drop` unmounts it, so an error or a panic in
 //! a workload never leaves a FUSE mount behind.
@@ -91,8 +92,11 @@ impl Drop for RunDir {
 }
 
 enum Kind {
-    Kcache { bin: PathBuf },
-    Bindfs,
+    Kcache {
+        bin: PathBuf,
+    },
+    /// A reference file system, unmounted with umount(8).
+    Reference,
 }
 
 /// A live FUSE mount; unmounted explicitly with [`Mount::unmount`] or else on drop.
@@ -147,7 +151,24 @@ impl Mount {
     pub fn bindfs(src: &Path, mountpoint: &Path, log: &Path) -> Result<Self> {
         let mut cmd = Command::new("bindfs");
         cmd.arg(src).arg(mountpoint);
-        Self::start(Kind::Bindfs, cmd, mountpoint, log)
+        Self::start(Kind::Reference, cmd, mountpoint, log)
+    }
+
+    /// `PASSTHROUGH_HP [-o io_uring] SRC MNT`: libfuse's C reference file system, which
+    /// daemonizes once mounted.
+    pub fn passthrough_hp(
+        bin: &Path,
+        src: &Path,
+        mountpoint: &Path,
+        log: &Path,
+        io_uring: bool,
+    ) -> Result<Self> {
+        let mut cmd = Command::new(bin);
+        if io_uring {
+            cmd.arg("-o").arg("io_uring");
+        }
+        cmd.arg(src).arg(mountpoint);
+        Self::start(Kind::Reference, cmd, mountpoint, log)
     }
 
     fn start(kind: Kind, mut cmd: Command, mountpoint: &Path, log: &Path) -> Result<Self> {
@@ -204,7 +225,7 @@ impl Mount {
                 c.arg("umount").arg(&self.mountpoint);
                 c
             }
-            Kind::Bindfs => {
+            Kind::Reference => {
                 let mut c = Command::new("umount");
                 c.arg(&self.mountpoint);
                 c

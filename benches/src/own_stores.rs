@@ -57,7 +57,11 @@ pub fn run(workload: Workload, env: &Env<'_>, sizes: Sizes, seed: u64) -> Result
         Workload::RemoteFetch => remote::fetch(env, sizes.remote_file, seed),
         Workload::RemoteTtfb => remote::ttfb(env, sizes.remote_big_file, seed),
         Workload::RemotePull => remote::pull(env, sizes.remote_files, seed),
-        Workload::SeqRead | Workload::SmallFiles | Workload::FsyncWrite => bail!(
+        Workload::SeqRead
+        | Workload::SmallFiles
+        | Workload::SmallFilesShared
+        | Workload::TarX
+        | Workload::FsyncWrite => bail!(
             "{} runs in each target directory, not with stores of its own",
             workload.name()
         ),

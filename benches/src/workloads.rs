@@ -1,5 +1,6 @@
-//! The timed workloads. Each runs inside one target directory (native, kcache mount or
-//! bindfs mount) using plain std::fs/libc calls, and returns one timing per phase.
+//! The timed workloads. Each runs inside one target directory (native, kcache mount or a
+//! reference mount: bindfs, passthrough_hp) using plain std::fs/libc calls (`tar-x`, in
+//! `tar_x.rs`, runs GNU tar), and returns one timing per phase.
 //!
 //! Data generation, setup and verification happen outside the timed sections so that
 //! only file system work is measured. The workloads that need kcache stores of their own
@@ -17,6 +18,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::ValueEnum;
 
 use crate::requests::{per_file, Counts, Probe};
+use crate::tar_x::Tarball;
 
 pub const MIB: usize = 1 << 20;
 pub const SMALL_FILE_SIZE: usize = 4096;
@@ -40,12 +42,18 @@ pub enum Workload {
     RemoteTtfb,
     /// h) `kcache pull` of a snapshot with many small files from a file:// upstream
     RemotePull,
+    /// i) as small-files, but every file has the same 4 KiB content
+    SmallFilesShared,
+    /// j) GNU tar extracting a source tree (many small files, nested dirs, a few symlinks)
+    TarX,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 8] = [
+    pub const ALL: [Workload; 10] = [
         Workload::SeqRead,
         Workload::SmallFiles,
+        Workload::SmallFilesShared,
+        Workload::TarX,
         Workload::FsyncWrite,
         Workload::QuotaOverhead,
         Workload::Evict,
@@ -64,6 +72,8 @@ impl Workload {
             Workload::RemoteFetch => "remote-fetch",
             Workload::RemoteTtfb => "remote-ttfb",
             Workload::RemotePull => "remote-pull",
+            Workload::SmallFilesShared => "small-files-shared",
+            Workload::TarX => "tar-x",
         }
     }
 
@@ -86,6 +96,8 @@ impl Workload {
 pub struct Sizes {
     pub big_file: usize,
     pub small_files: usize,
+    /// Files in the tree `tar-x` extracts.
+    pub tar_files: usize,
     /// The file `remote-fetch` downloads.
     pub remote_file: usize,
     /// The cold file `remote-ttfb` reads the start of.
@@ -100,6 +112,7 @@ impl Sizes {
             Self {
                 big_file: 64 * MIB,
                 small_files: 2_000,
+                tar_files: 2_000,
                 remote_file: 256 * MIB,
                 remote_big_file: 1024 * MIB,
                 remote_files: 10_000,
@@ -108,6 +121,7 @@ impl Sizes {
             Self {
                 big_file: 1024 * MIB,
                 small_files: 20_000,
+                tar_files: 20_000,
                 remote_file: 1024 * MIB,
                 remote_big_file: 4096 * MIB,
                 remote_files: 100_000,
@@ -160,17 +174,25 @@ pub struct Phase {
     pub requests: Option<String>,
 }
 
-/// Runs `workload` in `dir`; `probe` reads the FUSE request counters of a kcache target.
+/// Runs `workload` in `dir`; `probe` reads the FUSE request counters of a kcache target;
+/// `tarball` is the run's tarball for `tar-x`.
 pub fn run(
     workload: Workload,
     dir: &Path,
     sizes: Sizes,
     seed: u64,
     probe: Option<&Probe>,
+    tarball: Option<&Tarball>,
 ) -> Result<Vec<Phase>> {
     match workload {
         Workload::SeqRead => seq_read(dir, sizes.big_file, seed),
-        Workload::SmallFiles => small_files(dir, sizes.small_files, seed, probe),
+        Workload::SmallFiles => small_files(dir, sizes.small_files, seed, probe, Content::Distinct),
+        Workload::SmallFilesShared => {
+            small_files(dir, sizes.small_files, seed, probe, Content::Shared)
+        }
+        Workload::TarX => tarball
+            .context("tar-x runs without its tarball")?
+            .extract(dir, probe),
         Workload::FsyncWrite => fsync_write(dir, sizes.big_file, seed),
         Workload::QuotaOverhead
         | Workload::Evict
@@ -249,14 +271,40 @@ fn seq_read(dir: &Path, size: usize, seed: u64) -> Result<Vec<Phase>> {
     }])
 }
 
+/// What the files of a small-files workload hold.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Content {
+    /// Random, so that no two dedup (`small-files`).
+    Distinct,
+    /// One random 4 KiB block in every file (`small-files-shared`): a content-addressed
+    /// store keeps one blob, which is what a tree of identical stubs or licence files
+    /// costs it.
+    Shared,
+}
+
 /// b) pip-style install: each file is written to a temp name in its final directory and
 ///    renamed into place; then every file is stat'ed, then read, in the same mount.
-fn small_files(dir: &Path, count: usize, seed: u64, probe: Option<&Probe>) -> Result<Vec<Phase>> {
+///    i) the same with one content for all files.
+fn small_files(
+    dir: &Path,
+    count: usize,
+    seed: u64,
+    probe: Option<&Probe>,
+    content: Content,
+) -> Result<Vec<Phase>> {
     // Read outside the timed parts; a probe that fails is an error, not a silent blank.
     let read = || probe.map(|p| p.counts()).transpose();
     let dirs = create_small_file_dirs(dir)?;
     // Precompute names and contents so the timed loop only does file system calls.
-    let data = small_file_data(count, seed);
+    let data = match content {
+        Content::Distinct => small_file_data(count, seed),
+        Content::Shared => small_file_data(1, seed).repeat(count),
+    };
+    // The README quotes the labels of `small-files`, so they stay as they are.
+    let what = match content {
+        Content::Distinct => "small files",
+        Content::Shared => "small files, shared content",
+    };
     let finals: Vec<PathBuf> = (0..count).map(|i| small_file_path(&dirs, i)).collect();
     let temps: Vec<PathBuf> = (0..count)
         .map(|i| dirs[i % SMALL_FILE_DIRS].join(format!(".f{i:06}.bin.tmp-{seed:016x}")))
@@ -308,7 +356,7 @@ fn small_files(dir: &Path, count: usize, seed: u64, probe: Option<&Probe>) -> Re
     let amount = Amount::Files(count as u64);
     Ok(vec![
         Phase {
-            label: format!("small files: create {count} x 4 KiB (tmp + rename)"),
+            label: format!("{what}: create {count} x 4 KiB (tmp + rename)"),
             goal: Some(0.25),
             max_secs: None,
             amount,
@@ -316,7 +364,7 @@ fn small_files(dir: &Path, count: usize, seed: u64, probe: Option<&Probe>) -> Re
             requests: per(&c0, &c1),
         },
         Phase {
-            label: format!("small files: stat {count}"),
+            label: format!("{what}: stat {count}"),
             goal: Some(0.5),
             max_secs: None,
             amount,
@@ -324,7 +372,7 @@ fn small_files(dir: &Path, count: usize, seed: u64, probe: Option<&Probe>) -> Re
             requests: per(&c1, &c2),
         },
         Phase {
-            label: format!("small files: read {count}"),
+            label: format!("{what}: read {count}"),
             goal: Some(0.3),
             max_secs: None,
             amount,
