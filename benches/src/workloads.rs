@@ -357,7 +357,7 @@ fn small_files(
     Ok(vec![
         Phase {
             label: format!("{what}: create {count} x 4 KiB (tmp + rename)"),
-            goal: Some(0.25),
+            goal: Some(0.5),
             max_secs: None,
             amount,
             secs: create_secs,
