@@ -275,12 +275,13 @@ impl Blobs<'_> {
                 self.store.next_access_seq(),
                 blocks,
             )?;
-            tx.execute("DELETE FROM dead_blobs WHERE hash = ?1", [&hash])?;
-            tx.execute(
+            tx.prepare_cached("DELETE FROM dead_blobs WHERE hash = ?1")?
+                .execute([&hash])?;
+            tx.prepare_cached(
                 "UPDATE inodes SET blob = ?2, size = ?3, mtime = ?4, ctime = max(ctime, ?4)
                  WHERE ino = ?1",
-                params![st.ino as i64, &hash, size as i64, st.mtime],
-            )?;
+            )?
+            .execute(params![st.ino as i64, &hash, size as i64, st.mtime])?;
             let mut dead = Vec::new();
             if let Some(h) = old {
                 crate::ns::unref_blob(&tx, &h, &mut dead)?;
@@ -430,7 +431,9 @@ impl Blobs<'_> {
                     continue;
                 }
             }
-            let _ = conn.execute("DELETE FROM dead_blobs WHERE hash = ?1", [&h.0[..]]);
+            let _ = conn
+                .prepare_cached("DELETE FROM dead_blobs WHERE hash = ?1")
+                .and_then(|mut s| s.execute([&h.0[..]]));
         }
     }
 
@@ -446,7 +449,7 @@ impl Blobs<'_> {
             rows.collect::<rusqlite::Result<_>>()?
         };
         self.remove_dead_blobs(&conn, &dead);
-        conn.execute("DELETE FROM dead_blobs", [])?;
+        conn.prepare_cached("DELETE FROM dead_blobs")?.execute([])?;
         Ok(dead.len() as u64)
     }
 

@@ -253,21 +253,21 @@ impl Lru<'_> {
                 rows.collect::<rusqlite::Result<_>>()?
             };
             for (parent, name) in names {
-                tx.execute(
-                    "UPDATE inodes SET mtime = ?2, ctime = ?2 WHERE ino = ?1",
-                    params![parent, now],
-                )?;
+                tx.prepare_cached("UPDATE inodes SET mtime = ?2, ctime = ?2 WHERE ino = ?1")?
+                    .execute(params![parent, now])?;
                 out.names.push((parent as Ino, name, ino as Ino));
             }
-            tx.execute("DELETE FROM dirents WHERE ino = ?1", [ino])?;
-            tx.execute("DELETE FROM xattrs WHERE ino = ?1", [ino])?;
-            tx.execute("DELETE FROM inodes WHERE ino = ?1", [ino])?;
+            tx.prepare_cached("DELETE FROM dirents WHERE ino = ?1")?
+                .execute([ino])?;
+            tx.prepare_cached("DELETE FROM xattrs WHERE ino = ?1")?
+                .execute([ino])?;
+            tx.prepare_cached("DELETE FROM inodes WHERE ino = ?1")?
+                .execute([ino])?;
         }
-        tx.execute("DELETE FROM blobs WHERE hash = ?1", [&h.0[..]])?;
-        tx.execute(
-            "INSERT OR IGNORE INTO dead_blobs (hash) VALUES (?1)",
-            [&h.0[..]],
-        )?;
+        tx.prepare_cached("DELETE FROM blobs WHERE hash = ?1")?
+            .execute([&h.0[..]])?;
+        tx.prepare_cached("INSERT OR IGNORE INTO dead_blobs (hash) VALUES (?1)")?
+            .execute([&h.0[..]])?;
         crate::maint::add_counter(&tx, "evictions", 1)?;
         crate::maint::add_counter(&tx, "evicted_bytes", size as u64)?;
         self.store.commit_tx(tx)?;

@@ -220,21 +220,17 @@ impl Store {
         }
         let tx = conn.savepoint()?;
         let now = now_ns();
-        tx.execute(
-            "INSERT INTO volumes (name, root, created) VALUES (?1, 0, ?2)",
-            params![name, now],
-        )?;
+        tx.prepare_cached("INSERT INTO volumes (name, root, created) VALUES (?1, 0, ?2)")?
+            .execute(params![name, now])?;
         let id = tx.last_insert_rowid();
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO inodes (volume, kind, mode, uid, gid, atime, mtime, ctime, nlink)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6, 2)",
-            params![id, Kind::Dir, 0o755, uid, gid, now],
-        )?;
+        )?
+        .execute(params![id, Kind::Dir, 0o755, uid, gid, now])?;
         let root = tx.last_insert_rowid();
-        tx.execute(
-            "UPDATE volumes SET root = ?2 WHERE id = ?1",
-            params![id, root],
-        )?;
+        tx.prepare_cached("UPDATE volumes SET root = ?2 WHERE id = ?1")?
+            .execute(params![id, root])?;
         self.commit_tx(tx)?;
         Ok(VolumeInfo {
             id,
@@ -319,11 +315,12 @@ impl Store {
         // The open group is committed first; the FULL transaction then syncs it too.
         let conn = self.conn_direct()?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        let res = conn.execute(
-            "INSERT INTO counters (name, value) VALUES ('namespace_syncs', 1)
+        let res = conn
+            .prepare_cached(
+                "INSERT INTO counters (name, value) VALUES ('namespace_syncs', 1)
              ON CONFLICT (name) DO UPDATE SET value = value + 1",
-            [],
-        );
+            )?
+            .execute([]);
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         res?;
         Ok(())
@@ -507,33 +504,23 @@ impl Namespace<'_> {
             if parent != newparent {
                 let dirs = (src.kind == Kind::Dir) as i64 - (dst.kind == Kind::Dir) as i64;
                 if dirs != 0 {
-                    tx.execute(
-                        "UPDATE inodes SET nlink = nlink - ?2 WHERE ino = ?1",
-                        params![parent as i64, dirs],
-                    )?;
-                    tx.execute(
-                        "UPDATE inodes SET nlink = nlink + ?2 WHERE ino = ?1",
-                        params![newparent as i64, dirs],
-                    )?;
+                    tx.prepare_cached("UPDATE inodes SET nlink = nlink - ?2 WHERE ino = ?1")?
+                        .execute(params![parent as i64, dirs])?;
+                    tx.prepare_cached("UPDATE inodes SET nlink = nlink + ?2 WHERE ino = ?1")?
+                        .execute(params![newparent as i64, dirs])?;
                 }
                 if src.kind == Kind::Dir {
-                    tx.execute(
-                        "UPDATE inodes SET parent = ?2 WHERE ino = ?1",
-                        params![src_ino as i64, newparent as i64],
-                    )?;
+                    tx.prepare_cached("UPDATE inodes SET parent = ?2 WHERE ino = ?1")?
+                        .execute(params![src_ino as i64, newparent as i64])?;
                 }
                 if dst.kind == Kind::Dir {
-                    tx.execute(
-                        "UPDATE inodes SET parent = ?2 WHERE ino = ?1",
-                        params![dst_ino as i64, parent as i64],
-                    )?;
+                    tx.prepare_cached("UPDATE inodes SET parent = ?2 WHERE ino = ?1")?
+                        .execute(params![dst_ino as i64, parent as i64])?;
                 }
             }
             for i in [src_ino, dst_ino] {
-                tx.execute(
-                    "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
-                    params![i as i64, now],
-                )?;
+                tx.prepare_cached("UPDATE inodes SET ctime = ?2 WHERE ino = ?1")?
+                    .execute(params![i as i64, now])?;
             }
             touch_dir(&tx, parent, now)?;
             touch_dir(&tx, newparent, now)?;
@@ -572,23 +559,15 @@ impl Namespace<'_> {
         tx.prepare_cached("INSERT INTO dirents (parent, name, ino) VALUES (?1, ?2, ?3)")?
             .execute(params![newparent as i64, newname, src_ino as i64])?;
         if src.kind == Kind::Dir && parent != newparent {
-            tx.execute(
-                "UPDATE inodes SET nlink = nlink - 1 WHERE ino = ?1",
-                [parent as i64],
-            )?;
-            tx.execute(
-                "UPDATE inodes SET nlink = nlink + 1 WHERE ino = ?1",
-                [newparent as i64],
-            )?;
-            tx.execute(
-                "UPDATE inodes SET parent = ?2 WHERE ino = ?1",
-                params![src_ino as i64, newparent as i64],
-            )?;
+            tx.prepare_cached("UPDATE inodes SET nlink = nlink - 1 WHERE ino = ?1")?
+                .execute([parent as i64])?;
+            tx.prepare_cached("UPDATE inodes SET nlink = nlink + 1 WHERE ino = ?1")?
+                .execute([newparent as i64])?;
+            tx.prepare_cached("UPDATE inodes SET parent = ?2 WHERE ino = ?1")?
+                .execute(params![src_ino as i64, newparent as i64])?;
         }
-        tx.execute(
-            "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
-            params![src_ino as i64, now],
-        )?;
+        tx.prepare_cached("UPDATE inodes SET ctime = ?2 WHERE ino = ?1")?
+            .execute(params![src_ino as i64, now])?;
         touch_dir(&tx, parent, now)?;
         if newparent != parent {
             touch_dir(&tx, newparent, now)?;
@@ -649,10 +628,10 @@ impl Namespace<'_> {
         if let Some(h) = n.blob {
             unref_blob(&tx, &h, &mut dead)?;
         }
-        tx.execute(
+        tx.prepare_cached(
             "UPDATE inodes SET blob = NULL, size = 0, mtime = ?2, ctime = ?2 WHERE ino = ?1",
-            params![ino as i64, mtime],
-        )?;
+        )?
+        .execute(params![ino as i64, mtime])?;
         let n = must_inode(&tx, ino)?;
         self.store.commit_tx(tx)?;
         self.store.blobs().remove_dead_blobs(&conn, &dead);
@@ -696,8 +675,10 @@ impl Namespace<'_> {
         if let Some(h) = n.blob {
             unref_blob(&tx, &h, &mut dead)?;
         }
-        tx.execute("DELETE FROM xattrs WHERE ino = ?1", [ino as i64])?;
-        tx.execute("DELETE FROM inodes WHERE ino = ?1", [ino as i64])?;
+        tx.prepare_cached("DELETE FROM xattrs WHERE ino = ?1")?
+            .execute([ino as i64])?;
+        tx.prepare_cached("DELETE FROM inodes WHERE ino = ?1")?
+            .execute([ino as i64])?;
         self.store.commit_tx(tx)?;
         self.store.blobs().remove_dead_blobs(&conn, &dead);
         Ok(())
@@ -753,10 +734,8 @@ impl Namespace<'_> {
         }
         tx.prepare_cached("INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?1, ?2, ?3)")?
             .execute(params![ino as i64, name, value])?;
-        tx.execute(
-            "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
-            params![ino as i64, now_ns()],
-        )?;
+        tx.prepare_cached("UPDATE inodes SET ctime = ?2 WHERE ino = ?1")?
+            .execute(params![ino as i64, now_ns()])?;
         self.store.commit_tx(tx)?;
         Ok(())
     }
@@ -779,10 +758,8 @@ impl Namespace<'_> {
         if n == 0 {
             return Err(Error::NoAttr);
         }
-        conn.execute(
-            "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
-            params![ino as i64, now_ns()],
-        )?;
+        conn.prepare_cached("UPDATE inodes SET ctime = ?2 WHERE ino = ?1")?
+            .execute(params![ino as i64, now_ns()])?;
         Ok(())
     }
 
