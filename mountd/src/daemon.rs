@@ -515,8 +515,18 @@ impl Daemon {
         let spawned = std::thread::Builder::new()
             .name("fuse-session".into())
             .spawn(move || {
-                if let Err(e) = session.run() {
-                    tracing::error!(mountpoint = %mp.display(), error = %e, "fuse session failed");
+                // Handler panics are answered EIO inside the session; one anywhere else in it
+                // must still not skip what follows, or `live` never reaches zero and the
+                // daemon never leaves.
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.run()));
+                match run {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(mountpoint = %mp.display(), error = %e, "fuse session failed")
+                    }
+                    Err(_) => {
+                        tracing::error!(mountpoint = %mp.display(), "fuse session panicked")
+                    }
                 }
                 if let Some(m) = lock(&me.mounts).iter_mut().find(|m| m.id == id) {
                     m.ending = true;
