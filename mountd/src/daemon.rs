@@ -515,8 +515,18 @@ impl Daemon {
         let spawned = std::thread::Builder::new()
             .name("fuse-session".into())
             .spawn(move || {
-                if let Err(e) = session.run() {
-                    tracing::error!(mountpoint = %mp.display(), error = %e, "fuse session failed");
+                // Handler panics are answered EIO inside the session; one anywhere else in it
+                // must still not skip what follows, or `live` never reaches zero and the
+                // daemon never leaves.
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.run()));
+                match run {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(mountpoint = %mp.display(), error = %e, "fuse session failed")
+                    }
+                    Err(_) => {
+                        tracing::error!(mountpoint = %mp.display(), "fuse session panicked")
+                    }
                 }
                 if let Some(m) = lock(&me.mounts).iter_mut().find(|m| m.id == id) {
                     m.ending = true;
@@ -772,19 +782,46 @@ fn serve(
     tracing::info!(quota = ?l.quota, low_watermark_pct = l.low_watermark_pct, min_free = %l.min_free, "limits enforced by LRU eviction");
 
     // Stop on SIGTERM/SIGINT by unmounting everything; the sessions then drain and end.
+    // The thread keeps waiting after the first signal (the signals stay blocked, so once it
+    // ended a later SIGTERM did nothing), and the first signal also arms a deadline: a
+    // daemon still there after STOP_BOUND ends anyway, as a crash would (the crash contract
+    // keeps what was committed), so SIGTERM always ends it.
     let sig_daemon = daemon.clone();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: sigwait on the blocked set.
-            unsafe { libc::sigwait(&sigs, &mut sig) };
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-            for (mp, _, _) in sig_daemon.list() {
-                tracing::info!(signal = sig, mountpoint = %mp.display(), "unmounting on signal");
-                if let Err(e) = unmount_path(&mp, false) {
-                    tracing::warn!("clean unmount failed ({e}); detaching lazily");
-                    let _ = unmount_path(&mp, true);
+            let mut armed = false;
+            loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: sigwait on the blocked set.
+                if unsafe { libc::sigwait(&sigs, &mut sig) } != 0 {
+                    continue;
+                }
+                if !armed {
+                    armed = true;
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+                    let spawned = std::thread::Builder::new()
+                        .name("stop-deadline".into())
+                        .spawn(|| {
+                            std::thread::sleep(STOP_BOUND);
+                            tracing::error!(
+                                bound_s = STOP_BOUND.as_secs(),
+                                "still running long after a stop signal; exiting now"
+                            );
+                            // SAFETY: _exit ends the process without running anything that
+                            // could wait on what is stuck.
+                            unsafe { libc::_exit(1) }
+                        });
+                    if let Err(e) = spawned {
+                        tracing::warn!(error = %e, "no thread for the stop deadline");
+                    }
+                }
+                for (mp, _, _) in sig_daemon.list() {
+                    tracing::info!(signal = sig, mountpoint = %mp.display(), "unmounting on signal");
+                    if let Err(e) = unmount_path(&mp, false) {
+                        tracing::warn!("clean unmount failed ({e}); detaching lazily");
+                        let _ = unmount_path(&mp, true);
+                    }
                 }
             }
         })?;
@@ -825,6 +862,11 @@ fn serve(
     tracing::info!(store = %store_dir.display(), "daemon done");
     Ok(())
 }
+
+/// How long a daemon may take to leave after a stop signal: the unmount, the drain of
+/// downloads (20 s), the last commits and the control socket's close (30 s), within the
+/// systemd units' TimeoutStopSec (120 s).
+const STOP_BOUND: Duration = Duration::from_secs(90);
 
 fn stop_signals() -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset initialise the set.

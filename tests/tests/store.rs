@@ -386,6 +386,205 @@ fn daemon_pids(mp: &Path) -> Vec<i32> {
         .collect()
 }
 
+/// Whether process `pid` has ended (a zombie not yet reaped counts as ended).
+fn has_exited(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => true,
+    }
+}
+
+/// Waits up to `bound` for every pid to exit; the ones still running are returned (and
+/// killed, so that a failing test leaves no daemon behind).
+fn still_running_after(pids: &[i32], bound: std::time::Duration) -> Vec<String> {
+    let deadline = std::time::Instant::now() + bound;
+    while pids.iter().any(|p| !has_exited(*p)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let left: Vec<String> = pids
+        .iter()
+        .filter(|p| !has_exited(**p))
+        .map(|p| {
+            let threads: Vec<String> = fs::read_dir(format!("/proc/{p}/task"))
+                .map(|d| {
+                    d.filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                        .map(|c| c.trim().to_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            format!("pid {p} (threads: {})", threads.join(" "))
+        })
+        .collect();
+    for p in pids {
+        if !has_exited(*p) {
+            unsafe { libc::kill(*p, libc::SIGKILL) };
+        }
+    }
+    left
+}
+
+/// Removes a store directory under its running daemon, which may be adding files to it
+/// meanwhile (a commit's blob, the database's journal): removed again until it is gone.
+fn remove_store(store: &Path) {
+    for _ in 0..100 {
+        match fs::remove_dir_all(store) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            _ => return,
+        }
+    }
+    panic!("{} could not be removed", store.display());
+}
+
+/// A daemon a test started: detached and killed when the test ends, so that a failing test
+/// leaves neither a mount nor a daemon behind.
+struct Daemonized {
+    pid: i32,
+    mp: std::path::PathBuf,
+}
+
+impl Drop for Daemonized {
+    fn drop(&mut self) {
+        kcache_tests::lazy_umount(&self.mp);
+        if !has_exited(self.pid) {
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Mounts `store` at `mp` through `kcache mount` (daemonized, `--ready-fd`); returns the
+/// daemon.
+fn mount_daemonized(store: &Path, mp: &Path) -> Daemonized {
+    let (code, out) = kcache(&[
+        "mount",
+        "--store",
+        store.to_str().unwrap(),
+        mp.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let pids = daemon_pids(mp);
+    assert_eq!(pids.len(), 1, "one daemon for the mount: {pids:?}");
+    Daemonized {
+        pid: pids[0],
+        mp: mp.to_owned(),
+    }
+}
+
+/// The daemon of a daemonized mount leaves within a bound however its mount ends, also when
+/// the store directory is removed right after (as a test's temporary directory is): the
+/// daemon used to wake its control socket's acceptor by connecting to the socket file, and
+/// with the file gone it waited for that thread forever (and ignored SIGTERM).
+#[test]
+fn a_daemonized_mount_s_daemon_exits_after_umount_even_when_its_store_goes() {
+    if !kcache_tests::fuse_available() {
+        return;
+    }
+    for how in ["umount", "umount -l", "SIGTERM"] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let mp = dir.path().join("mp");
+        fs::create_dir(&mp).unwrap();
+        let daemon = mount_daemonized(&store, &mp);
+        let pid = daemon.pid;
+        fs::write(mp.join("x"), b"daemon").unwrap();
+        // Removed before the mount ends, so that it is surely gone by the time the daemon
+        // leaves (a removal right after the unmount races with the daemon's last steps).
+        remove_store(&store);
+        match how {
+            "umount" => assert!(Command::new("umount").arg(&mp).status().unwrap().success()),
+            "umount -l" => assert!(Command::new("umount")
+                .arg("-l")
+                .arg(&mp)
+                .status()
+                .unwrap()
+                .success()),
+            _ => {
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while fs::read_to_string("/proc/self/mountinfo")
+                    .unwrap()
+                    .contains(mp.to_str().unwrap())
+                {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "SIGTERM did not unmount"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+        }
+        let left = still_running_after(&[pid], std::time::Duration::from_secs(10));
+        assert!(
+            left.is_empty(),
+            "{how}: the daemon did not exit within 10 s: {left:?}"
+        );
+    }
+}
+
+/// Unmounted lazily while another process holds a file open there, the daemon serves that
+/// file until it is closed and then leaves within the bound, even with its store directory
+/// removed meanwhile.
+#[test]
+fn a_daemon_detached_with_a_file_held_open_exits_once_it_is_closed() {
+    if !kcache_tests::fuse_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let mp = dir.path().join("mp");
+    fs::create_dir(&mp).unwrap();
+    let daemon = mount_daemonized(&store, &mp);
+    let pid = daemon.pid;
+    fs::write(mp.join("held"), b"held open").unwrap();
+    let mut holder = Command::new("bash")
+        .arg("-c")
+        .arg("exec 9<\"$1\"; read -r _; cat <&9")
+        .arg("holder")
+        .arg(mp.join("held"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The file is open once the holder's fd 9 points into the mount.
+    let fd9 = format!("/proc/{}/fd/9", holder.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fs::read_link(&fd9).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the holder never opened the file"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // A plain umount is refused while the file is open; the daemon keeps serving.
+    assert!(!Command::new("umount").arg(&mp).status().unwrap().success());
+    assert!(Command::new("umount")
+        .arg("-l")
+        .arg(&mp)
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        !has_exited(pid),
+        "the daemon left while a file was still open"
+    );
+    // The store directory goes while the daemon still serves (as a test's temporary
+    // directory may); the open file is still served through the detached mount.
+    remove_store(&store);
+    drop(holder.stdin.take());
+    let out = holder.wait_with_output().unwrap();
+    assert_eq!(out.stdout, b"held open");
+    let left = still_running_after(&[pid], std::time::Duration::from_secs(10));
+    assert!(
+        left.is_empty(),
+        "the daemon did not exit within 10 s: {left:?}"
+    );
+}
+
 #[test]
 fn missing_dev_fuse_is_a_clear_error() {
     if !kcache_tests::fuse_available() {

@@ -31,6 +31,12 @@ impl Dev {
         })
     }
 
+    /// A `Dev` over any descriptor, for unit tests of code that only carries one.
+    #[cfg(test)]
+    pub(crate) fn from_fd(fd: OwnedFd) -> Dev {
+        Dev { fd }
+    }
+
     pub fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
     }

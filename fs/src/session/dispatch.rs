@@ -7,11 +7,17 @@
 //! kernel inode) and die with their holder, which is what pip, huggingface_hub, cargo and
 //! SQLite rely on.
 //!
+//! Panics: a handler that panics must neither kill the transport thread it runs on nor leave
+//! its caller waiting until the connection is aborted. `guarded` catches the panic and answers
+//! EIO, and every `Responder` a request is given answers EIO if it is dropped unsent (a
+//! waiter thread that panicked), so each request is answered exactly once either way.
+//!
 //! Passthrough: the kernel insists that all passthrough handles of one inode share a backing
 //! file and that passthrough and page-cached handles never coexist on an inode. `KcacheFs`
 //! picks modes that respect this; a refused registration falls back to daemon-served I/O.
 
 use std::fs::File;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use super::abi::{self, fattr, fopen, init};
@@ -73,22 +79,108 @@ fn ctx(h: &InHeader) -> Ctx {
     }
 }
 
+/// What a panic said, for the log.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> &str {
+    p.downcast_ref::<&str>()
+        .copied()
+        .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 /// Runs `f` (which answers a request) on a thread of its own; if no thread can be made,
-/// runs it here rather than leave the request unanswered.
+/// runs it here rather than leave the request unanswered. If `f` panics, the responder it
+/// owns answers EIO as it is dropped (`Guarded`); the panic is caught only to be logged.
 fn spawn_waiter(name: &str, f: impl FnOnce() + Send + 'static) {
     let f = Arc::new(std::sync::Mutex::new(Some(f)));
     let g = f.clone();
     let spawned = std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            if let Some(f) = g.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                f()
+            let f = g.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(f) = f {
+                if let Err(p) = catch_unwind(AssertUnwindSafe(f)) {
+                    tracing::error!(
+                        panic = panic_message(&*p),
+                        "a waiting request's handler panicked"
+                    );
+                }
             }
         });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "no thread for a waiting request; waiting on a request thread");
         if let Some(f) = f.lock().unwrap_or_else(|p| p.into_inner()).take() {
             f()
+        }
+    }
+}
+
+/// A responder that answers exactly once: by `send`, or with EIO when it is dropped unsent
+/// (its owner panicked or forgot it), so a request that waits is never left unanswered.
+struct Guarded {
+    inner: Option<Box<dyn Responder>>,
+    opcode: u32,
+    unique: u64,
+}
+
+impl Responder for Guarded {
+    fn send(mut self: Box<Self>, r: Reply) {
+        if let Some(inner) = self.inner.take() {
+            inner.send(r);
+        }
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.take() {
+            tracing::error!(
+                opcode = self.opcode,
+                unique = self.unique,
+                panicking = std::thread::panicking(),
+                "a waiting request was dropped unanswered; answering EIO"
+            );
+            inner.send(Reply::err(Errno::EIO));
+        }
+    }
+}
+
+/// Runs `handle` (one request's handler) so that a panic in it becomes an EIO answer instead
+/// of the end of the transport thread: logged with the opcode and unique id, then answered
+/// here unless a responder was already made for the request (that responder answers EIO when
+/// the unwinding drops it, and answering twice would commit a ring entry twice). FORGETs have
+/// no answer. Every responder handed out is `Guarded`, for panics on waiter threads.
+pub fn guarded(
+    h: &InHeader,
+    later: &mut dyn FnMut() -> Box<dyn Responder>,
+    handle: impl FnOnce(&mut dyn FnMut() -> Box<dyn Responder>) -> Handled,
+) -> Handled {
+    let (opcode, unique) = (h.opcode, h.unique);
+    let mut made = false;
+    let mut guarded_later = || -> Box<dyn Responder> {
+        made = true;
+        Box::new(Guarded {
+            inner: Some(later()),
+            opcode,
+            unique,
+        })
+    };
+    let r = catch_unwind(AssertUnwindSafe(|| handle(&mut guarded_later)));
+    match r {
+        Ok(handled) => handled,
+        Err(p) => {
+            tracing::error!(
+                opcode,
+                unique,
+                panic = panic_message(&*p),
+                "request handler panicked; answering EIO"
+            );
+            if made {
+                Handled::Later
+            } else if matches!(opcode, abi::opcode::FORGET | abi::opcode::BATCH_FORGET) {
+                Handled::Silent
+            } else {
+                Handled::Now(Reply::err(Errno::EIO))
+            }
         }
     }
 }
@@ -289,7 +381,8 @@ impl Dispatcher {
     }
 
     /// Handles one request (not INIT). `later` makes a responder for an answer that must
-    /// wait (content still downloading); it is called at most once.
+    /// wait (content still downloading); it is called at most once. A panic in the handler
+    /// is answered EIO (`guarded`), so the calling transport thread keeps serving.
     pub fn handle(
         &self,
         h: &InHeader,
@@ -297,6 +390,22 @@ impl Dispatcher {
         payload: &[u8],
         later: &mut dyn FnMut() -> Box<dyn Responder>,
     ) -> Handled {
+        guarded(h, later, |later| {
+            self.handle_unguarded(h, op_in, payload, later)
+        })
+    }
+
+    fn handle_unguarded(
+        &self,
+        h: &InHeader,
+        op_in: &[u8],
+        payload: &[u8],
+        later: &mut dyn FnMut() -> Box<dyn Responder>,
+    ) -> Handled {
+        #[cfg(test)]
+        if tests::PANIC_ON.with(|p| p.get()) == h.opcode {
+            panic!("test hook: handler panics");
+        }
         let op = match decode(h, op_in, payload) {
             Ok(op) => op,
             Err(e) => {
@@ -502,5 +611,142 @@ impl Dispatcher {
             // bmap and poll are unsupported, and locks are the kernel's own.
             Operation::Other(_) => Reply::err(Errno::ENOSYS),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::sync::Mutex;
+
+    thread_local! {
+        /// The opcode whose handler panics on this thread (0: none), a hook into the real
+        /// `Dispatcher::handle`.
+        pub(super) static PANIC_ON: Cell<u32> = const { Cell::new(0) };
+    }
+
+    #[test]
+    fn a_panic_in_the_dispatcher_s_handler_is_answered_eio() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(kcache_store::Store::open(dir.path()).unwrap());
+        let vol = store.volume("default", true, 0, 0).unwrap();
+        let fs = Arc::new(KcacheFs::new(store, vol, false));
+        // No connection: nothing here writes to the device.
+        let dev = Arc::new(Dev::from_fd(File::open("/dev/null").unwrap().into()));
+        let d = Dispatcher::new(fs, dev, false);
+        let mut later = || -> Box<dyn Responder> { unreachable!("nothing waits") };
+        let mut h = header(abi::opcode::GETATTR);
+        h.nodeid = crate::ROOT_INO;
+        PANIC_ON.with(|p| p.set(abi::opcode::GETATTR));
+        let r = d.handle(&h, &[0; 16], &[], &mut later);
+        PANIC_ON.with(|p| p.set(0));
+        assert_eq!(now_error(r), Some(-libc::EIO));
+        // And the next request on this thread is served.
+        let r = d.handle(&h, &[0; 16], &[], &mut later);
+        assert_eq!(now_error(r), Some(0));
+    }
+
+    /// A responder that records the errors it was sent.
+    struct Recorder(Arc<Mutex<Vec<i32>>>);
+
+    impl Responder for Recorder {
+        fn send(self: Box<Self>, r: Reply) {
+            self.0.lock().unwrap().push(r.error);
+        }
+    }
+
+    fn header(opcode: u32) -> InHeader {
+        InHeader {
+            opcode,
+            unique: 77,
+            ..Default::default()
+        }
+    }
+
+    fn now_error(h: Handled) -> Option<i32> {
+        match h {
+            Handled::Now(r) => Some(r.error),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_panicking_handler_is_answered_eio_and_the_thread_goes_on() {
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let s = sent.clone();
+        let mut later = move || -> Box<dyn Responder> { Box::new(Recorder(s.clone())) };
+        let h = guarded(&header(abi::opcode::GETATTR), &mut later, |_| {
+            panic!("handler bug")
+        });
+        assert_eq!(now_error(h), Some(-libc::EIO));
+        // The same thread serves the next request normally.
+        let h = guarded(&header(abi::opcode::GETATTR), &mut later, |_| {
+            Handled::Now(Reply::empty())
+        });
+        assert_eq!(now_error(h), Some(0));
+        assert!(sent.lock().unwrap().is_empty(), "no responder was made");
+    }
+
+    #[test]
+    fn a_panicking_forget_is_not_answered() {
+        let mut later = || -> Box<dyn Responder> { unreachable!() };
+        let h = guarded(&header(abi::opcode::FORGET), &mut later, |_| panic!("bug"));
+        assert!(matches!(h, Handled::Silent));
+    }
+
+    #[test]
+    fn a_panic_after_taking_a_responder_is_answered_once_through_it() {
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let s = sent.clone();
+        let mut later = move || -> Box<dyn Responder> { Box::new(Recorder(s.clone())) };
+        let h = guarded(&header(abi::opcode::OPEN), &mut later, |later| {
+            let _r = later();
+            panic!("bug after deferring")
+        });
+        // Not answered on the transport as well: a ring entry must be committed once.
+        assert!(matches!(h, Handled::Later));
+        assert_eq!(*sent.lock().unwrap(), vec![-libc::EIO]);
+    }
+
+    #[test]
+    fn a_waiter_thread_that_panics_answers_eio() {
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let s = sent.clone();
+        let mut later = move || -> Box<dyn Responder> { Box::new(Recorder(s.clone())) };
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let h = guarded(&header(abi::opcode::READ), &mut later, |later| {
+            let r = later();
+            spawn_waiter("test-waiter", move || {
+                let _done = done_tx;
+                let fail = true;
+                if fail {
+                    panic!("download waiter bug");
+                }
+                r.send(Reply::empty());
+            });
+            Handled::Later
+        });
+        assert!(matches!(h, Handled::Later));
+        // The waiter's end (its captures dropped) closes the channel.
+        let _ = done_rx.recv_timeout(std::time::Duration::from_secs(10));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while sent.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(*sent.lock().unwrap(), vec![-libc::EIO]);
+    }
+
+    #[test]
+    fn a_responder_that_sends_does_not_answer_again_when_dropped() {
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let s = sent.clone();
+        let mut later = move || -> Box<dyn Responder> { Box::new(Recorder(s.clone())) };
+        let h = guarded(&header(abi::opcode::READ), &mut later, |later| {
+            later().send(Reply::empty());
+            Handled::Later
+        });
+        assert!(matches!(h, Handled::Later));
+        assert_eq!(*sent.lock().unwrap(), vec![0]);
     }
 }

@@ -4,6 +4,7 @@
 //! request does is in `handler`; the messages are in `protocol`.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -30,6 +31,8 @@ pub struct Server {
     /// Connections taken and not yet answered.
     open: Arc<(Mutex<usize>, Condvar)>,
     acceptor: std::thread::JoinHandle<UnixListener>,
+    /// Wakes the acceptor at `close` (an eventfd it polls beside the listener).
+    wake: Arc<OwnedFd>,
 }
 
 /// Counts a taken connection until it has been answered.
@@ -63,23 +66,43 @@ pub fn serve(daemon: Arc<Daemon>, reader: Arc<Store>, store_dir: &Path) -> Resul
         UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod {}", path.display()))?;
+    // Non-blocking, so a connection that poll reported and that is gone by the accept does
+    // not hold up the acceptor.
+    listener
+        .set_nonblocking(true)
+        .with_context(|| format!("setting up {}", path.display()))?;
+    // SAFETY: eventfd(2) with constant flags; the result is checked.
+    let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if efd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("creating the control socket's wake-up");
+    }
+    // SAFETY: efd was just created and is owned by nothing else.
+    let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
     let stop = Arc::new(AtomicBool::new(false));
     let open = Arc::new((Mutex::new(0), Condvar::new()));
-    let (stop2, open2) = (stop.clone(), open.clone());
+    let (stop2, open2, wake2) = (stop.clone(), open.clone(), wake.clone());
     let acceptor = std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             loop {
-                let conn = listener.accept();
+                // Wait for a connection or for `close`. The wake-up is an eventfd, not a
+                // connection of our own to the socket: that fails once the socket file is
+                // gone (the store directory removed while the daemon leaves), and the
+                // daemon then waited for this thread forever.
+                if !wait_readable(&listener, &wake2) {
+                    continue;
+                }
                 if stop2.load(Ordering::SeqCst) {
-                    // Woken by `close`; this connection (and any behind it) is answered
-                    // there.
-                    if let Ok((conn, _)) = conn {
-                        answer_leaving(&conn);
-                    }
+                    // Connections queued behind are answered by `close`.
                     break;
                 }
-                let Ok((conn, _)) = conn else { continue };
+                let conn = match listener.accept() {
+                    Ok((conn, _)) => conn,
+                    Err(_) => continue,
+                };
+                // Accepted sockets are blocking on Linux; make sure of it, requests block.
+                let _ = conn.set_nonblocking(false);
                 // Counted before this thread takes the next one, so `close` sees it.
                 let answering = Answering::new(&open2);
                 let (daemon, reader) = (daemon.clone(), reader.clone());
@@ -97,7 +120,37 @@ pub fn serve(daemon: Arc<Daemon>, reader: Arc<Store>, store_dir: &Path) -> Resul
         stop,
         open,
         acceptor,
+        wake,
     })
+}
+
+/// Waits until the listener has a connection or `wake` was written; false when woken for
+/// nothing (EINTR), so the caller looks again.
+fn wait_readable(listener: &UnixListener, wake: &OwnedFd) -> bool {
+    let mut fds = [
+        libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: two live pollfds; no timeout (`close` writes `wake`).
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            // Not expected with two valid descriptors; do not spin on it.
+            tracing::warn!(error = %e, "waiting on the control socket");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        return false;
+    }
+    true
 }
 
 impl Server {
@@ -107,17 +160,17 @@ impl Server {
     /// goes last but one (the store lock goes with the process).
     pub fn close(self, bound: std::time::Duration) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the acceptor with a connection of our own; it then hands back the listener.
-        let _ = UnixStream::connect(&self.path);
+        // Wake the acceptor; it then hands back the listener.
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
         let listener = self.acceptor.join().ok();
         let _ = std::fs::remove_file(&self.path);
-        // Connections that queued up before the file went.
+        // Connections that queued up before the file went (the listener is non-blocking).
         if let Some(l) = listener {
-            if l.set_nonblocking(true).is_ok() {
-                while let Ok((conn, _)) = l.accept() {
-                    let _ = conn.set_nonblocking(false);
-                    answer_leaving(&conn);
-                }
+            while let Ok((conn, _)) = l.accept() {
+                let _ = conn.set_nonblocking(false);
+                answer_leaving(&conn);
             }
         }
         let deadline = std::time::Instant::now() + bound;
