@@ -30,11 +30,19 @@ fn cpath(p: &Path) -> Result<CString> {
 /// True when `mp` is a FUSE mount whose daemon is gone. statfs always goes to the daemon (a
 /// plain stat may be answered from the kernel's attribute cache), so it tells.
 fn is_dead_fuse_mount(mp: &Path) -> bool {
-    let Ok(c) = cpath(mp) else { return false };
+    fuse_mount_state(mp).is_err_and(|e| is_dead_errno(e.raw_os_error()))
+}
+
+/// What statvfs(2) of a FUSE mountpoint says: a live daemon answers, a dead one's mount
+/// fails with ENOTCONN or ECONNABORTED.
+fn fuse_mount_state(mp: &Path) -> std::io::Result<()> {
+    let c = cpath(mp).map_err(std::io::Error::other)?;
     // SAFETY: statvfs fills a zeroed struct for a valid C path.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
-    rc != 0 && is_dead_errno(std::io::Error::last_os_error().raw_os_error())
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// What a request to a FUSE mount whose daemon died returns: ENOTCONN once the kernel has
@@ -58,9 +66,23 @@ fn detach(mp: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Who is preparing a mountpoint for a store's first mount.
+#[derive(Clone, Copy)]
+enum Starting<'a> {
+    /// A running daemon adding a mount: any mount already there is refused.
+    No,
+    /// `kcache mount` before it starts the daemon for store `dir` (canonical): a mount of
+    /// that store left there is for the daemon to judge.
+    Parent(&'a Path),
+    /// The daemon of store `dir`, holding the store's owner lock and nothing mounted yet:
+    /// a mount of that store left there has no daemon any more (only the lock holder serves
+    /// a store), whatever the kernel answers for it yet.
+    Owner(&'a Path),
+}
+
 /// Checks the mountpoint, recovering one left dead by a crashed daemon
 /// ("Transport endpoint is not connected").
-fn prepare_mountpoint(mp: &Path) -> Result<PathBuf> {
+fn prepare_mountpoint(mp: &Path, starting: Starting<'_>) -> Result<PathBuf> {
     match std::fs::metadata(mp) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => bail!("mountpoint {} is not a directory", mp.display()),
@@ -78,9 +100,24 @@ fn prepare_mountpoint(mp: &Path) -> Result<PathBuf> {
             detach(&mp)?;
             continue;
         }
+        // After kill -9, the kernel may not have aborted the dead daemon's connection yet
+        // (io_uring rings are torn down asynchronously), so the check above can miss it.
+        let ours = |dir: &Path| m.fstype == "fuse.kcache" && Path::new(&m.source) == dir;
+        match starting {
+            Starting::Owner(dir) if ours(dir) => {
+                detach(&mp)?;
+                continue;
+            }
+            Starting::Parent(dir) if ours(dir) => break,
+            _ => {}
+        }
         if mp != Path::new("/") {
+            let state = match fuse_mount_state(&mp) {
+                Ok(()) => "it answers".to_owned(),
+                Err(e) => format!("statvfs: {e}"),
+            };
             bail!(
-                "mountpoint {} is busy: {} ({}) is already mounted there",
+                "mountpoint {} is busy: {} ({}) is already mounted there ({state})",
                 mp.display(),
                 m.source,
                 m.fstype
@@ -243,9 +280,12 @@ fn report(fd: RawFd, msg: &str) {
 fn daemonize(args: &MountArgs, store_dir: &Path) -> Result<ExitCode> {
     // Fail fast, with the message on the user's terminal, for what can be checked here.
     check_fuse_device()?;
-    let mountpoint = prepare_mountpoint(&args.mountpoint)?;
     std::fs::create_dir_all(store_dir)
         .with_context(|| format!("creating store directory {}", store_dir.display()))?;
+    let canonical = store_dir
+        .canonicalize()
+        .unwrap_or_else(|_| store_dir.to_owned());
+    let mountpoint = prepare_mountpoint(&args.mountpoint, Starting::Parent(&canonical))?;
     // The daemon runs from "/" (it must not pin the caller's working directory), so it gets
     // absolute paths.
     let store_dir = &store_dir
@@ -623,7 +663,7 @@ impl Daemon {
                 mountpoint.display()
             );
         }
-        let mountpoint = prepare_mountpoint(mountpoint)?;
+        let mountpoint = prepare_mountpoint(mountpoint, Starting::No)?;
         let store = self.primary.store();
         // SAFETY: getuid/getgid have no preconditions.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
@@ -706,9 +746,14 @@ fn serve(
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut()) };
 
     check_fuse_device()?;
-    let mountpoint = prepare_mountpoint(&args.mountpoint)?;
+    // The store first: holding its owner lock tells a mount of it left at the mountpoint by
+    // a crashed daemon from a live one.
     let store =
         Store::open(store_dir).with_context(|| format!("opening store {}", store_dir.display()))?;
+    let canonical = store_dir
+        .canonicalize()
+        .unwrap_or_else(|_| store_dir.to_owned());
+    let mountpoint = prepare_mountpoint(&args.mountpoint, Starting::Owner(&canonical))?;
     // SAFETY: getuid/getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let volume = store
