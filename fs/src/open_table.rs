@@ -30,6 +30,11 @@ pub(crate) struct OpenInode {
     pub(crate) handles: u32,
     pub(crate) writers: u32,
     pub(crate) cached_handles: u32,
+    /// Handles without page cache (readers while the file is written). They would not stop
+    /// a passthrough open in the kernel, but their open answers may still be on the way
+    /// there: one arriving after a passthrough open it raced with would fail (EIO), so no
+    /// passthrough while any is open.
+    pub(crate) direct_handles: u32,
     pub(crate) staging: Option<Staging>,
     pub(crate) pt: Option<PtState>,
     /// The committed blob, open for reads served by the daemon.
@@ -104,7 +109,12 @@ impl OpenInode {
                 pt.handles += 1;
                 IoMode::Passthrough(pt.token.clone())
             }
-            (None, Some(b)) if quiet && self.cached_handles == 0 && inode.blob.is_some() => {
+            (None, Some(b))
+                if quiet
+                    && self.cached_handles == 0
+                    && self.direct_handles == 0
+                    && inode.blob.is_some() =>
+            {
                 let file = self.blob_file(store, inode.blob.expect("checked above"))?;
                 match b.register(&file) {
                     Ok(token) => {
@@ -122,11 +132,27 @@ impl OpenInode {
                     }
                 }
             }
+            // A reader while the file is being written: no page cache. A cached open would
+            // drop the inode's pages (keep_cache off), and a page read back from the daemon
+            // before a write already copied into the dropped page reaches it would be cached
+            // short, zero-filled up to the size the write's answer then sets: a torn read.
+            (None, _) if !writable && (self.writers > 0 || self.staging.is_some()) => {
+                self.direct_handles += 1;
+                IoMode::Direct
+            }
             (None, _) => {
                 self.cached_handles += 1;
                 let keep_cache = match (&self.staging, inode.blob) {
                     (None, Some(h)) if self.writers == 0 && !streaming => {
                         page_cache.keep(inode.ino, h)
+                    }
+                    // A writer joining one already writing: the kernel's pages are the staged
+                    // content (every write and truncate goes through them), and dropping them
+                    // now could lose a write still on its way to the daemon, as above.
+                    // (Not an O_TRUNC open: its content starts empty.)
+                    _ if (self.writers > 0 || self.staging.is_some()) && !streaming && !trunc => {
+                        page_cache.forget(inode.ino);
+                        true
                     }
                     _ => {
                         page_cache.forget(inode.ino);
@@ -272,7 +298,7 @@ impl OpenInode {
                 }
             }
             ModeKind::Cached => self.cached_handles -= 1,
-            ModeKind::Direct => {}
+            ModeKind::Direct => self.direct_handles = self.direct_handles.saturating_sub(1),
         }
     }
 }
@@ -639,13 +665,16 @@ mod tests {
         let m = open(&mut g, &store, &pc, &off, &inode, false, None).unwrap();
         assert!(matches!(m, IoMode::Cached { keep_cache: true }));
         assert_eq!((g.handles, g.writers, g.cached_handles), (2, 0, 2));
-        // A writer joins with the pages kept, but while it has the file open, new readers
-        // drop them: the content may change under them.
+        // A writer joins with the pages kept. While it has the file open, new readers get no
+        // page cache (direct), and a second writer keeps the pages its writes go through.
         let m = open(&mut g, &store, &pc, &off, &inode, true, None).unwrap();
         assert!(matches!(m, IoMode::Cached { keep_cache: true }));
         let m = open(&mut g, &store, &pc, &off, &inode, false, None).unwrap();
-        assert!(matches!(m, IoMode::Cached { keep_cache: false }));
-        assert_eq!((g.handles, g.writers), (4, 1));
+        assert!(matches!(m, IoMode::Direct));
+        assert_eq!(g.direct_handles, 1);
+        let m = open(&mut g, &store, &pc, &off, &inode, true, None).unwrap();
+        assert!(matches!(m, IoMode::Cached { keep_cache: true }));
+        assert_eq!((g.handles, g.writers), (5, 2));
     }
 
     #[test]

@@ -296,3 +296,55 @@ fn a_reader_after_a_truncate_by_path_never_sees_the_old_content() {
     );
     closer.join().unwrap();
 }
+
+/// Readers looping over a file that appenders extend, many rounds, each starting from a
+/// reader held through passthrough (the mode changes it forces are where reads tore: a
+/// reader's open dropped the kernel's pages while an append copied into them was still on
+/// its way to the daemon, and the page read back came short, zero-filled up to the new size).
+#[test]
+fn readers_racing_appenders_never_see_zeros_or_lose_lines() {
+    use std::io::{Read, Write};
+    let Some(m) = Mount::new() else { return };
+    for round in 0..40 {
+        let path = m.path(&format!("race-{round}"));
+        fs::write(&path, b"line 0\n").unwrap();
+        m.settle();
+        let mut held = fs::File::open(&path).unwrap();
+        let mut head = [0u8; 4];
+        held.read_exact(&mut head).unwrap();
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            drop(held);
+        });
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (path, stop) = (path.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let got = fs::read(&path).unwrap();
+                        let text = String::from_utf8(got).unwrap();
+                        for (i, l) in text.lines().enumerate() {
+                            assert_eq!(
+                                l,
+                                format!("line {i}"),
+                                "round {round}, torn read: {text:?}"
+                            );
+                        }
+                    }
+                })
+            })
+            .collect();
+        for i in 1..30 {
+            let mut w = fs::OpenOptions::new().append(true).open(&path).unwrap();
+            w.write_all(format!("line {i}\n").as_bytes()).unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        closer.join().unwrap();
+        for r in readers {
+            r.join().unwrap();
+        }
+        let text = fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 30, "round {round}: {text}");
+    }
+}
