@@ -354,7 +354,6 @@ fn run_all(
                     continue;
                 }
                 let dir = target.root.join(format!("{}-{pass}", workload.name()));
-                fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
                 // Distinct data per workload, target and pass, so no layer can dedup across
                 // them.
                 let seed = base_seed
@@ -362,22 +361,25 @@ fn run_all(
                     ^ ((ti as u64 + 1) << 48)
                     ^ (u64::from(pass) << 40);
                 let probe = (target.name == "kcache").then_some(probe);
-                let phases =
-                    match workloads::run(workload, &dir, sizes, seed, probe, tarball.as_ref())
-                        .with_context(|| format!("{} on {}", workload.name(), target.name))
-                    {
-                        Ok(p) => p,
-                        Err(e) if ti >= 2 => {
-                            println!(
-                                "  {:<TARGET_WIDTH$} failed, no column for this workload: {e:#}",
-                                target.name
-                            );
-                            failed[ti] = true;
-                            runs[ti].clear();
-                            continue;
-                        }
-                        Err(e) => return Err(e),
-                    };
+                let phases = match fs::create_dir(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))
+                    .and_then(|()| {
+                        workloads::run(workload, &dir, sizes, seed, probe, tarball.as_ref())
+                    })
+                    .with_context(|| format!("{} on {}", workload.name(), target.name))
+                {
+                    Ok(p) => p,
+                    Err(e) if ti >= 2 => {
+                        println!(
+                            "  {:<TARGET_WIDTH$} failed, no column for this workload: {e:#}",
+                            target.name
+                        );
+                        failed[ti] = true;
+                        runs[ti].clear();
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 for (pi, p) in phases.iter().enumerate() {
                     let native = (ti > 0).then(|| ("native", &runs[0][pass as usize][pi]));
                     print_phase(target.name, p, native);
