@@ -625,6 +625,10 @@ impl KcacheFs {
                 ..SetAttr::default()
             };
             self.store.ns().setattr(ino, &sa)?;
+            // No reply carries the new mode (a WRITE's or an OPEN's has no attributes).
+            if let Some(kc) = lock(&self.kernel_cache).clone() {
+                kc.attrs_changed(self.kino(ino));
+            }
         }
         self.drop_capability(ino)
     }

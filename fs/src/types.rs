@@ -96,6 +96,11 @@ pub trait Backing {
 /// (eviction). The FUSE adapter implements it with fuser's notifier.
 pub trait KernelCache: Send + Sync {
     fn name_gone(&self, parent: u64, name: &OsStr, ino: u64);
+    /// The daemon changed `ino`'s attributes where no reply carries them (setuid cleared on a
+    /// write): the kernel must fetch them again before it trusts its copy (an exec would
+    /// still see the old setuid bit). Attributes only, never pages, so it is safe from inside
+    /// a request handler.
+    fn attrs_changed(&self, ino: u64);
 }
 
 /// How the kernel should do I/O on a handle.

@@ -602,7 +602,16 @@ fn modes_after_privilege_kills(dir: &Path) -> Vec<(&'static str, u32)> {
         chown(&f, Some(65534), Some(65534)).unwrap();
         fs::set_permissions(&f, fs::Permissions::from_mode(mode)).unwrap();
     };
-    let mode = || fs::metadata(&f).unwrap().mode() & 0o7777;
+    // statx asking for the mode only: the kernel answers from its cached attributes unless
+    // they were invalidated, so a mode the daemon changed without telling it shows up stale.
+    let mode = || {
+        let c = c(&f);
+        // SAFETY: a zeroed statx filled by the kernel for a valid C path.
+        let mut sx: libc::statx = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), 0, libc::STATX_MODE, &mut sx) };
+        assert_eq!(rc, 0);
+        u32::from(sx.stx_mode) & 0o7777
+    };
     let mut seen = Vec::new();
     reset(0o6755);
     as_nobody("printf x >> \"$F\"", &f);

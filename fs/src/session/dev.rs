@@ -138,6 +138,15 @@ impl Dev {
     }
 
     /// Tells the kernel to drop its cached attributes and pages of `ino`.
+    /// FUSE_NOTIFY_INVAL_INODE with offset -1: the inode's attributes only, no pages (the
+    /// kernel then takes no page lock, so a request handler may send it).
+    pub fn inval_attrs(&self, ino: u64) -> io::Result<()> {
+        let mut b = [0u8; 24];
+        b[0..8].copy_from_slice(&ino.to_ne_bytes());
+        b[8..16].copy_from_slice(&(-1i64).to_ne_bytes());
+        self.notify(abi::notify::INVAL_INODE, &[&b])
+    }
+
     pub fn inval_inode(&self, ino: u64) -> io::Result<()> {
         let mut b = [0u8; 24];
         b[0..8].copy_from_slice(&ino.to_ne_bytes());

@@ -76,7 +76,7 @@ pub struct Session {
 }
 
 /// Invalidates kernel dentries and inodes through /dev/fuse (used after eviction, from a
-/// daemon thread, never from inside a request handler).
+/// daemon thread, never from inside a request handler; `attrs_changed` alone may be).
 pub struct Notifier(Arc<Dev>);
 
 impl KernelCache for Notifier {
@@ -84,6 +84,15 @@ impl KernelCache for Notifier {
         // ENOENT just means the kernel had nothing cached.
         let _ = self.0.inval_entry(parent, name);
         let _ = self.0.inval_inode(ino);
+    }
+
+    fn attrs_changed(&self, ino: u64) {
+        // ENOENT: the kernel holds nothing for it.
+        if let Err(e) = self.0.inval_attrs(ino) {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                tracing::warn!(ino, error = %e, "telling the kernel of changed attributes");
+            }
+        }
     }
 }
 
