@@ -72,12 +72,27 @@ pub fn call_with_progress(
         err,
     })?;
     let mut w = &conn;
-    w.write_all(format!("{}\n", serde_json::to_string(req)?).as_bytes())?;
+    // A daemon closing its socket as it leaves can still have let the connection in: the
+    // request then cannot be written (EPIPE), or is dropped unread (ECONNRESET, which a
+    // socket closed with unread data sends). Either way it was not carried out, so the
+    // caller may try again, as when nobody took the connection.
+    let unread = |err: std::io::Error| Unanswered {
+        socket: path.clone(),
+        err,
+    };
+    w.write_all(format!("{}\n", serde_json::to_string(req)?).as_bytes())
+        .map_err(unread)?;
     let mut r = BufReader::new(&conn);
+    let mut first = true;
     let answer = loop {
         let mut line = String::new();
-        r.read_line(&mut line)
-            .context("reading the daemon's answer")?;
+        match r.read_line(&mut line) {
+            Err(e) if first && e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Err(unread(e).into())
+            }
+            res => res.context("reading the daemon's answer")?,
+        };
+        first = false;
         if line.is_empty() {
             bail!("the daemon closed the connection without answering (did it stop?)");
         }
