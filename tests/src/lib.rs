@@ -462,3 +462,12 @@ pub fn start_announcing_with(
         .to_owned();
     (child, value)
 }
+
+/// Polls `cond` until it holds, failing the test with `what` once `secs` have passed.
+pub fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -359,17 +359,7 @@ fn daemon_mode_returns_when_mounted_and_umount_stops_it() {
     for p in &pids {
         unsafe { libc::kill(*p, libc::SIGTERM) };
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .contains(mp.to_str().unwrap())
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "SIGTERM did not unmount"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    kcache_tests::wait_until("SIGTERM unmounted", 20, || !is_listed(&mp));
 }
 
 /// Pids of `kcache mount` daemons serving `mp`, found through /proc.
@@ -387,6 +377,13 @@ fn daemon_pids(mp: &Path) -> Vec<i32> {
 }
 
 /// Whether process `pid` has ended (a zombie not yet reaped counts as ended).
+/// Whether `mp` is in this namespace's mount table.
+fn is_listed(mp: &std::path::Path) -> bool {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains(mp.to_str().unwrap())
+}
+
 fn has_exited(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name.
@@ -504,17 +501,7 @@ fn a_daemonized_mount_s_daemon_exits_after_umount_even_when_its_store_goes() {
                 .success()),
             _ => {
                 unsafe { libc::kill(pid, libc::SIGTERM) };
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-                while fs::read_to_string("/proc/self/mountinfo")
-                    .unwrap()
-                    .contains(mp.to_str().unwrap())
-                {
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "SIGTERM did not unmount"
-                    );
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
+                kcache_tests::wait_until("SIGTERM unmounted", 10, || !is_listed(&mp));
             }
         }
         let left = still_running_after(&[pid], std::time::Duration::from_secs(10));
@@ -551,14 +538,9 @@ fn a_daemon_detached_with_a_file_held_open_exits_once_it_is_closed() {
         .unwrap();
     // The file is open once the holder's fd 9 points into the mount.
     let fd9 = format!("/proc/{}/fd/9", holder.id());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while fs::read_link(&fd9).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the holder never opened the file"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    kcache_tests::wait_until("the holder opened the file", 10, || {
+        fs::read_link(&fd9).is_ok()
+    });
     // A plain umount is refused while the file is open; the daemon keeps serving.
     assert!(!Command::new("umount").arg(&mp).status().unwrap().success());
     assert!(Command::new("umount")

@@ -138,18 +138,22 @@ impl Dev {
     }
 
     /// Tells the kernel to drop its cached attributes and pages of `ino`.
-    /// FUSE_NOTIFY_INVAL_INODE with offset -1: the inode's attributes only, no pages (the
-    /// kernel then takes no page lock, so a request handler may send it).
-    pub fn inval_attrs(&self, ino: u64) -> io::Result<()> {
-        let mut b = [0u8; 24];
-        b[0..8].copy_from_slice(&ino.to_ne_bytes());
-        b[8..16].copy_from_slice(&(-1i64).to_ne_bytes());
-        self.notify(abi::notify::INVAL_INODE, &[&b])
+    pub fn inval_inode(&self, ino: u64) -> io::Result<()> {
+        self.inval_inode_from(ino, 0)
     }
 
-    pub fn inval_inode(&self, ino: u64) -> io::Result<()> {
+    /// Like `inval_inode` for the attributes only: with no pages to drop the kernel takes no
+    /// page lock, so a request handler may send it.
+    pub fn inval_attrs(&self, ino: u64) -> io::Result<()> {
+        self.inval_inode_from(ino, -1)
+    }
+
+    /// FUSE_NOTIFY_INVAL_INODE: attributes, and pages from `offset` to the end (none when
+    /// negative).
+    fn inval_inode_from(&self, ino: u64, offset: i64) -> io::Result<()> {
         let mut b = [0u8; 24];
         b[0..8].copy_from_slice(&ino.to_ne_bytes());
+        b[8..16].copy_from_slice(&offset.to_ne_bytes());
         self.notify(abi::notify::INVAL_INODE, &[&b])
     }
 }
