@@ -660,6 +660,15 @@ mod tests {
         }
     }
 
+    /// What deferred answers were sent (their errors), and a `later` that records into it.
+    fn recorder() -> (Arc<Mutex<Vec<i32>>>, impl FnMut() -> Box<dyn Responder>) {
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let s = sent.clone();
+        (sent, move || -> Box<dyn Responder> {
+            Box::new(Recorder(s.clone()))
+        })
+    }
+
     fn header(opcode: u32) -> InHeader {
         InHeader {
             opcode,
@@ -677,9 +686,7 @@ mod tests {
 
     #[test]
     fn a_panicking_handler_is_answered_eio_and_the_thread_goes_on() {
-        let sent = Arc::new(Mutex::new(Vec::new()));
-        let s = sent.clone();
-        let mut later = move || -> Box<dyn Responder> { Box::new(Recorder(s.clone())) };
+        let (sent, mut later) = recorder();
         let h = guarded(&header(abi::opcode::GETATTR), &mut later, |_| {
             panic!("handler bug")
         });
@@ -701,9 +708,7 @@ mod tests {
 
     #[test]
     fn a_panic_after_taking_a_responder_is_answered_once_through_it() {
-        let sent = Arc::new(Mutex::new(Vec::new()));
-        let s = sent.clone();
-        let mut later = move || -> Box<dyn Responder> { Box::new(Recorder(s.clone())) };
+        let (sent, mut later) = recorder();
         let h = guarded(&header(abi::opcode::OPEN), &mut later, |later| {
             let _r = later();
             panic!("bug after deferring")
@@ -715,9 +720,7 @@ mod tests {
 
     #[test]
     fn a_waiter_thread_that_panics_answers_eio() {
-        let sent = Arc::new(Mutex::new(Vec::new()));
-        let s = sent.clone();
-        let mut later = move || -> Box<dyn Responder> { Box::new(Recorder(s.clone())) };
+        let (sent, mut later) = recorder();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let h = guarded(&header(abi::opcode::READ), &mut later, |later| {
             let r = later();
@@ -743,9 +746,7 @@ mod tests {
 
     #[test]
     fn a_responder_that_sends_does_not_answer_again_when_dropped() {
-        let sent = Arc::new(Mutex::new(Vec::new()));
-        let s = sent.clone();
-        let mut later = move || -> Box<dyn Responder> { Box::new(Recorder(s.clone())) };
+        let (sent, mut later) = recorder();
         let h = guarded(&header(abi::opcode::READ), &mut later, |later| {
             later().send(Reply::empty());
             Handled::Later
