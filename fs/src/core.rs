@@ -357,11 +357,11 @@ impl KcacheFs {
         if self.open.contains(ino) {
             return;
         }
-        match self.store.ns().get(ino) {
-            Ok(n) if n.nlink == 0 => {
+        match self.store.ns().links(ino) {
+            Ok((kind, 0)) => {
                 // Checked after reading the row: a merge marks what it unlinks before its
                 // transaction commits.
-                if (n.kind == Kind::Dir || lock(&self.kept_until_forgotten).contains(&ino))
+                if (kind == Kind::Dir || lock(&self.kept_until_forgotten).contains(&ino))
                     && self.lookups.contains(ino)
                 {
                     return;

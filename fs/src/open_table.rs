@@ -222,8 +222,7 @@ impl OpenInode {
         let Some(st) = &self.staging else {
             return Ok(());
         };
-        let inode = store.ns().get(ino)?;
-        if inode.nlink == 0 {
+        if store.ns().links(ino)?.1 == 0 {
             // Unlinked while open: the content dies with the last handle.
             return Ok(());
         }
@@ -263,18 +262,22 @@ impl OpenInode {
     /// nobody will commit (unchanged, or its file has no name left).
     pub(crate) fn last_handle_closed(&mut self, store: &Store, ino: Ino) {
         self.blob_file = None;
-        let clean = self.staging.as_ref().is_some_and(|s| !s.dirty);
+        let Some(st) = &self.staging else {
+            // Nothing staged (the usual case: the close just committed it).
+            return;
+        };
         // Dirty content goes only with its last name. A row that cannot be read says
         // nothing: keep the staged bytes (the next close or the unmount commits them).
-        let unlinked = match store.ns().get(ino) {
-            Ok(n) => n.nlink == 0,
-            Err(kcache_store::Error::NotFound) => true,
-            Err(e) => {
-                tracing::error!(ino, error = %e, "reading a closed file's row failed; its staged content is kept");
-                false
-            }
-        };
-        if clean || unlinked {
+        let unwanted = !st.dirty
+            || match store.ns().links(ino) {
+                Ok((_, nlink)) => nlink == 0,
+                Err(kcache_store::Error::NotFound) => true,
+                Err(e) => {
+                    tracing::error!(ino, error = %e, "reading a closed file's row failed; its staged content is kept");
+                    false
+                }
+            };
+        if unwanted {
             if let Some(st) = self.staging.take() {
                 st.discard();
             }

@@ -10,6 +10,7 @@ use rusqlite::{params, OptionalExtension};
 use crate::error::{Error, IoContext, Result};
 use crate::faults::Step;
 use crate::lifecycle::{self, BlobState};
+use crate::savepoint::Savepoint;
 use crate::{Hash, Ino, Store};
 
 /// What `commit_staged` needs to know about the staged file.
@@ -220,7 +221,7 @@ impl Blobs<'_> {
 
         // A durable commit is a transaction of its own (after the open group), so its FULL
         // sync covers it and everything before it.
-        let mut conn = if st.durable {
+        let conn = if st.durable {
             self.store.conn_direct()?
         } else {
             self.store.conn()
@@ -256,7 +257,7 @@ impl Blobs<'_> {
             conn.pragma_update(None, "synchronous", "FULL")?;
         }
         let res = (|| -> Result<Vec<Hash>> {
-            let tx = conn.savepoint()?;
+            let tx = Savepoint::begin(&conn)?;
             let old: Option<Option<Hash>> = tx
                 .query_row(
                     "SELECT blob FROM inodes WHERE ino = ?1",

@@ -28,6 +28,7 @@ pub mod objstore;
 pub mod outboard;
 mod remote;
 pub mod s3;
+mod savepoint;
 mod schema;
 mod snapshot;
 mod staged;
@@ -375,7 +376,7 @@ impl Store {
     /// Commits a transaction: every protocol's commit point, so faults can be injected there.
     /// Outside group commit the savepoint is the outermost, so this is the transaction's
     /// commit; inside a group it joins the group (see `start_group_commit`).
-    pub(crate) fn commit_tx(&self, tx: rusqlite::Savepoint<'_>) -> Result<()> {
+    pub(crate) fn commit_tx(&self, tx: savepoint::Savepoint<'_>) -> Result<()> {
         self.faults.check(Step::DbCommit)?;
         tx.commit()?;
         Ok(())

@@ -8,6 +8,7 @@ use rusqlite::{params, OptionalExtension};
 use crate::error::Result;
 use crate::faults::Step;
 use crate::lifecycle::BlobState;
+use crate::savepoint::Savepoint;
 use crate::{now_ns, Hash, Ino, Store};
 
 /// Accesses noted since the last flush are written once this many have piled up.
@@ -107,9 +108,9 @@ impl Lru<'_> {
         if pending.is_empty() && counts.iter().all(|(_, n)| *n == 0) {
             return Ok(0);
         }
-        let mut conn = self.store.conn();
+        let conn = self.store.conn();
         let res = (|| {
-            let tx = conn.savepoint()?;
+            let tx = Savepoint::begin(&conn)?;
             {
                 let mut stmt = tx.prepare_cached(
                     "UPDATE blobs SET last_access = max(last_access, ?2) WHERE hash = ?1",
@@ -207,8 +208,8 @@ impl Lru<'_> {
     /// `last` is the access time the candidate was chosen with: a blob used since (a commit
     /// that just deduplicated onto it, say) is not evicted.
     fn evict_blob(&self, h: &Hash, last: i64, out: &mut Evicted) -> Result<u64> {
-        let mut conn = self.store.conn();
-        let tx = conn.savepoint()?;
+        let conn = self.store.conn();
+        let tx = Savepoint::begin(&conn)?;
         let Some((size, state)) = tx
             .query_row(
                 "SELECT size, state, remote FROM blobs WHERE hash = ?1 AND last_access = ?2",

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::{Error, IoContext, Result};
+use crate::savepoint::Savepoint;
 use crate::{now_ns, DiskSpace, Hash, Ino, Kind, Store};
 
 /// Counters the daemon bumps on hot paths; kept in memory and added to the database with the
@@ -224,8 +225,8 @@ impl Store {
         if !(1..=100).contains(&l.low_watermark_pct) {
             return Err(Error::Invalid("low watermark must be 1-100% of the quota"));
         }
-        let mut conn = self.conn();
-        let tx = conn.savepoint()?;
+        let conn = self.conn();
+        let tx = Savepoint::begin(&conn)?;
         for (k, v) in [
             ("quota", l.quota.unwrap_or(0).to_string()),
             ("low_watermark_pct", l.low_watermark_pct.to_string()),
@@ -339,8 +340,8 @@ impl Store {
     /// tree later. Refused when the pinned total would exceed half the quota.
     pub fn pin(&self, ino: Ino) -> Result<u64> {
         let limits = self.limits()?;
-        let mut conn = self.conn();
-        let tx = conn.savepoint()?;
+        let conn = self.conn();
+        let tx = Savepoint::begin(&conn)?;
         let n = crate::ns::must_inode(&tx, ino)?;
         if n.nlink == 0 {
             return Err(Error::NotFound);
@@ -518,8 +519,8 @@ impl Store {
                 self.clear_dir_into(*ino, removed, depth + 1)?;
             }
         }
-        let mut conn = self.conn();
-        let tx = conn.savepoint()?;
+        let conn = self.conn();
+        let tx = Savepoint::begin(&conn)?;
         let now = now_ns();
         for (name, ino, _) in entries {
             // Renamed or replaced since it was listed: leave it alone.

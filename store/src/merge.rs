@@ -20,6 +20,7 @@ use rusqlite::{params, OptionalExtension};
 
 use crate::error::{Error, Result};
 use crate::manifest::{MInode, Manifest};
+use crate::savepoint::Savepoint;
 use crate::snapshot::{NameChange, PullReport, Pulled};
 use crate::{now_ns, Hash, Ino, Kind, Store};
 
@@ -300,8 +301,8 @@ impl Store {
         theirs: bool,
         before_commit: &mut dyn FnMut(&[NameChange]),
     ) -> Result<Pulled> {
-        let mut conn = self.conn();
-        let tx = conn.savepoint()?;
+        let conn = self.conn();
+        let tx = Savepoint::begin(&conn)?;
         let found: Option<(i64, i64)> = tx
             .query_row(
                 "SELECT id, root FROM volumes WHERE name = ?1",

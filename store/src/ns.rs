@@ -6,6 +6,7 @@
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::error::{Error, Result};
+use crate::savepoint::Savepoint;
 use crate::{now_ns, Hash, Ino, Inode, Kind, NewNode, Store};
 
 /// The columns `row_to_inode_at` reads, from `inodes` aliased `i`: the last one is the
@@ -101,9 +102,11 @@ fn row_to_inode_at(r: &Row<'_>, b: usize) -> rusqlite::Result<Inode> {
 }
 
 fn get_inode(conn: &Connection, ino: Ino) -> Result<Option<Inode>> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {INODE_COLS} FROM inodes i WHERE i.ino = ?1"
-    ))?;
+    // Built once: the statement cache is keyed by the SQL text, and formatting it on every
+    // call showed in profiles.
+    static SQL: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| format!("SELECT {INODE_COLS} FROM inodes i WHERE i.ino = ?1"));
+    let mut stmt = conn.prepare_cached(&SQL)?;
     Ok(stmt.query_row([ino as i64], row_to_inode).optional()?)
 }
 
@@ -195,7 +198,7 @@ pub(crate) fn drop_link(
 impl Store {
     /// The volume called `name`, created (with an empty root owned by `uid:gid`) if `create`.
     pub fn volume(&self, name: &str, create: bool, uid: u32, gid: u32) -> Result<VolumeInfo> {
-        let mut conn = self.conn();
+        let conn = self.conn();
         let found = conn
             .query_row(
                 "SELECT id, name, root FROM volumes WHERE name = ?1",
@@ -218,7 +221,7 @@ impl Store {
         if name.is_empty() || name.len() > 128 || name.contains('/') {
             return Err(Error::Invalid("volume names are 1-128 bytes without '/'"));
         }
-        let tx = conn.savepoint()?;
+        let tx = Savepoint::begin(&conn)?;
         let now = now_ns();
         tx.prepare_cached("INSERT INTO volumes (name, root, created) VALUES (?1, 0, ?2)")?
             .execute(params![name, now])?;
@@ -346,6 +349,20 @@ impl Namespace<'_> {
         must_inode(&self.store.conn(), ino)
     }
 
+    /// An inode's kind and link count: what the open and close paths ask about an inode
+    /// (is it still linked, may it be purged), without reading the whole row.
+    pub fn links(&self, ino: Ino) -> Result<(Kind, u32)> {
+        self.store.faults.check(crate::faults::Step::ReadInode)?;
+        let conn = self.store.conn();
+        let row = conn
+            .prepare_cached("SELECT kind, nlink FROM inodes WHERE ino = ?1")?
+            .query_row([ino as i64], |r| {
+                Ok((r.get::<_, Kind>(0)?, r.get::<_, i64>(1)? as u32))
+            })
+            .optional()?;
+        row.ok_or(Error::NotFound)
+    }
+
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Inode> {
         let conn = self.store.conn();
         let dir = must_inode(&conn, parent)?;
@@ -358,8 +375,8 @@ impl Namespace<'_> {
 
     /// Creates a new inode named `name` in `parent`.
     pub fn create(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Inode> {
-        let mut conn = self.store.conn();
-        let tx = conn.savepoint()?;
+        let conn = self.store.conn();
+        let tx = Savepoint::begin(&conn)?;
         let dir = must_dir(&tx, parent)?;
         if lookup_ino(&tx, parent, name)?.is_some() {
             return Err(Error::Exists);
@@ -399,8 +416,8 @@ impl Namespace<'_> {
 
     /// Adds a hard link `newparent/newname` to `ino`.
     pub fn link(&self, ino: Ino, newparent: Ino, newname: &[u8]) -> Result<Inode> {
-        let mut conn = self.store.conn();
-        let tx = conn.savepoint()?;
+        let conn = self.store.conn();
+        let tx = Savepoint::begin(&conn)?;
         let node = must_inode(&tx, ino)?;
         if node.kind == Kind::Dir {
             return Err(Error::NotPermitted("hard links to directories"));
@@ -431,8 +448,8 @@ impl Namespace<'_> {
 
     /// Removes a non-directory name. Returns the inode number and its new link count.
     pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<(Ino, u32)> {
-        let mut conn = self.store.conn();
-        let tx = conn.savepoint()?;
+        let conn = self.store.conn();
+        let tx = Savepoint::begin(&conn)?;
         must_inode(&tx, parent)?;
         let ino = lookup_ino(&tx, parent, name)?.ok_or(Error::NotFound)?;
         let node = must_inode(&tx, ino)?;
@@ -448,8 +465,8 @@ impl Namespace<'_> {
 
     /// Removes an empty directory. Returns its inode number.
     pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<Ino> {
-        let mut conn = self.store.conn();
-        let tx = conn.savepoint()?;
+        let conn = self.store.conn();
+        let tx = Savepoint::begin(&conn)?;
         let ino = lookup_ino(&tx, parent, name)?.ok_or(Error::NotFound)?;
         let node = must_inode(&tx, ino)?;
         if node.kind != Kind::Dir {
@@ -476,8 +493,8 @@ impl Namespace<'_> {
         noreplace: bool,
         exchange: bool,
     ) -> Result<Renamed> {
-        let mut conn = self.store.conn();
-        let tx = conn.savepoint()?;
+        let conn = self.store.conn();
+        let tx = Savepoint::begin(&conn)?;
         let src_ino = lookup_ino(&tx, parent, name)?.ok_or(Error::NotFound)?;
         let src = must_inode(&tx, src_ino)?;
         let newdir = must_dir(&tx, newparent)?;
@@ -579,8 +596,8 @@ impl Namespace<'_> {
     /// Applies attribute changes (not content: `size` here only records a new length; the
     /// filesystem layer owns the bytes). Returns the updated inode.
     pub fn setattr(&self, ino: Ino, a: &SetAttr) -> Result<Inode> {
-        let mut conn = self.store.conn();
-        let tx = conn.savepoint()?;
+        let conn = self.store.conn();
+        let tx = Savepoint::begin(&conn)?;
         let mut n = must_inode(&tx, ino)?;
         if let Some(m) = a.mode {
             n.mode = m & 0o7777;
@@ -621,8 +638,8 @@ impl Namespace<'_> {
 
     /// Points a file at no content (empty), dropping its blob reference.
     pub fn clear_content(&self, ino: Ino, mtime: i64) -> Result<Inode> {
-        let mut conn = self.store.conn();
-        let tx = conn.savepoint()?;
+        let conn = self.store.conn();
+        let tx = Savepoint::begin(&conn)?;
         let n = must_inode(&tx, ino)?;
         let mut dead = Vec::new();
         if let Some(h) = n.blob {
@@ -663,8 +680,8 @@ impl Namespace<'_> {
     /// Deletes an inode whose last name is gone (nlink 0) and drops its blob reference.
     /// Called once nothing (kernel lookups, open handles) holds it any more.
     pub fn purge(&self, ino: Ino) -> Result<()> {
-        let mut conn = self.store.conn();
-        let tx = conn.savepoint()?;
+        let conn = self.store.conn();
+        let tx = Savepoint::begin(&conn)?;
         let Some(n) = get_inode(&tx, ino)? else {
             return Ok(());
         };
@@ -718,8 +735,8 @@ impl Namespace<'_> {
         create: bool,
         replace: bool,
     ) -> Result<()> {
-        let mut conn = self.store.conn();
-        let tx = conn.savepoint()?;
+        let conn = self.store.conn();
+        let tx = Savepoint::begin(&conn)?;
         must_inode(&tx, ino)?;
         let exists = tx
             .prepare_cached("SELECT 1 FROM xattrs WHERE ino = ?1 AND name = ?2")?

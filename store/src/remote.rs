@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::objstore::{ObjError, ObjStore};
+use crate::savepoint::Savepoint;
 use crate::{Hash, Store};
 
 /// One place blobs and manifests can come from (and, except `http(s)://`, go to).
@@ -382,8 +383,8 @@ impl Store {
 
     /// Marks blobs as having a copy on an upstream (so eviction may drop only the local bytes).
     pub(crate) fn mark_remote(&self, hashes: &[Hash]) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.savepoint()?;
+        let conn = self.conn();
+        let tx = Savepoint::begin(&conn)?;
         for h in hashes {
             crate::lifecycle::mark_upstream(&tx, h)?;
         }

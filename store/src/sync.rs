@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::outboard;
 use crate::remote::{blob_key, Upstream};
+use crate::savepoint::Savepoint;
 use crate::{now_ns, Hash, Store};
 
 /// Which way a sync goes.
@@ -162,8 +163,8 @@ impl Store {
         outcome: &SyncOutcome,
     ) -> Result<()> {
         let now = now_ns();
-        let mut conn = self.conn();
-        let tx = conn.savepoint()?;
+        let conn = self.conn();
+        let tx = Savepoint::begin(&conn)?;
         tx.execute(
             "INSERT INTO sync_state (kind, url, tag, volume) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT DO NOTHING",

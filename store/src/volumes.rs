@@ -6,6 +6,7 @@
 use rusqlite::params;
 
 use crate::error::{Error, Result};
+use crate::savepoint::Savepoint;
 use crate::{now_ns, Store, VolumeInfo};
 
 /// Inserts the row of a new volume (its root is set by the caller once it exists) and returns
@@ -80,8 +81,8 @@ impl Store {
     /// Deletes volume `name` with everything in it; blobs nothing else uses are freed.
     pub fn remove_volume(&self, name: &str) -> Result<u64> {
         let v = self.volume(name, false, 0, 0)?;
-        let mut conn = self.conn();
-        let tx = conn.savepoint()?;
+        let conn = self.conn();
+        let tx = Savepoint::begin(&conn)?;
         let (files, dead) = delete_volume_rows(&tx, v.id)?;
         self.commit_tx(tx)?;
         self.blobs().remove_dead_blobs(&conn, &dead);
@@ -98,8 +99,8 @@ impl Store {
         if dst.is_empty() || dst.len() > 128 || dst.contains('/') {
             return Err(Error::Invalid("volume names are 1-128 bytes without '/'"));
         }
-        let mut conn = self.conn();
-        let tx = conn.savepoint()?;
+        let conn = self.conn();
+        let tx = Savepoint::begin(&conn)?;
         let (id, first) = new_volume_row(&tx, dst)?;
         tx.execute_batch(
             "DROP TABLE IF EXISTS temp.clone_map;
