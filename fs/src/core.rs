@@ -357,21 +357,20 @@ impl KcacheFs {
         if self.open.contains(ino) {
             return;
         }
-        match self.store.ns().links(ino) {
-            Ok((kind, 0)) => {
-                // Checked after reading the row: a merge marks what it unlinks before its
-                // transaction commits.
-                if (kind == Kind::Dir || lock(&self.kept_until_forgotten).contains(&ino))
-                    && self.lookups.contains(ino)
-                {
-                    return;
-                }
-                lock(&self.kept_until_forgotten).remove(&ino);
-                if let Err(e) = self.store.ns().purge(ino) {
-                    tracing::error!(ino, error = %e, "purging unlinked inode failed");
-                }
-            }
-            _ => {}
+        // Still linked, gone, or unreadable: nothing to purge.
+        let Ok((kind, 0)) = self.store.ns().links(ino) else {
+            return;
+        };
+        // Checked after reading the row: a merge marks what it unlinks before its
+        // transaction commits.
+        if (kind == Kind::Dir || lock(&self.kept_until_forgotten).contains(&ino))
+            && self.lookups.contains(ino)
+        {
+            return;
+        }
+        lock(&self.kept_until_forgotten).remove(&ino);
+        if let Err(e) = self.store.ns().purge(ino) {
+            tracing::error!(ino, error = %e, "purging unlinked inode failed");
         }
     }
 
