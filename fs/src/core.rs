@@ -992,7 +992,9 @@ impl KcacheFs {
         // Read the inode under the per-inode lock: a concurrent release may be committing new
         // content for it right now, and a copy read before the lock could be stale.
         let mode = self.open.with_inode(ino, |g| {
+            let seen = self.store.inode_changes();
             let inode = self.store.ns().get(ino)?;
+            g.linked_as_of = (inode.nlink > 0).then_some(seen);
             match inode.kind {
                 Kind::File => {}
                 Kind::Dir => return Err(Errno::EISDIR),
@@ -1285,9 +1287,14 @@ impl KcacheFs {
         if g.handles == 0 {
             g.last_handle_closed(&self.store, ino);
         }
+        // Linked when opened and no inode row changed since: nothing to purge, and no need
+        // to read the row to know it (the common close of a file only read).
+        let linked = g.linked_as_of.is_some() && g.linked_as_of == Some(self.store.inode_changes());
         drop(g);
         self.open.release_inode(ino, &oi);
-        self.maybe_purge(ino);
+        if !linked {
+            self.maybe_purge(ino);
+        }
         if committing {
             self.after_commit();
         }

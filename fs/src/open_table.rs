@@ -45,6 +45,10 @@ pub(crate) struct OpenInode {
     /// while there are any, new readers wait too instead of joining (and prolonging) the
     /// passthrough, and once it is gone they do not start a new one.
     pub(crate) writers_waiting: u32,
+    /// `Store::inode_changes` as read just before the last open found this inode linked:
+    /// while the store still says the same, no inode row changed since, so the inode is
+    /// still linked and its last close need not read its row to see whether it is purged.
+    pub(crate) linked_as_of: Option<u64>,
 }
 
 impl OpenInode {

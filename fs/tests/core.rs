@@ -95,6 +95,25 @@ fn unlinked_open_file_lives_until_released_and_forgotten() {
 }
 
 #[test]
+fn a_file_unlinked_behind_the_filesystem_is_purged_at_its_last_close() {
+    // The unlink goes straight to the store (as a merge does), so only the close can notice
+    // the inode lost its last name: it must not trust what the open saw.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let vol = store.volume("default", true, 0, 0).unwrap();
+    let fs = KcacheFs::new(store.clone(), vol.clone(), false);
+    let ino = write_file(&fs, ROOT_INO, "x", b"gone soon");
+    let o = fs.open(ino, libc::O_RDONLY, None).unwrap();
+    store.ns().unlink(vol.root, b"x").unwrap();
+    assert_eq!(fs.read(o.fh, 0, 100).unwrap(), b"gone soon");
+    fs.release(o.fh).unwrap();
+    // Gone at the close, though the kernel still knows the inode (no forget yet).
+    assert_eq!(fs.getattr(ino).unwrap_err(), Errno::ENOENT);
+    assert_eq!(store.stats().unwrap().blobs, 0);
+    fs.forget(ino, 1);
+}
+
+#[test]
 fn rename_replaces_and_readdir_offsets_resume() {
     let (_d, fs) = fs();
     for i in 0..600 {

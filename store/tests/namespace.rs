@@ -300,3 +300,37 @@ fn sparse_files_hash_as_their_bytes() {
         assert_eq!(h.0, *blake3::hash(&bytes).as_bytes(), "layout {i}");
     }
 }
+
+#[test]
+fn inode_changes_move_with_every_inode_row_change_and_not_with_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let root = s.volume("default", true, 0, 0).unwrap().root;
+    let f = s.ns().create(root, b"f", &node(Kind::File)).unwrap();
+    let before = s.inode_changes();
+    s.ns().get(f.ino).unwrap();
+    s.ns().lookup(root, b"f").unwrap();
+    s.ns().links(f.ino).unwrap();
+    assert_eq!(s.inode_changes(), before, "reads change nothing");
+
+    commit(&s, f.ino, b"content");
+    let committed = s.inode_changes();
+    assert!(committed > before, "a commit rewrites the inode's row");
+    s.ns().link(f.ino, root, b"g").unwrap();
+    let linked = s.inode_changes();
+    assert!(linked > committed, "a new link");
+    s.ns().unlink(root, b"g").unwrap();
+    assert!(s.inode_changes() > linked, "an unlink");
+    // A failed change rolls back, and may count: never less than before.
+    let failed = s.inode_changes();
+    assert!(s.ns().create(root, b"f", &node(Kind::File)).is_err());
+    assert!(s.inode_changes() >= failed);
+
+    // A read-only store cannot see the owner's changes: it never answers "unchanged".
+    let ro = Store::open_with(
+        dir.path(),
+        &kcache_store::OpenOptionsStore { read_only: true },
+    )
+    .unwrap();
+    assert_ne!(ro.inode_changes(), ro.inode_changes());
+}
