@@ -126,6 +126,17 @@ fn must_dir(conn: &Connection, ino: Ino) -> Result<Inode> {
     Ok(d)
 }
 
+/// An inode's kind and link count, without the rest of its row.
+fn links_of(conn: &Connection, ino: Ino) -> Result<(Kind, u32)> {
+    let row = conn
+        .prepare_cached("SELECT kind, nlink FROM inodes WHERE ino = ?1")?
+        .query_row([ino as i64], |r| {
+            Ok((r.get::<_, Kind>(0)?, r.get::<_, i64>(1)? as u32))
+        })
+        .optional()?;
+    row.ok_or(Error::NotFound)
+}
+
 fn lookup_ino(conn: &Connection, parent: Ino, name: &[u8]) -> Result<Option<Ino>> {
     let mut stmt =
         conn.prepare_cached("SELECT ino FROM dirents WHERE parent = ?1 AND name = ?2")?;
@@ -353,24 +364,20 @@ impl Namespace<'_> {
     /// (is it still linked, may it be purged), without reading the whole row.
     pub fn links(&self, ino: Ino) -> Result<(Kind, u32)> {
         self.store.faults.check(crate::faults::Step::ReadInode)?;
-        let conn = self.store.conn();
-        let row = conn
-            .prepare_cached("SELECT kind, nlink FROM inodes WHERE ino = ?1")?
-            .query_row([ino as i64], |r| {
-                Ok((r.get::<_, Kind>(0)?, r.get::<_, i64>(1)? as u32))
-            })
-            .optional()?;
-        row.ok_or(Error::NotFound)
+        links_of(&self.store.conn(), ino)
     }
 
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Inode> {
         let conn = self.store.conn();
-        let dir = must_inode(&conn, parent)?;
-        if dir.kind != Kind::Dir {
-            return Err(Error::NotDir);
+        // The name first: only directories have entries, so a hit needs no look at the
+        // parent's row, and a miss only its kind (ENOTDIR, or ENOENT for a missing parent).
+        if let Some(ino) = lookup_ino(&conn, parent, name)? {
+            return must_inode(&conn, ino);
         }
-        let ino = lookup_ino(&conn, parent, name)?.ok_or(Error::NotFound)?;
-        must_inode(&conn, ino)
+        match links_of(&conn, parent)?.0 {
+            Kind::Dir => Err(Error::NotFound),
+            _ => Err(Error::NotDir),
+        }
     }
 
     /// Creates a new inode named `name` in `parent`.
@@ -718,12 +725,15 @@ impl Namespace<'_> {
 
     pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
         let conn = self.store.conn();
-        must_inode(&conn, ino)?;
         let v = conn
             .prepare_cached("SELECT value FROM xattrs WHERE ino = ?1 AND name = ?2")?
             .query_row(params![ino as i64, name], |r| r.get(0))
             .optional()?;
-        v.ok_or(Error::NoAttr)
+        match v {
+            Some(v) => Ok(v),
+            // No such attribute, or no such inode: which one, the cheap way.
+            None => links_of(&conn, ino).and(Err(Error::NoAttr)),
+        }
     }
 
     /// Sets an xattr. `create`: fail if it exists; `replace`: fail if it does not.

@@ -334,3 +334,31 @@ fn inode_changes_move_with_every_inode_row_change_and_not_with_reads() {
     .unwrap();
     assert_ne!(ro.inode_changes(), ro.inode_changes());
 }
+
+#[test]
+fn lookup_and_getxattr_tell_a_missing_name_from_a_missing_or_wrong_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let root = s.volume("default", true, 0, 0).unwrap().root;
+    let f = s.ns().create(root, b"f", &node(Kind::File)).unwrap();
+    assert_eq!(s.ns().lookup(root, b"f").unwrap().ino, f.ino);
+    assert!(matches!(s.ns().lookup(root, b"nope"), Err(Error::NotFound)));
+    assert!(matches!(s.ns().lookup(f.ino, b"x"), Err(Error::NotDir)));
+    assert!(matches!(
+        s.ns().lookup(f.ino + 1000, b"x"),
+        Err(Error::NotFound)
+    ));
+
+    s.ns()
+        .setxattr(f.ino, b"user.a", b"1", false, false)
+        .unwrap();
+    assert_eq!(s.ns().getxattr(f.ino, b"user.a").unwrap(), b"1");
+    assert!(matches!(
+        s.ns().getxattr(f.ino, b"user.b"),
+        Err(Error::NoAttr)
+    ));
+    assert!(matches!(
+        s.ns().getxattr(f.ino + 1000, b"user.a"),
+        Err(Error::NotFound)
+    ));
+}
