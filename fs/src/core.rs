@@ -1287,11 +1287,14 @@ impl KcacheFs {
         if g.handles == 0 {
             g.last_handle_closed(&self.store, ino);
         }
-        // Linked when opened and no inode row changed since: nothing to purge, and no need
-        // to read the row to know it (the common close of a file only read).
-        let linked = g.linked_as_of.is_some() && g.linked_as_of == Some(self.store.inode_changes());
+        let linked_as_of = g.linked_as_of;
         drop(g);
         self.open.release_inode(ino, &oi);
+        // Linked when opened and no inode row changed since: nothing to purge, and no need
+        // to read the row to know it (the common close of a file only read). Compared after
+        // the inode left the open table: an unlink counted later sees it gone from there and
+        // purges by itself.
+        let linked = linked_as_of.is_some() && linked_as_of == Some(self.store.inode_changes());
         if !linked {
             self.maybe_purge(ino);
         }
