@@ -111,7 +111,15 @@ fn the_transport_follows_enable_uring_and_the_mount_options() {
             m.log_text()
         );
         small_file_workload(&m.mnt, 200);
-        let c = request_counts(&addr);
+        // close(2) returns before the kernel's RELEASE reaches the daemon (it is sent in the
+        // background), so the last one may still be on its way: wait until every handle
+        // opened (open or create) has been released.
+        let mut c = request_counts(&addr);
+        kcache_tests::wait_until("every open handle is released", 10, || {
+            c = request_counts(&addr);
+            let n = |op: &str| c.get(op).copied().unwrap_or(0);
+            n("release") == n("open") + n("create")
+        });
         m.unmount();
         counts.push(c);
     }
