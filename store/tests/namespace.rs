@@ -3,14 +3,12 @@
 
 mod common;
 
-use common::{commit, node};
+use common::{commit, node, store_with_root};
 use kcache_store::{Error, Kind, Store};
 
 #[test]
 fn rename_link_unlink_keep_counts_exact() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path()).unwrap();
-    let root = s.volume("default", true, 0, 0).unwrap().root;
+    let (dir, s, root) = store_with_root();
     let d = s.ns().create(root, b"d", &node(Kind::Dir)).unwrap();
     assert_eq!(s.ns().get(root).unwrap().nlink, 3);
     let a = s.ns().create(root, b"a", &node(Kind::File)).unwrap();
@@ -138,9 +136,7 @@ fn eviction_follows_lru_order_across_reopen_and_removes_whole_files() {
 /// of change, and pins and limits behave as documented.
 #[test]
 fn usage_counter_pins_limits_and_clear_stay_exact() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path()).unwrap();
-    let root = s.volume("default", true, 0, 0).unwrap().root;
+    let (_dir, s, root) = store_with_root();
     let sum = |s: &Store| -> u64 { s.stats().unwrap().stored_bytes };
     let d = s.ns().create(root, b"d", &node(Kind::Dir)).unwrap();
     let mut files = Vec::new();
@@ -303,9 +299,7 @@ fn sparse_files_hash_as_their_bytes() {
 
 #[test]
 fn inode_changes_move_with_every_inode_row_change_and_not_with_reads() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path()).unwrap();
-    let root = s.volume("default", true, 0, 0).unwrap().root;
+    let (dir, s, root) = store_with_root();
     let f = s.ns().create(root, b"f", &node(Kind::File)).unwrap();
     let before = s.inode_changes();
     s.ns().get(f.ino).unwrap();
@@ -337,9 +331,7 @@ fn inode_changes_move_with_every_inode_row_change_and_not_with_reads() {
 
 #[test]
 fn lookup_and_getxattr_tell_a_missing_name_from_a_missing_or_wrong_parent() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path()).unwrap();
-    let root = s.volume("default", true, 0, 0).unwrap().root;
+    let (_dir, s, root) = store_with_root();
     let f = s.ns().create(root, b"f", &node(Kind::File)).unwrap();
     assert_eq!(s.ns().lookup(root, b"f").unwrap().ino, f.ino);
     assert!(matches!(s.ns().lookup(root, b"nope"), Err(Error::NotFound)));

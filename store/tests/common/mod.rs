@@ -16,6 +16,14 @@ pub fn node(kind: Kind) -> NewNode {
     }
 }
 
+/// A new store in a temporary directory, with its default volume's root inode.
+pub fn store_with_root() -> (tempfile::TempDir, Store, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let root = s.volume("default", true, 0, 0).unwrap().root;
+    (dir, s, root)
+}
+
 /// Gives inode `ino` the content `content`, as a closed writer's commit does.
 pub fn commit(store: &Store, ino: u64, content: &[u8]) {
     let (file, path) = store.blobs().new_staging().unwrap();
