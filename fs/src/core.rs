@@ -24,6 +24,7 @@ use kcache_store::{
     Counter, Hash, Ino, Inode, Kind, Lease, Limits, NewNode, Remote, SetAttr, Store, VolumeInfo,
 };
 
+use crate::access::Access;
 use crate::error::{Errno, Result};
 pub use crate::names::ROOT_INO;
 use crate::names::{
@@ -791,6 +792,11 @@ impl KcacheFs {
             self.kill_suidgid_sino(inode.ino)?;
         }
         let opened = self.open_sino(inode.ino, flags, backing, wait)?;
+        if !existed {
+            // A new file has no xattrs: its first write need not look for a capability.
+            self.open
+                .with_inode(inode.ino, |g| g.capability_gone = true);
+        }
         let inode = self.store.ns().get(inode.ino)?;
         Ok((self.entry(&inode)?, opened))
     }
@@ -831,8 +837,10 @@ impl KcacheFs {
         backing: Option<&dyn Backing>,
         wait: Option<u32>,
     ) -> Result<Opened> {
-        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        let trunc = flags & libc::O_TRUNC != 0 && writable;
+        let access = Access::from_flags(flags);
+        let Access {
+            writable, trunc, ..
+        } = access;
         if writable {
             self.writable()?;
         }
@@ -862,7 +870,7 @@ impl KcacheFs {
                     if remote_only {
                         return Err(Errno::WOULD_BLOCK);
                     }
-                    return self.open_gated(ino, writable, trunc, backing, None, wait);
+                    return self.open_gated(ino, access, backing, None, wait);
                 };
                 if remote_only && !self.store.is_fetching(h) {
                     // A download is a write like any other: room first (evicting if need be),
@@ -907,7 +915,7 @@ impl KcacheFs {
                     }
                 }
             }
-            match self.open_gated(ino, writable, trunc, backing, lease, wait) {
+            match self.open_gated(ino, access, backing, lease, wait) {
                 Err(e)
                     if e == Errno::EIO
                         && attempt < 2
@@ -934,8 +942,7 @@ impl KcacheFs {
     fn open_gated(
         &self,
         ino: Ino,
-        writable: bool,
-        trunc: bool,
+        access: Access,
         backing: Option<&dyn Backing>,
         lease: Option<Arc<Lease>>,
         wait: Option<u32>,
@@ -944,20 +951,20 @@ impl KcacheFs {
         let deadline = Instant::now() + PASSTHROUGH_WAIT;
         let mut counted = false;
         let res = loop {
-            match self.open_gated_once(ino, writable, trunc, backing, lease.clone()) {
+            match self.open_gated_once(ino, access, backing, lease.clone()) {
                 Err(e) if e == Errno::PASSTHROUGH_HELD => {
                     let Some(pid) = wait else {
                         // From a request thread: the adapter repeats it on a thread of its own.
                         break Err(Errno::WOULD_BLOCK);
                     };
-                    if writable && !counted {
+                    if access.writable && !counted {
                         counted = true;
                         self.open.with_inode(ino, |g| g.writers_waiting += 1);
                     }
                     if Instant::now() >= deadline || (pid != 0 && !pid_alive(pid)) {
                         tracing::warn!(
                             ino,
-                            writable,
+                            writable = access.writable,
                             "an open waited {} s for readers served by kernel passthrough to close; refusing it (ETXTBSY)",
                             PASSTHROUGH_WAIT.as_secs()
                         );
@@ -979,8 +986,7 @@ impl KcacheFs {
     fn open_gated_once(
         &self,
         ino: Ino,
-        writable: bool,
-        trunc: bool,
+        access: Access,
         backing: Option<&dyn Backing>,
         lease: Option<Arc<Lease>>,
     ) -> Result<Opened> {
@@ -1007,8 +1013,7 @@ impl KcacheFs {
                 &self.page_cache,
                 &self.passthrough,
                 &inode,
-                writable,
-                trunc,
+                access,
                 backing,
                 lease.is_some(),
             )?;
@@ -1018,12 +1023,12 @@ impl KcacheFs {
         let mode_kind = ModeKind::of(&mode);
         let fh = self.open.next_fh();
         self.store.count(Counter::Opens, 1);
-        tracing::debug!(ino, fh, ?mode, writable, trunc, "open");
+        tracing::debug!(ino, fh, ?mode, ?access, "open");
         self.open.insert_handle(
             fh,
             Handle {
                 ino,
-                writable,
+                writable: access.writable,
                 mode_kind,
                 lease,
             },
@@ -1126,6 +1131,13 @@ impl KcacheFs {
         let mut retried = false;
         loop {
             let mut g = lock(&oi);
+            if !g.capability_gone {
+                // A write removes `security.capability`, whoever writes (as on ext4). The
+                // kernel does that itself before a write through the page cache, but not
+                // before a direct one (O_WRONLY handles are direct; see `open_handle`).
+                self.drop_capability(ino)?;
+                g.capability_gone = true;
+            }
             let st = g.staging_mut(&self.store, ino)?;
             match st.file.write_all_at(data, offset) {
                 Ok(()) => {
@@ -1331,13 +1343,21 @@ impl KcacheFs {
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         self.writable()?;
         let name = check_xattr(name, value)?;
-        Ok(self.store.ns().setxattr(
-            self.sino(ino),
+        let sino = self.sino(ino);
+        self.store.ns().setxattr(
+            sino,
             name,
             value,
             flags & libc::XATTR_CREATE != 0,
             flags & libc::XATTR_REPLACE != 0,
-        )?)
+        )?;
+        if name == b"security.capability" {
+            // The next write removes it again.
+            if let Some(oi) = self.open.get(sino) {
+                lock(&oi).capability_gone = false;
+            }
+        }
+        Ok(())
     }
 
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {

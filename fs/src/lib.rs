@@ -1,6 +1,7 @@
 //! kcache's filesystem: POSIX semantics over the content-addressed store (`core`), and the
 //! FUSE session layer that serves it to the kernel over /dev/fuse or io_uring (`session`).
 
+mod access;
 pub mod admin;
 pub mod core;
 pub mod error;

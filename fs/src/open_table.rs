@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use kcache_store::{Hash, Ino, Inode, Lease, Staged, Store, StreamHasher};
 
+use crate::access::Access;
 use crate::core::lock;
 use crate::error::{Errno, Result};
 use crate::staging::Staging;
@@ -35,6 +36,14 @@ pub(crate) struct OpenInode {
     /// there: one arriving after a passthrough open it raced with would fail (EIO), so no
     /// passthrough while any is open.
     pub(crate) direct_handles: u32,
+    /// Writable handles among `direct_handles`. While there are any, every new handle is
+    /// direct too: no handle of this inode uses the page cache, which the direct writes
+    /// would leave stale.
+    pub(crate) direct_writers: u32,
+    /// `security.capability` is known gone since the first write of this open state (a
+    /// direct write must remove it as the kernel's cached write path would; see
+    /// `KcacheFs::write`). Cleared when an xattr is set on the inode.
+    pub(crate) capability_gone: bool,
     pub(crate) staging: Option<Staging>,
     pub(crate) pt: Option<PtState>,
     /// The committed blob, open for reads served by the daemon.
@@ -58,7 +67,8 @@ impl OpenInode {
     }
 
     /// Counts a new handle of this inode (`inode`, read under this state's lock) and decides
-    /// how the kernel does its I/O; with O_TRUNC (`trunc`), empties the staged content first.
+    /// how the kernel does its I/O; with O_TRUNC (`access.trunc`), empties the staged content
+    /// first.
     /// `streaming`: reads go through a download under way. Fails with
     /// `Errno::PASSTHROUGH_HELD` while passthrough handles keep this open out (see `KcacheFs::open_gated`).
     #[allow(clippy::too_many_arguments)]
@@ -68,11 +78,15 @@ impl OpenInode {
         page_cache: &PageCache,
         passthrough: &AtomicBool,
         inode: &Inode,
-        writable: bool,
-        trunc: bool,
+        access: Access,
         backing: Option<&dyn Backing>,
         streaming: bool,
     ) -> Result<IoMode> {
+        let Access {
+            writable,
+            write_only,
+            trunc,
+        } = access;
         // The kernel refuses any handle but a passthrough one on an inode that has
         // passthrough handles open; a writer must wait for them to close (see `KcacheFs::open_gated`).
         if self.pt.as_ref().is_some_and(|pt| {
@@ -136,13 +150,33 @@ impl OpenInode {
                     }
                 }
             }
+            // A writer that cannot read (O_WRONLY) writes past the page cache when no handle
+            // uses it: a write through the page cache costs a second copy of every byte (the
+            // inode's pages and the staging file's), which doubled the memory and time of
+            // large writes. Readers and writers joining a direct writer are direct too (so no
+            // page is left stale by its writes), as are readers while the file is written.
+            (None, _)
+                if writable
+                    && (self.direct_writers > 0 || (write_only && self.cached_handles == 0)) =>
+            {
+                // The first direct writer has the kernel drop the inode's pages: nothing uses
+                // them now (no cached handle is open), and a page kept from before its writes
+                // would be stale to a direct reader's mmap later.
+                let keep_cache = self.direct_writers > 0;
+                if !keep_cache {
+                    page_cache.forget(inode.ino);
+                }
+                self.direct_handles += 1;
+                self.direct_writers += 1;
+                IoMode::Direct { keep_cache }
+            }
             // A reader while the file is being written: no page cache. A cached open would
             // drop the inode's pages (keep_cache off), and a page read back from the daemon
             // before a write already copied into the dropped page reaches it would be cached
             // short, zero-filled up to the size the write's answer then sets: a torn read.
             (None, _) if !writable && (self.writers > 0 || self.staging.is_some()) => {
                 self.direct_handles += 1;
-                IoMode::Direct
+                IoMode::Direct { keep_cache: true }
             }
             (None, _) => {
                 self.cached_handles += 1;
@@ -305,7 +339,12 @@ impl OpenInode {
                 }
             }
             ModeKind::Cached => self.cached_handles -= 1,
-            ModeKind::Direct => self.direct_handles = self.direct_handles.saturating_sub(1),
+            ModeKind::Direct => {
+                self.direct_handles = self.direct_handles.saturating_sub(1);
+                if h.writable {
+                    self.direct_writers = self.direct_writers.saturating_sub(1);
+                }
+            }
         }
     }
 }
@@ -331,7 +370,7 @@ impl ModeKind {
         match mode {
             IoMode::Passthrough(_) => ModeKind::Passthrough,
             IoMode::Cached { .. } => ModeKind::Cached,
-            IoMode::Direct => ModeKind::Direct,
+            IoMode::Direct { .. } => ModeKind::Direct,
         }
     }
 }
@@ -649,7 +688,8 @@ mod tests {
         (dir, store, inode)
     }
 
-    /// Opens a handle on `g` without O_TRUNC, reads going to the committed content.
+    /// Opens a handle on `g` without O_TRUNC, reads going to the committed content; a
+    /// writer opens O_RDWR.
     fn open(
         g: &mut OpenInode,
         store: &Store,
@@ -659,7 +699,20 @@ mod tests {
         writable: bool,
         backing: Option<&dyn Backing>,
     ) -> Result<IoMode> {
-        g.open_handle(store, pc, pt, inode, writable, false, backing, false)
+        let flags = if writable {
+            libc::O_RDWR
+        } else {
+            libc::O_RDONLY
+        };
+        g.open_handle(
+            store,
+            pc,
+            pt,
+            inode,
+            Access::from_flags(flags),
+            backing,
+            false,
+        )
     }
 
     #[test]
@@ -677,11 +730,64 @@ mod tests {
         let m = open(&mut g, &store, &pc, &off, &inode, true, None).unwrap();
         assert!(matches!(m, IoMode::Cached { keep_cache: true }));
         let m = open(&mut g, &store, &pc, &off, &inode, false, None).unwrap();
-        assert!(matches!(m, IoMode::Direct));
+        assert!(matches!(m, IoMode::Direct { .. }));
         assert_eq!(g.direct_handles, 1);
         let m = open(&mut g, &store, &pc, &off, &inode, true, None).unwrap();
         assert!(matches!(m, IoMode::Cached { keep_cache: true }));
         assert_eq!((g.handles, g.writers), (5, 2));
+    }
+
+    #[test]
+    fn write_only_handles_skip_the_page_cache_unless_a_cached_handle_is_open() {
+        let (_dir, store, inode) = store_with_file(b"hello");
+        let (pc, off) = (PageCache::default(), AtomicBool::new(false));
+        let wo = Access::from_flags(libc::O_WRONLY);
+        let rw = Access::from_flags(libc::O_RDWR);
+        let open_as = |g: &mut OpenInode, a: Access| {
+            g.open_handle(&store, &pc, &off, &inode, a, None, false)
+                .unwrap()
+        };
+        // Alone, an O_WRONLY writer is direct, and so is everything that joins it: readers,
+        // O_RDWR writers, more O_WRONLY writers. No handle uses the page cache meanwhile.
+        let mut g = OpenInode::default();
+        // The first drops the kernel's pages of the inode, the others keep them.
+        assert!(matches!(
+            open_as(&mut g, wo),
+            IoMode::Direct { keep_cache: false }
+        ));
+        for a in [Access::READ, rw, wo] {
+            assert!(matches!(
+                open_as(&mut g, a),
+                IoMode::Direct { keep_cache: true }
+            ));
+        }
+        assert_eq!(
+            (
+                g.handles,
+                g.writers,
+                g.direct_handles,
+                g.direct_writers,
+                g.cached_handles
+            ),
+            (4, 3, 4, 3, 0)
+        );
+        // The direct writers gone, a new O_RDWR writer may use the page cache again (the
+        // remaining direct reader never did).
+        for _ in 0..3 {
+            g.drop_handle(&handle(inode.ino, true, ModeKind::Direct));
+        }
+        assert_eq!((g.direct_handles, g.direct_writers), (1, 0));
+        assert!(matches!(open_as(&mut g, rw), IoMode::Cached { .. }));
+
+        // With a cached handle open (its pages in use), an O_WRONLY writer goes through the
+        // page cache like any writer, so those pages see its writes.
+        let mut g = OpenInode::default();
+        assert!(matches!(
+            open_as(&mut g, Access::READ),
+            IoMode::Cached { .. }
+        ));
+        assert!(matches!(open_as(&mut g, wo), IoMode::Cached { .. }));
+        assert_eq!(g.direct_writers, 0);
     }
 
     #[test]
@@ -735,7 +841,15 @@ mod tests {
         let commits = AtomicU64::new(0);
         let mut g = OpenInode::default();
         let m = g
-            .open_handle(&store, &pc, &off, &inode, true, true, None, false)
+            .open_handle(
+                &store,
+                &pc,
+                &off,
+                &inode,
+                Access::from_flags(libc::O_RDWR | libc::O_TRUNC),
+                None,
+                false,
+            )
             .unwrap();
         assert!(matches!(m, IoMode::Cached { keep_cache: false }));
         let st = g.staging.as_ref().unwrap();
@@ -810,6 +924,9 @@ mod tests {
             ModeKind::of(&IoMode::Cached { keep_cache: false }),
             ModeKind::Cached
         );
-        assert_eq!(ModeKind::of(&IoMode::Direct), ModeKind::Direct);
+        assert_eq!(
+            ModeKind::of(&IoMode::Direct { keep_cache: true }),
+            ModeKind::Direct
+        );
     }
 }

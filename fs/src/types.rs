@@ -111,9 +111,10 @@ pub enum IoMode {
     /// Reads and writes come to the daemon; the kernel page cache is used (kept across opens
     /// when `keep_cache`).
     Cached { keep_cache: bool },
-    /// Reads and writes come to the daemon, no page cache: used only while older passthrough
-    /// handles pin a different backing file of the same inode.
-    Direct,
+    /// Reads and writes come to the daemon, no page cache (see `OpenInode::open_handle` for
+    /// who gets it). Without `keep_cache` the open also makes the kernel drop the inode's
+    /// pages (the first direct writer's, so no page from before its writes outlives them).
+    Direct { keep_cache: bool },
 }
 
 impl std::fmt::Debug for IoMode {
@@ -121,7 +122,7 @@ impl std::fmt::Debug for IoMode {
         match self {
             IoMode::Passthrough(_) => f.write_str("Passthrough"),
             IoMode::Cached { keep_cache } => write!(f, "Cached(keep_cache={keep_cache})"),
-            IoMode::Direct => f.write_str("Direct"),
+            IoMode::Direct { keep_cache } => write!(f, "Direct(keep_cache={keep_cache})"),
         }
     }
 }
@@ -395,6 +396,9 @@ mod tests {
             format!("{:?}", IoMode::Cached { keep_cache: true }),
             "Cached(keep_cache=true)"
         );
-        assert_eq!(format!("{:?}", IoMode::Direct), "Direct");
+        assert_eq!(
+            format!("{:?}", IoMode::Direct { keep_cache: true }),
+            "Direct(keep_cache=true)"
+        );
     }
 }

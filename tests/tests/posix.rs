@@ -673,3 +673,73 @@ fn setuid_and_setgid_are_cleared_as_on_ext4() {
     }
     fs::remove_dir_all(&native).unwrap();
 }
+
+/// Whether `security.capability` is still there after each kind of write, run in `dir`.
+fn capability_after_writes(dir: &Path) -> Vec<(&'static str, bool)> {
+    let f = dir.join("cap");
+    let has = || xattr_get(&f, "security.capability").is_ok();
+    let reset = || {
+        fs::write(&f, b"abc").unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o666)).unwrap();
+        let st = std::process::Command::new("setcap")
+            .args(["cap_net_raw+ep"])
+            .arg(&f)
+            .status()
+            .unwrap();
+        assert!(st.success(), "setcap failed");
+    };
+    let mut seen = Vec::new();
+    reset();
+    seen.push(("no write", has()));
+    reset();
+    // O_WRONLY: a direct handle on kcache, which the kernel removes nothing for.
+    let mut w = OpenOptions::new().append(true).open(&f).unwrap();
+    w.write_all(b"x").unwrap();
+    seen.push(("O_WRONLY write by root, file still open", has()));
+    drop(w);
+    reset();
+    let rw = OpenOptions::new().read(true).write(true).open(&f).unwrap();
+    rw.write_all_at(b"y", 0).unwrap();
+    drop(rw);
+    seen.push(("O_RDWR write by root", has()));
+    reset();
+    as_nobody("printf x >> \"$F\"", &f);
+    seen.push(("write by nobody", has()));
+    reset();
+    // A second write of the same open file, after the capability was set again.
+    let mut w = OpenOptions::new().append(true).open(&f).unwrap();
+    w.write_all(b"1").unwrap();
+    let st = std::process::Command::new("setcap")
+        .args(["cap_net_raw+ep"])
+        .arg(&f)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    w.write_all(b"2").unwrap();
+    seen.push(("write after setcap on an open file", has()));
+    seen
+}
+
+#[test]
+fn writes_remove_security_capability_as_on_ext4() {
+    let Some(m) = Mount::with_opts(&["allow_other"]) else {
+        return;
+    };
+    if std::process::Command::new("setcap")
+        .arg("-v")
+        .output()
+        .is_err()
+    {
+        panic!("setcap (libcap2-bin) is needed");
+    }
+    fs::set_permissions(&m.mnt, fs::Permissions::from_mode(0o777)).unwrap();
+    let native = m.mnt.parent().unwrap().join("native-cap");
+    fs::create_dir_all(&native).unwrap();
+    fs::set_permissions(&native, fs::Permissions::from_mode(0o777)).unwrap();
+    let want = capability_after_writes(&native);
+    // The control keeps it and the writes drop it, so neither answer alone passes.
+    assert!(want.iter().any(|(_, h)| *h) && want.iter().any(|(_, h)| !*h));
+    let got = capability_after_writes(&m.mnt);
+    assert_eq!(got, want, "kcache differs from ext4");
+    fs::remove_dir_all(&native).unwrap();
+}

@@ -194,7 +194,8 @@ fn open_flags(mode: &IoMode) -> u32 {
         // the inode's pages at open (what an open without KEEP_CACHE does): other handles'
         // pages hold writes still on their way to the daemon, and a page dropped and read
         // back before one arrives would be cached short (see `OpenInode::open_handle`).
-        IoMode::Direct => fopen::DIRECT_IO | fopen::KEEP_CACHE,
+        IoMode::Direct { keep_cache: true } => fopen::DIRECT_IO | fopen::KEEP_CACHE,
+        IoMode::Direct { keep_cache: false } => fopen::DIRECT_IO,
     }
 }
 
