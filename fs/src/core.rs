@@ -793,9 +793,15 @@ impl KcacheFs {
         }
         let opened = self.open_sino(inode.ino, flags, backing, wait)?;
         if !existed {
-            // A new file has no xattrs: its first write need not look for a capability.
-            self.open
-                .with_inode(inode.ino, |g| g.capability_gone = true);
+            // A new file's first write need not look for a capability to remove: it has
+            // none, unless someone set one since the name appeared (checked under the inode
+            // lock, which a setxattr of it takes too).
+            self.open.with_inode(inode.ino, |g| {
+                g.capability_gone = matches!(
+                    self.store.ns().getxattr(inode.ino, b"security.capability"),
+                    Err(kcache_store::Error::NoAttr)
+                );
+            });
         }
         let inode = self.store.ns().get(inode.ino)?;
         Ok((self.entry(&inode)?, opened))
@@ -1124,6 +1130,7 @@ impl KcacheFs {
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let (ino, oi) = self.writable_handle(fh)?;
+        let direct = self.open.handle_mode(fh) == Some(ModeKind::Direct);
         let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
         self.make_room(data.len() as u64, end)?;
         // Under the inode's lock, so a concurrent commit never hashes or renames a file that
@@ -1131,10 +1138,11 @@ impl KcacheFs {
         let mut retried = false;
         loop {
             let mut g = lock(&oi);
-            if !g.capability_gone {
+            if direct && !g.capability_gone {
                 // A write removes `security.capability`, whoever writes (as on ext4). The
-                // kernel does that itself before a write through the page cache, but not
-                // before a direct one (O_WRONLY handles are direct; see `open_handle`).
+                // kernel does that itself before a write(2) through the page cache (and not
+                // for a mapping's writeback, as on ext4), but not before a direct one
+                // (O_WRONLY handles are direct; see `open_handle`).
                 self.drop_capability(ino)?;
                 g.capability_gone = true;
             }
@@ -1288,6 +1296,12 @@ impl KcacheFs {
         };
         let mut g = lock(&oi);
         g.drop_handle(&h);
+        // The last direct writer gone while other handles stay: those are direct too, but an
+        // mmap of one fills the page cache, and a page it faulted in while a direct write was
+        // on its way (the kernel drops pages before a direct write, not after) can hold the
+        // old bytes. Dropped once the writes are done, below.
+        let drop_pages =
+            h.writable && h.mode_kind == ModeKind::Direct && g.direct_writers == 0 && g.handles > 0;
         let mut res = Ok(());
         let committing = g.writers == 0 && g.staging.as_ref().is_some_and(|s| s.dirty);
         if committing {
@@ -1313,7 +1327,26 @@ impl KcacheFs {
         if committing {
             self.after_commit();
         }
+        if drop_pages {
+            self.drop_pages_later(ino);
+        }
         res
+    }
+
+    /// Has the kernel drop `ino`'s cached pages, from a thread of its own: a request handler
+    /// must never wait for page locks (a page may be locked by a read only this mount can
+    /// answer).
+    fn drop_pages_later(&self, ino: Ino) {
+        let Some(kc) = lock(&self.kernel_cache).clone() else {
+            return;
+        };
+        let kino = self.kino(ino);
+        let spawned = std::thread::Builder::new()
+            .name("kcache-inval".into())
+            .spawn(move || kc.pages_changed(kino));
+        if let Err(e) = spawned {
+            tracing::warn!(ino, error = %e, "no thread to drop a written file's pages; a mapping of it may show old bytes until reopened");
+        }
     }
 
     /// fsync(2) on a directory: every namespace change so far reaches the disk.
@@ -1344,18 +1377,25 @@ impl KcacheFs {
         self.writable()?;
         let name = check_xattr(name, value)?;
         let sino = self.sino(ino);
-        self.store.ns().setxattr(
-            sino,
-            name,
-            value,
-            flags & libc::XATTR_CREATE != 0,
-            flags & libc::XATTR_REPLACE != 0,
-        )?;
+        let set = || {
+            self.store.ns().setxattr(
+                sino,
+                name,
+                value,
+                flags & libc::XATTR_CREATE != 0,
+                flags & libc::XATTR_REPLACE != 0,
+            )
+        };
         if name == b"security.capability" {
-            // The next write removes it again.
-            if let Some(oi) = self.open.get(sino) {
-                lock(&oi).capability_gone = false;
-            }
+            // Under the inode lock, which writes take to check the flag (and a new file's
+            // create to set it): once the capability is there, no write sees the flag still
+            // set. The next write removes it again.
+            self.open.with_inode(sino, |g| {
+                g.capability_gone = false;
+                set()
+            })?;
+        } else {
+            set()?;
         }
         Ok(())
     }

@@ -40,9 +40,10 @@ pub(crate) struct OpenInode {
     /// direct too: no handle of this inode uses the page cache, which the direct writes
     /// would leave stale.
     pub(crate) direct_writers: u32,
-    /// `security.capability` is known gone since the first write of this open state (a
-    /// direct write must remove it as the kernel's cached write path would; see
-    /// `KcacheFs::write`). Cleared when an xattr is set on the inode.
+    /// `security.capability` is known gone since the first direct write of this open state
+    /// (a direct write must remove it as the kernel's cached write path would; see
+    /// `KcacheFs::write`), or since the create of a new file without one. Cleared when it is
+    /// set again.
     pub(crate) capability_gone: bool,
     pub(crate) staging: Option<Staging>,
     pub(crate) pt: Option<PtState>,
@@ -427,6 +428,11 @@ impl OpenTable {
     /// The inode behind handle `fh`, and whether the handle may write.
     pub(crate) fn handle_ino(&self, fh: u64) -> Option<(Ino, bool)> {
         lock(&self.handles).get(&fh).map(|h| (h.ino, h.writable))
+    }
+
+    /// How handle `fh` does its I/O.
+    pub(crate) fn handle_mode(&self, fh: u64) -> Option<ModeKind> {
+        lock(&self.handles).get(&fh).map(|h| h.mode_kind)
     }
 
     /// The inode behind handle `fh`, and the download it reads through, if any.

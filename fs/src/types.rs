@@ -101,6 +101,10 @@ pub trait KernelCache: Send + Sync {
     /// still see the old setuid bit). Attributes only, never pages, so it is safe from inside
     /// a request handler.
     fn attrs_changed(&self, ino: u64);
+    /// `ino`'s content changed where the kernel's pages could not follow (direct writes while
+    /// other handles, which may map the file, stay open): it must drop its cached pages. Takes
+    /// page locks, so never from inside a request handler.
+    fn pages_changed(&self, ino: u64);
 }
 
 /// How the kernel should do I/O on a handle.

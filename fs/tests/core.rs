@@ -3,7 +3,7 @@
 use std::ffi::OsStr;
 use std::sync::Arc;
 
-use kcache_fs::{Ctx, Errno, KcacheFs, ROOT_INO};
+use kcache_fs::{Ctx, Errno, IoMode, KcacheFs, ROOT_INO};
 use kcache_store::Store;
 
 fn fs() -> (tempfile::TempDir, KcacheFs) {
@@ -895,4 +895,60 @@ fn an_open_that_joined_another_filesystems_failed_download_fetches_from_its_own(
         assert_eq!(first.join().unwrap(), Err(Errno::EIO), "one: the hung open");
     });
     assert!(read_all(&one, ino_one) == data, "one: local now");
+}
+
+/// Records what the filesystem asks the kernel to forget.
+#[derive(Default)]
+struct Recorder {
+    pages: std::sync::Mutex<Vec<u64>>,
+}
+
+impl kcache_fs::KernelCache for Recorder {
+    fn name_gone(&self, _parent: u64, _name: &OsStr, _ino: u64) {}
+    fn attrs_changed(&self, _ino: u64) {}
+    fn pages_changed(&self, ino: u64) {
+        self.pages.lock().unwrap().push(ino);
+    }
+}
+
+#[test]
+fn the_last_direct_writer_closing_under_other_handles_drops_the_kernels_pages() {
+    let (_d, fs) = fs();
+    let rec = Arc::new(Recorder::default());
+    fs.set_kernel_cache(rec.clone());
+    let pages = || rec.pages.lock().unwrap().clone();
+    let settle = || {
+        // Sent from a thread of its own.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while pages().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    };
+    // A writer alone: nobody can hold stale pages, nothing to drop.
+    let ino = write_file(&fs, ROOT_INO, "alone", b"one");
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(pages(), Vec::<u64>::new());
+
+    // A reader (direct, so it may map the file) open across an O_WRONLY writer's writes.
+    let w = fs.open(ino, libc::O_WRONLY, None).unwrap();
+    assert!(matches!(w.mode, IoMode::Direct { keep_cache: false }));
+    let r = fs.open(ino, libc::O_RDONLY, None).unwrap();
+    assert!(matches!(r.mode, IoMode::Direct { keep_cache: true }));
+    fs.write(w.fh, 0, b"two").unwrap();
+    fs.release(w.fh).unwrap();
+    settle();
+    assert_eq!(pages(), vec![ino]);
+    assert_eq!(fs.read(r.fh, 0, 16).unwrap(), b"two");
+    fs.release(r.fh).unwrap();
+
+    // An O_RDWR writer goes through the page cache, which its writes keep current.
+    rec.pages.lock().unwrap().clear();
+    let w = fs.open(ino, libc::O_RDWR, None).unwrap();
+    assert!(matches!(w.mode, IoMode::Cached { .. }));
+    let r = fs.open(ino, libc::O_RDONLY, None).unwrap();
+    fs.write(w.fh, 0, b"six").unwrap();
+    fs.release(w.fh).unwrap();
+    fs.release(r.fh).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(pages(), Vec::<u64>::new());
 }

@@ -190,10 +190,12 @@ fn open_flags(mode: &IoMode) -> u32 {
         IoMode::Passthrough(_) => fopen::PASSTHROUGH,
         IoMode::Cached { keep_cache: true } => fopen::KEEP_CACHE,
         IoMode::Cached { keep_cache: false } => 0,
-        // A direct handle uses no page cache, so it has no reason to make the kernel drop
-        // the inode's pages at open (what an open without KEEP_CACHE does): other handles'
-        // pages hold writes still on their way to the daemon, and a page dropped and read
-        // back before one arrives would be cached short (see `OpenInode::open_handle`).
+        // A direct handle uses no page cache, so it usually has no reason to make the kernel
+        // drop the inode's pages at open (what an open without KEEP_CACHE does): other
+        // handles' pages hold writes still on their way to the daemon, and a page dropped and
+        // read back before one arrives would be cached short (see `OpenInode::open_handle`).
+        // The exception is the first direct writer, which drops them on purpose (no cached
+        // handle is open then).
         IoMode::Direct { keep_cache: true } => fopen::DIRECT_IO | fopen::KEEP_CACHE,
         IoMode::Direct { keep_cache: false } => fopen::DIRECT_IO,
     }

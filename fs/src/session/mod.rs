@@ -86,6 +86,14 @@ impl KernelCache for Notifier {
         let _ = self.0.inval_inode(ino);
     }
 
+    fn pages_changed(&self, ino: u64) {
+        if let Err(e) = self.0.inval_inode(ino) {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                tracing::warn!(ino, error = %e, "telling the kernel to drop a file's pages");
+            }
+        }
+    }
+
     fn attrs_changed(&self, ino: u64) {
         // ENOENT: the kernel holds nothing for it.
         if let Err(e) = self.0.inval_attrs(ino) {
