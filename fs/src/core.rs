@@ -803,8 +803,20 @@ impl KcacheFs {
                 );
             });
         }
-        let inode = self.store.ns().get(inode.ino)?;
-        Ok((self.entry(&inode)?, opened))
+        let entry = (|| -> Result<Attr> {
+            let inode = self.store.ns().get(inode.ino)?;
+            self.entry(&inode)
+        })();
+        match entry {
+            Ok(attr) => Ok((attr, opened)),
+            Err(e) => {
+                // No answer reaches the kernel, so no RELEASE will ever come for this
+                // handle: undo it here, or it would stay counted (a direct writer would keep
+                // every later handle of the file direct).
+                let _ = self.release(opened.fh);
+                Err(e)
+            }
+        }
     }
 
     /// Opens a file, waiting for a download of its content if one is needed.

@@ -952,3 +952,39 @@ fn the_last_direct_writer_closing_under_other_handles_drops_the_kernels_pages() 
     std::thread::sleep(std::time::Duration::from_millis(50));
     assert_eq!(pages(), Vec::<u64>::new());
 }
+
+#[test]
+fn a_create_failing_after_its_open_leaves_no_handle_behind() {
+    use kcache_store::{Fault, Step};
+    let (_d, fs) = fs();
+    let create = |name: &str| {
+        fs.create(
+            ROOT_INO,
+            OsStr::new(name),
+            0o644,
+            libc::O_WRONLY | libc::O_CREAT,
+            ctx(),
+            false,
+            None,
+        )
+    };
+    // The steps of one create, to fail the last inode read of the next: the one after the
+    // open, when a handle is already counted.
+    let faults = fs.store().faults();
+    faults.record();
+    let (_, o) = create("probe").unwrap();
+    let steps = faults.recorded();
+    fs.release(o.fh).unwrap();
+    let last = steps
+        .iter()
+        .rposition(|s| *s == Step::ReadInode)
+        .expect("a create reads an inode row");
+    faults.at(last as u64, Fault::Errno(libc::EIO));
+    assert_eq!(create("f").unwrap_err(), Errno::EIO);
+    faults.clear();
+    // Had the O_WRONLY (direct) handle stayed counted, every later writer would be direct.
+    let ino = fs.lookup(ROOT_INO, OsStr::new("f")).unwrap().ino;
+    let w = fs.open(ino, libc::O_RDWR, None).unwrap();
+    assert!(matches!(w.mode, IoMode::Cached { .. }), "{:?}", w.mode);
+    fs.release(w.fh).unwrap();
+}
