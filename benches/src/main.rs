@@ -66,6 +66,12 @@ struct Args {
     /// noio_uring); default: what kcache picks (io_uring when the kernel allows it)
     #[arg(long, value_name = "NAME", value_enum)]
     transport: Option<BenchTransport>,
+
+    /// Seconds that must have passed since the last run under BASE deleted its files
+    /// before this one starts (it waits the rest): file creation on ext4 stays slow for
+    /// minutes after a mass delete. 0 skips the wait [default: 360, 0 with --quick]
+    #[arg(long, value_name = "SECS")]
+    settle: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -151,6 +157,7 @@ fn run(args: &Args) -> Result<()> {
 
     // Declared before the mounts so it is dropped (and deleted) after they unmount.
     let run_dir = RunDir::create(&args.dir)?;
+    let settle = args.settle.unwrap_or(if args.quick { 0 } else { 360 });
     println!("kcache-bench");
     println!(
         "  mode:    {} (big file {}, {} small files x 4 KiB in 256 dirs)",
@@ -190,6 +197,9 @@ fn run(args: &Args) -> Result<()> {
         None => println!(
             "  passthrough_hp: not used (no --passthrough-hp or KCACHE_BENCH_PASSTHROUGH_HP)"
         ),
+    }
+    if let Some(base) = run_dir.path().parent() {
+        mounts::settle_after_last_cleanup(base, settle);
     }
     println!();
 

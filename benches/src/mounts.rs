@@ -88,6 +88,38 @@ impl Drop for RunDir {
         if let Err(e) = fs::remove_dir_all(&self.path) {
             eprintln!("warning: could not remove {}: {e}", self.path.display());
         }
+        // The time of this mass delete, for the next run's `settle` (best effort).
+        if let Some(base) = self.path.parent() {
+            let _ = fs::write(base.join(CLEANUP_MARK), b"");
+        }
+    }
+}
+
+/// Touched in the base dir when a run's scratch dir is deleted.
+const CLEANUP_MARK: &str = ".kcache-bench-cleanup";
+
+/// Waits until `secs` have passed since the last run under `base` deleted its scratch dir.
+/// Right after a mass delete, creating files on ext4 is several times slower for minutes
+/// (new inodes skip recently deleted ones: `recently_deleted`, 60 s, or 360 s while their
+/// inode table block is dirty; measured here: 20,000 native creates took 3.9–4.5 s after a
+/// delete and 0.56 s without one), which would make native, and so every create ratio,
+/// look slow.
+pub fn settle_after_last_cleanup(base: &Path, secs: u64) {
+    let Ok(age) = fs::metadata(base.join(CLEANUP_MARK))
+        .and_then(|m| m.modified())
+        .map(|t| t.elapsed().unwrap_or_default())
+    else {
+        return;
+    };
+    let want = std::time::Duration::from_secs(secs);
+    if age < want {
+        let left = want - age;
+        println!(
+            "  settle:  the last run deleted its files {} s ago; waiting {} s, as creates on ext4 stay slow for minutes after a mass delete (--settle 0 skips this)",
+            age.as_secs(),
+            left.as_secs()
+        );
+        std::thread::sleep(left);
     }
 }
 
