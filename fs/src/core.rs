@@ -1131,18 +1131,18 @@ impl KcacheFs {
     }
 
     /// The open per-inode state behind a writable handle.
-    fn writable_handle(&self, fh: u64) -> Result<(Ino, Arc<Mutex<OpenInode>>)> {
-        let (ino, writable) = self.handle_ino(fh)?;
+    fn writable_handle(&self, fh: u64) -> Result<(Ino, ModeKind, Arc<Mutex<OpenInode>>)> {
+        let (ino, writable, mode) = self.open.handle_mode(fh).ok_or(Errno::EBADF)?;
         if !writable {
             return Err(Errno::EBADF);
         }
         let oi = self.open.get(ino).ok_or(Errno::EBADF)?;
-        Ok((ino, oi))
+        Ok((ino, mode, oi))
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
-        let (ino, oi) = self.writable_handle(fh)?;
-        let direct = self.open.handle_mode(fh) == Some(ModeKind::Direct);
+        let (ino, mode, oi) = self.writable_handle(fh)?;
+        let direct = mode == ModeKind::Direct;
         let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
         self.make_room(data.len() as u64, end)?;
         // Under the inode's lock, so a concurrent commit never hashes or renames a file that
@@ -1196,7 +1196,7 @@ impl KcacheFs {
         if mode & !KNOWN != 0 {
             return Err(Errno(libc::EOPNOTSUPP));
         }
-        let (ino, oi) = self.writable_handle(fh)?;
+        let (ino, _, oi) = self.writable_handle(fh)?;
         let (off, len) = (
             i64::try_from(offset).map_err(|_| Errno::EFBIG)?,
             i64::try_from(length).map_err(|_| Errno::EFBIG)?,

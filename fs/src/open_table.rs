@@ -430,9 +430,11 @@ impl OpenTable {
         lock(&self.handles).get(&fh).map(|h| (h.ino, h.writable))
     }
 
-    /// How handle `fh` does its I/O.
-    pub(crate) fn handle_mode(&self, fh: u64) -> Option<ModeKind> {
-        lock(&self.handles).get(&fh).map(|h| h.mode_kind)
+    /// The inode behind handle `fh`, whether it may write, and how it does its I/O.
+    pub(crate) fn handle_mode(&self, fh: u64) -> Option<(Ino, bool, ModeKind)> {
+        lock(&self.handles)
+            .get(&fh)
+            .map(|h| (h.ino, h.writable, h.mode_kind))
     }
 
     /// The inode behind handle `fh`, and the download it reads through, if any.

@@ -21,18 +21,25 @@ fn ctx() -> Ctx {
     }
 }
 
+/// Creates `name` in `parent` and opens it write-only, as `File::create` does.
+fn create_wo(
+    fs: &KcacheFs,
+    parent: u64,
+    name: &str,
+) -> kcache_fs::Result<(kcache_fs::Attr, kcache_fs::Opened)> {
+    fs.create(
+        parent,
+        OsStr::new(name),
+        0o644,
+        libc::O_WRONLY | libc::O_CREAT,
+        ctx(),
+        false,
+        None,
+    )
+}
+
 fn write_file(fs: &KcacheFs, parent: u64, name: &str, data: &[u8]) -> u64 {
-    let (attr, o) = fs
-        .create(
-            parent,
-            OsStr::new(name),
-            0o644,
-            libc::O_WRONLY | libc::O_CREAT,
-            ctx(),
-            false,
-            None,
-        )
-        .unwrap();
+    let (attr, o) = create_wo(fs, parent, name).unwrap();
     assert_eq!(fs.write(o.fh, 0, data).unwrap() as usize, data.len());
     fs.release(o.fh).unwrap();
     attr.ino
@@ -957,17 +964,7 @@ fn the_last_direct_writer_closing_under_other_handles_drops_the_kernels_pages() 
 fn a_create_failing_after_its_open_leaves_no_handle_behind() {
     use kcache_store::{Fault, Step};
     let (_d, fs) = fs();
-    let create = |name: &str| {
-        fs.create(
-            ROOT_INO,
-            OsStr::new(name),
-            0o644,
-            libc::O_WRONLY | libc::O_CREAT,
-            ctx(),
-            false,
-            None,
-        )
-    };
+    let create = |name: &str| create_wo(&fs, ROOT_INO, name);
     // The steps of one create, to fail the last inode read of the next: the one after the
     // open, when a handle is already counted.
     let faults = fs.store().faults();

@@ -678,15 +678,18 @@ fn setuid_and_setgid_are_cleared_as_on_ext4() {
 fn capability_after_writes(dir: &Path) -> Vec<(&'static str, bool)> {
     let f = dir.join("cap");
     let has = || xattr_get(&f, "security.capability").is_ok();
-    let reset = || {
-        fs::write(&f, b"abc").unwrap();
-        fs::set_permissions(&f, fs::Permissions::from_mode(0o666)).unwrap();
+    let setcap = || {
         let st = std::process::Command::new("setcap")
             .args(["cap_net_raw+ep"])
             .arg(&f)
             .status()
             .unwrap();
         assert!(st.success(), "setcap failed");
+    };
+    let reset = || {
+        fs::write(&f, b"abc").unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o666)).unwrap();
+        setcap();
     };
     let mut seen = Vec::new();
     reset();
@@ -709,12 +712,7 @@ fn capability_after_writes(dir: &Path) -> Vec<(&'static str, bool)> {
     // A second write of the same open file, after the capability was set again.
     let mut w = OpenOptions::new().append(true).open(&f).unwrap();
     w.write_all(b"1").unwrap();
-    let st = std::process::Command::new("setcap")
-        .args(["cap_net_raw+ep"])
-        .arg(&f)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    setcap();
     w.write_all(b"2").unwrap();
     seen.push(("write after setcap on an open file", has()));
     seen
