@@ -267,6 +267,7 @@ impl OpenInode {
         }
         let meta = st.file.metadata()?;
         let mut consumed = false;
+        let mut blob = None;
         if meta.len() == 0 {
             store.ns().clear_content(ino, mtime_of(&meta))?;
         } else {
@@ -283,17 +284,25 @@ impl OpenInode {
                 durable,
                 mtime: mtime_of(&meta),
             };
-            consumed = store.blobs().commit_staged(&staged)?.2;
+            let (hash, _, moved) = store.blobs().commit_staged(&staged)?;
+            consumed = moved;
+            blob = Some(hash);
         }
         // Counted while this inode's lock is held, before the file can leave the open table.
         commits.fetch_add(1, Ordering::SeqCst);
+        self.blob_file = None;
         if let Some(st) = self.staging.take() {
-            if !consumed {
-                st.discard();
+            match blob {
+                // The staging file became the blob: handles still open read it through the
+                // file already open instead of opening the blob again. That open could fail
+                // later (the store's directory removed under a lazily detached mount, a full
+                // file table) and turn a read of committed bytes into EIO.
+                Some(h) if consumed => self.blob_file = Some((h, st.file.clone())),
+                _ if !consumed => st.discard(),
+                _ => {}
             }
         }
         page_cache.forget(ino);
-        self.blob_file = None;
         Ok(())
     }
 

@@ -985,3 +985,23 @@ fn a_create_failing_after_its_open_leaves_no_handle_behind() {
     assert!(matches!(w.mode, IoMode::Cached { .. }), "{:?}", w.mode);
     fs.release(w.fh).unwrap();
 }
+
+/// CI once saw `cat` of a file held open through a lazily detached mount fail with EIO: the
+/// reader had opened while the writer's RELEASE (sent in the background) was still on its
+/// way, so it was served by the daemon, not by passthrough; the writer's close then committed
+/// the file, and the reader's first read opened the blob by path after the store's directory
+/// had gone. A reader open across a commit keeps reading the committed bytes without opening
+/// the blob again.
+#[test]
+fn a_reader_open_across_the_commit_reads_without_reopening_the_blob() {
+    let (_d, fs) = fs();
+    let (attr, w) = create_wo(&fs, ROOT_INO, "held").unwrap();
+    fs.write(w.fh, 0, b"held open").unwrap();
+    let r = fs.open(attr.ino, libc::O_RDONLY, None).unwrap();
+    assert!(matches!(r.mode, IoMode::Direct { .. }), "{:?}", r.mode);
+    fs.release(w.fh).unwrap();
+    let h = fs.store().ns().get(attr.ino).unwrap().blob.unwrap();
+    std::fs::remove_file(fs.store().blobs().blob_path(&h)).unwrap();
+    assert_eq!(fs.read(r.fh, 0, 100).unwrap(), b"held open");
+    fs.release(r.fh).unwrap();
+}
