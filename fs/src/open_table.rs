@@ -880,11 +880,20 @@ mod tests {
             .unwrap();
         g.commit(&store, inode.ino, false, &commits, &pc).unwrap();
         assert!(g.staging.is_none());
-        assert!(g.blob_file.is_none());
         assert_eq!(commits.load(Ordering::SeqCst), 1);
         let row = store.ns().get(inode.ino).unwrap();
         assert_eq!(row.size, 3);
         assert_ne!(row.blob, inode.blob);
+        // New content: the staging file became the blob, and handles still open read it
+        // through the descriptor already open.
+        let (h, f) = g
+            .blob_file
+            .as_ref()
+            .expect("the staging file is kept as the blob file");
+        assert_eq!(Some(*h), row.blob);
+        let mut buf = [0u8; 8];
+        assert_eq!(f.read_at(&mut buf, 0).unwrap(), 3);
+        assert_eq!(&buf[..3], b"new");
         // The staging file became the blob or went away.
         assert!(!path.exists());
 
