@@ -1282,8 +1282,17 @@ impl KcacheFs {
             self.commit(ino, &mut g, true)?;
             drop(g);
             self.after_commit();
+            return Ok(());
         }
-        Ok(())
+        // Nothing staged, but the content may have been committed without a sync (at a
+        // close, into the open group commit): the blob file and its row must reach the disk
+        // before fsync may answer, or a crash soon after would take back what fsync promised.
+        // Under the inode lock, so no commit replaces (and frees) the blob meanwhile.
+        if let Some(h) = self.store.ns().get(ino)?.blob {
+            self.store.blobs().sync_blob(&h)?;
+        }
+        drop(g);
+        Ok(self.store.sync()?)
     }
 
     /// Commits `ino`'s staged content (see `OpenInode::commit`); the caller holds its lock.

@@ -1005,3 +1005,26 @@ fn a_reader_open_across_the_commit_reads_without_reopening_the_blob() {
     assert_eq!(fs.read(r.fh, 0, 100).unwrap(), b"held open");
     fs.release(r.fh).unwrap();
 }
+
+/// An fsync of a file whose content was committed at its last close (into the open group
+/// commit, without a sync) answered at once with nothing done, so a crash soon after could
+/// lose what it had promised. It now syncs the blob file and its name, then the database.
+#[test]
+fn fsync_of_a_file_committed_at_close_syncs_its_blob_and_the_database() {
+    use kcache_store::Step;
+    let (_d, fs) = fs();
+    let ino = write_file(&fs, ROOT_INO, "f", b"committed at close");
+    let o = fs.open(ino, libc::O_RDONLY, None).unwrap();
+    let faults = fs.store().faults();
+    faults.record();
+    fs.fsync(o.fh).unwrap();
+    let steps = faults.recorded();
+    fs.release(o.fh).unwrap();
+    assert!(steps.contains(&Step::SyncData), "{steps:?}");
+    assert!(steps.contains(&Step::SyncDir), "{steps:?}");
+    // An empty file has no blob to sync; its fsync still succeeds.
+    let e = write_file(&fs, ROOT_INO, "empty", b"");
+    let o = fs.open(e, libc::O_RDONLY, None).unwrap();
+    fs.fsync(o.fh).unwrap();
+    fs.release(o.fh).unwrap();
+}

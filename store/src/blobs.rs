@@ -366,6 +366,36 @@ impl Blobs<'_> {
         Ok((meta.ino() as i64, meta.blocks() as i64))
     }
 
+    /// Makes blob `hash`'s file and its name in `blobs/` durable (fsync of the file and of its
+    /// fan-out directory), for an `fsync` of a file whose content was committed without one
+    /// (at its last close). A blob with no local file has nothing to sync: its bytes are an
+    /// upstream's.
+    pub fn sync_blob(&self, hash: &Hash) -> Result<()> {
+        let path = self.blob_path(hash);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let state = lifecycle::row(&self.store.conn(), hash)?.map(|r| r.state);
+                if matches!(state, Some(BlobState::RemoteOnly)) {
+                    return Ok(());
+                }
+                return Err(Error::BadBlob {
+                    hash: *hash,
+                    reason: format!("cannot open {}: {e}", path.display()),
+                });
+            }
+            Err(e) => return Err(e).ctx(|| format!("opening blob {}", path.display())),
+        };
+        self.store.faults.check(Step::SyncData)?;
+        file.sync_all()
+            .ctx(|| format!("syncing blob {}", path.display()))?;
+        let dir = path.parent().expect("blob path has a parent");
+        self.store.faults.check(Step::SyncDir)?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .ctx(|| format!("syncing {}", dir.display()))
+    }
+
     /// Makes a blob's bytes available locally and opens them read-only. This is the one read
     /// path into blob content: it checks the file is the one that was committed (size and
     /// inode number), so a blob replaced or truncated behind the daemon's back is refused.

@@ -723,6 +723,27 @@ fn a_daemon_crash_keeps_what_was_written_to_files_still_open() {
     assert!(ok, "verify after crash: {out}");
 }
 
+/// fsync of a file closed earlier (its content committed at the close, into the open group
+/// commit) promises that content: a `kill -9` right after the fsync returns keeps it. Before
+/// the fix such an fsync answered at once with nothing synced, and the crash took the
+/// content back within the group-commit bound.
+#[test]
+fn fsync_after_reopening_a_closed_file_survives_an_immediate_crash() {
+    let Some(mut m) = Mount::new() else { return };
+    for round in 0..5u64 {
+        let name = format!("f{round}");
+        let body = pseudo_random(round, 10_000 + round as usize);
+        fs::write(m.path(&name), &body).unwrap();
+        // Let the close's RELEASE commit it (in the background), so the fsync below finds
+        // nothing staged: the case that used to do nothing.
+        kcache_tests::wait_until("the close committed", 10, || m.staging_files() == 0);
+        fs::File::open(m.path(&name)).unwrap().sync_all().unwrap();
+        m.kill9_now();
+        m.restart_after_crash();
+        assert_eq!(fs::read(m.path(&name)).unwrap(), body, "round {round}");
+    }
+}
+
 /// The crash contract under group commit: after `kill -9` in the middle of a stream of
 /// temp-file-plus-rename writes, what survives is a prefix of what was done (one writer, so
 /// file i visible means every file before it is), every visible file is whole, and nothing
