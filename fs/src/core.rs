@@ -1287,6 +1287,10 @@ impl KcacheFs {
         // Nothing staged, but the content may have been committed without a sync (at a
         // close, into the open group commit): the blob file and its row must reach the disk
         // before fsync may answer, or a crash soon after would take back what fsync promised.
+        // A read-only store changed nothing through this daemon: nothing to sync.
+        if self.store.is_read_only() {
+            return Ok(());
+        }
         // Under the inode lock, so no commit replaces (and frees) the blob meanwhile.
         if let Some(h) = self.store.ns().get(ino)?.blob {
             self.store.blobs().sync_blob(&h)?;
@@ -1372,6 +1376,9 @@ impl KcacheFs {
 
     /// fsync(2) on a directory: every namespace change so far reaches the disk.
     pub fn fsyncdir(&self) -> Result<()> {
+        if self.store.is_read_only() {
+            return Ok(());
+        }
         Ok(self.store.sync()?)
     }
 
