@@ -246,7 +246,8 @@ impl OpenInode {
     }
 
     /// Hashes the staged content and points the inode at the resulting blob, then lets go of
-    /// the staging file: it became the blob (renamed), or the content was already stored.
+    /// the staging file (deleted once the commit is in the database, `retire_staging`): the
+    /// blob is a link to it, or the content was already stored.
     /// The next write makes a fresh staging file. Nothing else can be writing it: writes take
     /// the inode lock the caller holds (on this state), and the kernel never writes staging
     /// files directly.
@@ -266,7 +267,15 @@ impl OpenInode {
             return Ok(());
         }
         let meta = st.file.metadata()?;
-        let mut consumed = false;
+        // Handles still open after this commit read the new blob. They read it through a
+        // read-only descriptor of the staged file (the same bytes: the blob is a link to it,
+        // or an existing file with the same hash), opened now, so they need not open the blob
+        // by path later. That open could fail then (the store's directory removed under a
+        // lazily detached mount, a full file table) and turn a read of committed bytes into
+        // EIO. Failing it here costs nothing: the blob is opened when first read, as before.
+        let reader = (self.handles > 0)
+            .then(|| File::open(&st.path).ok())
+            .flatten();
         let mut blob = None;
         if meta.len() == 0 {
             store.ns().clear_content(ino, mtime_of(&meta))?;
@@ -284,23 +293,15 @@ impl OpenInode {
                 durable,
                 mtime: mtime_of(&meta),
             };
-            let (hash, _, moved) = store.blobs().commit_staged(&staged)?;
-            consumed = moved;
-            blob = Some(hash);
+            blob = Some(store.blobs().commit_staged(&staged)?.0);
         }
         // Counted while this inode's lock is held, before the file can leave the open table.
         commits.fetch_add(1, Ordering::SeqCst);
-        self.blob_file = None;
+        self.blob_file = blob.zip(reader).map(|(h, f)| (h, Arc::new(f)));
         if let Some(st) = self.staging.take() {
-            match blob {
-                // The staging file became the blob: handles still open read it through the
-                // file already open instead of opening the blob again. That open could fail
-                // later (the store's directory removed under a lazily detached mount, a full
-                // file table) and turn a read of committed bytes into EIO.
-                Some(h) if consumed => self.blob_file = Some((h, st.file.clone())),
-                _ if !consumed => st.discard(),
-                _ => {}
-            }
+            // Deleted once the commit is in the database: until then a crash finds it armed
+            // and keeps its content (see `Blobs::retire_staging`).
+            store.blobs().retire_staging(st.path);
         }
         page_cache.forget(ino);
         Ok(())
@@ -884,8 +885,8 @@ mod tests {
         let row = store.ns().get(inode.ino).unwrap();
         assert_eq!(row.size, 3);
         assert_ne!(row.blob, inode.blob);
-        // New content: the staging file became the blob, and handles still open read it
-        // through the descriptor already open.
+        // New content: the staging file became the blob, and the handle still open reads it
+        // through a read-only descriptor opened before the rename.
         let (h, f) = g
             .blob_file
             .as_ref()
@@ -894,6 +895,10 @@ mod tests {
         let mut buf = [0u8; 8];
         assert_eq!(f.read_at(&mut buf, 0).unwrap(), 3);
         assert_eq!(&buf[..3], b"new");
+        assert!(
+            f.write_at(b"x", 0).is_err(),
+            "the blob file is open for writing"
+        );
         // The staging file became the blob or went away.
         assert!(!path.exists());
 

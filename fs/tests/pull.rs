@@ -38,9 +38,8 @@ fn publish(dir: &std::path::Path) {
             durable: false,
             mtime: 1,
         };
-        if !a.blobs().commit_staged(&st).unwrap().2 {
-            std::fs::remove_file(&path).unwrap();
-        }
+        a.blobs().commit_staged(&st).unwrap();
+        a.blobs().retire_staging(path);
     }
     let up = Upstream::parse(&format!("file://{}", dir.join("up").display())).unwrap();
     a.push(&up, "default", "t", None, &mut |_| {}).unwrap();

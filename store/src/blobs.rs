@@ -203,9 +203,11 @@ impl Blobs<'_> {
     }
 
     /// Turns staged content into a blob (deduplicated) and points inode `ino` at it, in one
-    /// transaction. Returns the hash, the size, and whether the staging file itself was moved
-    /// into the store (else it is still the caller's to delete).
-    pub fn commit_staged(&self, st: &Staged<'_>) -> Result<(Hash, u64, bool)> {
+    /// transaction. Returns the hash and the size. The staging file stays where it is (a new
+    /// blob is a hard link to it): the caller hands it to `retire_staging`, which deletes it
+    /// only once the transaction is committed, so a crash before that still finds it armed
+    /// and keeps its content, however long ago it was written.
+    pub fn commit_staged(&self, st: &Staged<'_>) -> Result<(Hash, u64)> {
         // Before the index lock: a large file's fsync must not stall every other commit.
         if st.durable {
             self.store.faults.check(Step::SyncData)?;
@@ -237,7 +239,7 @@ impl Blobs<'_> {
                 blocks = Some(m.blocks() as i64);
                 m.ino() as i64 == file_ino
             });
-        let renamed = !have_file;
+        let installed = !have_file;
         if have_file {
             // Deduplicated: the staged bytes are the caller's to delete; the file already
             // there is the one that must be durable.
@@ -248,9 +250,9 @@ impl Blobs<'_> {
                     .ctx(|| format!("syncing blob {}", blob_path.display()))?;
             }
         } else {
-            let installed = self.install_blob(st.path, st.file, &hash, st.durable)?;
-            file_ino = installed.0;
-            blocks = Some(installed.1);
+            let (ino, b) = self.install_blob(st.path, st.file, &hash, st.durable, true)?;
+            file_ino = ino;
+            blocks = Some(b);
         }
 
         if st.durable {
@@ -296,27 +298,48 @@ impl Blobs<'_> {
         let dead = match res {
             Ok(dead) => dead,
             Err(e) => {
-                if renamed {
-                    // No row names the file just installed: give it back to the writer, whose
-                    // next close retries the commit from the same staging path (else the
-                    // content would sit in `blobs/` until gc removed it as a stray).
+                if installed {
+                    // No row names the file just installed: take it out of `blobs/` again
+                    // (else it would sit there until gc removed it as a stray); the writer's
+                    // next close retries the commit from the same staging file.
                     self.uninstall_blob(&blob_path, st);
                 }
                 return Err(e);
             }
         };
         self.remove_dead_blobs(&conn, &dead);
-        Ok((hash, size, renamed))
+        Ok((hash, size))
     }
 
-    /// Undoes `install_blob` of a commit whose transaction failed.
+    /// Undoes `install_blob` of a commit whose transaction failed: the staging file is
+    /// still there (the blob was a link to it), writable again.
     fn uninstall_blob(&self, blob_path: &Path, st: &Staged<'_>) {
         let back = st
             .file
             .set_permissions(fs::Permissions::from_mode(0o600))
-            .and_then(|()| fs::rename(blob_path, st.path));
+            .and_then(|()| fs::remove_file(blob_path));
         if let Err(e) = back {
-            tracing::error!(path = %blob_path.display(), error = %e, "returning uncommitted content to staging failed; it stays in blobs/ until gc");
+            tracing::error!(path = %blob_path.display(), error = %e, "taking uncommitted content out of blobs/ failed; it stays there until gc");
+        }
+    }
+
+    /// Deletes staging file `path`, whose content a commit recorded (`commit_staged`), once
+    /// that commit has reached the database: now if no group is open, else right after the
+    /// group commits (`Store::settle_group`). Until then a crash leaves it armed, and the next
+    /// start commits it again (a no-op when the commit did land).
+    pub fn retire_staging(&self, path: PathBuf) {
+        let conn = self.store.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if conn.is_autocommit() {
+            drop(conn);
+            if let Err(e) = fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "deleting a committed staging file failed");
+            }
+        } else {
+            self.store
+                .retired_staging
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(path);
         }
     }
 
@@ -328,12 +351,15 @@ impl Blobs<'_> {
     /// lock, as that can take long), and the rename reaches the disk here, so the database
     /// never says a blob is there that a power cut would take away. Returns the file's
     /// inode number and its allocation in 512-byte blocks.
+    /// `keep_src`: the blob is a hard link to `src`, which stays (a staging file, deleted by
+    /// `retire_staging` once the commit is in the database); else `src` is renamed.
     pub(crate) fn install_blob(
         &self,
         src: &Path,
         file: &File,
         hash: &Hash,
         durable: bool,
+        keep_src: bool,
     ) -> Result<(i64, i64)> {
         let blob_path = self.blob_path(hash);
         let dir = blob_path.parent().expect("blob path has a parent");
@@ -342,17 +368,30 @@ impl Blobs<'_> {
             .ctx(|| format!("sealing {}", src.display()))?;
         self.store.faults.check(Step::CreateDir)?;
         self.store.faults.check(Step::Rename)?;
-        // The rename first: the fan-out directory is there for all but a store's first few
-        // blobs, and looking for it on every commit showed in profiles.
-        let renamed = fs::rename(src, &blob_path);
-        let renamed = match renamed {
+        // The link or rename first: the fan-out directory is there for all but a store's
+        // first few blobs, and looking for it on every commit showed in profiles.
+        let place = |to: &Path| {
+            if keep_src {
+                fs::hard_link(src, to)
+            } else {
+                fs::rename(src, to)
+            }
+        };
+        let placed = match place(&blob_path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
-                fs::rename(src, &blob_path)
+                place(&blob_path)
+            }
+            // A file no row vouches for (a stray a crash left) is in the way of the link:
+            // link beside it, then rename over it, as a rename would have replaced it.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let side = dir.join(format!(".{}-{}", hash.to_hex(), std::process::id()));
+                let _ = fs::remove_file(&side);
+                fs::hard_link(src, &side).and_then(|()| fs::rename(&side, &blob_path))
             }
             r => r,
         };
-        renamed.ctx(|| format!("renaming {} to blob {hash}", src.display()))?;
+        placed.ctx(|| format!("installing {} as blob {hash}", src.display()))?;
         if durable {
             self.store.faults.check(Step::SyncDir)?;
             File::open(dir)
@@ -455,7 +494,7 @@ impl Blobs<'_> {
         // Under group commit the rows' removal must be committed before the files go, or a
         // crash would bring back rows whose files are gone. If it cannot be, the files stay
         // (gc removes them once nothing names them).
-        if let Err(e) = crate::settle(conn) {
+        if let Err(e) = self.store.settle_group(conn) {
             tracing::error!(error = %e, "committing before removing unreferenced blobs failed; keeping them");
             return;
         }

@@ -230,7 +230,9 @@ impl Store {
             let _ = fs::remove_file(&f.path);
             return Ok(());
         }
-        let (file_ino, blocks) = self.blobs().install_blob(&f.path, &f.file, &f.hash, true)?;
+        let (file_ino, blocks) = self
+            .blobs()
+            .install_blob(&f.path, &f.file, &f.hash, true, false)?;
         self.faults.check(crate::faults::Step::DbCommit)?;
         crate::lifecycle::fetched(&conn, &f.hash, file_ino, self.next_access_seq(), blocks)?;
         Ok(())

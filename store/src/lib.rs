@@ -228,6 +228,10 @@ pub struct Store {
     group: std::sync::atomic::AtomicBool,
     /// Row changes to `inodes` made through this store's connection (see `inode_changes`).
     inode_changes: std::sync::Arc<AtomicU64>,
+    /// Staging files whose content a transaction still open (the group) recorded: deleted
+    /// once it commits (`settle_group`), not before, so a crash in between finds them armed
+    /// and keeps their content (see `Blobs::retire_staging`).
+    retired_staging: Mutex<Vec<PathBuf>>,
 }
 
 impl fmt::Debug for Store {
@@ -265,7 +269,7 @@ impl Store {
                 conn: Mutex::new(conn),
                 read_only: true,
                 _lock: None,
-                staging_seq: AtomicU64::new(0),
+                staging_seq: AtomicU64::new(staging_seq_start()),
                 access_seq: AtomicU64::new(0),
                 pending_access: Mutex::new(Vec::new()),
                 pending_counters: Default::default(),
@@ -273,6 +277,7 @@ impl Store {
                 faults: Faults::default(),
                 group: Default::default(),
                 inode_changes: Default::default(),
+                retired_staging: Default::default(),
             });
         }
 
@@ -337,7 +342,7 @@ impl Store {
             conn: Mutex::new(conn),
             read_only: false,
             _lock: Some(lock),
-            staging_seq: AtomicU64::new(0),
+            staging_seq: AtomicU64::new(staging_seq_start()),
             access_seq: AtomicU64::new(0),
             pending_access: Mutex::new(Vec::new()),
             pending_counters: Default::default(),
@@ -345,6 +350,7 @@ impl Store {
             faults: Faults::default(),
             group: Default::default(),
             inode_changes,
+            retired_staging: Default::default(),
         };
         store.recover()?;
         let seq: i64 =
@@ -429,7 +435,28 @@ impl Store {
     /// processes and survives a crash of this one).
     pub fn commit_group(&self) -> Result<()> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        settle(&conn)
+        self.settle_group(&conn)
+    }
+
+    /// Commits the connection's open group, if any, then deletes the staging files whose
+    /// content it recorded (`retired_staging`). The caller holds the connection lock, so no
+    /// transaction can record newer content for the same inodes in between.
+    pub(crate) fn settle_group(&self, conn: &Connection) -> Result<()> {
+        settle(conn)?;
+        let retired = std::mem::take(
+            &mut *self
+                .retired_staging
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for path in retired {
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "deleting a committed staging file failed");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The connection outside any group: what was grouped so far is committed first, and no
@@ -437,7 +464,7 @@ impl Store {
     /// commits, pragmas, checkpoints).
     pub(crate) fn conn_direct(&self) -> Result<MutexGuard<'_, Connection>> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        settle(&conn)?;
+        self.settle_group(&conn)?;
         Ok(conn)
     }
 
@@ -523,6 +550,14 @@ impl Drop for Store {
             tracing::error!(error = %e, "committing the last group at close failed");
         }
     }
+}
+
+/// Where this process's staging file numbers start: the time, so that a later run's staging
+/// files sort after an earlier run's (recovery keeps the newest armed file of an inode).
+fn staging_seq_start() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Commits the connection's open group transaction, if any.

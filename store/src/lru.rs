@@ -231,7 +231,7 @@ impl Lru<'_> {
             crate::maint::add_counter(&tx, "evicted_bytes", size as u64)?;
             self.store.commit_tx(tx)?;
             // Committed (out of any group) before the file goes: see `remove_dead_blobs`.
-            crate::settle(&conn)?;
+            self.store.settle_group(&conn)?;
             // A file left by a failed unlink is replaced by the next download's install.
             if self.store.faults.check(Step::Unlink).is_ok() {
                 let _ = std::fs::remove_file(self.store.blobs().blob_path(h));

@@ -4,9 +4,10 @@
 //! writer's data. Unarmed staging files, and armed ones from an earlier boot (whose bytes may
 //! not have reached the disk whole), are deleted as before.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::blobs::{boot_id, Staged};
 use crate::error::{IoContext, Result};
@@ -15,6 +16,14 @@ use crate::{Ino, Kind, Store};
 /// `name` armed for inode `ino` in boot `boot`.
 pub(crate) fn armed_name(name: &str, ino: Ino, boot: &str) -> String {
     format!("{name}.i{ino}.b{boot}")
+}
+
+/// The sequence number of a staging file's name (`<pid>-<seq>...`, see
+/// `Blobs::create_staging`): later files of a store have higher ones.
+fn staging_seq(name: &str) -> Option<u64> {
+    let (_, rest) = name.split_once('-')?;
+    let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+    digits.parse().ok()
 }
 
 /// (inode, boot) of an armed staging file's name; None for any other name.
@@ -43,24 +52,41 @@ impl Store {
         let dir = self.root.join("staging");
         let mut out = Recovered::default();
         let boot = boot_id();
+        // An inode can have several armed files: content committed in a group the crash
+        // lost (its file is deleted only once the group commits) and newer content staged
+        // after it. The newest (highest sequence number) is the inode's content.
+        let mut newest: HashMap<Ino, (u64, PathBuf)> = HashMap::new();
+        let mut unwanted: Vec<PathBuf> = Vec::new();
         for entry in fs::read_dir(&dir).ctx(|| format!("reading {}", dir.display()))? {
             let entry = entry.ctx(|| format!("reading {}", dir.display()))?;
             let path = entry.path();
             let name = entry.file_name();
             let armed = name
                 .to_str()
-                .and_then(parse_armed)
-                .filter(|(_, b)| !boot.is_empty() && *b == boot);
-            let kept = match armed {
-                Some((ino, _)) => self.keep_staged(ino, &path)?,
-                None => false,
-            };
-            if kept {
+                .and_then(|n| Some((parse_armed(n)?, staging_seq(n)?)))
+                .filter(|((_, b), _)| !boot.is_empty() && *b == boot);
+            match armed {
+                Some(((ino, _), seq)) => match newest.get(&ino) {
+                    Some((s, _)) if *s > seq => unwanted.push(path),
+                    _ => {
+                        if let Some((_, older)) = newest.insert(ino, (seq, path)) {
+                            unwanted.push(older);
+                        }
+                    }
+                },
+                None => unwanted.push(path),
+            }
+        }
+        for (ino, (_, path)) in newest {
+            if self.keep_staged(ino, &path)? {
                 out.kept += 1;
             } else {
-                let _ = fs::remove_file(&path);
-                out.removed += 1;
+                unwanted.push(path);
             }
+        }
+        for path in unwanted {
+            let _ = fs::remove_file(&path);
+            out.removed += 1;
         }
         Ok(out)
     }
@@ -92,10 +118,9 @@ impl Store {
             durable: true,
             mtime,
         };
-        let (hash, size, renamed) = self.blobs().commit_staged(&st)?;
-        if !renamed {
-            let _ = fs::remove_file(path);
-        }
+        // Durable: committed on its own, so the file can go now.
+        let (hash, size) = self.blobs().commit_staged(&st)?;
+        let _ = fs::remove_file(path);
         tracing::info!(ino, %hash, size, "kept content written before the daemon stopped");
         Ok(true)
     }
@@ -120,5 +145,16 @@ mod tests {
         ] {
             assert_eq!(parse_armed(other), None, "{other}");
         }
+    }
+
+    #[test]
+    fn staging_names_carry_a_sequence_number() {
+        assert_eq!(staging_seq(&armed_name("123-45", 99, "abc")), Some(45));
+        assert_eq!(
+            staging_seq("123-1765000000000000000"),
+            Some(1765000000000000000)
+        );
+        assert_eq!(staging_seq("123"), None);
+        assert_eq!(staging_seq("123-x"), None);
     }
 }

@@ -93,11 +93,9 @@ impl Scenario {
                     mtime: 2,
                 };
                 let res = s.blobs().commit_staged(&st);
-                // As the filesystem does: staged bytes not moved into the store are deleted
-                // (also on failure: its own copy of the content lives on in memory there).
-                if !matches!(res, Ok((_, _, true))) {
-                    let _ = std::fs::remove_file(&path);
-                }
+                // The staged bytes go once committed, as the filesystem retires them (and on
+                // failure too: its own copy of the content lives on in memory there).
+                let _ = std::fs::remove_file(&path);
                 res.map(drop)
             }
             Scenario::Evict => s

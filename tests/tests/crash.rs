@@ -499,14 +499,17 @@ fn round(m: &mut Mount, round: u64, seed: u64, delay: Duration) -> (Seen, usize)
     let why = last_err.unwrap_or_else(|| {
         format!("no prefix of at least {k_min} steps has this namespace; at {k_min}: {at_min:?}")
     });
+    let log = m.log_text();
+    let tail: Vec<&str> = log.lines().rev().take(40).collect();
     panic!(
         "round {round} (seed {seed}, kill after {delay:?}, {done} steps done of {}): {why}\n\
-         steps: {steps:#?}\nseen: {:?}",
+         steps: {steps:#?}\nseen: {:?}\ndaemon log (last lines):\n{}",
         steps.len(),
         seen.files
             .iter()
             .map(|(p, (i, n, c))| (p, i, n, c.len()))
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>(),
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     )
 }
 
