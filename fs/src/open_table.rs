@@ -885,8 +885,8 @@ mod tests {
         let row = store.ns().get(inode.ino).unwrap();
         assert_eq!(row.size, 3);
         assert_ne!(row.blob, inode.blob);
-        // New content: the staging file became the blob, and the handle still open reads it
-        // through a read-only descriptor opened before the rename.
+        // New content: the blob is a link to the staging file, and the handle still open
+        // reads it through a read-only descriptor opened before the commit.
         let (h, f) = g
             .blob_file
             .as_ref()
@@ -899,7 +899,7 @@ mod tests {
             f.write_at(b"x", 0).is_err(),
             "the blob file is open for writing"
         );
-        // The staging file became the blob or went away.
+        // No group is open here: the commit is in, and the staging file went with it.
         assert!(!path.exists());
 
         // Nothing staged: nothing to commit, and nothing counted.
