@@ -328,7 +328,9 @@ impl OpenInode {
             };
         if unwanted {
             if let Some(st) = self.staging.take() {
-                st.discard();
+                // Not before the unlink that made it unwanted is committed: if a crash lost
+                // that unlink, the name is back, and must come back with what was written.
+                store.blobs().retire_staging(st.path);
             }
         }
     }

@@ -85,11 +85,6 @@ impl Staging {
     pub(crate) fn len(&self) -> std::io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }
-
-    /// Removes the staging file (its content is no longer wanted, or is stored elsewhere).
-    pub(crate) fn discard(self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
 }
 
 pub(crate) fn set_file_mtime(file: &File, mtime: i64) -> std::io::Result<()> {
@@ -328,8 +323,9 @@ mod tests {
         assert_eq!(st.len().unwrap(), 0);
         assert_eq!(st.stream.as_ref().map(StreamHasher::len), Some(0));
         assert_eq!(mtime_of(&st.file.metadata().unwrap()), 99);
+        // No group is open: retiring the file deletes it at once.
         let path = st.path.clone();
-        st.discard();
+        store.blobs().retire_staging(st.path);
         assert!(!path.exists());
     }
 }

@@ -1028,3 +1028,47 @@ fn fsync_of_a_file_committed_at_close_syncs_its_blob_and_the_database() {
     fs.fsync(o.fh).unwrap();
     fs.release(o.fh).unwrap();
 }
+
+/// Staged bytes of a file whose last name went while it was open are deleted at its last
+/// close, but not before that unlink is committed: a crash that loses the unlink brings the
+/// name back, and it must come back with what was written (possibly long before), not with
+/// older content.
+#[test]
+fn staged_bytes_of_a_file_unlinked_while_open_outlive_the_uncommitted_unlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let vol = store.volume("default", true, 0, 0).unwrap();
+    // A group that only this test commits.
+    store.start_group_commit(std::time::Duration::from_secs(3600));
+    let fs = KcacheFs::new(store.clone(), vol, false);
+    let ino = write_file(&fs, ROOT_INO, "f", b"old");
+    // Another file holds the same content, so purging f frees no blob (which would commit
+    // the group, unlink included, before deleting the blob file).
+    write_file(&fs, ROOT_INO, "g", b"old");
+    let staging = || {
+        std::fs::read_dir(dir.path().join("staging"))
+            .unwrap()
+            .count()
+    };
+    // The first commits' staging files wait for their group too.
+    assert_eq!(staging(), 2);
+    store.commit_group().unwrap();
+    assert_eq!(staging(), 0);
+    let w = fs.open(ino, libc::O_RDWR, None).unwrap();
+    fs.write(w.fh, 0, b"written while open").unwrap();
+    assert_eq!(staging(), 1);
+    fs.unlink(ROOT_INO, OsStr::new("f")).unwrap();
+    fs.release(w.fh).unwrap();
+    assert_eq!(
+        staging(),
+        1,
+        "staged bytes went before the unlink was committed"
+    );
+    store.commit_group().unwrap();
+    assert_eq!(
+        staging(),
+        0,
+        "staged bytes of an unlinked file outlived its commit"
+    );
+    fs.forget(ino, 1);
+}

@@ -1,6 +1,7 @@
 //! The crash contract under `kill -9` of the daemon at random moments, round after round on
 //! one store: mixed creates, writes, renames, hard links, unlinks, directory creation, file
-//! and directory fsyncs, and writes to a file another handle keeps open. After each crash the
+//! and directory fsyncs, writes to a file another handle keeps open, and files unlinked while
+//! still open for writing. After each crash the
 //! restarted mount must show a consistent prefix of what was done (never an operation without
 //! the ones before it), nothing older than the group-commit bound or covered by a finished
 //! fsync may be missing, and every file must hold a whole version of what was written to it
@@ -411,6 +412,27 @@ fn work(dir: &Path, round: u64, seed: u64, base: &Model) -> Vec<Done> {
                 Step::Mkdir { path: path.clone() },
                 fs::create_dir(dir.join(&path))
             );
+        } else if roll < 92 {
+            // A write, then the file's last-but-maybe-not-only name goes while it is still
+            // open, then the close (whose staged bytes die with the inode, if it has no name).
+            let (path, ino) = files[rng.below(files.len() as u64) as usize].clone();
+            let ver = m.ver[&ino] + 1;
+            let f = step!(
+                Step::Write { ino, ver },
+                (|| {
+                    let mut f = fs::OpenOptions::new()
+                        .write(true)
+                        .truncate(true)
+                        .open(dir.join(&path))?;
+                    f.write_all(&body(round, ino, ver))?;
+                    Ok(f)
+                })()
+            );
+            step!(
+                Step::Unlink { path: path.clone() },
+                fs::remove_file(dir.join(&path))
+            );
+            drop(f);
         } else if roll < 95 {
             // fsync of a file closed earlier (its content committed at the close).
             let (path, _) = &files[rng.below(files.len() as u64) as usize];
