@@ -331,8 +331,13 @@ impl Blobs<'_> {
         let conn = self.store.conn.lock().unwrap_or_else(|p| p.into_inner());
         if conn.is_autocommit() {
             drop(conn);
-            if let Err(e) = fs::remove_file(&path) {
-                tracing::warn!(path = %path.display(), error = %e, "deleting a committed staging file failed");
+            match fs::remove_file(&path) {
+                // Renamed into `blobs/` (a store without hard links).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "deleting a committed staging file failed")
+                }
+                Ok(()) => {}
             }
         } else {
             self.store
@@ -371,10 +376,17 @@ impl Blobs<'_> {
         // The link or rename first: the fan-out directory is there for all but a store's
         // first few blobs, and looking for it on every commit showed in profiles.
         let place = |to: &Path| {
-            if keep_src {
-                fs::hard_link(src, to)
-            } else {
-                fs::rename(src, to)
+            if !keep_src {
+                return fs::rename(src, to);
+            }
+            match fs::hard_link(src, to) {
+                // A store on a filesystem without hard links: the staging file becomes the
+                // blob by rename, as before links were used (a crash before the group commit
+                // then loses this content, see docs/commit-protocol.md).
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EOPNOTSUPP)) => {
+                    fs::rename(src, to)
+                }
+                r => r,
             }
         };
         let placed = match place(&blob_path) {
@@ -387,7 +399,7 @@ impl Blobs<'_> {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 let side = dir.join(format!(".{}-{}", hash.to_hex(), std::process::id()));
                 let _ = fs::remove_file(&side);
-                fs::hard_link(src, &side).and_then(|()| fs::rename(&side, &blob_path))
+                place(&side).and_then(|()| fs::rename(&side, &blob_path))
             }
             r => r,
         };
