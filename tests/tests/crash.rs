@@ -38,6 +38,34 @@ impl Rng {
     fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
     }
+
+    fn pick<T: Clone>(&mut self, from: &[T]) -> T {
+        from[self.below(from.len() as u64) as usize].clone()
+    }
+}
+
+/// A new name in directory `d` (relative to the round's directory; "" is the round's).
+fn fresh_name(next: &mut u32, d: &str, prefix: &str) -> String {
+    *next += 1;
+    if d.is_empty() {
+        format!("{prefix}{next}")
+    } else {
+        format!("{d}/{prefix}{next}")
+    }
+}
+
+/// Rewrites `path` in place (O_TRUNC) with `bytes`; the handle stays open.
+fn rewrite(path: &Path, bytes: &[u8]) -> std::io::Result<fs::File> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)?;
+    f.write_all(bytes)?;
+    Ok(f)
+}
+
+fn fsync_path(path: &Path) -> std::io::Result<()> {
+    fs::File::open(path)?.sync_all()
 }
 
 /// Version `ver` (1, 2, ...) of model inode `ino`'s content in round `round`: a header that
@@ -297,20 +325,11 @@ fn work(dir: &Path, round: u64, seed: u64, base: &Model) -> Vec<Done> {
             .collect();
         let mut dirs = vec![String::new()];
         dirs.extend(m.dirs.iter().cloned());
-        let in_dir = |d: &str, name: String| {
-            if d.is_empty() {
-                name
-            } else {
-                format!("{d}/{name}")
-            }
-        };
         let roll = rng.below(100);
         if roll < 40 || files.is_empty() {
             // A new file: temp name, write, maybe fsync, close, rename over a new or an
             // existing name, maybe fsync the directory.
-            let d = dirs[rng.below(dirs.len() as u64) as usize].clone();
-            let tmp = in_dir(&d, format!(".tmp{next_name}"));
-            next_name += 1;
+            let tmp = fresh_name(&mut next_name, &rng.pick(&dirs), ".tmp");
             let ino = next_ino;
             next_ino += 1;
             let mut f = step!(
@@ -332,11 +351,9 @@ fn work(dir: &Path, round: u64, seed: u64, base: &Model) -> Vec<Done> {
             }
             drop(f);
             let to = if !files.is_empty() && rng.chance(30) {
-                files[rng.below(files.len() as u64) as usize].0.clone()
+                rng.pick(&files).0
             } else {
-                let d = dirs[rng.below(dirs.len() as u64) as usize].clone();
-                next_name += 1;
-                in_dir(&d, format!("f{next_name}"))
+                fresh_name(&mut next_name, &rng.pick(&dirs), "f")
             };
             step!(
                 Step::Rename {
@@ -347,67 +364,52 @@ fn work(dir: &Path, round: u64, seed: u64, base: &Model) -> Vec<Done> {
             );
             if rng.chance(15) {
                 let parent = Path::new(&to).parent().unwrap().to_owned();
-                step!(
-                    Step::Fsync,
-                    fs::File::open(dir.join(parent)).and_then(|f| f.sync_all())
-                );
+                step!(Step::Fsync, fsync_path(&dir.join(parent)));
             }
         } else if roll < 55 {
             // A rewrite in place (O_TRUNC), of the held file or another.
             let (path, ino) = if rng.chance(50) {
                 ("held".to_owned(), m.files["held"])
             } else {
-                files[rng.below(files.len() as u64) as usize].clone()
+                rng.pick(&files)
             };
             let ver = m.ver[&ino] + 1;
             let f = step!(
                 Step::Write { ino, ver },
-                (|| {
-                    let mut f = fs::OpenOptions::new()
-                        .write(true)
-                        .truncate(true)
-                        .open(dir.join(&path))?;
-                    f.write_all(&body(round, ino, ver))?;
-                    Ok(f)
-                })()
+                rewrite(&dir.join(&path), &body(round, ino, ver))
             );
             if rng.chance(20) {
                 step!(Step::Fsync, f.sync_all());
             }
         } else if roll < 65 {
-            let (from, _) = &files[rng.below(files.len() as u64) as usize];
-            let d = dirs[rng.below(dirs.len() as u64) as usize].clone();
-            next_name += 1;
-            let to = in_dir(&d, format!("l{next_name}"));
+            let (from, _) = rng.pick(&files);
+            let to = fresh_name(&mut next_name, &rng.pick(&dirs), "l");
             step!(
                 Step::Link {
                     from: from.clone(),
                     to: to.clone()
                 },
-                fs::hard_link(dir.join(from), dir.join(&to))
+                fs::hard_link(dir.join(&from), dir.join(&to))
             );
         } else if roll < 75 {
-            let (path, _) = &files[rng.below(files.len() as u64) as usize];
+            let (path, _) = rng.pick(&files);
             step!(
                 Step::Unlink { path: path.clone() },
-                fs::remove_file(dir.join(path))
+                fs::remove_file(dir.join(&path))
             );
         } else if roll < 85 {
             // A move to another name, maybe in another directory.
-            let (from, _) = &files[rng.below(files.len() as u64) as usize];
-            let d = dirs[rng.below(dirs.len() as u64) as usize].clone();
-            next_name += 1;
-            let to = in_dir(&d, format!("m{next_name}"));
+            let (from, _) = rng.pick(&files);
+            let to = fresh_name(&mut next_name, &rng.pick(&dirs), "m");
             step!(
                 Step::Rename {
                     from: from.clone(),
                     to: to.clone()
                 },
-                fs::rename(dir.join(from), dir.join(&to))
+                fs::rename(dir.join(&from), dir.join(&to))
             );
         } else if roll < 90 && m.dirs.len() < 4 {
-            next_name += 1;
-            let path = format!("d{next_name}");
+            let path = fresh_name(&mut next_name, "", "d");
             step!(
                 Step::Mkdir { path: path.clone() },
                 fs::create_dir(dir.join(&path))
@@ -415,18 +417,11 @@ fn work(dir: &Path, round: u64, seed: u64, base: &Model) -> Vec<Done> {
         } else if roll < 92 {
             // A write, then the file's last-but-maybe-not-only name goes while it is still
             // open, then the close (whose staged bytes die with the inode, if it has no name).
-            let (path, ino) = files[rng.below(files.len() as u64) as usize].clone();
+            let (path, ino) = rng.pick(&files);
             let ver = m.ver[&ino] + 1;
             let f = step!(
                 Step::Write { ino, ver },
-                (|| {
-                    let mut f = fs::OpenOptions::new()
-                        .write(true)
-                        .truncate(true)
-                        .open(dir.join(&path))?;
-                    f.write_all(&body(round, ino, ver))?;
-                    Ok(f)
-                })()
+                rewrite(&dir.join(&path), &body(round, ino, ver))
             );
             step!(
                 Step::Unlink { path: path.clone() },
@@ -435,17 +430,10 @@ fn work(dir: &Path, round: u64, seed: u64, base: &Model) -> Vec<Done> {
             drop(f);
         } else if roll < 95 {
             // fsync of a file closed earlier (its content committed at the close).
-            let (path, _) = &files[rng.below(files.len() as u64) as usize];
-            step!(
-                Step::Fsync,
-                fs::File::open(dir.join(path)).and_then(|f| f.sync_all())
-            );
+            let (path, _) = rng.pick(&files);
+            step!(Step::Fsync, fsync_path(&dir.join(path)));
         } else {
-            let d = dirs[rng.below(dirs.len() as u64) as usize].clone();
-            step!(
-                Step::Fsync,
-                fs::File::open(dir.join(&d)).and_then(|f| f.sync_all())
-            );
+            step!(Step::Fsync, fsync_path(&dir.join(rng.pick(&dirs))));
         }
     }
     log
