@@ -149,6 +149,9 @@ pub fn stats(at: &StoreAt, json: bool) -> Result<ExitCode> {
     }
     let st = &v.store;
     let bytes = |n: u64| format!("{n} ({})", human(n));
+    if let Some(why) = &v.halted {
+        println!("HALTED:           takes no more changes: {why}");
+    }
     println!("store:            {}", store.display());
     println!("volume:           {}", v.volume);
     println!("files:            {}", st.files);

@@ -49,7 +49,11 @@ pub fn serve(addr: &str, fs: Arc<KcacheFs>, reader: Arc<Store>) -> Result<()> {
 /// The metrics text. Reads go through `reader` (a read-only connection), so a scrape never
 /// holds up the filesystem's database connection.
 pub fn render(fs: &KcacheFs, reader: &Store) -> Result<String> {
-    fs.store().lru().flush_accesses()?;
+    let halted = fs.store().halted().is_some();
+    // A halted store takes no writes, access times included; the scrape still answers.
+    if !halted {
+        fs.store().lru().flush_accesses()?;
+    }
     // As of now for the read-only connection, not as of the last group commit.
     fs.store().commit_group()?;
     let st = reader.stats()?;
@@ -95,6 +99,12 @@ pub fn render(fs: &KcacheFs, reader: &Store) -> Result<String> {
         "pinned_bytes",
         "Bytes of pinned blobs",
         st.pinned_bytes,
+    );
+    gauge(
+        &mut reg,
+        "halted",
+        "1 when the store stopped taking changes (its database rolled back acknowledged ones; remount to recover)",
+        halted as u64,
     );
     gauge(&mut reg, "files", "Files in all volumes", st.files);
     gauge(&mut reg, "blobs", "Distinct contents stored", st.blobs);

@@ -60,6 +60,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("the store takes no more changes: {0}")]
+    Halted(String),
     #[error("store database: {0}")]
     Db(#[from] rusqlite::Error),
     #[error("upgrading store database {path} to schema {to} failed, nothing was changed: {reason}", path = .path.display())]

@@ -28,6 +28,9 @@ pub enum Step {
     SyncDir,
     /// The commit of a database transaction.
     DbCommit,
+    /// The commit of the daemon's open group of transactions (`Store::start_group_commit`).
+    /// A failure rolls the whole group back, as SQLite does when a COMMIT fails.
+    GroupCommit,
     /// Deleting a blob file whose row went away (dead blobs, eviction).
     Unlink,
     /// Reading an inode's row (the filesystem's "which blob is this" and "is it unlinked").
@@ -36,7 +39,7 @@ pub enum Step {
 
 impl Step {
     fn is_db(self) -> bool {
-        matches!(self, Step::DbCommit | Step::ReadInode)
+        matches!(self, Step::DbCommit | Step::GroupCommit | Step::ReadInode)
     }
 }
 

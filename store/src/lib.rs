@@ -232,6 +232,12 @@ pub struct Store {
     /// once it commits (`settle_group`), not before, so a crash in between finds them armed
     /// and keeps their content (see `Blobs::retire_staging`).
     retired_staging: Mutex<Vec<PathBuf>>,
+    /// This store began the connection's open transaction as a group (`conn`) and has not
+    /// committed it yet. Read and written under the connection lock.
+    group_open: std::sync::atomic::AtomicBool,
+    /// Why the store stopped taking changes: SQLite rolled back a group whose changes had
+    /// been acknowledged (see `group_lost`). Set once, never cleared in this process.
+    halted: std::sync::OnceLock<String>,
 }
 
 impl fmt::Debug for Store {
@@ -278,6 +284,8 @@ impl Store {
                 group: Default::default(),
                 inode_changes: Default::default(),
                 retired_staging: Default::default(),
+                group_open: Default::default(),
+                halted: Default::default(),
             });
         }
 
@@ -351,6 +359,8 @@ impl Store {
             group: Default::default(),
             inode_changes,
             retired_staging: Default::default(),
+            group_open: Default::default(),
+            halted: Default::default(),
         };
         store.recover()?;
         let seq: i64 =
@@ -400,6 +410,7 @@ impl Store {
     /// Outside group commit the savepoint is the outermost, so this is the transaction's
     /// commit; inside a group it joins the group (see `start_group_commit`).
     pub(crate) fn commit_tx(&self, tx: savepoint::Savepoint<'_>) -> Result<()> {
+        self.check_running()?;
         self.faults.check(Step::DbCommit)?;
         tx.commit()?;
         Ok(())
@@ -442,7 +453,30 @@ impl Store {
     /// content it recorded (`retired_staging`). The caller holds the connection lock, so no
     /// transaction can record newer content for the same inodes in between.
     pub(crate) fn settle_group(&self, conn: &Connection) -> Result<()> {
-        settle(conn)?;
+        let ord = std::sync::atomic::Ordering::SeqCst;
+        if conn.is_autocommit() {
+            if self.group_open.load(ord) {
+                self.group_lost("a statement of the group failed and SQLite rolled it back");
+            }
+            return Ok(());
+        }
+        let committed = match self.faults.check(Step::GroupCommit) {
+            Ok(()) => conn.execute_batch("COMMIT").map_err(Error::from),
+            Err(e) => {
+                // An injected failure does what SQLite does when a COMMIT fails with a full
+                // disk or an I/O error (checked on a full tmpfs): it rolls everything back.
+                let _ = conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        };
+        if let Err(e) = committed {
+            if conn.is_autocommit() && self.group_open.load(ord) {
+                self.group_lost(&format!("its commit failed: {e}"));
+            }
+            // Otherwise (a busy database) the group is still open and the next try commits it.
+            return Err(e);
+        }
+        self.group_open.store(false, ord);
         let retired = std::mem::take(
             &mut *self
                 .retired_staging
@@ -459,12 +493,55 @@ impl Store {
         Ok(())
     }
 
+    /// SQLite rolled back the open group: changes the filesystem has already acknowledged
+    /// (up to one group-commit interval of them) are gone from the database, while the
+    /// kernel and the daemon's open files still believe them. Building on that would put
+    /// new rows on top of missing ones (a rename of a file whose create is gone, inode
+    /// numbers handed out twice), so the store stops taking changes, as ext4 remounts
+    /// read-only on a journal error: every later transaction and fsync fails with EIO,
+    /// reads go on from the last committed state. The staging files the lost group had
+    /// recorded are kept (not deleted at the next commit) so that the next open of the
+    /// store recovers their content, as after a crash.
+    fn group_lost(&self, cause: &str) {
+        self.group_open
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let kept = std::mem::take(
+            &mut *self
+                .retired_staging
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        let why = format!(
+            "the database rolled back the last {} ms of changes ({cause}); remount to recover",
+            GROUP_COMMIT_INTERVAL.as_millis()
+        );
+        tracing::error!(
+            staging_files_kept = kept.len(),
+            "{why}: the store takes no more changes"
+        );
+        let _ = self.halted.set(why);
+    }
+
+    /// Fails once the store has stopped taking changes (see `group_lost`).
+    pub(crate) fn check_running(&self) -> Result<()> {
+        match self.halted.get() {
+            Some(why) => Err(Error::Halted(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Why the store stopped taking changes, if it did (see `group_lost`).
+    pub fn halted(&self) -> Option<&str> {
+        self.halted.get().map(String::as_str)
+    }
+
     /// The connection outside any group: what was grouped so far is committed first, and no
     /// new group begins, so the caller's transaction is a transaction of its own (durable
     /// commits, pragmas, checkpoints).
     pub(crate) fn conn_direct(&self) -> Result<MutexGuard<'_, Connection>> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         self.settle_group(&conn)?;
+        self.check_running()?;
         Ok(conn)
     }
 
@@ -501,10 +578,17 @@ impl Store {
         // A panic while holding the lock leaves SQLite itself consistent (the transaction
         // rolls back on drop), so a poisoned mutex is safe to keep using.
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let ord = std::sync::atomic::Ordering::SeqCst;
         if self.group.load(std::sync::atomic::Ordering::Relaxed) && conn.is_autocommit() {
-            // Open the group; a failure leaves each transaction committing on its own.
-            if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-                tracing::warn!(error = %e, "could not open a group commit");
+            if self.group_open.load(ord) {
+                self.group_lost("a statement of the group failed and SQLite rolled it back");
+            }
+            if self.halted.get().is_none() {
+                // Open the group; a failure leaves each transaction committing on its own.
+                match conn.execute_batch("BEGIN IMMEDIATE") {
+                    Ok(()) => self.group_open.store(true, ord),
+                    Err(e) => tracing::warn!(error = %e, "could not open a group commit"),
+                }
             }
         }
         conn
@@ -558,14 +642,6 @@ fn staging_seq_start() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
-}
-
-/// Commits the connection's open group transaction, if any.
-pub(crate) fn settle(conn: &Connection) -> Result<()> {
-    if !conn.is_autocommit() {
-        conn.execute_batch("COMMIT")?;
-    }
-    Ok(())
 }
 
 fn check_readable(conn: &Connection, path: &Path) -> Result<()> {

@@ -88,3 +88,104 @@ fn a_staging_file_goes_only_once_the_group_that_recorded_it_commits() {
     assert!(!path.exists(), "the staging file outlived its commit");
     assert_eq!(s.ns().get(f.ino).unwrap().blob, Some(h));
 }
+
+/// SQLite rolls a whole transaction back when its COMMIT fails with a full disk or an I/O
+/// error. For the daemon's group that means changes already acknowledged are gone: the store
+/// must stop taking changes (fail closed, as ext4 remounts read-only on a journal error)
+/// rather than build on the hole, refuse fsync, and keep the staging files the lost group had
+/// recorded so that the next open brings their content back.
+#[test]
+fn a_group_the_database_rolls_back_halts_changes_and_its_content_comes_back_at_reopen() {
+    use kcache_store::Fault;
+    let d = tempfile::tempdir().unwrap();
+    let s = std::sync::Arc::new(Store::open(d.path()).unwrap());
+    let root = s.volume("default", true, 0, 0).unwrap().root;
+    let f = s.ns().create(root, b"f", &node(Kind::File)).unwrap();
+    // Old content that another file keeps: a blob dying would commit the group at once
+    // (before its file is deleted).
+    let keeper = s.ns().create(root, b"keeper", &node(Kind::File)).unwrap();
+    commit(&s, f.ino, b"old");
+    commit(&s, keeper.ino, b"old");
+    s.start_group_commit(std::time::Duration::from_secs(3600));
+
+    // In the group: new content for f, and a new name.
+    let (file, path) = s.blobs().new_armed_staging(f.ino).unwrap();
+    std::io::Write::write_all(&mut &file, b"new content").unwrap();
+    let (h, _) = s
+        .blobs()
+        .commit_staged(&Staged {
+            ino: f.ino,
+            path: &path,
+            file: &file,
+            known: None,
+            durable: false,
+            mtime: 1,
+        })
+        .unwrap();
+    s.blobs().retire_staging(path.clone());
+    s.ns().create(root, b"g", &node(Kind::File)).unwrap();
+    assert_eq!(s.ns().get(f.ino).unwrap().blob, Some(h));
+    assert!(s.halted().is_none());
+    assert!(
+        path.exists(),
+        "the staging file went before the group committed"
+    );
+
+    s.faults().at(0, Fault::Errno(libc::ENOSPC));
+    let e = s.commit_group().unwrap_err();
+    assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+    s.faults().clear();
+    assert!(s.halted().is_some(), "a lost group went unnoticed");
+    assert!(path.exists(), "the lost group's staging file was deleted");
+    assert!(
+        s.ns().lookup(root, b"g").is_err(),
+        "the group was not rolled back"
+    );
+
+    // Nothing more is taken, and nothing claims to be durable; reads go on.
+    let e = s.ns().create(root, b"h", &node(Kind::File)).unwrap_err();
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    assert!(e.to_string().contains("remount"), "{e}");
+    assert_eq!(s.sync().unwrap_err().errno(), libc::EIO);
+    assert!(s.ns().lookup(root, b"f").is_ok());
+    s.commit_group().unwrap();
+    assert!(
+        path.exists(),
+        "a later group commit deleted the lost group's staging file"
+    );
+    drop(file);
+    drop(s);
+
+    // The next open recovers what the staging file holds, as after a crash.
+    let s = Store::open(d.path()).unwrap();
+    let f2 = s.ns().lookup(root, b"f").unwrap();
+    assert_eq!(f2.ino, f.ino);
+    assert_eq!(f2.blob, Some(h), "the content the lost group had recorded");
+    assert!(!path.exists());
+    assert!(s.ns().lookup(root, b"h").is_err());
+    assert!(s.halted().is_none());
+    s.ns().create(root, b"h", &node(Kind::File)).unwrap();
+}
+
+/// The group's COMMIT is a step of its own for the fault plan (it fails as a whole, unlike a
+/// transaction's savepoint release).
+#[test]
+fn a_group_commit_is_a_recorded_step() {
+    let d = tempfile::tempdir().unwrap();
+    let s = std::sync::Arc::new(Store::open(d.path()).unwrap());
+    let root = s.volume("default", true, 0, 0).unwrap().root;
+    s.start_group_commit(std::time::Duration::from_secs(3600));
+    s.faults().record();
+    s.ns().create(root, b"x", &node(Kind::File)).unwrap();
+    s.commit_group().unwrap();
+    s.commit_group().unwrap();
+    let steps = s.faults().recorded();
+    assert_eq!(
+        steps
+            .iter()
+            .filter(|x| **x == kcache_store::Step::GroupCommit)
+            .count(),
+        1,
+        "{steps:?}"
+    );
+}

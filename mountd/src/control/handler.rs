@@ -48,7 +48,10 @@ pub fn handle(
     store.commit_group().map_err(|e| e.to_string())?;
     match req {
         Request::Stats => {
-            store.lru().flush_accesses().map_err(|e| e.to_string())?;
+            // A halted store takes no writes, access times included; stats still answer.
+            if store.halted().is_none() {
+                store.lru().flush_accesses().map_err(|e| e.to_string())?;
+            }
             store.commit_group().map_err(|e| e.to_string())?;
             let st = reader.stats().map_err(|e| e.to_string())?;
             let usage = fs.usage().map_err(|e| errno_msg("usage", e))?;
@@ -59,6 +62,7 @@ pub fn handle(
                 volume: fs.volume().name.clone(),
                 transport: fs.transport().into(),
                 sync: reader.sync_statuses().map_err(|e| e.to_string())?,
+                halted: store.halted().map(str::to_owned),
             }))
         }
         Request::Limits { set } => {

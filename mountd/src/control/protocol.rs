@@ -184,6 +184,10 @@ pub struct StatsReply {
     /// and each push's upload queue.
     #[serde(default)]
     pub sync: Vec<kcache_store::SyncStatus>,
+    /// Why the daemon's store stopped taking changes, if it did (its database rolled back a
+    /// group of acknowledged changes; a remount recovers): `kcache stats` says so first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halted: Option<String>,
 }
 
 fn no_transport() -> String {
