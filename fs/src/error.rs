@@ -34,8 +34,10 @@ impl From<StoreError> for Errno {
     fn from(e: StoreError) -> Errno {
         let errno = e.errno();
         // Expected outcomes (ENOENT, EEXIST, ...) are answers, not failures; only log what an
-        // operator must see: damaged blobs, I/O and database errors.
-        if errno == libc::EIO || matches!(e, StoreError::BadBlob { .. }) {
+        // operator must see: damaged blobs, I/O and database errors. A halted store logged
+        // its cause once; each change it refuses after that is no news.
+        let halted = matches!(e, StoreError::Halted(_));
+        if (errno == libc::EIO && !halted) || matches!(e, StoreError::BadBlob { .. }) {
             tracing::error!(error = %e, "store error");
         }
         Errno(errno)

@@ -10,7 +10,6 @@ use rusqlite::{params, OptionalExtension};
 use crate::error::{Error, IoContext, Result};
 use crate::faults::Step;
 use crate::lifecycle::{self, BlobState};
-use crate::savepoint::Savepoint;
 use crate::{Hash, Ino, Store};
 
 /// What `commit_staged` needs to know about the staged file.
@@ -259,7 +258,7 @@ impl Blobs<'_> {
             conn.pragma_update(None, "synchronous", "FULL")?;
         }
         let res = (|| -> Result<Vec<Hash>> {
-            let tx = Savepoint::begin(&conn)?;
+            let tx = self.store.begin_tx(&conn)?;
             let old: Option<Option<Hash>> = tx
                 .query_row(
                     "SELECT blob FROM inodes WHERE ino = ?1",

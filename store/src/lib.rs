@@ -407,6 +407,14 @@ impl Store {
     }
 
     /// Commits a transaction: every protocol's commit point, so faults can be injected there.
+    /// Begins a store transaction (a savepoint: see `commit_tx`), unless the store has
+    /// stopped taking changes: then nothing is written at all, so there is nothing to roll
+    /// back either (a rollback on the full disk that halted it can fail too).
+    pub(crate) fn begin_tx<'c>(&self, conn: &'c Connection) -> Result<savepoint::Savepoint<'c>> {
+        self.check_running()?;
+        Ok(savepoint::Savepoint::begin(conn)?)
+    }
+
     /// Outside group commit the savepoint is the outermost, so this is the transaction's
     /// commit; inside a group it joins the group (see `start_group_commit`).
     pub(crate) fn commit_tx(&self, tx: savepoint::Savepoint<'_>) -> Result<()> {

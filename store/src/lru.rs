@@ -8,7 +8,6 @@ use rusqlite::{params, OptionalExtension};
 use crate::error::Result;
 use crate::faults::Step;
 use crate::lifecycle::BlobState;
-use crate::savepoint::Savepoint;
 use crate::{now_ns, Hash, Ino, Store};
 
 /// Accesses noted since the last flush are written once this many have piled up.
@@ -109,8 +108,8 @@ impl Lru<'_> {
             return Ok(0);
         }
         let conn = self.store.conn();
-        let res = (|| {
-            let tx = Savepoint::begin(&conn)?;
+        let res = (|| -> Result<()> {
+            let tx = self.store.begin_tx(&conn)?;
             {
                 let mut stmt = tx.prepare_cached(
                     "UPDATE blobs SET last_access = max(last_access, ?2) WHERE hash = ?1",
@@ -122,7 +121,8 @@ impl Lru<'_> {
             for (name, n) in &counts {
                 crate::maint::add_counter(&tx, name, *n)?;
             }
-            tx.commit()
+            tx.commit()?;
+            Ok(())
         })();
         if let Err(e) = res {
             // Keep the counts for the next try; accesses are only recency hints.
@@ -130,7 +130,7 @@ impl Lru<'_> {
             for (name, n) in counts {
                 self.store.restore_pending_counter(name, n);
             }
-            return Err(e.into());
+            return Err(e);
         }
         Ok(pending.len())
     }
@@ -209,7 +209,7 @@ impl Lru<'_> {
     /// that just deduplicated onto it, say) is not evicted.
     fn evict_blob(&self, h: &Hash, last: i64, out: &mut Evicted) -> Result<u64> {
         let conn = self.store.conn();
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.store.begin_tx(&conn)?;
         let Some((size, state)) = tx
             .query_row(
                 "SELECT size, state, remote FROM blobs WHERE hash = ?1 AND last_access = ?2",

@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::{Error, IoContext, Result};
-use crate::savepoint::Savepoint;
 use crate::{now_ns, DiskSpace, Hash, Ino, Kind, Store};
 
 /// Counters the daemon bumps on hot paths; kept in memory and added to the database with the
@@ -226,7 +225,7 @@ impl Store {
             return Err(Error::Invalid("low watermark must be 1-100% of the quota"));
         }
         let conn = self.conn();
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.begin_tx(&conn)?;
         for (k, v) in [
             ("quota", l.quota.unwrap_or(0).to_string()),
             ("low_watermark_pct", l.low_watermark_pct.to_string()),
@@ -341,7 +340,7 @@ impl Store {
     pub fn pin(&self, ino: Ino) -> Result<u64> {
         let limits = self.limits()?;
         let conn = self.conn();
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.begin_tx(&conn)?;
         let n = crate::ns::must_inode(&tx, ino)?;
         if n.nlink == 0 {
             return Err(Error::NotFound);
@@ -520,7 +519,7 @@ impl Store {
             }
         }
         let conn = self.conn();
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.begin_tx(&conn)?;
         let now = now_ns();
         for (name, ino, _) in entries {
             // Renamed or replaced since it was listed: leave it alone.

@@ -20,7 +20,6 @@ use rusqlite::{params, OptionalExtension};
 
 use crate::error::{Error, Result};
 use crate::manifest::{MInode, Manifest};
-use crate::savepoint::Savepoint;
 use crate::snapshot::{NameChange, PullReport, Pulled};
 use crate::{now_ns, Hash, Ino, Kind, Store};
 
@@ -302,7 +301,7 @@ impl Store {
         before_commit: &mut dyn FnMut(&[NameChange]),
     ) -> Result<Pulled> {
         let conn = self.conn();
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.begin_tx(&conn)?;
         let found: Option<(i64, i64)> = tx
             .query_row(
                 "SELECT id, root FROM volumes WHERE name = ?1",

@@ -6,7 +6,6 @@
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::error::{Error, Result};
-use crate::savepoint::Savepoint;
 use crate::{now_ns, Hash, Ino, Inode, Kind, NewNode, Store};
 
 /// The columns `row_to_inode_at` reads, from `inodes` aliased `i`: the last one is the
@@ -232,7 +231,7 @@ impl Store {
         if name.is_empty() || name.len() > 128 || name.contains('/') {
             return Err(Error::Invalid("volume names are 1-128 bytes without '/'"));
         }
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.begin_tx(&conn)?;
         let now = now_ns();
         tx.prepare_cached("INSERT INTO volumes (name, root, created) VALUES (?1, 0, ?2)")?
             .execute(params![name, now])?;
@@ -383,7 +382,7 @@ impl Namespace<'_> {
     /// Creates a new inode named `name` in `parent`.
     pub fn create(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Inode> {
         let conn = self.store.conn();
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.store.begin_tx(&conn)?;
         let dir = must_dir(&tx, parent)?;
         if lookup_ino(&tx, parent, name)?.is_some() {
             return Err(Error::Exists);
@@ -424,7 +423,7 @@ impl Namespace<'_> {
     /// Adds a hard link `newparent/newname` to `ino`.
     pub fn link(&self, ino: Ino, newparent: Ino, newname: &[u8]) -> Result<Inode> {
         let conn = self.store.conn();
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.store.begin_tx(&conn)?;
         let node = must_inode(&tx, ino)?;
         if node.kind == Kind::Dir {
             return Err(Error::NotPermitted("hard links to directories"));
@@ -456,7 +455,7 @@ impl Namespace<'_> {
     /// Removes a non-directory name. Returns the inode number and its new link count.
     pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<(Ino, u32)> {
         let conn = self.store.conn();
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.store.begin_tx(&conn)?;
         must_inode(&tx, parent)?;
         let ino = lookup_ino(&tx, parent, name)?.ok_or(Error::NotFound)?;
         let node = must_inode(&tx, ino)?;
@@ -473,7 +472,7 @@ impl Namespace<'_> {
     /// Removes an empty directory. Returns its inode number.
     pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<Ino> {
         let conn = self.store.conn();
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.store.begin_tx(&conn)?;
         let ino = lookup_ino(&tx, parent, name)?.ok_or(Error::NotFound)?;
         let node = must_inode(&tx, ino)?;
         if node.kind != Kind::Dir {
@@ -501,7 +500,7 @@ impl Namespace<'_> {
         exchange: bool,
     ) -> Result<Renamed> {
         let conn = self.store.conn();
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.store.begin_tx(&conn)?;
         let src_ino = lookup_ino(&tx, parent, name)?.ok_or(Error::NotFound)?;
         let src = must_inode(&tx, src_ino)?;
         let newdir = must_dir(&tx, newparent)?;
@@ -604,7 +603,7 @@ impl Namespace<'_> {
     /// filesystem layer owns the bytes). Returns the updated inode.
     pub fn setattr(&self, ino: Ino, a: &SetAttr) -> Result<Inode> {
         let conn = self.store.conn();
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.store.begin_tx(&conn)?;
         let mut n = must_inode(&tx, ino)?;
         if let Some(m) = a.mode {
             n.mode = m & 0o7777;
@@ -646,7 +645,7 @@ impl Namespace<'_> {
     /// Points a file at no content (empty), dropping its blob reference.
     pub fn clear_content(&self, ino: Ino, mtime: i64) -> Result<Inode> {
         let conn = self.store.conn();
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.store.begin_tx(&conn)?;
         let n = must_inode(&tx, ino)?;
         let mut dead = Vec::new();
         if let Some(h) = n.blob {
@@ -688,7 +687,7 @@ impl Namespace<'_> {
     /// Called once nothing (kernel lookups, open handles) holds it any more.
     pub fn purge(&self, ino: Ino) -> Result<()> {
         let conn = self.store.conn();
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.store.begin_tx(&conn)?;
         let Some(n) = get_inode(&tx, ino)? else {
             return Ok(());
         };
@@ -746,7 +745,7 @@ impl Namespace<'_> {
         replace: bool,
     ) -> Result<()> {
         let conn = self.store.conn();
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.store.begin_tx(&conn)?;
         must_inode(&tx, ino)?;
         let exists = tx
             .prepare_cached("SELECT 1 FROM xattrs WHERE ino = ?1 AND name = ?2")?

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::objstore::{ObjError, ObjStore};
-use crate::savepoint::Savepoint;
 use crate::{Hash, Store};
 
 /// One place blobs and manifests can come from (and, except `http(s)://`, go to).
@@ -384,7 +383,7 @@ impl Store {
     /// Marks blobs as having a copy on an upstream (so eviction may drop only the local bytes).
     pub(crate) fn mark_remote(&self, hashes: &[Hash]) -> Result<()> {
         let conn = self.conn();
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.begin_tx(&conn)?;
         for h in hashes {
             crate::lifecycle::mark_upstream(&tx, h)?;
         }

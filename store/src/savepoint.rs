@@ -37,6 +37,18 @@ impl<'c> Savepoint<'c> {
         self.conn.prepare_cached("RELEASE kc")?.execute([])?;
         Ok(())
     }
+
+    /// What a failed `rollback` leaves behind is unknown (half of a failed change could be
+    /// committed later with whatever encloses it), so the whole transaction goes: outside a
+    /// group that is just this savepoint's; inside one, the store sees its group gone at the
+    /// next transaction and stops taking changes (`Store::group_lost`).
+    fn abandon(&self) {
+        if !self.conn.is_autocommit() {
+            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+                tracing::error!(error = %e, "rolling back a transaction failed");
+            }
+        }
+    }
 }
 
 impl Deref for Savepoint<'_> {
@@ -51,7 +63,8 @@ impl Drop for Savepoint<'_> {
     fn drop(&mut self) {
         if !self.done {
             if let Err(e) = self.rollback() {
-                tracing::error!(error = %e, "rolling back a savepoint failed");
+                tracing::error!(error = %e, "rolling back a savepoint failed; rolling back its whole transaction");
+                self.abandon();
             }
         }
     }
@@ -123,6 +136,24 @@ mod tests {
         sp.commit().unwrap();
         assert!(!c.is_autocommit(), "the group stays open");
         c.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(count(&c), 0);
+    }
+
+    #[test]
+    fn a_savepoint_that_cannot_be_rolled_back_takes_its_whole_transaction_with_it() {
+        let c = db();
+        c.execute_batch("BEGIN IMMEDIATE; INSERT INTO t VALUES (1)")
+            .unwrap();
+        {
+            let sp = Savepoint::begin(&c).unwrap();
+            sp.execute("INSERT INTO t VALUES (2)", []).unwrap();
+            // Gone behind the guard's back: its `ROLLBACK TO` fails.
+            sp.execute_batch("RELEASE kc").unwrap();
+        }
+        assert!(
+            c.is_autocommit(),
+            "a failed change was left inside the open transaction"
+        );
         assert_eq!(count(&c), 0);
     }
 }

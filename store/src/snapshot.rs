@@ -13,7 +13,6 @@ use crate::fetch::outboard_key;
 use crate::manifest::{validate, MInode, Manifest, MANIFEST_VERSION};
 use crate::outboard;
 use crate::remote::{blob_key, Remote, Upstream};
-use crate::savepoint::Savepoint;
 use crate::{now_ns, Hash, Store};
 
 /// What a signature covers: the manifest's hash, with a context prefix so a signature can
@@ -284,7 +283,7 @@ impl Store {
         let v = self.volume(volume, false, 0, 0)?;
         let conn = self.conn();
         // One read transaction: a consistent view even while the volume is in use.
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.begin_tx(&conn)?;
         let inodes: Vec<MInode> = {
             let mut stmt = tx.prepare(
                 "SELECT ino, kind, mode, uid, gid, size, atime, mtime, ctime, nlink, rdev, blob, target
@@ -581,7 +580,7 @@ impl Store {
         mode: &str,
     ) -> Result<PullReport> {
         let conn = self.conn();
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.begin_tx(&conn)?;
         let old: Option<i64> = tx
             .query_row("SELECT id FROM volumes WHERE name = ?1", [volume], |r| {
                 r.get(0)

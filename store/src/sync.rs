@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::outboard;
 use crate::remote::{blob_key, Upstream};
-use crate::savepoint::Savepoint;
 use crate::{now_ns, Hash, Store};
 
 /// Which way a sync goes.
@@ -164,7 +163,7 @@ impl Store {
     ) -> Result<()> {
         let now = now_ns();
         let conn = self.conn();
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.begin_tx(&conn)?;
         tx.execute(
             "INSERT INTO sync_state (kind, url, tag, volume) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT DO NOTHING",

@@ -6,7 +6,6 @@
 use rusqlite::params;
 
 use crate::error::{Error, Result};
-use crate::savepoint::Savepoint;
 use crate::{now_ns, Store, VolumeInfo};
 
 /// Inserts the row of a new volume (its root is set by the caller once it exists) and returns
@@ -82,7 +81,7 @@ impl Store {
     pub fn remove_volume(&self, name: &str) -> Result<u64> {
         let v = self.volume(name, false, 0, 0)?;
         let conn = self.conn();
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.begin_tx(&conn)?;
         let (files, dead) = delete_volume_rows(&tx, v.id)?;
         self.commit_tx(tx)?;
         self.blobs().remove_dead_blobs(&conn, &dead);
@@ -100,7 +99,7 @@ impl Store {
             return Err(Error::Invalid("volume names are 1-128 bytes without '/'"));
         }
         let conn = self.conn();
-        let tx = Savepoint::begin(&conn)?;
+        let tx = self.begin_tx(&conn)?;
         let (id, first) = new_volume_row(&tx, dst)?;
         tx.execute_batch(
             "DROP TABLE IF EXISTS temp.clone_map;

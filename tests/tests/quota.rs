@@ -255,6 +255,78 @@ fn full_disk_evicts_then_gives_enospc_and_every_file_stays_whole() {
     assert!(ok, "{out}");
 }
 
+/// A disk filled behind kcache's back (another process on the store's disk) can make the
+/// database's group commit fail, and SQLite then rolls the whole group back: changes the
+/// mount had acknowledged are gone, as in a crash. The daemon must not go on building on
+/// them: it stops taking changes (EIO, `kcache stats` says HALTED and why) while reads go on,
+/// and a remount recovers, with every file written before whole.
+#[test]
+fn a_group_commit_the_full_disk_rolls_back_halts_changes_until_a_remount() {
+    let Some(mut m) = Mount::on_small_disk(16 << 20) else {
+        return;
+    };
+    for i in 0..20u64 {
+        fs::write(m.path(&format!("before{i}")), pseudo_random(i, 3000)).unwrap();
+    }
+    m.settle();
+    // Fill the store's disk from outside, leaving 8 KiB: the next group's write-ahead log
+    // frames do not fit.
+    let filler = m.store.join("filler");
+    let free = nix_free(&m.store);
+    fs::write(&filler, vec![0u8; (free - 8192) as usize]).unwrap();
+    let mut first_err = None;
+    for i in 0..5000 {
+        if let Err(e) = fs::create_dir(m.path(&format!("d{i}"))) {
+            first_err = Some(e);
+            break;
+        }
+    }
+    let e = first_err.expect("5,000 mkdirs fit in 8 KiB of database log");
+    assert!(
+        matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::ENOSPC)),
+        "{e}"
+    );
+    // The group commit that failed may come a little after the first refused change.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let halted = loop {
+        let s = m.stats();
+        if let Some(h) = s.get("halted").and_then(|h| h.as_str()) {
+            break h.to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "never halted: {s}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(halted.contains("remount"), "{halted}");
+    // Changes are refused even with room again, until a remount; reads go on.
+    fs::remove_file(&filler).unwrap();
+    let e = fs::create_dir(m.path("refused")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    for i in 0..20u64 {
+        assert_eq!(
+            fs::read(m.path(&format!("before{i}"))).unwrap(),
+            pseudo_random(i, 3000)
+        );
+    }
+    let log = m.log_text();
+    assert_eq!(
+        log.matches("the store takes no more changes").count(),
+        1,
+        "one line for the halt, none per refused change:\n{log}"
+    );
+    m.remount();
+    assert!(m.stats().get("halted").is_none());
+    fs::write(m.path("after"), b"writable again").unwrap();
+    for i in 0..20u64 {
+        assert_eq!(
+            fs::read(m.path(&format!("before{i}"))).unwrap(),
+            pseudo_random(i, 3000)
+        );
+    }
+    m.unmount();
+    let (ok, out) = m.verify();
+    assert!(ok, "{out}");
+}
+
 /// Free bytes on the filesystem holding `p`.
 fn nix_free(p: &Path) -> u64 {
     let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
