@@ -262,10 +262,15 @@ fn add_to_running(args: &MountArgs, opts: &MountOpts, store_dir: &Path) -> Resul
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KCACHE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A log line that cannot be written (a daemonized mount logs to its store, whose disk
+    // can be full) is dropped. tracing-subscriber would otherwise report it with
+    // `eprintln!`, which panics when stderr (the same full file) fails too: on a ring thread
+    // that panic hung every request of its queue.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(false)
+        .log_internal_errors(false)
         .try_init();
 }
 

@@ -327,6 +327,114 @@ fn a_group_commit_the_full_disk_rolls_back_halts_changes_until_a_remount() {
     assert!(ok, "{out}");
 }
 
+/// A daemonized mount logs to `<store>/kcache.log`, so a full store disk also fails its log
+/// writes. tracing-subscriber reports a failed write with `eprintln!`, which panics when
+/// stderr (the same full file) cannot be written: the panic ran through the request handler's
+/// own "panicked" log line and killed the ring thread, and every request on its queue hung
+/// for good. A log line that cannot be written must be dropped, nothing else.
+#[test]
+fn a_daemon_whose_log_is_on_a_full_disk_keeps_answering() {
+    if !kcache_tests::fuse_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let mnt = dir.path().join("mnt");
+    fs::create_dir_all(&store).unwrap();
+    fs::create_dir_all(&mnt).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "kcache-test"])
+        .arg(&store)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    struct Cleanup(std::path::PathBuf, std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = kcache(&["umount", self.1.to_str().unwrap()]);
+            kcache_tests::lazy_umount(&self.1);
+            kcache_tests::lazy_umount(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(store.clone(), mnt.clone());
+    // Debug level: every open and release logs a line.
+    let (code, out) = kcache_tests::kcache_env(
+        &[
+            "mount",
+            "--store",
+            store.to_str().unwrap(),
+            mnt.to_str().unwrap(),
+        ],
+        &[("KCACHE_LOG", "debug")],
+    );
+    assert_eq!(code, 0, "{out}");
+    for i in 0..20u64 {
+        fs::write(mnt.join(format!("f{i}")), pseudo_random(i, 5000)).unwrap();
+    }
+    // Committed before the disk fills (else the full disk rolls their group back).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fs::read_dir(store.join("staging")).unwrap().count() > 0 {
+        assert!(Instant::now() < deadline, "files never committed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(3 * kcache_tests::GROUP_COMMIT_BOUND);
+    // Fill the disk to the last byte.
+    let mut filler = fs::File::create(store.join("filler")).unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    loop {
+        match std::io::Write::write(&mut filler, &chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    while std::io::Write::write(&mut filler, &[0u8]).is_ok_and(|n| n == 1) {}
+    // Read every file a few times on another thread: a hung request must fail the test,
+    // not hang it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let m2 = mnt.clone();
+    std::thread::spawn(move || {
+        for _ in 0..5 {
+            for i in 0..20u64 {
+                let got = fs::read(m2.join(format!("f{i}")));
+                let ok = got.as_ref().is_ok_and(|b| *b == pseudo_random(i, 5000));
+                if !ok {
+                    let _ = tx.send(Err(format!("f{i}: {:?}", got.map(|b| b.len()))));
+                    return;
+                }
+            }
+        }
+        let _ = tx.send(Ok(()));
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("a read failed with the log on a full disk: {e}"),
+        Err(_) => {
+            // Unblock the stuck reader before failing.
+            kill_daemon_of(&store);
+            panic!("reads hung with the daemon's log on a full disk");
+        }
+    }
+    drop(filler);
+    fs::remove_file(store.join("filler")).unwrap();
+    kcache_ok(&["umount", mnt.to_str().unwrap()]);
+}
+
+/// Kills the daemon serving `store` (its mount's requests then fail with ENOTCONN).
+fn kill_daemon_of(store: &Path) {
+    let want = store.to_string_lossy().into_owned();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("mount") && cmd.split('\0').any(|a| a == want) {
+            // SAFETY: plain kill(2) of a process this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 /// Free bytes on the filesystem holding `p`.
 fn nix_free(p: &Path) -> u64 {
     let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();

@@ -269,7 +269,18 @@ impl Session {
                     match q {
                         Ok(q) => {
                             let _ = tx.send(Ok(()));
-                            let r = q.run(&d);
+                            // Handler panics are answered EIO by the dispatcher; one that
+                            // still escapes leaves this queue's entries with nobody to serve
+                            // them, and the kernel keeps routing this CPU's requests there: a
+                            // hang no process can leave. Dying is better: the mount fails with
+                            // ENOTCONN and a restart recovers it (the crash contract).
+                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                q.run(&d)
+                            }))
+                            .unwrap_or_else(|_| {
+                                tracing::error!(qid, "io_uring queue thread panicked; aborting");
+                                std::process::abort()
+                            });
                             if let Err(e) = &r {
                                 tracing::error!(qid, error = %e, "io_uring queue failed");
                             }
