@@ -246,8 +246,9 @@ impl OpenInode {
     }
 
     /// Hashes the staged content and points the inode at the resulting blob, then lets go of
-    /// the staging file (deleted once the commit is in the database, `retire_staging`): the
-    /// blob is a link to it, or the content was already stored.
+    /// the staging file (deleted once the commit is in the database, by `commit_staged`, or
+    /// by `retire_staging` for content cleared to empty): the blob is a link to it, or the
+    /// content was already stored.
     /// The next write makes a fresh staging file. Nothing else can be writing it: writes take
     /// the inode lock the caller holds (on this state), and the kernel never writes staging
     /// files directly.
@@ -299,9 +300,12 @@ impl OpenInode {
         commits.fetch_add(1, Ordering::SeqCst);
         self.blob_file = blob.zip(reader).map(|(h, f)| (h, Arc::new(f)));
         if let Some(st) = self.staging.take() {
-            // Deleted once the commit is in the database: until then a crash finds it armed
-            // and keeps its content (see `Blobs::retire_staging`).
-            store.blobs().retire_staging(st.path);
+            if blob.is_none() {
+                // Deleted once the cleared content is in the database: until then a crash
+                // finds it armed and keeps its content (`commit_staged` does the same for
+                // the files it commits).
+                store.blobs().retire_staging(st.path);
+            }
         }
         page_cache.forget(ino);
         Ok(())

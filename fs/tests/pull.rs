@@ -39,7 +39,6 @@ fn publish(dir: &std::path::Path) {
             mtime: 1,
         };
         a.blobs().commit_staged(&st).unwrap();
-        a.blobs().retire_staging(path);
     }
     let up = Upstream::parse(&format!("file://{}", dir.join("up").display())).unwrap();
     a.push(&up, "default", "t", None, &mut |_| {}).unwrap();

@@ -202,10 +202,11 @@ impl Blobs<'_> {
     }
 
     /// Turns staged content into a blob (deduplicated) and points inode `ino` at it, in one
-    /// transaction. Returns the hash and the size. The staging file stays where it is (a new
-    /// blob is a hard link to it): the caller hands it to `retire_staging`, which deletes it
-    /// only once the transaction is committed, so a crash before that still finds it armed
-    /// and keeps its content, however long ago it was written.
+    /// transaction. Returns the hash and the size. The staging file is deleted only once
+    /// that transaction is committed (a new blob is a hard link to it, so it can stay): at
+    /// once when it committed on its own, else by the group's commit (`Store::settle_group`),
+    /// so a crash before that still finds it armed and keeps its content, however long ago
+    /// it was written. On an error it stays the caller's, to commit again.
     pub fn commit_staged(&self, st: &Staged<'_>) -> Result<(Hash, u64)> {
         // Before the index lock: a large file's fsync must not stall every other commit.
         if st.durable {
@@ -243,10 +244,9 @@ impl Blobs<'_> {
             // Deduplicated: the staged bytes are the caller's to delete; the file already
             // there is the one that must be durable.
             if st.durable {
-                self.store.faults.check(Step::SyncData)?;
-                File::open(&blob_path)
-                    .and_then(|f| f.sync_all())
-                    .ctx(|| format!("syncing blob {}", blob_path.display()))?;
+                let f = File::open(&blob_path)
+                    .ctx(|| format!("opening blob {}", blob_path.display()))?;
+                self.sync_blob_file(&blob_path, &f)?;
             }
         } else {
             let (ino, b) = self.install_blob(st.path, st.file, &hash, st.durable, true)?;
@@ -306,6 +306,9 @@ impl Blobs<'_> {
                 return Err(e);
             }
         };
+        // Under the same lock as the commit: no newer content of this inode can be recorded
+        // in between. Queued before dead blobs are removed, whose group commit then takes it.
+        self.retire_locked(&conn, st.path.to_owned());
         self.remove_dead_blobs(&conn, &dead);
         Ok((hash, size))
     }
@@ -322,28 +325,33 @@ impl Blobs<'_> {
         }
     }
 
-    /// Deletes staging file `path`, whose content a commit recorded (`commit_staged`), once
-    /// that commit has reached the database: now if no group is open, else right after the
-    /// group commits (`Store::settle_group`). Until then a crash leaves it armed, and the next
-    /// start commits it again (a no-op when the commit did land).
+    /// Deletes staging file `path` once what made it unwanted has reached the database:
+    /// now if no group is open, else right after the group commits (`Store::settle_group`).
+    /// For staged content a change other than `commit_staged` settled (an empty file's
+    /// content cleared, the last name of an unlinked file gone): until that change is
+    /// committed, a crash leaves the file armed and the next start commits it again.
     pub fn retire_staging(&self, path: PathBuf) {
         let conn = self.store.conn.lock().unwrap_or_else(|p| p.into_inner());
-        if conn.is_autocommit() {
-            drop(conn);
-            match fs::remove_file(&path) {
-                // Renamed into `blobs/` (a store without hard links).
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "deleting a committed staging file failed")
-                }
-                Ok(()) => {}
-            }
-        } else {
+        self.retire_locked(&conn, path);
+    }
+
+    /// `retire_staging` for a caller that holds the connection lock.
+    fn retire_locked(&self, conn: &rusqlite::Connection, path: PathBuf) {
+        if !conn.is_autocommit() {
             self.store
                 .retired_staging
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(path);
+            return;
+        }
+        match fs::remove_file(&path) {
+            // Renamed into `blobs/` (a store without hard links).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "deleting a committed staging file failed")
+            }
+            Ok(()) => {}
         }
     }
 
@@ -436,6 +444,12 @@ impl Blobs<'_> {
             }
             Err(e) => return Err(e).ctx(|| format!("opening blob {}", path.display())),
         };
+        self.sync_blob_file(&path, &file)
+    }
+
+    /// Forces blob file `path` (open as `file`) and its `blobs/xx` entry to disk: the entry
+    /// too, since a commit that did not ask for durability may have linked it there.
+    fn sync_blob_file(&self, path: &Path, file: &File) -> Result<()> {
         self.store.faults.check(Step::SyncData)?;
         file.sync_all()
             .ctx(|| format!("syncing blob {}", path.display()))?;

@@ -118,9 +118,8 @@ impl Store {
             durable: true,
             mtime,
         };
-        // Durable: committed on its own, so the file can go now.
+        // Durable: committed on its own, so the file went with it.
         let (hash, size) = self.blobs().commit_staged(&st)?;
-        let _ = fs::remove_file(path);
         tracing::info!(ino, %hash, size, "kept content written before the daemon stopped");
         Ok(true)
     }

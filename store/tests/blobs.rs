@@ -14,7 +14,8 @@ fn one_file_per_content_read_only_and_damage_is_refused_then_quarantined() {
     let a = s.ns().create(root, b"a", &node(Kind::File)).unwrap();
     let b = s.ns().create(root, b"b", &node(Kind::File)).unwrap();
     commit(&s, a.ino, b"same bytes");
-    // A commit keeps the staging file (the caller retires it once the commit is in).
+    // The commit deletes the staging file once its transaction is in: at once, with no
+    // group open.
     let (file, path) = s.blobs().new_staging().unwrap();
     std::io::Write::write_all(&mut &file, b"same bytes").unwrap();
     let (h, size) = s
@@ -29,8 +30,6 @@ fn one_file_per_content_read_only_and_damage_is_refused_then_quarantined() {
         })
         .unwrap();
     assert_eq!(size, 10);
-    assert!(path.exists());
-    s.blobs().retire_staging(path.clone());
     assert!(!path.exists(), "no group is open: retired at once");
     let blob = s.blobs().blob_path(&h);
     let md = std::fs::metadata(&blob).unwrap();
@@ -81,7 +80,6 @@ fn a_staging_file_goes_only_once_the_group_that_recorded_it_commits() {
             mtime: 1,
         })
         .unwrap();
-    s.blobs().retire_staging(path.clone());
     assert!(path.exists(), "the staging file went before its commit did");
     assert!(s.blobs().blob_path(&h).exists());
     s.commit_group().unwrap();
@@ -122,7 +120,6 @@ fn a_group_the_database_rolls_back_halts_changes_and_its_content_comes_back_at_r
             mtime: 1,
         })
         .unwrap();
-    s.blobs().retire_staging(path.clone());
     s.ns().create(root, b"g", &node(Kind::File)).unwrap();
     assert_eq!(s.ns().get(f.ino).unwrap().blob, Some(h));
     assert!(s.halted().is_none());

@@ -544,8 +544,14 @@ fn kill_9_at_random_moments_keeps_a_whole_prefix_of_what_was_done() {
     let mut previous: Option<(String, Seen)> = None;
     let mut steps_done = 0usize;
     for r in 0..rounds {
-        // From at once to past several group commits.
-        let delay = Duration::from_millis(timing.below(300));
+        // Mostly from at once to past several group commits; one round in four runs past
+        // four times the bound, so that steps older than it (writes to the held file among
+        // them) must survive.
+        let delay = if timing.below(4) == 0 {
+            Duration::from_millis(500 + timing.below(1000))
+        } else {
+            Duration::from_millis(timing.below(300))
+        };
         let (seen, done) = round(&mut m, r, seed.wrapping_add(r), delay);
         steps_done += done;
         // What one restart showed, the next crash and restart must show again.

@@ -24,7 +24,8 @@ pub fn store_with_root() -> (tempfile::TempDir, Store, u64) {
     (dir, s, root)
 }
 
-/// Gives inode `ino` the content `content`, as a closed writer's commit does.
+/// Gives inode `ino` the content `content`, as a closed writer's commit does (which also
+/// retires the staging file).
 pub fn commit(store: &Store, ino: u64, content: &[u8]) {
     let (file, path) = store.blobs().new_staging().unwrap();
     std::io::Write::write_all(&mut &file, content).unwrap();
@@ -38,7 +39,6 @@ pub fn commit(store: &Store, ino: u64, content: &[u8]) {
     };
     let (_, size) = store.blobs().commit_staged(&st).unwrap();
     assert_eq!(size, content.len() as u64);
-    store.blobs().retire_staging(path);
 }
 
 /// Four stores, each with a tree of its own (`pN/file-i`) and a file all of them have
