@@ -264,7 +264,11 @@ impl OpenInode {
             return Ok(());
         };
         if store.ns().links(ino)?.1 == 0 {
-            // Unlinked while open: the content dies with the last handle.
+            // Unlinked while open: the content dies with the last handle. An fsync still
+            // makes what it covers durable, the unlink included (as ext4's journal commit).
+            if durable {
+                store.sync()?;
+            }
             return Ok(());
         }
         let meta = st.file.metadata()?;
@@ -280,6 +284,11 @@ impl OpenInode {
         let mut blob = None;
         if meta.len() == 0 {
             store.ns().clear_content(ino, mtime_of(&meta))?;
+            // No blob carries this commit to the disk: the database sync must (SQLite's
+            // rollback journal is committed by truncating it to nothing and fsyncing).
+            if durable {
+                store.sync()?;
+            }
         } else {
             let known = st
                 .stream

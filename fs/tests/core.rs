@@ -1029,6 +1029,43 @@ fn fsync_of_a_file_committed_at_close_syncs_its_blob_and_the_database() {
     fs.release(o.fh).unwrap();
 }
 
+/// An fsync of a file truncated to nothing has no blob to carry its commit to the disk: the
+/// database must be synced all the same (SQLite in rollback-journal mode commits by truncating
+/// its journal and fsyncing it; a journal that came back after a power loss would undo a
+/// committed transaction). Seen from another connection, which sees only committed groups.
+#[test]
+fn fsync_of_a_file_emptied_commits_and_syncs_the_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let vol = store.volume("default", true, 0, 0).unwrap();
+    let fs = KcacheFs::new(store.clone(), vol, false);
+    let ino = write_file(&fs, ROOT_INO, "journal", b"hot journal");
+    // Another file keeps the content: a blob freed would commit the group on its own.
+    write_file(&fs, ROOT_INO, "keeper", b"hot journal");
+    // A group that only this test (or an fsync) commits.
+    store.start_group_commit(std::time::Duration::from_secs(3600));
+    let reader = Store::open_with(
+        dir.path(),
+        &kcache_store::OpenOptionsStore { read_only: true },
+    )
+    .unwrap();
+    // Written, then truncated to nothing through the open file (staged, and empty).
+    let o = fs.open(ino, libc::O_RDWR, None).unwrap();
+    fs.write(o.fh, 0, b"more").unwrap();
+    let a = kcache_fs::SetAttrIn {
+        size: Some(0),
+        ..Default::default()
+    };
+    assert_eq!(fs.setattr(ino, &a).unwrap().size, 0);
+    fs.fsync(o.fh).unwrap();
+    assert_eq!(
+        reader.ns().get(ino).unwrap().size,
+        0,
+        "fsync returned before the emptied content was committed"
+    );
+    fs.release(o.fh).unwrap();
+}
+
 /// Staged bytes of a file whose last name went while it was open are deleted at its last
 /// close, but not before that unlink is committed: a crash that loses the unlink brings the
 /// name back, and it must come back with what was written (possibly long before), not with
