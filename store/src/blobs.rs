@@ -208,6 +208,8 @@ impl Blobs<'_> {
     /// so a crash before that still finds it armed and keeps its content, however long ago
     /// it was written. On an error it stays the caller's, to commit again.
     pub fn commit_staged(&self, st: &Staged<'_>) -> Result<(Hash, u64)> {
+        // A halted store would refuse the transaction anyway: install nothing.
+        self.store.check_running()?;
         // Before the index lock: a large file's fsync must not stall every other commit.
         if st.durable {
             self.store.faults.check(Step::SyncData)?;
@@ -314,12 +316,20 @@ impl Blobs<'_> {
     }
 
     /// Undoes `install_blob` of a commit whose transaction failed: the staging file is
-    /// still there (the blob was a link to it), writable again.
+    /// writable again and under its own (armed) name. The blob was a link to it, which goes;
+    /// or, where the store's filesystem refused the link, the staging file itself renamed,
+    /// which goes back: deleting it would delete the only copy of the content.
     fn uninstall_blob(&self, blob_path: &Path, st: &Staged<'_>) {
         let back = st
             .file
             .set_permissions(fs::Permissions::from_mode(0o600))
-            .and_then(|()| fs::remove_file(blob_path));
+            .and_then(|()| match fs::symlink_metadata(st.path) {
+                Ok(_) => fs::remove_file(blob_path),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    fs::rename(blob_path, st.path)
+                }
+                Err(e) => Err(e),
+            });
         if let Err(e) = back {
             tracing::error!(path = %blob_path.display(), error = %e, "taking uncommitted content out of blobs/ failed; it stays there until gc");
         }
@@ -386,7 +396,11 @@ impl Blobs<'_> {
             if !keep_src {
                 return fs::rename(src, to);
             }
-            match fs::hard_link(src, to) {
+            let linked = match self.store.faults.check(Step::Link) {
+                Ok(()) => fs::hard_link(src, to),
+                Err(e) => Err(std::io::Error::from_raw_os_error(e.errno())),
+            };
+            match linked {
                 // A store on a filesystem without hard links: the staging file becomes the
                 // blob by rename, as before links were used (a crash before the group commit
                 // then loses this content, see docs/commit-protocol.md).

@@ -24,6 +24,9 @@ pub enum Step {
     CreateDir,
     /// The rename of a complete file into `blobs/`.
     Rename,
+    /// The hard link of a staging file into `blobs/` (a commit). EPERM or EOPNOTSUPP here
+    /// is a filesystem that refuses hard links: the commit falls back to a rename.
+    Link,
     /// fsync of a `blobs/xx` directory, so the rename survives a power loss.
     SyncDir,
     /// The commit of a database transaction.

@@ -186,3 +186,44 @@ fn a_group_commit_is_a_recorded_step() {
         "{steps:?}"
     );
 }
+
+/// On a store whose filesystem refuses hard links (EPERM, EOPNOTSUPP; here injected), a
+/// commit renames the staging file into `blobs/`. If its transaction then fails, the blob file
+/// *is* the staging file: it must go back under its armed name, not be deleted, or the only
+/// copy of content the kernel acknowledged is gone and every retry fails.
+#[test]
+fn a_failed_commit_without_hard_links_gives_the_staging_file_back() {
+    use kcache_store::{Fault, Step};
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open(d.path()).unwrap();
+    let root = s.volume("default", true, 0, 0).unwrap().root;
+    let f = s.ns().create(root, b"f", &node(Kind::File)).unwrap();
+    let (file, path) = s.blobs().new_armed_staging(f.ino).unwrap();
+    std::io::Write::write_all(&mut &file, b"only copy").unwrap();
+    let st = Staged {
+        ino: f.ino,
+        path: &path,
+        file: &file,
+        known: None,
+        durable: false,
+        mtime: 1,
+    };
+    s.faults().always(Step::Link, Fault::Errno(libc::EPERM));
+    s.faults().always(Step::DbCommit, Fault::Errno(libc::EIO));
+    let e = s.blobs().commit_staged(&st).unwrap_err();
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        b"only copy",
+        "the staging file is gone"
+    );
+    s.faults().clear();
+    s.faults().always(Step::Link, Fault::Errno(libc::EPERM));
+    let (h, _) = s.blobs().commit_staged(&st).unwrap();
+    s.faults().clear();
+    assert!(!path.exists(), "renamed into blobs/");
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut s.blobs().open_blob(&h).unwrap(), &mut got).unwrap();
+    assert_eq!(got, b"only copy");
+    assert_eq!(s.ns().get(f.ino).unwrap().blob, Some(h));
+}
