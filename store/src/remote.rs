@@ -288,7 +288,11 @@ impl Upstream {
                         None => fs::write(&tmp, data)?,
                     }
                     File::open(&tmp)?.sync_all()?;
-                    fs::rename(&tmp, &path)
+                    fs::rename(&tmp, &path)?;
+                    // The name too: a push marks its blobs as held upstream, after which
+                    // eviction may drop the local copy, so the upstream's copy must survive
+                    // a power loss whole, name included.
+                    File::open(dir)?.sync_all()
                 })();
                 if let Err(e) = res {
                     let _ = fs::remove_file(&tmp);
