@@ -406,7 +406,6 @@ impl Store {
         })
     }
 
-    /// Commits a transaction: every protocol's commit point, so faults can be injected there.
     /// Begins a store transaction (a savepoint: see `commit_tx`), unless the store has
     /// stopped taking changes: then nothing is written at all, so there is nothing to roll
     /// back either (a rollback on the full disk that halted it can fail too).
@@ -415,6 +414,7 @@ impl Store {
         Ok(savepoint::Savepoint::begin(conn)?)
     }
 
+    /// Commits a transaction: every protocol's commit point, so faults can be injected there.
     /// Outside group commit the savepoint is the outermost, so this is the transaction's
     /// commit; inside a group it joins the group (see `start_group_commit`).
     pub(crate) fn commit_tx(&self, tx: savepoint::Savepoint<'_>) -> Result<()> {
