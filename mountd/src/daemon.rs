@@ -906,6 +906,17 @@ fn serve(
     if let Err(e) = store.commit_group() {
         tracing::error!(error = %e, "committing the last group failed");
     }
+    // Staged content still armed now is content the daemon could not commit (a halted
+    // store, a commit failing at the unmount): synced, it survives a reboot too, and the
+    // next start commits it.
+    match store.keep_staging_across_reboot() {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            files = n,
+            "content that could not be committed is kept in the store's staging directory; the next start commits it"
+        ),
+        Err(e) => tracing::error!(error = %e, "syncing content that could not be committed failed"),
+    }
     // Last, so that while the daemon holds the store its socket answers (if only "leaving");
     // the lock goes with the process a moment later.
     control.close(Duration::from_secs(30));

@@ -2,7 +2,8 @@
 //! which inode, and which boot) is committed as that inode's content by the next open of the
 //! store, so a daemon that dies keeps what processes wrote, as a filesystem keeps a dead
 //! writer's data. Unarmed staging files, and armed ones from an earlier boot (whose bytes may
-//! not have reached the disk whole), are deleted as before.
+//! not have reached the disk whole), are deleted as before, unless a leaving daemon made them
+//! durable (`keep_staging_across_reboot`: content it could not commit).
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -25,6 +26,10 @@ fn staging_seq(name: &str) -> Option<u64> {
     let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
     digits.parse().ok()
 }
+
+/// The boot part of an armed staging file made durable (`keep_staging_across_reboot`): a
+/// real boot id is 32 hex digits, never this.
+pub(crate) const DURABLE_BOOT: &str = "0";
 
 /// (inode, boot) of an armed staging file's name; None for any other name.
 fn parse_armed(name: &str) -> Option<(Ino, &str)> {
@@ -64,7 +69,7 @@ impl Store {
             let armed = name
                 .to_str()
                 .and_then(|n| Some((parse_armed(n)?, staging_seq(n)?)))
-                .filter(|((_, b), _)| !boot.is_empty() && *b == boot);
+                .filter(|((_, b), _)| (!boot.is_empty() && *b == boot) || *b == DURABLE_BOOT);
             match armed {
                 Some(((ino, _), seq)) => match newest.get(&ino) {
                     Some((s, _)) if *s > seq => unwanted.push(path),
@@ -89,6 +94,44 @@ impl Store {
             out.removed += 1;
         }
         Ok(out)
+    }
+
+    /// Makes every armed staging file of this boot durable (its data, then its new name
+    /// saying so, then the directory), so that the next open commits it even after a reboot:
+    /// content the daemon could not commit as it leaves (its store halted, a commit failing
+    /// at the unmount) would otherwise be dropped by a reboot, as unsynced staged bytes are.
+    /// Only for a store nobody writes any more. Returns how many files it kept.
+    pub fn keep_staging_across_reboot(&self) -> Result<u64> {
+        let dir = self.root.join("staging");
+        let boot = boot_id();
+        let mut kept = 0;
+        for entry in fs::read_dir(&dir).ctx(|| format!("reading {}", dir.display()))? {
+            let entry = entry.ctx(|| format!("reading {}", dir.display()))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some((ino, b)) = parse_armed(name) else {
+                continue;
+            };
+            if boot.is_empty() || b != boot {
+                continue;
+            }
+            let Some((base, _)) = name.split_once(".i") else {
+                continue;
+            };
+            let path = entry.path();
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .ctx(|| format!("syncing {}", path.display()))?;
+            let to = dir.join(armed_name(base, ino, DURABLE_BOOT));
+            fs::rename(&path, &to).ctx(|| format!("renaming {}", path.display()))?;
+            kept += 1;
+        }
+        if kept > 0 {
+            File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .ctx(|| format!("syncing {}", dir.display()))?;
+        }
+        Ok(kept)
     }
 
     /// Commits staging file `path` as inode `ino`'s content if that inode is still a linked

@@ -227,3 +227,39 @@ fn a_failed_commit_without_hard_links_gives_the_staging_file_back() {
     assert_eq!(got, b"only copy");
     assert_eq!(s.ns().get(f.ino).unwrap().blob, Some(h));
 }
+
+/// Content a leaving daemon could not commit (its store halted, a commit failing at the
+/// unmount) stays armed in `staging/`, which the next open commits only in the same boot:
+/// its bytes were never synced. `keep_staging_across_reboot` syncs such files and marks them
+/// so, and then a reboot keeps them too; an armed file of an earlier boot without the mark
+/// still goes.
+#[test]
+fn staging_files_a_leaving_daemon_made_durable_survive_a_reboot() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open(d.path()).unwrap();
+    let root = s.volume("default", true, 0, 0).unwrap().root;
+    let f = s.ns().create(root, b"f", &node(Kind::File)).unwrap();
+    let g = s.ns().create(root, b"g", &node(Kind::File)).unwrap();
+    let (file, _) = s.blobs().new_armed_staging(f.ino).unwrap();
+    std::io::Write::write_all(&mut &file, b"could not be committed").unwrap();
+    assert_eq!(s.keep_staging_across_reboot().unwrap(), 1);
+    // g's staged bytes were never synced: as if from an earlier boot.
+    let (file, path) = s.blobs().new_armed_staging(g.ino).unwrap();
+    std::io::Write::write_all(&mut &file, b"never synced").unwrap();
+    let name = path.file_name().unwrap().to_str().unwrap();
+    let (base, _) = name.rsplit_once(".b").unwrap();
+    std::fs::rename(&path, path.with_file_name(format!("{base}.bdeadbeef"))).unwrap();
+    drop(s);
+
+    // f's file carries no boot id of this boot any more: only the mark keeps it.
+    let s = Store::open(d.path()).unwrap();
+    let h = s.ns().get(f.ino).unwrap().blob.expect("the kept content");
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut s.blobs().open_blob(&h).unwrap(), &mut got).unwrap();
+    assert_eq!(got, b"could not be committed");
+    assert_eq!(s.ns().get(g.ino).unwrap().blob, None);
+    assert_eq!(
+        std::fs::read_dir(d.path().join("staging")).unwrap().count(),
+        0
+    );
+}

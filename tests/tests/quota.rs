@@ -307,6 +307,17 @@ fn a_group_commit_the_full_disk_rolls_back_halts_changes_until_a_remount() {
             pseudo_random(i, 3000)
         );
     }
+    // A write to an existing file after the halt is acknowledged by the kernel; its commit
+    // is refused, so it stays staged, and the remount (or a reboot) still keeps it.
+    {
+        use std::io::{Seek, Write};
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(m.path("before0"))
+            .unwrap();
+        f.seek(std::io::SeekFrom::Start(0)).unwrap();
+        f.write_all(b"written after the halt").unwrap();
+    }
     let log = m.log_text();
     assert_eq!(
         log.matches("the store takes no more changes").count(),
@@ -315,8 +326,17 @@ fn a_group_commit_the_full_disk_rolls_back_halts_changes_until_a_remount() {
     );
     m.remount();
     assert!(m.stats().get("halted").is_none());
+    assert!(
+        m.log_text()
+            .contains("content that could not be committed is kept"),
+        "{}",
+        m.log_text()
+    );
     fs::write(m.path("after"), b"writable again").unwrap();
-    for i in 0..20u64 {
+    let mut want = pseudo_random(0, 3000);
+    want[..22].copy_from_slice(b"written after the halt");
+    assert_eq!(fs::read(m.path("before0")).unwrap(), want);
+    for i in 1..20u64 {
         assert_eq!(
             fs::read(m.path(&format!("before{i}"))).unwrap(),
             pseudo_random(i, 3000)
