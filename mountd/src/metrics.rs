@@ -50,10 +50,7 @@ pub fn serve(addr: &str, fs: Arc<KcacheFs>, reader: Arc<Store>) -> Result<()> {
 /// holds up the filesystem's database connection.
 pub fn render(fs: &KcacheFs, reader: &Store) -> Result<String> {
     let halted = fs.store().halted().is_some();
-    // A halted store takes no writes, access times included; the scrape still answers.
-    if !halted {
-        fs.store().lru().flush_accesses()?;
-    }
+    fs.store().lru().flush_accesses()?;
     // As of now for the read-only connection, not as of the last group commit.
     fs.store().commit_group()?;
     let st = reader.stats()?;

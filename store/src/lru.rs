@@ -104,7 +104,11 @@ impl Lru<'_> {
                 .unwrap_or_else(|p| p.into_inner()),
         );
         let counts = self.store.take_pending_counters();
-        if pending.is_empty() && counts.iter().all(|(_, n)| *n == 0) {
+        // A halted store takes no writes: these are recency hints and statistics, dropped
+        // rather than piled up in memory or reported as a failure every second.
+        if (pending.is_empty() && counts.iter().all(|(_, n)| *n == 0))
+            || self.store.halted().is_some()
+        {
             return Ok(0);
         }
         let conn = self.store.conn();

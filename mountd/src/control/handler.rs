@@ -48,10 +48,7 @@ pub fn handle(
     store.commit_group().map_err(|e| e.to_string())?;
     match req {
         Request::Stats => {
-            // A halted store takes no writes, access times included; stats still answer.
-            if store.halted().is_none() {
-                store.lru().flush_accesses().map_err(|e| e.to_string())?;
-            }
+            store.lru().flush_accesses().map_err(|e| e.to_string())?;
             store.commit_group().map_err(|e| e.to_string())?;
             let st = reader.stats().map_err(|e| e.to_string())?;
             let usage = fs.usage().map_err(|e| errno_msg("usage", e))?;
