@@ -1035,15 +1035,13 @@ fn fsync_of_a_file_committed_at_close_syncs_its_blob_and_the_database() {
 /// committed transaction). Seen from another connection, which sees only committed groups.
 #[test]
 fn fsync_of_a_file_emptied_commits_and_syncs_the_change() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path()).unwrap());
-    let vol = store.volume("default", true, 0, 0).unwrap();
-    let fs = KcacheFs::new(store.clone(), vol, false);
+    let (dir, fs) = fs();
     let ino = write_file(&fs, ROOT_INO, "journal", b"hot journal");
     // Another file keeps the content: a blob freed would commit the group on its own.
     write_file(&fs, ROOT_INO, "keeper", b"hot journal");
     // A group that only this test (or an fsync) commits.
-    store.start_group_commit(std::time::Duration::from_secs(3600));
+    fs.store()
+        .start_group_commit(std::time::Duration::from_secs(3600));
     let reader = Store::open_with(
         dir.path(),
         &kcache_store::OpenOptionsStore { read_only: true },

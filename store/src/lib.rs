@@ -418,7 +418,6 @@ impl Store {
     /// Outside group commit the savepoint is the outermost, so this is the transaction's
     /// commit; inside a group it joins the group (see `start_group_commit`).
     pub(crate) fn commit_tx(&self, tx: savepoint::Savepoint<'_>) -> Result<()> {
-        self.check_running()?;
         self.faults.check(Step::DbCommit)?;
         tx.commit()?;
         Ok(())
@@ -463,9 +462,7 @@ impl Store {
     pub(crate) fn settle_group(&self, conn: &Connection) -> Result<()> {
         let ord = std::sync::atomic::Ordering::SeqCst;
         if conn.is_autocommit() {
-            if self.group_open.load(ord) {
-                self.group_lost("a statement of the group failed and SQLite rolled it back");
-            }
+            self.notice_lost_group(conn);
             return Ok(());
         }
         let committed = match self.faults.check(Step::GroupCommit) {
@@ -499,6 +496,15 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Halts the store if the group it opened is gone without its COMMIT: SQLite rolled
+    /// it back when one of its statements failed (a page spill on a full disk). The caller
+    /// holds the connection lock.
+    fn notice_lost_group(&self, conn: &Connection) {
+        if conn.is_autocommit() && self.group_open.load(std::sync::atomic::Ordering::SeqCst) {
+            self.group_lost("a statement of the group failed and SQLite rolled it back");
+        }
     }
 
     /// SQLite rolled back the open group: changes the filesystem has already acknowledged
@@ -586,15 +592,14 @@ impl Store {
         // A panic while holding the lock leaves SQLite itself consistent (the transaction
         // rolls back on drop), so a poisoned mutex is safe to keep using.
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let ord = std::sync::atomic::Ordering::SeqCst;
         if self.group.load(std::sync::atomic::Ordering::Relaxed) && conn.is_autocommit() {
-            if self.group_open.load(ord) {
-                self.group_lost("a statement of the group failed and SQLite rolled it back");
-            }
+            self.notice_lost_group(&conn);
             if self.halted.get().is_none() {
                 // Open the group; a failure leaves each transaction committing on its own.
                 match conn.execute_batch("BEGIN IMMEDIATE") {
-                    Ok(()) => self.group_open.store(true, ord),
+                    Ok(()) => self
+                        .group_open
+                        .store(true, std::sync::atomic::Ordering::SeqCst),
                     Err(e) => tracing::warn!(error = %e, "could not open a group commit"),
                 }
             }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{commit, node};
+use common::{armed, commit, node, staged};
 use kcache_store::{Kind, Staged, Store};
 
 #[test]
@@ -67,18 +67,10 @@ fn a_staging_file_goes_only_once_the_group_that_recorded_it_commits() {
     let f = s.ns().create(root, b"f", &node(Kind::File)).unwrap();
     // A group that only this test commits.
     s.start_group_commit(std::time::Duration::from_secs(3600));
-    let (file, path) = s.blobs().new_armed_staging(f.ino).unwrap();
-    std::io::Write::write_all(&mut &file, b"written long ago").unwrap();
+    let (file, path) = armed(&s, f.ino, b"written long ago");
     let (h, _) = s
         .blobs()
-        .commit_staged(&Staged {
-            ino: f.ino,
-            path: &path,
-            file: &file,
-            known: None,
-            durable: false,
-            mtime: 1,
-        })
+        .commit_staged(&staged(f.ino, &path, &file))
         .unwrap();
     assert!(path.exists(), "the staging file went before its commit did");
     assert!(s.blobs().blob_path(&h).exists());
@@ -107,18 +99,10 @@ fn a_group_the_database_rolls_back_halts_changes_and_its_content_comes_back_at_r
     s.start_group_commit(std::time::Duration::from_secs(3600));
 
     // In the group: new content for f, and a new name.
-    let (file, path) = s.blobs().new_armed_staging(f.ino).unwrap();
-    std::io::Write::write_all(&mut &file, b"new content").unwrap();
+    let (file, path) = armed(&s, f.ino, b"new content");
     let (h, _) = s
         .blobs()
-        .commit_staged(&Staged {
-            ino: f.ino,
-            path: &path,
-            file: &file,
-            known: None,
-            durable: false,
-            mtime: 1,
-        })
+        .commit_staged(&staged(f.ino, &path, &file))
         .unwrap();
     s.ns().create(root, b"g", &node(Kind::File)).unwrap();
     assert_eq!(s.ns().get(f.ino).unwrap().blob, Some(h));
@@ -198,16 +182,8 @@ fn a_failed_commit_without_hard_links_gives_the_staging_file_back() {
     let s = Store::open(d.path()).unwrap();
     let root = s.volume("default", true, 0, 0).unwrap().root;
     let f = s.ns().create(root, b"f", &node(Kind::File)).unwrap();
-    let (file, path) = s.blobs().new_armed_staging(f.ino).unwrap();
-    std::io::Write::write_all(&mut &file, b"only copy").unwrap();
-    let st = Staged {
-        ino: f.ino,
-        path: &path,
-        file: &file,
-        known: None,
-        durable: false,
-        mtime: 1,
-    };
+    let (file, path) = armed(&s, f.ino, b"only copy");
+    let st = staged(f.ino, &path, &file);
     s.faults().always(Step::Link, Fault::Errno(libc::EPERM));
     s.faults().always(Step::DbCommit, Fault::Errno(libc::EIO));
     let e = s.blobs().commit_staged(&st).unwrap_err();
@@ -240,12 +216,10 @@ fn staging_files_a_leaving_daemon_made_durable_survive_a_reboot() {
     let root = s.volume("default", true, 0, 0).unwrap().root;
     let f = s.ns().create(root, b"f", &node(Kind::File)).unwrap();
     let g = s.ns().create(root, b"g", &node(Kind::File)).unwrap();
-    let (file, _) = s.blobs().new_armed_staging(f.ino).unwrap();
-    std::io::Write::write_all(&mut &file, b"could not be committed").unwrap();
+    let (_file, _) = armed(&s, f.ino, b"could not be committed");
     assert_eq!(s.keep_staging_across_reboot().unwrap(), 1);
     // g's staged bytes were never synced: as if from an earlier boot.
-    let (file, path) = s.blobs().new_armed_staging(g.ino).unwrap();
-    std::io::Write::write_all(&mut &file, b"never synced").unwrap();
+    let (_file, path) = armed(&s, g.ino, b"never synced");
     let name = path.file_name().unwrap().to_str().unwrap();
     let (base, _) = name.rsplit_once(".b").unwrap();
     std::fs::rename(&path, path.with_file_name(format!("{base}.bdeadbeef"))).unwrap();

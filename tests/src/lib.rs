@@ -109,12 +109,7 @@ impl Mount {
         let store = dir.path().join("store");
         if let Some(bytes) = disk {
             std::fs::create_dir(&store).unwrap();
-            let st = Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "kcache-test"])
-                .arg(&store)
-                .status()
-                .unwrap();
-            assert!(st.success(), "mounting a tmpfs for the store");
+            mount_tmpfs(&store, bytes);
         }
         let mnt = dir.path().join("mnt");
         std::fs::create_dir_all(&mnt).unwrap();
@@ -291,6 +286,30 @@ impl Mount {
             .map(|d| d.count())
             .unwrap_or(0)
     }
+}
+
+/// Mounts a tmpfs of `bytes` at `at` (an existing directory): a small disk to fill.
+pub fn mount_tmpfs(at: &Path, bytes: u64) {
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "kcache-test"])
+        .arg(at)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mounting a tmpfs at {}", at.display());
+}
+
+/// Pids of `kcache mount` daemons serving `mp`, found through /proc.
+pub fn daemon_pids(mp: &Path) -> Vec<i32> {
+    let want = mp.to_str().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            args.contains(&&b"--foreground"[..]) && args.contains(&want.as_bytes())
+        })
+        .collect()
 }
 
 pub fn lazy_umount(p: &Path) {

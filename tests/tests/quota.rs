@@ -364,12 +364,7 @@ fn a_daemon_whose_log_is_on_a_full_disk_keeps_answering() {
     let mnt = dir.path().join("mnt");
     fs::create_dir_all(&store).unwrap();
     fs::create_dir_all(&mnt).unwrap();
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m", "kcache-test"])
-        .arg(&store)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    kcache_tests::mount_tmpfs(&store, 16 << 20);
     struct Cleanup(std::path::PathBuf, std::path::PathBuf);
     impl Drop for Cleanup {
         fn drop(&mut self) {
@@ -432,29 +427,16 @@ fn a_daemon_whose_log_is_on_a_full_disk_keeps_answering() {
         Ok(Err(e)) => panic!("a read failed with the log on a full disk: {e}"),
         Err(_) => {
             // Unblock the stuck reader before failing.
-            kill_daemon_of(&store);
+            for p in kcache_tests::daemon_pids(&mnt) {
+                // SAFETY: plain kill(2) of the daemon this test started.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
             panic!("reads hung with the daemon's log on a full disk");
         }
     }
     drop(filler);
     fs::remove_file(store.join("filler")).unwrap();
     kcache_ok(&["umount", mnt.to_str().unwrap()]);
-}
-
-/// Kills the daemon serving `store` (its mount's requests then fail with ENOTCONN).
-fn kill_daemon_of(store: &Path) {
-    let want = store.to_string_lossy().into_owned();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("mount") && cmd.split('\0').any(|a| a == want) {
-            // SAFETY: plain kill(2) of a process this test started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
 }
 
 /// Free bytes on the filesystem holding `p`.

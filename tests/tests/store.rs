@@ -354,26 +354,12 @@ fn daemon_mode_returns_when_mounted_and_umount_stops_it() {
     ]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(fs::read(mp.join("x")).unwrap(), b"daemon");
-    let pids = daemon_pids(&mp);
+    let pids = kcache_tests::daemon_pids(&mp);
     assert!(!pids.is_empty(), "daemon pid not found");
     for p in &pids {
         unsafe { libc::kill(*p, libc::SIGTERM) };
     }
     kcache_tests::wait_until("SIGTERM unmounted", 20, || !is_listed(&mp));
-}
-
-/// Pids of `kcache mount` daemons serving `mp`, found through /proc.
-fn daemon_pids(mp: &Path) -> Vec<i32> {
-    let want = mp.to_str().unwrap();
-    fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-            args.contains(&&b"--foreground"[..]) && args.contains(&want.as_bytes())
-        })
-        .collect()
 }
 
 /// Whether process `pid` has ended (a zombie not yet reaped counts as ended).
@@ -463,7 +449,7 @@ fn mount_daemonized(store: &Path, mp: &Path) -> Daemonized {
         mp.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{out}");
-    let pids = daemon_pids(mp);
+    let pids = kcache_tests::daemon_pids(mp);
     assert_eq!(pids.len(), 1, "one daemon for the mount: {pids:?}");
     Daemonized {
         pid: pids[0],

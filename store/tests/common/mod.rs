@@ -24,20 +24,35 @@ pub fn store_with_root() -> (tempfile::TempDir, Store, u64) {
     (dir, s, root)
 }
 
+/// What a closed writer hands to `commit_staged` for `file` at `path`: hash unknown, not
+/// durable.
+pub fn staged<'a>(ino: u64, path: &'a std::path::Path, file: &'a std::fs::File) -> Staged<'a> {
+    Staged {
+        ino,
+        path,
+        file,
+        known: None,
+        durable: false,
+        mtime: 1,
+    }
+}
+
+/// A staging file armed for inode `ino`, holding `content`.
+pub fn armed(store: &Store, ino: u64, content: &[u8]) -> (std::fs::File, std::path::PathBuf) {
+    let (file, path) = store.blobs().new_armed_staging(ino).unwrap();
+    std::io::Write::write_all(&mut &file, content).unwrap();
+    (file, path)
+}
+
 /// Gives inode `ino` the content `content`, as a closed writer's commit does (which also
 /// retires the staging file).
 pub fn commit(store: &Store, ino: u64, content: &[u8]) {
     let (file, path) = store.blobs().new_staging().unwrap();
     std::io::Write::write_all(&mut &file, content).unwrap();
-    let st = Staged {
-        ino,
-        path: &path,
-        file: &file,
-        known: None,
-        durable: false,
-        mtime: 1,
-    };
-    let (_, size) = store.blobs().commit_staged(&st).unwrap();
+    let (_, size) = store
+        .blobs()
+        .commit_staged(&staged(ino, &path, &file))
+        .unwrap();
     assert_eq!(size, content.len() as u64);
 }
 
